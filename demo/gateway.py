@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Runs Envoy with the idempotency filter, natively, on 127.0.0.1.
+
+Used by `make demo` (fixed ports, prints a curl walkthrough) and by the
+end-to-end tests (free ports, several gateways at once). Every process it
+starts is stopped by stop() or on exit.
+"""
+
+import atexit
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEMPLATE = os.path.join(REPO, "envoy", "envoy.template.yaml")
+DEFAULT_WASM = os.path.join(REPO, "target", "wasm32-wasip1", "release", "idempotency_filter.wasm")
+DEFAULT_ENVOY = os.path.join(REPO, ".venv", "bin", "envoy")
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def render(listen_port, admin_port, upstream_port, plugin_config, wasm_path=DEFAULT_WASM,
+           vm_id="idempotency", buffer_limit=8 * 1024 * 1024, unreachable_port=None):
+    with open(TEMPLATE) as f:
+        text = f.read()
+    fields = {
+        "LISTEN_PORT": str(listen_port),
+        "ADMIN_PORT": str(admin_port),
+        "UPSTREAM_PORT": str(upstream_port),
+        "UNREACHABLE_PORT": str(unreachable_port or free_port()),
+        "BUFFER_LIMIT": str(buffer_limit),
+        # A JSON string literal is a valid YAML double-quoted scalar.
+        "PLUGIN_CONFIG": json.dumps(json.dumps(plugin_config) if not isinstance(plugin_config, str) else plugin_config),
+        "VM_ID": vm_id,
+        "WASM_PATH": wasm_path,
+    }
+    for k, v in fields.items():
+        text = text.replace("{{" + k + "}}", v)
+    return text
+
+
+class Envoy:
+    """One Envoy process with the filter. start() waits until it serves."""
+
+    def __init__(self, plugin_config, upstream_port, concurrency=2, envoy_bin=None,
+                 wasm_path=DEFAULT_WASM, listen_port=None, admin_port=None, workdir=None):
+        self.plugin_config = plugin_config
+        self.upstream_port = upstream_port
+        self.concurrency = concurrency
+        self.envoy_bin = envoy_bin or os.environ.get("ENVOY_BIN") or DEFAULT_ENVOY
+        self.wasm_path = wasm_path
+        self.port = listen_port or free_port()
+        self.admin_port = admin_port or free_port()
+        self.workdir = workdir or tempfile.mkdtemp(prefix="idem-envoy-")
+        self.config_path = os.path.join(self.workdir, "envoy.yaml")
+        self.log_path = os.path.join(self.workdir, "envoy.log")
+        self.proc = None
+
+    def start(self, timeout=60, expect_failure=False):
+        with open(self.config_path, "w") as f:
+            f.write(render(self.port, self.admin_port, self.upstream_port, self.plugin_config, self.wasm_path))
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [self.envoy_bin, "-c", self.config_path, "--concurrency", str(self.concurrency),
+             "--disable-hot-restart", "--log-level", "warn", "--component-log-level", "wasm:info"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        atexit.register(self.stop)
+        if expect_failure:
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.log()}")
+            if self._ready():
+                return self
+            time.sleep(0.1)
+        raise RuntimeError(f"envoy not ready after {timeout}s:\n{self.log()}")
+
+    def _ready(self):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
+                if r.status != 200:
+                    return False
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def log(self):
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def admin(self, path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
+            return r.read().decode()
+
+    def stats(self, prefix="wasmcustom.idempotency."):
+        """Counters and gauges whose names start with prefix, without it."""
+        out = {}
+        for line in self.admin("/stats?filter=" + prefix.replace(".", "\\.")).splitlines():
+            name, _, value = line.partition(": ")
+            if name.startswith(prefix):
+                try:
+                    out[name[len(prefix):]] = int(value)
+                except ValueError:
+                    pass
+        return out
+
+    def allocated_bytes(self):
+        return int(json.loads(self.admin("/memory"))["allocated"])
+
+    def request(self, method, path, headers=None, body=None, timeout=30):
+        """One request on a fresh connection; returns (status, headers dict, body)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            data = r.read()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+        finally:
+            conn.close()
+
+
+CURL_WALKTHROUGH = """
+Gateway: http://127.0.0.1:{port}   (Envoy admin: http://127.0.0.1:{admin}/stats?filter=idempotency)
+Upstream: the payment service on 127.0.0.1:{upstream}; every execution gets a new payment id.
+
+# 1. First request: executed, recorded
+curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1001"' -H 'content-type: application/json' -d '{{"amount": 42}}'
+# 2. The client retries (it never saw the answer): replayed, same payment id, Idempotent-Replayed: true
+curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1001"' -H 'content-type: application/json' -d '{{"amount": 42}}'
+# 3. Same key, another amount: 422
+curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1001"' -H 'content-type: application/json' -d '{{"amount": 99}}'
+# 4. A retry while the original is still running: 409 with Retry-After (the upstream takes 5 s here)
+curl -s -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1002"' -H 'x-demo-delay-ms: 5000' -d '{{}}' & sleep 0.5; \\
+curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1002"' -H 'x-demo-delay-ms: 5000' -d '{{}}'; wait
+# 5. A malformed key: 400
+curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "unterminated' -d '{{}}'
+# 6. The counters
+curl -s localhost:{admin}/stats?filter=idempotency
+# 7. What the upstream executed
+curl -s localhost:{upstream}/__executions
+"""
+
+
+def demo(argv):
+    import argparse
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from payment_service import PaymentService
+
+    ap = argparse.ArgumentParser(description="Envoy + idempotency filter + demo payment service")
+    ap.add_argument("--port", type=int, default=10000)
+    ap.add_argument("--admin-port", type=int, default=9901)
+    ap.add_argument("--upstream-port", type=int, default=8081)
+    ap.add_argument("--config", default='{"required": false}', help="plugin configuration JSON")
+    args = ap.parse_args(argv)
+    upstream = PaymentService(port=args.upstream_port).start()
+    envoy = Envoy(json.loads(args.config), upstream.port, listen_port=args.port,
+                  admin_port=args.admin_port).start()
+    print(CURL_WALKTHROUGH.format(port=envoy.port, admin=envoy.admin_port, upstream=upstream.port), flush=True)
+    print(f"Envoy log: {envoy.log_path}\nCtrl-C stops everything.", flush=True)
+    try:
+        while envoy.proc.poll() is None:
+            time.sleep(0.5)
+        print(envoy.log())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        envoy.stop()
+        upstream.stop()
+
+
+if __name__ == "__main__":
+    demo(sys.argv[1:])

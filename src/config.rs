@@ -1,0 +1,422 @@
+//! Plugin configuration: parsed with serde (unknown fields refused), defaulted,
+//! then validated into [`Config`]. Every error names the field and the fix in one
+//! line, because that line is all an operator sees in the proxy's log.
+
+use serde::Deserialize;
+use std::fmt;
+
+/// Ways per bucket of the local slot table; `max_entries` is rounded down to a
+/// multiple of this so the table never holds more than `max_entries` records.
+pub const LOCAL_WAYS: u32 = 8;
+
+const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
+const MAX_BODY_LIMIT: u64 = 64 * 1024 * 1024;
+const MAX_KEY_LENGTH_LIMIT: usize = 8192;
+const MAX_ENTRIES_LIMIT: u32 = 10_000_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration: {}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The JSON document exactly as operators write it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    header: String,
+    methods: Vec<String>,
+    required: bool,
+    generate_missing: bool,
+    max_key_length: usize,
+    ttl_seconds: u64,
+    lock_timeout_seconds: u64,
+    max_request_body_bytes: u64,
+    max_response_body_bytes: u64,
+    scope_headers: Vec<String>,
+    fingerprint_headers: Vec<String>,
+    record_server_errors: bool,
+    store: RawStore,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            header: "Idempotency-Key".to_string(),
+            methods: vec!["POST".to_string(), "PATCH".to_string()],
+            required: false,
+            generate_missing: false,
+            max_key_length: 255,
+            ttl_seconds: 86_400,
+            lock_timeout_seconds: 30,
+            max_request_body_bytes: 1_048_576,
+            max_response_body_bytes: 1_048_576,
+            scope_headers: vec!["authorization".to_string()],
+            fingerprint_headers: vec!["content-type".to_string()],
+            record_server_errors: false,
+            store: RawStore::Local(RawLocalStore::default()),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum RawStore {
+    Local(RawLocalStore),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLocalStore {
+    max_entries: u32,
+}
+
+impl Default for RawLocalStore {
+    fn default() -> Self {
+        RawLocalStore {
+            max_entries: 100_000,
+        }
+    }
+}
+
+/// Validated configuration. Header names are lower-case (both hosts hand
+/// header names to the filter lower-cased), methods upper-case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub header: String,
+    pub methods: Vec<String>,
+    pub required: bool,
+    pub generate_missing: bool,
+    pub max_key_length: usize,
+    pub ttl_ms: u64,
+    pub lock_timeout_ms: u64,
+    pub max_request_body_bytes: u64,
+    pub max_response_body_bytes: u64,
+    pub scope_headers: Vec<String>,
+    pub fingerprint_headers: Vec<String>,
+    pub record_server_errors: bool,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    Local { buckets: u32, ways: u32 },
+}
+
+impl StoreConfig {
+    /// Records the store can hold at once.
+    pub fn capacity(&self) -> u64 {
+        match self {
+            StoreConfig::Local { buckets, ways } => u64::from(*buckets) * u64::from(*ways),
+        }
+    }
+}
+
+impl Config {
+    pub fn protects(&self, method: &str) -> bool {
+        self.methods.iter().any(|m| m == method)
+    }
+
+    /// Parses and validates the plugin configuration. An empty document means
+    /// "all defaults", which is what Envoy passes when `configuration` is unset.
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let trimmed = trim_ascii(bytes);
+        let raw: RawConfig = if trimmed.is_empty() {
+            RawConfig::default()
+        } else if trimmed.first() != Some(&b'{') {
+            // serde would read a JSON array as positional fields: refuse it.
+            return Err(err(
+                "(document)",
+                "the configuration must be a JSON object, e.g. {\"required\": true}",
+            ));
+        } else {
+            let mut de = serde_json::Deserializer::from_slice(trimmed);
+            serde_path_to_error::deserialize(&mut de).map_err(|e| json_error(&e))?
+        };
+        validate(raw)
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The defaults are valid by construction; the unit tests prove it.
+        validate(RawConfig::default()).unwrap_or(Config {
+            header: "idempotency-key".into(),
+            methods: vec!["POST".into(), "PATCH".into()],
+            required: false,
+            generate_missing: false,
+            max_key_length: 255,
+            ttl_ms: 86_400_000,
+            lock_timeout_ms: 30_000,
+            max_request_body_bytes: 1_048_576,
+            max_response_body_bytes: 1_048_576,
+            scope_headers: vec!["authorization".into()],
+            fingerprint_headers: vec!["content-type".into()],
+            record_server_errors: false,
+            store: StoreConfig::Local {
+                buckets: 12_500,
+                ways: LOCAL_WAYS,
+            },
+        })
+    }
+}
+
+fn trim_ascii(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |p| p + 1);
+    bytes.get(start..end).unwrap_or(&[])
+}
+
+/// serde_json's messages already name the offending field ("unknown field `x`,
+/// expected one of ..."); this adds where it happened and what to do.
+fn json_error(e: &serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
+    let inner = e.inner();
+    // serde_json appends " at line L column C"; the field path says more.
+    let text = inner.to_string();
+    let text = match text.rfind(" at line ") {
+        Some(i) if inner.line() > 0 => text[..i].to_string(),
+        _ => text,
+    };
+    let path = e.path().to_string();
+    let field = if path == "." || path == "?" || path.is_empty() {
+        "(document)".to_string()
+    } else {
+        path
+    };
+    let fix = if text.starts_with("unknown field") {
+        "; remove it or fix its spelling"
+    } else if text.starts_with("invalid type")
+        || text.starts_with("invalid value")
+        || text.starts_with("unknown variant")
+    {
+        "; see the configuration table in README.md for each field's type"
+    } else {
+        ""
+    };
+    err(&field, format!("{text}{fix}"))
+}
+
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+        })
+}
+
+fn header_list(field: &str, names: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        if !is_token(&name) {
+            return Err(err(
+                field,
+                format!("{name:?} is not a header name; use token characters only, e.g. \"x-tenant-id\""),
+            ));
+        }
+        let lower = name.to_ascii_lowercase();
+        if !out.contains(&lower) {
+            out.push(lower);
+        }
+    }
+    Ok(out)
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    if !is_token(&raw.header) {
+        return Err(err(
+            "header",
+            format!("{:?} is not a header name; use token characters only, e.g. \"Idempotency-Key\"", raw.header),
+        ));
+    }
+    if raw.methods.is_empty() {
+        return Err(err(
+            "methods",
+            "must list at least one method, e.g. [\"POST\", \"PATCH\"]",
+        ));
+    }
+    let mut methods: Vec<String> = Vec::with_capacity(raw.methods.len());
+    for m in &raw.methods {
+        if !is_token(m) {
+            return Err(err(
+                "methods",
+                format!("{m:?} is not an HTTP method; use a token such as \"POST\""),
+            ));
+        }
+        let upper = m.to_ascii_uppercase();
+        if !methods.contains(&upper) {
+            methods.push(upper);
+        }
+    }
+    if raw.required && raw.generate_missing {
+        return Err(err(
+            "generate_missing",
+            "cannot be true together with \"required\": a generated key means a missing key is never rejected; set one of them to false",
+        ));
+    }
+    if raw.max_key_length == 0 || raw.max_key_length > MAX_KEY_LENGTH_LIMIT {
+        return Err(err(
+            "max_key_length",
+            format!("must be between 1 and {MAX_KEY_LENGTH_LIMIT} (got {})", raw.max_key_length),
+        ));
+    }
+    if raw.generate_missing && raw.max_key_length < 36 {
+        return Err(err(
+            "max_key_length",
+            format!("must be at least 36 when generate_missing is true, the length of a generated UUID (got {})", raw.max_key_length),
+        ));
+    }
+    if raw.ttl_seconds == 0 || raw.ttl_seconds > MAX_TTL_SECONDS {
+        return Err(err(
+            "ttl_seconds",
+            format!("must be between 1 and {MAX_TTL_SECONDS} (got {})", raw.ttl_seconds),
+        ));
+    }
+    if raw.lock_timeout_seconds == 0 {
+        return Err(err(
+            "lock_timeout_seconds",
+            "must be at least 1 (got 0); set it above your upstream's longest response time",
+        ));
+    }
+    if raw.lock_timeout_seconds > raw.ttl_seconds {
+        return Err(err(
+            "lock_timeout_seconds",
+            format!(
+                "must not exceed ttl_seconds ({}) (got {}); raise ttl_seconds or lower lock_timeout_seconds",
+                raw.ttl_seconds, raw.lock_timeout_seconds
+            ),
+        ));
+    }
+    if raw.max_request_body_bytes > MAX_BODY_LIMIT {
+        return Err(err(
+            "max_request_body_bytes",
+            format!("must be at most {MAX_BODY_LIMIT} (got {})", raw.max_request_body_bytes),
+        ));
+    }
+    if raw.max_response_body_bytes > MAX_BODY_LIMIT {
+        return Err(err(
+            "max_response_body_bytes",
+            format!("must be at most {MAX_BODY_LIMIT} (got {})", raw.max_response_body_bytes),
+        ));
+    }
+    let scope_headers = header_list("scope_headers", raw.scope_headers)?;
+    let fingerprint_headers = header_list("fingerprint_headers", raw.fingerprint_headers)?;
+    let store = match raw.store {
+        RawStore::Local(local) => {
+            if local.max_entries < LOCAL_WAYS || local.max_entries > MAX_ENTRIES_LIMIT {
+                return Err(err(
+                    "store.max_entries",
+                    format!(
+                        "must be between {LOCAL_WAYS} and {MAX_ENTRIES_LIMIT} (got {})",
+                        local.max_entries
+                    ),
+                ));
+            }
+            StoreConfig::Local {
+                buckets: local.max_entries / LOCAL_WAYS,
+                ways: LOCAL_WAYS,
+            }
+        }
+    };
+    Ok(Config {
+        header: raw.header.to_ascii_lowercase(),
+        methods,
+        required: raw.required,
+        generate_missing: raw.generate_missing,
+        max_key_length: raw.max_key_length,
+        ttl_ms: raw.ttl_seconds * 1000,
+        lock_timeout_ms: raw.lock_timeout_seconds * 1000,
+        max_request_body_bytes: raw.max_request_body_bytes,
+        max_response_body_bytes: raw.max_response_body_bytes,
+        scope_headers,
+        fingerprint_headers,
+        record_server_errors: raw.record_server_errors,
+        store,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_document_means_defaults() {
+        let c = Config::parse(b"").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.header, "idempotency-key");
+        assert_eq!(c.methods, vec!["POST", "PATCH"]);
+        assert_eq!(c.ttl_ms, 86_400_000);
+        assert_eq!(c.lock_timeout_ms, 30_000);
+        assert_eq!(c.store.capacity(), 100_000);
+        assert_eq!(Config::parse(b"  {} \n").unwrap(), c);
+    }
+
+    #[test]
+    fn fields_are_normalised() {
+        let c = Config::parse(
+            br#"{"header":"X-Idem","methods":["post","PUT","POST"],"scope_headers":["X-Tenant"],
+                 "store":{"type":"local","max_entries":100}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.header, "x-idem");
+        assert_eq!(c.methods, vec!["POST", "PUT"]);
+        assert_eq!(c.scope_headers, vec!["x-tenant"]);
+        // 100 rounds down to 12 buckets of 8: never more than asked for.
+        assert_eq!(c.store, StoreConfig::Local { buckets: 12, ways: 8 });
+        assert!(c.protects("PUT") && !c.protects("GET"));
+    }
+
+    /// Table-driven: every rejected document and the exact line it logs.
+    #[test]
+    fn rejected_configurations_name_the_field_and_the_fix() {
+        let cases: &[(&str, &str)] = &[
+            (r#"{"ttl_seconds":0}"#, "invalid configuration: ttl_seconds: must be between 1 and 31536000 (got 0)"),
+            (r#"{"methods":[]}"#, "invalid configuration: methods: must list at least one method, e.g. [\"POST\", \"PATCH\"]"),
+            (r#"{"methods":["PO ST"]}"#, "invalid configuration: methods: \"PO ST\" is not an HTTP method; use a token such as \"POST\""),
+            (r#"{"ttl_seconds":10,"lock_timeout_seconds":11}"#, "invalid configuration: lock_timeout_seconds: must not exceed ttl_seconds (10) (got 11); raise ttl_seconds or lower lock_timeout_seconds"),
+            (r#"{"lock_timeout_seconds":0}"#, "invalid configuration: lock_timeout_seconds: must be at least 1 (got 0); set it above your upstream's longest response time"),
+            (r#"{"header":""}"#, "invalid configuration: header: \"\" is not a header name; use token characters only, e.g. \"Idempotency-Key\""),
+            (r#"{"header":"Idem Key"}"#, "invalid configuration: header: \"Idem Key\" is not a header name; use token characters only, e.g. \"Idempotency-Key\""),
+            (r#"{"max_key_length":0}"#, "invalid configuration: max_key_length: must be between 1 and 8192 (got 0)"),
+            (r#"{"generate_missing":true,"max_key_length":20}"#, "invalid configuration: max_key_length: must be at least 36 when generate_missing is true, the length of a generated UUID (got 20)"),
+            (r#"{"required":true,"generate_missing":true}"#, "invalid configuration: generate_missing: cannot be true together with \"required\": a generated key means a missing key is never rejected; set one of them to false"),
+            (r#"{"max_request_body_bytes":100000000}"#, "invalid configuration: max_request_body_bytes: must be at most 67108864 (got 100000000)"),
+            (r#"{"max_response_body_bytes":100000000}"#, "invalid configuration: max_response_body_bytes: must be at most 67108864 (got 100000000)"),
+            (r#"{"scope_headers":["x tenant"]}"#, "invalid configuration: scope_headers: \"x tenant\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
+            (r#"{"fingerprint_headers":[""]}"#, "invalid configuration: fingerprint_headers: \"\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
+            (r#"{"store":{"type":"local","max_entries":7}}"#, "invalid configuration: store.max_entries: must be between 8 and 10000000 (got 7)"),
+            (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `record_server_errors`, `store`; remove it or fix its spelling"),
+            (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store: unknown field `max_entry`, expected `max_entries`; remove it or fix its spelling"),
+            (r#"{"ttl_seconds":"60"}"#, "invalid configuration: ttl_seconds: invalid type: string \"60\", expected u64; see the configuration table in README.md for each field's type"),
+            (r#"{"required":"yes"}"#, "invalid configuration: required: invalid type: string \"yes\", expected a boolean; see the configuration table in README.md for each field's type"),
+            (r#"{"store":{"type":"memcached"}}"#, "invalid configuration: store.type: unknown variant `memcached`, expected `local`; see the configuration table in README.md for each field's type"),
+            (r#"{"ttl_seconds":-1}"#, "invalid configuration: ttl_seconds: invalid value: integer `-1`, expected u64; see the configuration table in README.md for each field's type"),
+            (r#"[1]"#, "invalid configuration: (document): the configuration must be a JSON object, e.g. {\"required\": true}"),
+            (r#""x""#, "invalid configuration: (document): the configuration must be a JSON object, e.g. {\"required\": true}"),
+            (r#"{"#, "invalid configuration: (document): EOF while parsing an object"),
+        ];
+        for (doc, expected) in cases {
+            let got = Config::parse(doc.as_bytes()).expect_err(doc).to_string();
+            assert_eq!(&got, expected, "for {doc}");
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! In-memory host for unit tests: Envoy's shared-data semantics (CAS ignored
+//! on missing keys, no delete), hooks to interleave a competing worker between
+//! a read and a write, and a recorded HTTP exchange.
+
+use crate::host::{HeaderList, Host, HostError, Level};
+use crate::metrics::Metric;
+use crate::store::SharedData;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+
+type Hook = Box<dyn FnOnce(&FakeShared)>;
+
+#[derive(Default)]
+pub struct FakeShared {
+    map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    next_cas: Cell<u32>,
+    hook: RefCell<Option<Hook>>,
+    cas_failures: Cell<u32>,
+    fail_status: Cell<Option<u32>>,
+}
+
+impl FakeShared {
+    /// Runs `hook` right before the next set, as another worker would.
+    pub fn before_next_set(&self, hook: Hook) {
+        *self.hook.borrow_mut() = Some(hook);
+    }
+    pub fn fail_with(&self, status: u32) {
+        self.fail_status.set(Some(status));
+    }
+    pub fn cas_failures(&self) -> u32 {
+        self.cas_failures.get()
+    }
+    pub fn key_count(&self) -> usize {
+        self.map.borrow().len()
+    }
+    pub fn total_bytes(&self) -> usize {
+        self.map.borrow().values().map(|(v, _)| v.len()).sum()
+    }
+    fn check(&self, call: &'static str) -> Result<(), HostError> {
+        match self.fail_status.get() {
+            Some(status) => Err(HostError { call, status }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl SharedData for FakeShared {
+    fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
+        self.check("get_shared_data")?;
+        Ok(self.map.borrow().get(key).cloned())
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, HostError> {
+        self.check("set_shared_data")?;
+        let hook = self.hook.borrow_mut().take();
+        if let Some(hook) = hook {
+            hook(self);
+        }
+        let mut map = self.map.borrow_mut();
+        if let (Some((_, current)), Some(cas)) = (map.get(key), cas) {
+            if *current != cas {
+                self.cas_failures.set(self.cas_failures.get() + 1);
+                return Ok(false);
+            }
+        }
+        self.next_cas.set(self.next_cas.get().wrapping_add(1).max(1));
+        map.insert(key.to_string(), (value.to_vec(), self.next_cas.get()));
+        Ok(true)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentResponse {
+    pub status: u16,
+    pub headers: HeaderList,
+    pub body: Vec<u8>,
+}
+
+impl SentResponse {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// One HTTP exchange as the proxy would present it to the filter.
+#[derive(Default)]
+pub struct FakeHost {
+    pub shared: FakeShared,
+    pub request_headers: RefCell<HeaderList>,
+    pub request_body: RefCell<Vec<u8>>,
+    pub response_headers: RefCell<HeaderList>,
+    pub response_chunk: RefCell<Vec<u8>>,
+    pub added_response_headers: RefCell<HeaderList>,
+    pub sent: RefCell<Option<SentResponse>>,
+    pub now: Cell<u64>,
+    pub rng: Cell<u64>,
+    pub metrics: RefCell<HashMap<&'static str, i64>>,
+    pub logs: RefCell<Vec<(Level, String)>>,
+}
+
+impl FakeHost {
+    pub fn metric(&self, m: Metric) -> i64 {
+        self.metrics.borrow().get(m.name()).copied().unwrap_or(0)
+    }
+    /// Starts a new exchange on the same store, clock and metrics.
+    pub fn reset_exchange(&self, headers: &[(&str, &str)], body: &[u8]) {
+        *self.request_headers.borrow_mut() = headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect();
+        *self.request_body.borrow_mut() = body.to_vec();
+        self.response_headers.borrow_mut().clear();
+        self.response_chunk.borrow_mut().clear();
+        self.added_response_headers.borrow_mut().clear();
+        *self.sent.borrow_mut() = None;
+    }
+}
+
+fn slice(buf: &[u8], start: usize, len: usize) -> Vec<u8> {
+    let end = start.saturating_add(len).min(buf.len());
+    buf.get(start.min(end)..end).unwrap_or(&[]).to_vec()
+}
+
+impl SharedData for FakeHost {
+    fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
+        self.shared.shared_get(key)
+    }
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, HostError> {
+        self.shared.shared_set(key, value, cas)
+    }
+}
+
+impl Host for FakeHost {
+    fn request_headers(&self) -> Result<HeaderList, HostError> {
+        Ok(self.request_headers.borrow().clone())
+    }
+    fn set_request_header(&self, name: &str, value: &str) -> Result<(), HostError> {
+        let mut h = self.request_headers.borrow_mut();
+        h.retain(|(n, _)| n != name);
+        h.push((name.to_string(), value.as_bytes().to_vec()));
+        Ok(())
+    }
+    fn request_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError> {
+        Ok(slice(&self.request_body.borrow(), start, len))
+    }
+    fn response_headers(&self) -> Result<HeaderList, HostError> {
+        Ok(self.response_headers.borrow().clone())
+    }
+    fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError> {
+        self.added_response_headers.borrow_mut().push((name.to_string(), value.as_bytes().to_vec()));
+        Ok(())
+    }
+    fn response_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError> {
+        Ok(slice(&self.response_chunk.borrow(), start, len))
+    }
+    fn send_response(&self, status: u16, headers: &[(String, Vec<u8>)], body: &[u8]) -> Result<(), HostError> {
+        *self.sent.borrow_mut() = Some(SentResponse { status, headers: headers.to_vec(), body: body.to_vec() });
+        Ok(())
+    }
+    fn now_ms(&self) -> u64 {
+        self.now.get()
+    }
+    fn random_u64(&self) -> u64 {
+        // xorshift: deterministic, distinct values.
+        let mut x = self.rng.get() ^ 0x9e37_79b9_7f4a_7c15;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.set(x);
+        x
+    }
+    fn metric_add(&self, metric: Metric, delta: i64) {
+        *self.metrics.borrow_mut().entry(metric.name()).or_insert(0) += delta;
+    }
+    fn log(&self, level: Level, message: &str) {
+        self.logs.borrow_mut().push((level, message.to_string()));
+    }
+}

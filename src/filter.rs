@@ -1,0 +1,700 @@
+//! The per-request filter: proxy callbacks in, decisions out. It knows the
+//! proxy only through [`Host`], so every path here runs in unit tests.
+//!
+//! A protected request goes through these phases:
+//! ```text
+//! headers ──no key / other method──▶ Passthrough
+//!    │ key parsed, scope + fingerprint started
+//!    ▼
+//! Buffering (body hashed chunk by chunk, held back from the upstream)
+//!    │ end of request: one atomic claim in the store
+//!    ├──▶ Answered (400 / 409 / 413 / 422 / 503, or the replay)
+//!    ▼
+//! Forwarded (we own the claim) ──response──▶ record, or release on 5xx
+//! ```
+
+use crate::config::{Config, StoreConfig};
+use crate::fingerprint::{key_digest, Digest16, Fingerprinter};
+use crate::host::{HeaderList, Host, HostError, Level};
+use crate::key::{parse_key_headers, KeyError};
+use crate::metrics::Metric;
+use crate::problem::Problem;
+use crate::record::{is_recorded_header, StoredResponse};
+use crate::store::local::LocalTable;
+use crate::store::{Claim, ClaimOutcome};
+use std::rc::Rc;
+
+/// What the proxy should do after a callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Continue,
+    /// Hold the request (and buffer its body) or stop after a local reply.
+    Pause,
+}
+
+/// Per-plugin state shared by every request of one VM.
+#[derive(Debug)]
+pub struct FilterContext {
+    pub config: Config,
+    pub store: Store,
+}
+
+#[derive(Debug)]
+pub enum Store {
+    Local(LocalTable),
+}
+
+impl FilterContext {
+    pub fn new(config: Config) -> FilterContext {
+        let store = match config.store {
+            StoreConfig::Local { buckets, ways } => Store::Local(LocalTable::new(buckets, ways)),
+        };
+        FilterContext { config, store }
+    }
+
+    fn store_name(&self) -> &'static str {
+        match self.store {
+            Store::Local(_) => "local",
+        }
+    }
+}
+
+struct Capture {
+    status: u16,
+    headers: HeaderList,
+    body: Vec<u8>,
+    omitted: bool,
+}
+
+enum Phase {
+    Start,
+    Passthrough,
+    Buffering {
+        digest: Digest16,
+        fingerprint: Fingerprinter,
+        hashed: usize,
+    },
+    Forwarded {
+        claim: Claim,
+        digest: Digest16,
+        capture: Option<Capture>,
+    },
+    Answered,
+    Done,
+}
+
+pub struct Filter {
+    ctx: Rc<FilterContext>,
+    phase: Phase,
+    generated_key: Option<String>,
+}
+
+fn header<'a>(headers: &'a HeaderList, name: &str) -> Option<&'a [u8]> {
+    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+}
+
+/// All values of a header joined as one list, the way RFC 9110 5.3 combines
+/// repeated fields, so a header split in two does not change the meaning.
+fn header_joined(headers: &HeaderList, name: &str) -> Option<Vec<u8>> {
+    let mut out: Option<Vec<u8>> = None;
+    for (_, v) in headers.iter().filter(|(n, _)| n == name) {
+        match out.as_mut() {
+            None => out = Some(v.clone()),
+            Some(o) => {
+                o.extend_from_slice(b", ");
+                o.extend_from_slice(v);
+            }
+        }
+    }
+    out
+}
+
+fn uuid_v4(host: &impl Host) -> String {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&host.random_u64().to_le_bytes());
+    bytes[8..].copy_from_slice(&host.random_u64().to_le_bytes());
+    uuid::Builder::from_random_bytes(bytes).into_uuid().hyphenated().to_string()
+}
+
+impl Filter {
+    pub fn new(ctx: Rc<FilterContext>) -> Filter {
+        Filter {
+            ctx,
+            phase: Phase::Start,
+            generated_key: None,
+        }
+    }
+
+    fn cfg(&self) -> &Config {
+        &self.ctx.config
+    }
+
+    fn answer(&mut self, host: &impl Host, problem: &Problem, metric: Option<Metric>) -> Verdict {
+        if let Some(m) = metric {
+            host.metric_add(m, 1);
+        }
+        let mut headers = problem.headers();
+        if let Some(k) = &self.generated_key {
+            headers.push((self.cfg().header.clone(), k.clone().into_bytes()));
+        }
+        if let Err(e) = host.send_response(problem.status, &headers, &problem.body()) {
+            host.log(Level::Error, &format!("could not send the {} answer: {e}", problem.status));
+        }
+        self.phase = Phase::Answered;
+        Verdict::Pause
+    }
+
+    /// A host call failed before anything reached the upstream: fail closed.
+    fn host_failure(&mut self, host: &impl Host, e: HostError) -> Verdict {
+        host.log(Level::Error, &format!("{e}; request refused"));
+        self.answer(host, &Problem::internal("The idempotency filter could not read the request."), None)
+    }
+
+    pub fn on_request_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Verdict {
+        let headers = match host.request_headers() {
+            Ok(h) => h,
+            Err(e) => return self.host_failure(host, e),
+        };
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.config;
+        let method = header(&headers, ":method").and_then(|m| std::str::from_utf8(m).ok()).unwrap_or("");
+        if !cfg.protects(method) {
+            self.phase = Phase::Passthrough;
+            return Verdict::Continue;
+        }
+        let values: Vec<&[u8]> = headers.iter().filter(|(n, _)| *n == cfg.header).map(|(_, v)| v.as_slice()).collect();
+        let key = match parse_key_headers(&values, cfg.max_key_length) {
+            Ok(Some(k)) => k,
+            Ok(None) if cfg.required => {
+                return self.answer(host, &Problem::missing_key(&cfg.header), Some(Metric::InvalidKey))
+            }
+            Ok(None) if cfg.generate_missing => {
+                let k = uuid_v4(host);
+                if let Err(e) = host.set_request_header(&cfg.header, &k) {
+                    return self.host_failure(host, e);
+                }
+                self.generated_key = Some(k.clone());
+                k
+            }
+            Ok(None) => {
+                host.metric_add(Metric::Unkeyed, 1);
+                self.phase = Phase::Passthrough;
+                return Verdict::Continue;
+            }
+            Err(e) => return self.answer(host, &Problem::invalid_key(&key_error_detail(&e, &cfg.header)), Some(Metric::InvalidKey)),
+        };
+        host.metric_add(Metric::Protected, 1);
+        let declared = header(&headers, "content-length")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > cfg.max_request_body_bytes) {
+            return self.answer(host, &Problem::too_large(cfg.max_request_body_bytes), Some(Metric::TooLarge));
+        }
+        let scope: Vec<Option<Vec<u8>>> = cfg.scope_headers.iter().map(|h| header_joined(&headers, h)).collect();
+        let scope_refs: Vec<Option<&[u8]>> = scope.iter().map(Option::as_deref).collect();
+        let digest = key_digest(&scope_refs, &key);
+        let fp_values: Vec<Option<Vec<u8>>> = cfg.fingerprint_headers.iter().map(|h| header_joined(&headers, h)).collect();
+        let fp_refs: Vec<Option<&[u8]>> = fp_values.iter().map(Option::as_deref).collect();
+        let path = header(&headers, ":path").and_then(|p| std::str::from_utf8(p).ok()).unwrap_or("");
+        let fingerprint = Fingerprinter::new(method, path, &fp_refs);
+        if end_of_stream {
+            return self.decide(host, digest, fingerprint.finish());
+        }
+        self.phase = Phase::Buffering {
+            digest,
+            fingerprint,
+            hashed: 0,
+        };
+        Verdict::Pause
+    }
+
+    /// `body_size` is everything buffered so far; only the new bytes are read.
+    pub fn on_request_body(&mut self, host: &impl Host, body_size: usize, end_of_stream: bool) -> Verdict {
+        let limit = self.cfg().max_request_body_bytes;
+        let Phase::Buffering { fingerprint, hashed, .. } = &mut self.phase else {
+            return match self.phase {
+                Phase::Answered => Verdict::Pause,
+                _ => Verdict::Continue,
+            };
+        };
+        if body_size as u64 > limit {
+            return self.answer(host, &Problem::too_large(limit), Some(Metric::TooLarge));
+        }
+        if body_size > *hashed {
+            match host.request_body(*hashed, body_size - *hashed) {
+                Ok(chunk) => {
+                    fingerprint.update(&chunk);
+                    *hashed += chunk.len();
+                }
+                Err(e) => return self.host_failure(host, e),
+            }
+        }
+        if end_of_stream {
+            return self.finish_request(host);
+        }
+        Verdict::Pause
+    }
+
+    /// Trailers end the request when the body did not.
+    pub fn on_request_trailers(&mut self, host: &impl Host) -> Verdict {
+        match self.phase {
+            Phase::Buffering { .. } => self.finish_request(host),
+            Phase::Answered => Verdict::Pause,
+            _ => Verdict::Continue,
+        }
+    }
+
+    fn finish_request(&mut self, host: &impl Host) -> Verdict {
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Buffering { digest, fingerprint, .. } => self.decide(host, digest, fingerprint.finish()),
+            other => {
+                self.phase = other;
+                Verdict::Continue
+            }
+        }
+    }
+
+    fn decide(&mut self, host: &impl Host, digest: Digest16, fingerprint: Digest16) -> Verdict {
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.config;
+        // Zero means "no owner" in a record, so a token is never zero.
+        let token = host.random_u64() | 1;
+        let result = match &ctx.store {
+            Store::Local(table) => table.claim(host, &digest, &fingerprint, token, host.now_ms(), cfg.lock_timeout_ms),
+        };
+        match result {
+            Ok((ClaimOutcome::Claimed(claim), effects)) => {
+                if effects.new_entry {
+                    host.metric_add(Metric::Entries, 1);
+                }
+                if effects.evicted {
+                    host.metric_add(Metric::Evicted, 1);
+                }
+                if effects.expired {
+                    host.metric_add(Metric::Expired, 1);
+                }
+                self.phase = Phase::Forwarded {
+                    claim,
+                    digest,
+                    capture: None,
+                };
+                Verdict::Continue
+            }
+            Ok((ClaimOutcome::InFlight, _)) => self.answer(host, &Problem::in_flight(), Some(Metric::Conflicts)),
+            Ok((ClaimOutcome::Mismatch, _)) => self.answer(host, &Problem::mismatch(), Some(Metric::Mismatches)),
+            Ok((ClaimOutcome::Full, _)) => self.answer(host, &Problem::store_full(), Some(Metric::StoreFull)),
+            Ok((ClaimOutcome::Replay(response), _)) => {
+                host.metric_add(Metric::Replays, 1);
+                if let Err(e) = host.send_response(response.status, &response.replay_headers(), &response.body) {
+                    host.log(Level::Error, &format!("replay failed: {e}"));
+                }
+                self.phase = Phase::Answered;
+                Verdict::Pause
+            }
+            Err(e) => {
+                host.log(Level::Error, &format!("{} store: {e}; request refused", ctx.store_name()));
+                self.answer(host, &Problem::store_unavailable(ctx.store_name()), Some(Metric::StoreErrors))
+            }
+        }
+    }
+
+    pub fn on_response_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Verdict {
+        let Phase::Forwarded { claim, capture, .. } = &mut self.phase else {
+            return Verdict::Continue;
+        };
+        let claim = *claim;
+        if let Some(k) = &self.generated_key {
+            if let Err(e) = host.add_response_header(&self.ctx.config.header, k) {
+                host.log(Level::Warn, &format!("could not return the generated key: {e}"));
+            }
+        }
+        let headers = match host.response_headers() {
+            Ok(h) => h,
+            Err(e) => {
+                // The response goes out anyway; the claim stays until its
+                // lock times out, so a retry gets 409 rather than a rerun.
+                host.log(Level::Error, &format!("{e}; response not recorded"));
+                host.metric_add(Metric::StoreErrors, 1);
+                self.phase = Phase::Done;
+                return Verdict::Continue;
+            }
+        };
+        let status = header(&headers, ":status")
+            .and_then(|s| std::str::from_utf8(s).ok())
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(0);
+        if (status >= 500 || status == 0) && !self.ctx.config.record_server_errors {
+            self.release(host, &claim);
+            return Verdict::Continue;
+        }
+        *capture = Some(Capture {
+            status,
+            headers: headers.into_iter().filter(|(n, _)| is_recorded_header(n)).collect(),
+            body: Vec::new(),
+            omitted: false,
+        });
+        if end_of_stream {
+            self.complete(host);
+        }
+        Verdict::Continue
+    }
+
+    /// Chunks are copied as they stream to the client; nothing is held back.
+    pub fn on_response_body(&mut self, host: &impl Host, body_size: usize, end_of_stream: bool) -> Verdict {
+        let limit = self.ctx.config.max_response_body_bytes;
+        let Phase::Forwarded { capture: Some(capture), .. } = &mut self.phase else {
+            return Verdict::Continue;
+        };
+        if !capture.omitted && body_size > 0 {
+            if (capture.body.len() + body_size) as u64 > limit {
+                capture.omitted = true;
+                capture.body = Vec::new();
+            } else {
+                match host.response_body(0, body_size) {
+                    Ok(chunk) => capture.body.extend_from_slice(&chunk),
+                    Err(e) => {
+                        host.log(Level::Error, &format!("{e}; response not recorded"));
+                        host.metric_add(Metric::StoreErrors, 1);
+                        self.phase = Phase::Done;
+                        return Verdict::Continue;
+                    }
+                }
+            }
+        }
+        if end_of_stream {
+            self.complete(host);
+        }
+        Verdict::Continue
+    }
+
+    pub fn on_response_trailers(&mut self, host: &impl Host) -> Verdict {
+        if matches!(self.phase, Phase::Forwarded { capture: Some(_), .. }) {
+            self.complete(host);
+        }
+        Verdict::Continue
+    }
+
+    /// The exchange ended. A claim still held here means the response never
+    /// completed (the client left, or the upstream reset mid-body): the
+    /// upstream may have acted, so the claim stays until its lock timeout and
+    /// an immediate retry gets 409, never a second execution.
+    pub fn on_done(&mut self, host: &impl Host) {
+        if matches!(self.phase, Phase::Forwarded { .. }) {
+            host.log(Level::Debug, "exchange ended before the response completed; claim kept until its lock timeout");
+        }
+        self.phase = Phase::Done;
+    }
+
+    fn release(&mut self, host: &impl Host, claim: &Claim) {
+        let result = match &self.ctx.store {
+            Store::Local(table) => table.release(host, claim),
+        };
+        match result {
+            Ok(true) => {
+                host.metric_add(Metric::Released, 1);
+                host.metric_add(Metric::Entries, -1);
+            }
+            Ok(false) => host.metric_add(Metric::ClaimsLost, 1),
+            Err(e) => {
+                host.log(Level::Error, &format!("release failed: {e}"));
+                host.metric_add(Metric::StoreErrors, 1);
+            }
+        }
+        self.phase = Phase::Done;
+    }
+
+    fn complete(&mut self, host: &impl Host) {
+        let Phase::Forwarded { claim, digest, capture: Some(capture) } = std::mem::replace(&mut self.phase, Phase::Done) else {
+            return;
+        };
+        let response = StoredResponse {
+            status: capture.status,
+            headers: capture.headers,
+            body: capture.body,
+            body_omitted: capture.omitted,
+        };
+        let cfg = &self.ctx.config;
+        let result = match &self.ctx.store {
+            Store::Local(table) => table.complete(host, &claim, &digest, response, host.now_ms(), cfg.ttl_ms),
+        };
+        match result {
+            Ok(true) => host.metric_add(Metric::Stored, 1),
+            Ok(false) => {
+                host.log(Level::Warn, "the claim expired before the response completed; response not recorded (raise lock_timeout_seconds above the upstream's response time)");
+                host.metric_add(Metric::ClaimsLost, 1);
+            }
+            Err(e) => {
+                host.log(Level::Error, &format!("recording the response failed: {e}"));
+                host.metric_add(Metric::StoreErrors, 1);
+            }
+        }
+    }
+}
+
+fn key_error_detail(e: &KeyError, header: &str) -> String {
+    format!("{e} (header {header})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_host::FakeHost;
+
+    fn ctx(json: &str) -> Rc<FilterContext> {
+        Rc::new(FilterContext::new(Config::parse(json.as_bytes()).unwrap()))
+    }
+
+    fn post(key: Option<&str>) -> Vec<(&'static str, String)> {
+        let mut h = vec![(":method", "POST".to_string()), (":path", "/payments".to_string()), ("content-type", "application/json".to_string())];
+        if let Some(k) = key {
+            h.push(("idempotency-key", k.to_string()));
+        }
+        h
+    }
+
+    /// Runs one request through the filter; returns the filter and what
+    /// reached the upstream (true when forwarded).
+    fn request(host: &FakeHost, c: &Rc<FilterContext>, headers: &[(&str, String)], body: &[u8]) -> (Filter, bool) {
+        let hs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        host.reset_exchange(&hs, body);
+        let mut f = Filter::new(c.clone());
+        let mut v = f.on_request_headers(host, body.is_empty());
+        if v == Verdict::Pause && host.sent.borrow().is_none() {
+            // Body in two chunks, as a proxy would deliver it (cumulative size).
+            let half = body.len() / 2;
+            v = f.on_request_body(host, half, false);
+            if v == Verdict::Pause && host.sent.borrow().is_none() {
+                v = f.on_request_body(host, body.len(), true);
+            }
+        }
+        (f, v == Verdict::Continue)
+    }
+
+    fn respond(host: &FakeHost, f: &mut Filter, status: u16, body: &[u8]) {
+        *host.response_headers.borrow_mut() = vec![
+            (":status".into(), status.to_string().into_bytes()),
+            ("content-type".into(), b"application/json".to_vec()),
+            ("content-length".into(), body.len().to_string().into_bytes()),
+            ("set-cookie".into(), b"s=1".to_vec()),
+        ];
+        f.on_response_headers(host, false);
+        for chunk in body.chunks(3) {
+            *host.response_chunk.borrow_mut() = chunk.to_vec();
+            f.on_response_body(host, chunk.len(), false);
+        }
+        host.response_chunk.borrow_mut().clear();
+        f.on_response_body(host, 0, true);
+        f.on_done(host);
+    }
+
+    fn sent_status(host: &FakeHost) -> Option<u16> {
+        host.sent.borrow().as_ref().map(|s| s.status)
+    }
+
+    fn setup(json: &str) -> (FakeHost, Rc<FilterContext>) {
+        let host = FakeHost::default();
+        host.now.set(1_000_000);
+        let c = ctx(json);
+        let Store::Local(t) = &c.store;
+        t.init(&host).unwrap();
+        (host, c)
+    }
+
+    #[test]
+    fn first_request_forwards_and_retry_replays() {
+        let (host, c) = setup("{}");
+        let (mut f, forwarded) = request(&host, &c, &post(Some("k1")), b"{\"amount\":10}");
+        assert!(forwarded);
+        respond(&host, &mut f, 201, b"{\"id\":1}");
+        assert_eq!(host.metric(Metric::Stored), 1);
+        let (_, forwarded) = request(&host, &c, &post(Some("\"k1\"")), b"{\"amount\":10}");
+        assert!(!forwarded, "the replay must not reach the upstream");
+        let sent = host.sent.borrow().clone().unwrap();
+        assert_eq!(sent.status, 201);
+        assert_eq!(sent.body, b"{\"id\":1}");
+        assert_eq!(sent.header("idempotent-replayed").as_deref(), Some("true"));
+        assert_eq!(sent.header("content-type").as_deref(), Some("application/json"));
+        assert_eq!(sent.header("set-cookie"), None);
+        assert_eq!(sent.header("content-length"), None);
+        assert_eq!(host.metric(Metric::Replays), 1);
+    }
+
+    #[test]
+    fn retry_while_in_flight_is_409_and_other_payload_is_422() {
+        let (host, c) = setup("{}");
+        let (mut f, forwarded) = request(&host, &c, &post(Some("k")), b"a");
+        assert!(forwarded);
+        let (_, fwd) = request(&host, &c, &post(Some("k")), b"a");
+        assert!(!fwd);
+        assert_eq!(sent_status(&host), Some(409));
+        let sent = host.sent.borrow().clone().unwrap();
+        assert_eq!(sent.header("retry-after").as_deref(), Some("1"));
+        assert_eq!(sent.header("content-type").as_deref(), Some("application/problem+json"));
+        let (_, fwd) = request(&host, &c, &post(Some("k")), b"b");
+        assert!(!fwd);
+        assert_eq!(sent_status(&host), Some(422));
+        respond(&host, &mut f, 200, b"done");
+        let (_, fwd) = request(&host, &c, &post(Some("k")), b"b");
+        assert!(!fwd);
+        assert_eq!(sent_status(&host), Some(422), "the record is left as it was");
+        let (_, fwd) = request(&host, &c, &post(Some("k")), b"a");
+        assert!(!fwd);
+        assert_eq!(host.sent.borrow().as_ref().unwrap().body, b"done");
+    }
+
+    #[test]
+    fn server_errors_release_the_key_unless_recorded() {
+        let (host, c) = setup("{}");
+        let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
+        respond(&host, &mut f, 503, b"down");
+        assert_eq!(host.metric(Metric::Released), 1);
+        assert_eq!(host.metric(Metric::Entries), 0);
+        let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+        assert!(forwarded, "after a 5xx the retry runs again");
+
+        let (host, c) = setup(r#"{"record_server_errors":true}"#);
+        let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
+        respond(&host, &mut f, 500, b"boom");
+        let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+        assert!(!forwarded);
+        assert_eq!(sent_status(&host), Some(500));
+    }
+
+    #[test]
+    fn client_errors_are_recorded() {
+        let (host, c) = setup("{}");
+        let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
+        respond(&host, &mut f, 402, b"declined");
+        let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+        assert!(!forwarded);
+        assert_eq!(sent_status(&host), Some(402));
+    }
+
+    #[test]
+    fn abandoned_exchange_keeps_the_claim_until_the_lock_times_out() {
+        let (host, c) = setup(r#"{"lock_timeout_seconds":5}"#);
+        let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
+        f.on_done(&host); // client disconnected before the response
+        let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+        assert!(!forwarded);
+        assert_eq!(sent_status(&host), Some(409));
+        host.now.set(host.now.get() + 5_000);
+        let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+        assert!(forwarded, "after lock_timeout_seconds the retry may run");
+    }
+
+    #[test]
+    fn keys_missing_invalid_or_repeated() {
+        let (host, c) = setup("{}");
+        let (_, forwarded) = request(&host, &c, &post(None), b"x");
+        assert!(forwarded);
+        assert_eq!(host.metric(Metric::Unkeyed), 1);
+        for bad in ["", "\"unterminated", "a b", &"k".repeat(256)] {
+            let (_, forwarded) = request(&host, &c, &post(Some(bad)), b"x");
+            assert!(!forwarded, "{bad:?}");
+            assert_eq!(sent_status(&host), Some(400), "{bad:?}");
+        }
+        let mut two = post(Some("a"));
+        two.push(("idempotency-key", "b".into()));
+        let (_, forwarded) = request(&host, &c, &two, b"x");
+        assert!(!forwarded);
+        assert_eq!(sent_status(&host), Some(400));
+
+        let (host, c) = setup(r#"{"required":true}"#);
+        let (_, forwarded) = request(&host, &c, &post(None), b"x");
+        assert!(!forwarded);
+        assert_eq!(sent_status(&host), Some(400));
+        let body: serde_json::Value = serde_json::from_slice(&host.sent.borrow().as_ref().unwrap().body).unwrap();
+        assert_eq!(body["type"], "urn:idempotency-filter:problem:missing-key");
+    }
+
+    #[test]
+    fn unprotected_methods_pass_untouched() {
+        let (host, c) = setup(r#"{"required":true}"#);
+        let get = vec![(":method", "GET".to_string()), (":path", "/p".to_string()), ("idempotency-key", "\"bad".to_string())];
+        let (_, forwarded) = request(&host, &c, &get, b"");
+        assert!(forwarded);
+        assert_eq!(host.shared.key_count(), c_buckets(&c), "no store access beyond init");
+    }
+
+    fn c_buckets(c: &FilterContext) -> usize {
+        let Store::Local(t) = &c.store;
+        t.buckets() as usize
+    }
+
+    #[test]
+    fn generated_keys_are_forwarded_and_returned() {
+        let (host, c) = setup(r#"{"generate_missing":true}"#);
+        let (mut f, forwarded) = request(&host, &c, &post(None), b"x");
+        assert!(forwarded);
+        let sent_key = host.request_headers.borrow().iter().find(|(n, _)| n == "idempotency-key").map(|(_, v)| String::from_utf8(v.clone()).unwrap()).unwrap();
+        assert_eq!(sent_key.len(), 36);
+        assert_eq!(&sent_key[14..15], "4", "UUID version 4");
+        respond(&host, &mut f, 201, b"ok");
+        let added = host.added_response_headers.borrow().clone();
+        assert_eq!(added, vec![("idempotency-key".to_string(), sent_key.clone().into_bytes())]);
+        // The client can now retry with the key it was given.
+        let (_, forwarded) = request(&host, &c, &post(Some(&sent_key)), b"x");
+        assert!(!forwarded);
+        assert_eq!(sent_status(&host), Some(201));
+    }
+
+    #[test]
+    fn body_limits() {
+        let (host, c) = setup(r#"{"max_request_body_bytes":4,"max_response_body_bytes":4}"#);
+        let mut declared = post(Some("a"));
+        declared.push(("content-length", "5".into()));
+        let (_, forwarded) = request(&host, &c, &declared, b"12345");
+        assert!(!forwarded);
+        assert_eq!(sent_status(&host), Some(413));
+        // Chunked: no declared length, caught while buffering.
+        let (_, forwarded) = request(&host, &c, &post(Some("b")), b"123456");
+        assert!(!forwarded);
+        assert_eq!(sent_status(&host), Some(413));
+        assert_eq!(host.metric(Metric::TooLarge), 2);
+        // A large response passes through and replays without its body.
+        let (mut f, forwarded) = request(&host, &c, &post(Some("c")), b"1234");
+        assert!(forwarded);
+        respond(&host, &mut f, 200, b"0123456789");
+        let (_, forwarded) = request(&host, &c, &post(Some("c")), b"1234");
+        assert!(!forwarded);
+        let sent = host.sent.borrow().clone().unwrap();
+        assert_eq!((sent.status, sent.body.len()), (200, 0));
+        assert_eq!(sent.header("idempotent-replay-body").as_deref(), Some("omitted"));
+    }
+
+    #[test]
+    fn tenants_are_isolated_by_scope_headers() {
+        let (host, c) = setup("{}");
+        let mut alice = post(Some("same"));
+        alice.push(("authorization", "Bearer alice".into()));
+        let mut bob = post(Some("same"));
+        bob.push(("authorization", "Bearer bob".into()));
+        let (mut f, forwarded) = request(&host, &c, &alice, b"x");
+        assert!(forwarded);
+        respond(&host, &mut f, 200, b"alice's secret");
+        let (_, forwarded) = request(&host, &c, &bob, b"x");
+        assert!(forwarded, "bob's key is his own");
+    }
+
+    #[test]
+    fn store_failure_fails_closed() {
+        let (host, c) = setup("{}");
+        host.shared.fail_with(10);
+        let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+        assert!(!forwarded);
+        assert_eq!(sent_status(&host), Some(503));
+        assert_eq!(host.metric(Metric::StoreErrors), 1);
+    }
+
+    #[test]
+    fn request_trailers_end_the_request() {
+        let (host, c) = setup("{}");
+        let hs: Vec<(&str, &str)> = vec![(":method", "POST"), (":path", "/p"), ("idempotency-key", "t")];
+        host.reset_exchange(&hs, b"abc");
+        let mut f = Filter::new(c.clone());
+        assert_eq!(f.on_request_headers(&host, false), Verdict::Pause);
+        assert_eq!(f.on_request_body(&host, 3, false), Verdict::Pause);
+        assert_eq!(f.on_request_trailers(&host), Verdict::Continue);
+    }
+}

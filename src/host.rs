@@ -1,0 +1,59 @@
+//! The seam between the filter and its proxy. [`Host`] is everything the
+//! filter asks of a proxy; `wasm_host.rs` implements it with proxy-wasm host
+//! calls, and `fake_host.rs` (tests only) implements it in memory.
+
+use crate::metrics::Metric;
+use crate::store::SharedData;
+use std::fmt;
+
+/// A host call that did not succeed, with the proxy-wasm status it returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostError {
+    pub call: &'static str,
+    pub status: u32,
+}
+
+impl fmt::Display for HostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self.status {
+            1 => "NotFound",
+            2 => "BadArgument",
+            3 => "SerializationFailure",
+            4 => "ParseFailure",
+            7 => "Empty",
+            8 => "CasMismatch",
+            10 => "InternalFailure",
+            12 => "Unimplemented",
+            _ => "unknown status",
+        };
+        write!(f, "{} failed: {} ({})", self.call, name, self.status)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+pub type HeaderList = Vec<(String, Vec<u8>)>;
+
+pub trait Host: SharedData {
+    fn request_headers(&self) -> Result<HeaderList, HostError>;
+    fn set_request_header(&self, name: &str, value: &str) -> Result<(), HostError>;
+    /// Bytes `start..start+len` of the request body seen so far.
+    fn request_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError>;
+    fn response_headers(&self) -> Result<HeaderList, HostError>;
+    fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError>;
+    /// Bytes `start..start+len` of the current response body chunk.
+    fn response_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError>;
+    /// Answers the client directly; the request is not forwarded.
+    fn send_response(&self, status: u16, headers: &[(String, Vec<u8>)], body: &[u8]) -> Result<(), HostError>;
+    /// Wall-clock milliseconds (WASI clock: available on every host).
+    fn now_ms(&self) -> u64;
+    fn random_u64(&self) -> u64;
+    fn metric_add(&self, metric: Metric, delta: i64);
+    fn log(&self, level: Level, message: &str);
+}

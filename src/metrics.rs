@@ -1,0 +1,86 @@
+//! Counters and gauges, defined once per VM with `define_metric`. Envoy shows
+//! them in `/stats` as `wasmcustom.idempotency.<name>`.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// Keyed requests on a protected method that reached a decision.
+    Protected,
+    /// Protected-method requests without a key, forwarded unprotected.
+    Unkeyed,
+    Replays,
+    Conflicts,
+    Mismatches,
+    InvalidKey,
+    TooLarge,
+    Stored,
+    Released,
+    Evicted,
+    Expired,
+    StoreFull,
+    StoreErrors,
+    /// A completion found its claim gone (lock expired and taken over).
+    ClaimsLost,
+    /// Gauge: records (in flight or completed) the store holds now.
+    Entries,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 15] = [
+        Metric::Protected,
+        Metric::Unkeyed,
+        Metric::Replays,
+        Metric::Conflicts,
+        Metric::Mismatches,
+        Metric::InvalidKey,
+        Metric::TooLarge,
+        Metric::Stored,
+        Metric::Released,
+        Metric::Evicted,
+        Metric::Expired,
+        Metric::StoreFull,
+        Metric::StoreErrors,
+        Metric::ClaimsLost,
+        Metric::Entries,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Protected => "idempotency.requests_protected",
+            Metric::Unkeyed => "idempotency.requests_unkeyed",
+            Metric::Replays => "idempotency.replays",
+            Metric::Conflicts => "idempotency.conflicts",
+            Metric::Mismatches => "idempotency.mismatches",
+            Metric::InvalidKey => "idempotency.invalid_keys",
+            Metric::TooLarge => "idempotency.too_large",
+            Metric::Stored => "idempotency.stored",
+            Metric::Released => "idempotency.released",
+            Metric::Evicted => "idempotency.evicted",
+            Metric::Expired => "idempotency.expired",
+            Metric::StoreFull => "idempotency.store_full",
+            Metric::StoreErrors => "idempotency.store_errors",
+            Metric::ClaimsLost => "idempotency.claims_lost",
+            Metric::Entries => "idempotency.entries",
+        }
+    }
+
+    pub fn is_gauge(self) -> bool {
+        matches!(self, Metric::Entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_metric_in_index_order() {
+        for (i, m) in Metric::ALL.iter().enumerate() {
+            assert_eq!(m.index(), i);
+            assert!(m.name().starts_with("idempotency."));
+        }
+    }
+}

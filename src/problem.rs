@@ -1,0 +1,120 @@
+//! RFC 9457 problem details, the body of every error the filter returns.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub status: u16,
+    slug: &'static str,
+    title: &'static str,
+    detail: String,
+    retry_after_seconds: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    detail: &'a str,
+}
+
+impl Problem {
+    fn new(status: u16, slug: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
+        Problem {
+            status,
+            slug,
+            title,
+            detail: detail.into(),
+            retry_after_seconds: None,
+        }
+    }
+
+    fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after_seconds = Some(seconds);
+        self
+    }
+
+    pub fn missing_key(header: &str) -> Self {
+        Problem::new(400, "missing-key", "Idempotency key missing",
+            format!("This operation requires an idempotency key in the {header} header."))
+    }
+
+    pub fn invalid_key(reason: &str) -> Self {
+        Problem::new(400, "invalid-key", "Invalid idempotency key", format!("{reason}."))
+    }
+
+    pub fn in_flight() -> Self {
+        Problem::new(409, "request-in-progress", "A request with this idempotency key is being processed",
+            "The original request has not completed yet. Retry later to receive its response.")
+            .retry_after(1)
+    }
+
+    pub fn mismatch() -> Self {
+        Problem::new(422, "key-reused", "Idempotency key reused with a different request",
+            "This idempotency key was already used for a request with another method, path or payload. Use a new key for a new request.")
+    }
+
+    pub fn too_large(limit: u64) -> Self {
+        Problem::new(413, "body-too-large", "Request body too large",
+            format!("Requests protected by an idempotency key may carry at most {limit} bytes of body."))
+    }
+
+    pub fn store_full() -> Self {
+        Problem::new(503, "store-full", "Idempotency store full",
+            "Every slot of the idempotency store is held by a request in progress. Retry later.")
+            .retry_after(1)
+    }
+
+    pub fn store_unavailable(store: &str) -> Self {
+        Problem::new(503, "store-unavailable", "Idempotency store unavailable",
+            format!("The {store} idempotency store could not be used, so the request was not forwarded. Retry later."))
+            .retry_after(1)
+    }
+
+    pub fn internal(detail: &str) -> Self {
+        Problem::new(500, "internal", "Idempotency filter error", detail)
+    }
+
+    pub fn body(&self) -> Vec<u8> {
+        let body = Body {
+            kind: format!("urn:idempotency-filter:problem:{}", self.slug),
+            title: self.title,
+            status: self.status,
+            detail: &self.detail,
+        };
+        serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec())
+    }
+
+    pub fn headers(&self) -> Vec<(String, Vec<u8>)> {
+        let mut h = vec![
+            ("content-type".to_string(), b"application/problem+json".to_vec()),
+            ("cache-control".to_string(), b"no-store".to_vec()),
+        ];
+        if let Some(s) = self.retry_after_seconds {
+            h.push(("retry-after".to_string(), s.to_string().into_bytes()));
+        }
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problem_bodies_are_rfc9457_json() {
+        let p = Problem::in_flight();
+        let v: serde_json::Value = serde_json::from_slice(&p.body()).unwrap();
+        assert_eq!(v["status"], 409);
+        assert_eq!(v["type"], "urn:idempotency-filter:problem:request-in-progress");
+        assert!(v["title"].as_str().unwrap().contains("being processed"));
+        assert!(p.headers().contains(&("retry-after".into(), b"1".to_vec())));
+        assert!(p.headers().contains(&("content-type".into(), b"application/problem+json".to_vec())));
+        // Details are JSON-escaped, never spliced.
+        let q = Problem::invalid_key("bad \"quote\"");
+        let v: serde_json::Value = serde_json::from_slice(&q.body()).unwrap();
+        assert_eq!(v["detail"], "bad \"quote\".");
+    }
+}

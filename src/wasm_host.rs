@@ -1,0 +1,431 @@
+//! The only module that talks to the proxy. It declares the few proxy-wasm
+//! imports it needs itself instead of using the SDK's `hostcalls`, because
+//! those `panic!` on any status they do not expect (an APISIX UNIMPLEMENTED,
+//! say) and a panic traps the VM. Here every status becomes a [`HostError`]
+//! that the filter turns into a decision. The SDK is used only for its
+//! context dispatcher.
+
+use crate::config::Config;
+use crate::filter::{Filter, FilterContext, Store, Verdict};
+use crate::host::{HeaderList, Host, HostError, Level};
+use crate::metrics::Metric;
+use crate::store::SharedData;
+use crate::wire::{decode_pairs, encode_pairs, Rng};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType};
+use std::cell::{Cell, RefCell};
+use std::ptr::{null, null_mut};
+use std::rc::Rc;
+
+const OK: u32 = 0;
+const NOT_FOUND: u32 = 1;
+const CAS_MISMATCH: u32 = 8;
+
+const BUFFER_REQUEST_BODY: u32 = 0;
+const BUFFER_RESPONSE_BODY: u32 = 1;
+const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+const MAP_REQUEST_HEADERS: u32 = 0;
+const MAP_RESPONSE_HEADERS: u32 = 2;
+
+/// Sweeping the whole table takes this many ticks; each VM sweeps its share.
+const SWEEP_TICKS_PER_PASS: u32 = 30;
+const TICK_MS: u32 = 1000;
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_get_buffer_bytes(buffer_type: u32, start: usize, max_size: usize, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
+    fn proxy_get_header_map_pairs(map_type: u32, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
+    fn proxy_replace_header_map_value(map_type: u32, key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize) -> u32;
+    fn proxy_add_header_map_value(map_type: u32, key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize) -> u32;
+    fn proxy_get_shared_data(key_data: *const u8, key_size: usize, return_data: *mut *mut u8, return_size: *mut usize, return_cas: *mut u32) -> u32;
+    fn proxy_set_shared_data(key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize, cas: u32) -> u32;
+    #[allow(clippy::too_many_arguments)]
+    fn proxy_send_local_response(status_code: u32, details_data: *const u8, details_size: usize, body_data: *const u8, body_size: usize, headers_data: *const u8, headers_size: usize, grpc_status: i32) -> u32;
+    fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+}
+
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    fn random_get(buf: *mut u8, buf_len: usize) -> u16;
+}
+
+fn check(call: &'static str, status: u32) -> Result<(), HostError> {
+    if status == OK {
+        Ok(())
+    } else {
+        Err(HostError { call, status })
+    }
+}
+
+/// Takes ownership of bytes the host allocated in our memory (through the
+/// SDK's exported `proxy_on_memory_allocate`).
+fn take_host_bytes(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() || size == 0 {
+        if !data.is_null() {
+            // A zero-size allocation still came from our allocator.
+            drop(unsafe { Vec::from_raw_parts(data, 0, 0) });
+        }
+        return Vec::new();
+    }
+    unsafe { Vec::from_raw_parts(data, size, size) }
+}
+
+fn host_log(level: Level, message: &str) {
+    let level = match level {
+        Level::Debug => 1,
+        Level::Info => 2,
+        Level::Warn => 3,
+        Level::Error => 4,
+    };
+    // Nothing sensible to do if logging itself fails.
+    let _ = unsafe { proxy_log(level, message.as_ptr(), message.len()) };
+}
+
+fn get_buffer(buffer_type: u32, start: usize, max: usize) -> Result<Vec<u8>, HostError> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    match unsafe { proxy_get_buffer_bytes(buffer_type, start, max, &mut data, &mut size) } {
+        OK => Ok(take_host_bytes(data, size)),
+        // Envoy answers NotFound for an absent buffer: nothing to read.
+        NOT_FOUND => Ok(Vec::new()),
+        status => Err(HostError { call: "get_buffer_bytes", status }),
+    }
+}
+
+fn get_pairs(map_type: u32) -> Result<HeaderList, HostError> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    check("get_header_map_pairs", unsafe { proxy_get_header_map_pairs(map_type, &mut data, &mut size) })?;
+    decode_pairs(&take_host_bytes(data, size)).ok_or(HostError { call: "get_header_map_pairs (decode)", status: 3 })
+}
+
+fn now_ms() -> u64 {
+    // WASI clock_time_get: implemented by Envoy and APISIX alike, unlike the
+    // proxy-wasm clock call that APISIX answers UNIMPLEMENTED.
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+thread_local! {
+    static RNG: RefCell<Rng> = RefCell::new(seeded_rng());
+}
+
+fn seeded_rng() -> Rng {
+    let mut seed = [0u8; 40];
+    // If random_get fails the clock alone seeds the generator: tokens stay
+    // unique per VM, but log it because generated keys become guessable.
+    if unsafe { random_get(seed.as_mut_ptr(), 32) } != 0 {
+        host_log(Level::Warn, "WASI random_get failed; seeding from the clock");
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    seed[32..].copy_from_slice(&t.to_le_bytes());
+    Rng::new(&seed)
+}
+
+/// Metric ids of this VM, indexed by [`Metric::index`].
+#[derive(Default)]
+struct MetricIds {
+    ids: RefCell<Vec<Option<u32>>>,
+}
+
+impl MetricIds {
+    fn define(&self) {
+        let mut ids = self.ids.borrow_mut();
+        if !ids.is_empty() {
+            return;
+        }
+        for m in Metric::ALL {
+            let mut id = 0u32;
+            let kind = if m.is_gauge() { 1 } else { 0 };
+            let status = unsafe { proxy_define_metric(kind, m.name().as_ptr(), m.name().len(), &mut id) };
+            if status == OK {
+                ids.push(Some(id));
+            } else {
+                host_log(Level::Warn, &format!("metric {} unavailable (status {status})", m.name()));
+                ids.push(None);
+            }
+        }
+    }
+
+    fn add(&self, m: Metric, delta: i64) {
+        if let Some(Some(id)) = self.ids.borrow().get(m.index()) {
+            let _ = unsafe { proxy_increment_metric(*id, delta) };
+        }
+    }
+}
+
+/// [`Host`] over proxy-wasm host calls. Request-scoped calls act on the
+/// context the host made current for the callback being run.
+struct WasmHost {
+    metrics: Rc<MetricIds>,
+}
+
+impl SharedData for WasmHost {
+    fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
+        let mut data: *mut u8 = null_mut();
+        let mut size: usize = 0;
+        let mut cas: u32 = 0;
+        match unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) } {
+            OK => Ok(Some((take_host_bytes(data, size), cas))),
+            NOT_FOUND => Ok(None),
+            status => Err(HostError { call: "get_shared_data", status }),
+        }
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, HostError> {
+        match unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas.unwrap_or(0)) } {
+            OK => Ok(true),
+            CAS_MISMATCH => Ok(false),
+            status => Err(HostError { call: "set_shared_data", status }),
+        }
+    }
+}
+
+impl Host for WasmHost {
+    fn request_headers(&self) -> Result<HeaderList, HostError> {
+        get_pairs(MAP_REQUEST_HEADERS)
+    }
+
+    fn set_request_header(&self, name: &str, value: &str) -> Result<(), HostError> {
+        check("replace_header_map_value", unsafe {
+            proxy_replace_header_map_value(MAP_REQUEST_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+        })
+    }
+
+    fn request_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError> {
+        get_buffer(BUFFER_REQUEST_BODY, start, len)
+    }
+
+    fn response_headers(&self) -> Result<HeaderList, HostError> {
+        get_pairs(MAP_RESPONSE_HEADERS)
+    }
+
+    fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError> {
+        check("add_header_map_value", unsafe {
+            proxy_add_header_map_value(MAP_RESPONSE_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+        })
+    }
+
+    fn response_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError> {
+        get_buffer(BUFFER_RESPONSE_BODY, start, len)
+    }
+
+    fn send_response(&self, status: u16, headers: &[(String, Vec<u8>)], body: &[u8]) -> Result<(), HostError> {
+        let pairs = encode_pairs(headers);
+        let details = "idempotency_filter";
+        check("send_local_response", unsafe {
+            proxy_send_local_response(
+                u32::from(status),
+                details.as_ptr(),
+                details.len(),
+                if body.is_empty() { null() } else { body.as_ptr() },
+                body.len(),
+                pairs.as_ptr(),
+                pairs.len(),
+                -1,
+            )
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
+
+    fn random_u64(&self) -> u64 {
+        RNG.with(|r| r.borrow_mut().next_u64())
+    }
+
+    fn metric_add(&self, metric: Metric, delta: i64) {
+        self.metrics.add(metric, delta);
+    }
+
+    fn log(&self, level: Level, message: &str) {
+        host_log(level, message);
+    }
+}
+
+struct Root {
+    ctx: Option<Rc<FilterContext>>,
+    metrics: Rc<MetricIds>,
+    sweep_cursor: Cell<u32>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
+        let bytes = match get_buffer(BUFFER_PLUGIN_CONFIGURATION, 0, plugin_configuration_size) {
+            Ok(b) => b,
+            Err(e) => {
+                host_log(Level::Error, &format!("cannot read the plugin configuration: {e}"));
+                return false;
+            }
+        };
+        let config = match Config::parse(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                host_log(Level::Error, &format!("{e}"));
+                return false;
+            }
+        };
+        self.metrics.define();
+        let ctx = FilterContext::new(config);
+        let host = WasmHost { metrics: self.metrics.clone() };
+        match &ctx.store {
+            Store::Local(table) => match table.init(&host) {
+                Ok(created) => {
+                    if created > 0 {
+                        host_log(Level::Info, &format!("local store ready, {} slots in {} buckets", table.capacity(), table.buckets()));
+                    }
+                }
+                Err(e) => {
+                    host_log(Level::Error, &format!("cannot create the local store in shared data: {e}"));
+                    return false;
+                }
+            },
+        }
+        // Start each VM's sweep somewhere else so several VMs spread out.
+        let start = (host.random_u64() % u64::from(table_buckets(&ctx).max(1))) as u32;
+        self.sweep_cursor.set(start);
+        let status = unsafe { proxy_set_tick_period_milliseconds(TICK_MS) };
+        if status != OK {
+            host_log(Level::Warn, &format!("no tick (status {status}): expired records are reclaimed only when their slot is reused"));
+        }
+        self.ctx = Some(Rc::new(ctx));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(ctx) = &self.ctx else { return };
+        let host = WasmHost { metrics: self.metrics.clone() };
+        match &ctx.store {
+            Store::Local(table) => {
+                let per_tick = table.buckets().div_ceil(SWEEP_TICKS_PER_PASS).max(1);
+                let first = self.sweep_cursor.get();
+                self.sweep_cursor.set((first.wrapping_add(per_tick)) % table.buckets().max(1));
+                match table.sweep(&host, first, per_tick, now_ms()) {
+                    Ok(stats) => {
+                        if stats.freed > 0 {
+                            host.metric_add(Metric::Expired, i64::from(stats.freed));
+                            host.metric_add(Metric::Entries, -i64::from(stats.freed));
+                        }
+                    }
+                    Err(e) => {
+                        host.metric_add(Metric::StoreErrors, 1);
+                        host_log(Level::Warn, &format!("sweep failed: {e}"));
+                    }
+                }
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // Always Some: the SDK panics on None. Without a configuration (the
+        // host would not normally create contexts then) the filter fails closed.
+        Some(Box::new(HttpFilter {
+            filter: self.ctx.clone().map(Filter::new),
+            host: WasmHost { metrics: self.metrics.clone() },
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+fn table_buckets(ctx: &FilterContext) -> u32 {
+    match &ctx.store {
+        Store::Local(t) => t.buckets(),
+    }
+}
+
+struct HttpFilter {
+    filter: Option<Filter>,
+    host: WasmHost,
+}
+
+fn action(v: Verdict) -> Action {
+    match v {
+        Verdict::Continue => Action::Continue,
+        Verdict::Pause => Action::Pause,
+    }
+}
+
+impl HttpFilter {
+    fn unconfigured(&self) -> Action {
+        let problem = crate::problem::Problem::internal("The idempotency filter has no valid configuration.");
+        let _ = self.host.send_response(problem.status, &problem.headers(), &problem.body());
+        Action::Pause
+    }
+}
+
+impl Context for HttpFilter {
+    fn on_done(&mut self) -> bool {
+        if let Some(f) = self.filter.as_mut() {
+            f.on_done(&self.host);
+        }
+        true
+    }
+}
+
+impl HttpContext for HttpFilter {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        match self.filter.as_mut() {
+            Some(f) => action(f.on_request_headers(&self.host, end_of_stream)),
+            None => self.unconfigured(),
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match self.filter.as_mut() {
+            Some(f) => action(f.on_request_body(&self.host, body_size, end_of_stream)),
+            None => Action::Pause,
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        match self.filter.as_mut() {
+            Some(f) => action(f.on_request_trailers(&self.host)),
+            None => Action::Pause,
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        match self.filter.as_mut() {
+            Some(f) => action(f.on_response_headers(&self.host, end_of_stream)),
+            None => Action::Continue,
+        }
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match self.filter.as_mut() {
+            Some(f) => action(f.on_response_body(&self.host, body_size, end_of_stream)),
+            None => Action::Continue,
+        }
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        match self.filter.as_mut() {
+            Some(f) => action(f.on_response_trailers(&self.host)),
+            None => Action::Continue,
+        }
+    }
+}
+
+proxy_wasm::main! {{
+    proxy_wasm::set_root_context(|_context_id| -> Box<dyn RootContext> {
+        Box::new(Root {
+            ctx: None,
+            metrics: Rc::new(MetricIds::default()),
+            sweep_cursor: Cell::new(0),
+        })
+    });
+}}

@@ -219,9 +219,8 @@ fn json_error(e: &serde_path_to_error::Error<serde_json::Error>) -> ConfigError 
 
 pub fn is_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn header_list(field: &str, names: Vec<String>) -> Result<Vec<String>, ConfigError> {
@@ -245,7 +244,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     if !is_token(&raw.header) {
         return Err(err(
             "header",
-            format!("{:?} is not a header name; use token characters only, e.g. \"Idempotency-Key\"", raw.header),
+            format!(
+                "{:?} is not a header name; use token characters only, e.g. \"Idempotency-Key\"",
+                raw.header
+            ),
         ));
     }
     if raw.methods.is_empty() {
@@ -276,7 +278,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     if raw.max_key_length == 0 || raw.max_key_length > MAX_KEY_LENGTH_LIMIT {
         return Err(err(
             "max_key_length",
-            format!("must be between 1 and {MAX_KEY_LENGTH_LIMIT} (got {})", raw.max_key_length),
+            format!(
+                "must be between 1 and {MAX_KEY_LENGTH_LIMIT} (got {})",
+                raw.max_key_length
+            ),
         ));
     }
     if raw.generate_missing && raw.max_key_length < 36 {
@@ -288,7 +293,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     if raw.ttl_seconds == 0 || raw.ttl_seconds > MAX_TTL_SECONDS {
         return Err(err(
             "ttl_seconds",
-            format!("must be between 1 and {MAX_TTL_SECONDS} (got {})", raw.ttl_seconds),
+            format!(
+                "must be between 1 and {MAX_TTL_SECONDS} (got {})",
+                raw.ttl_seconds
+            ),
         ));
     }
     if raw.lock_timeout_seconds == 0 {
@@ -309,13 +317,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     if raw.max_request_body_bytes > MAX_BODY_LIMIT {
         return Err(err(
             "max_request_body_bytes",
-            format!("must be at most {MAX_BODY_LIMIT} (got {})", raw.max_request_body_bytes),
+            format!(
+                "must be at most {MAX_BODY_LIMIT} (got {})",
+                raw.max_request_body_bytes
+            ),
         ));
     }
     if raw.max_response_body_bytes > MAX_BODY_LIMIT {
         return Err(err(
             "max_response_body_bytes",
-            format!("must be at most {MAX_BODY_LIMIT} (got {})", raw.max_response_body_bytes),
+            format!(
+                "must be at most {MAX_BODY_LIMIT} (got {})",
+                raw.max_response_body_bytes
+            ),
         ));
     }
     let scope_headers = header_list("scope_headers", raw.scope_headers)?;
@@ -381,7 +395,13 @@ mod tests {
         assert_eq!(c.methods, vec!["POST", "PUT"]);
         assert_eq!(c.scope_headers, vec!["x-tenant"]);
         // 100 rounds down to 12 buckets of 8: never more than asked for.
-        assert_eq!(c.store, StoreConfig::Local { buckets: 12, ways: 8 });
+        assert_eq!(
+            c.store,
+            StoreConfig::Local {
+                buckets: 12,
+                ways: 8
+            }
+        );
         assert!(c.protects("PUT") && !c.protects("GET"));
     }
 

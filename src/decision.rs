@@ -71,8 +71,14 @@ mod tests {
 
     #[test]
     fn decision_table() {
-        let inflight = |fp, d| Existing::InFlight { fingerprint: fp, lock_deadline_ms: d };
-        let done = |fp, e| Existing::Completed { fingerprint: fp, expires_ms: e };
+        let inflight = |fp, d| Existing::InFlight {
+            fingerprint: fp,
+            lock_deadline_ms: d,
+        };
+        let done = |fp, e| Existing::Completed {
+            fingerprint: fp,
+            expires_ms: e,
+        };
         let cases = [
             (None, 0, Decision::Execute),
             (Some(inflight(A, 100)), 99, Decision::Conflict),
@@ -85,7 +91,11 @@ mod tests {
             (Some(done(B, 100)), 100, Decision::Execute),
         ];
         for (existing, now, expected) in cases {
-            assert_eq!(decide(existing.as_ref(), &A, now), expected, "{existing:?} at {now}");
+            assert_eq!(
+                decide(existing.as_ref(), &A, now),
+                expected,
+                "{existing:?} at {now}"
+            );
         }
     }
 }

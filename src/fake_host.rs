@@ -63,7 +63,8 @@ impl SharedData for FakeShared {
                 return Ok(false);
             }
         }
-        self.next_cas.set(self.next_cas.get().wrapping_add(1).max(1));
+        self.next_cas
+            .set(self.next_cas.get().wrapping_add(1).max(1));
         map.insert(key.to_string(), (value.to_vec(), self.next_cas.get()));
         Ok(true)
     }
@@ -107,7 +108,10 @@ impl FakeHost {
     }
     /// Starts a new exchange on the same store, clock and metrics.
     pub fn reset_exchange(&self, headers: &[(&str, &str)], body: &[u8]) {
-        *self.request_headers.borrow_mut() = headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect();
+        *self.request_headers.borrow_mut() = headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect();
         *self.request_body.borrow_mut() = body.to_vec();
         self.response_headers.borrow_mut().clear();
         self.response_chunk.borrow_mut().clear();
@@ -147,14 +151,25 @@ impl Host for FakeHost {
         Ok(self.response_headers.borrow().clone())
     }
     fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError> {
-        self.added_response_headers.borrow_mut().push((name.to_string(), value.as_bytes().to_vec()));
+        self.added_response_headers
+            .borrow_mut()
+            .push((name.to_string(), value.as_bytes().to_vec()));
         Ok(())
     }
     fn response_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError> {
         Ok(slice(&self.response_chunk.borrow(), start, len))
     }
-    fn send_response(&self, status: u16, headers: &[(String, Vec<u8>)], body: &[u8]) -> Result<(), HostError> {
-        *self.sent.borrow_mut() = Some(SentResponse { status, headers: headers.to_vec(), body: body.to_vec() });
+    fn send_response(
+        &self,
+        status: u16,
+        headers: &[(String, Vec<u8>)],
+        body: &[u8],
+    ) -> Result<(), HostError> {
+        *self.sent.borrow_mut() = Some(SentResponse {
+            status,
+            headers: headers.to_vec(),
+            body: body.to_vec(),
+        });
         Ok(())
     }
     fn now_ms(&self) -> u64 {

@@ -90,7 +90,10 @@ pub struct Filter {
 }
 
 fn header<'a>(headers: &'a HeaderList, name: &str) -> Option<&'a [u8]> {
-    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_slice())
 }
 
 /// All values of a header joined as one list, the way RFC 9110 5.3 combines
@@ -113,7 +116,10 @@ fn uuid_v4(host: &impl Host) -> String {
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(&host.random_u64().to_le_bytes());
     bytes[8..].copy_from_slice(&host.random_u64().to_le_bytes());
-    uuid::Builder::from_random_bytes(bytes).into_uuid().hyphenated().to_string()
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
 }
 
 impl Filter {
@@ -138,7 +144,10 @@ impl Filter {
             headers.push((self.cfg().header.clone(), k.clone().into_bytes()));
         }
         if let Err(e) = host.send_response(problem.status, &headers, &problem.body()) {
-            host.log(Level::Error, &format!("could not send the {} answer: {e}", problem.status));
+            host.log(
+                Level::Error,
+                &format!("could not send the {} answer: {e}", problem.status),
+            );
         }
         self.phase = Phase::Answered;
         Verdict::Pause
@@ -147,7 +156,11 @@ impl Filter {
     /// A host call failed before anything reached the upstream: fail closed.
     fn host_failure(&mut self, host: &impl Host, e: HostError) -> Verdict {
         host.log(Level::Error, &format!("{e}; request refused"));
-        self.answer(host, &Problem::internal("The idempotency filter could not read the request."), None)
+        self.answer(
+            host,
+            &Problem::internal("The idempotency filter could not read the request."),
+            None,
+        )
     }
 
     pub fn on_request_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Verdict {
@@ -157,16 +170,26 @@ impl Filter {
         };
         let ctx = self.ctx.clone();
         let cfg = &ctx.config;
-        let method = header(&headers, ":method").and_then(|m| std::str::from_utf8(m).ok()).unwrap_or("");
+        let method = header(&headers, ":method")
+            .and_then(|m| std::str::from_utf8(m).ok())
+            .unwrap_or("");
         if !cfg.protects(method) {
             self.phase = Phase::Passthrough;
             return Verdict::Continue;
         }
-        let values: Vec<&[u8]> = headers.iter().filter(|(n, _)| *n == cfg.header).map(|(_, v)| v.as_slice()).collect();
+        let values: Vec<&[u8]> = headers
+            .iter()
+            .filter(|(n, _)| *n == cfg.header)
+            .map(|(_, v)| v.as_slice())
+            .collect();
         let key = match parse_key_headers(&values, cfg.max_key_length) {
             Ok(Some(k)) => k,
             Ok(None) if cfg.required => {
-                return self.answer(host, &Problem::missing_key(&cfg.header), Some(Metric::InvalidKey))
+                return self.answer(
+                    host,
+                    &Problem::missing_key(&cfg.header),
+                    Some(Metric::InvalidKey),
+                )
             }
             Ok(None) if cfg.generate_missing => {
                 let k = uuid_v4(host);
@@ -181,21 +204,41 @@ impl Filter {
                 self.phase = Phase::Passthrough;
                 return Verdict::Continue;
             }
-            Err(e) => return self.answer(host, &Problem::invalid_key(&key_error_detail(&e, &cfg.header)), Some(Metric::InvalidKey)),
+            Err(e) => {
+                return self.answer(
+                    host,
+                    &Problem::invalid_key(&key_error_detail(&e, &cfg.header)),
+                    Some(Metric::InvalidKey),
+                )
+            }
         };
         host.metric_add(Metric::Protected, 1);
         let declared = header(&headers, "content-length")
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         if declared.is_some_and(|n| n > cfg.max_request_body_bytes) {
-            return self.answer(host, &Problem::too_large(cfg.max_request_body_bytes), Some(Metric::TooLarge));
+            return self.answer(
+                host,
+                &Problem::too_large(cfg.max_request_body_bytes),
+                Some(Metric::TooLarge),
+            );
         }
-        let scope: Vec<Option<Vec<u8>>> = cfg.scope_headers.iter().map(|h| header_joined(&headers, h)).collect();
+        let scope: Vec<Option<Vec<u8>>> = cfg
+            .scope_headers
+            .iter()
+            .map(|h| header_joined(&headers, h))
+            .collect();
         let scope_refs: Vec<Option<&[u8]>> = scope.iter().map(Option::as_deref).collect();
         let digest = key_digest(&scope_refs, &key);
-        let fp_values: Vec<Option<Vec<u8>>> = cfg.fingerprint_headers.iter().map(|h| header_joined(&headers, h)).collect();
+        let fp_values: Vec<Option<Vec<u8>>> = cfg
+            .fingerprint_headers
+            .iter()
+            .map(|h| header_joined(&headers, h))
+            .collect();
         let fp_refs: Vec<Option<&[u8]>> = fp_values.iter().map(Option::as_deref).collect();
-        let path = header(&headers, ":path").and_then(|p| std::str::from_utf8(p).ok()).unwrap_or("");
+        let path = header(&headers, ":path")
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .unwrap_or("");
         let fingerprint = Fingerprinter::new(method, path, &fp_refs);
         if end_of_stream {
             return self.decide(host, digest, fingerprint.finish());
@@ -209,9 +252,19 @@ impl Filter {
     }
 
     /// `body_size` is everything buffered so far; only the new bytes are read.
-    pub fn on_request_body(&mut self, host: &impl Host, body_size: usize, end_of_stream: bool) -> Verdict {
+    pub fn on_request_body(
+        &mut self,
+        host: &impl Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Verdict {
         let limit = self.cfg().max_request_body_bytes;
-        let Phase::Buffering { fingerprint, hashed, .. } = &mut self.phase else {
+        let Phase::Buffering {
+            fingerprint,
+            hashed,
+            ..
+        } = &mut self.phase
+        else {
             return match self.phase {
                 Phase::Answered => Verdict::Pause,
                 _ => Verdict::Continue,
@@ -246,7 +299,11 @@ impl Filter {
 
     fn finish_request(&mut self, host: &impl Host) -> Verdict {
         match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Buffering { digest, fingerprint, .. } => self.decide(host, digest, fingerprint.finish()),
+            Phase::Buffering {
+                digest,
+                fingerprint,
+                ..
+            } => self.decide(host, digest, fingerprint.finish()),
             other => {
                 self.phase = other;
                 Verdict::Continue
@@ -260,7 +317,14 @@ impl Filter {
         // Zero means "no owner" in a record, so a token is never zero.
         let token = host.random_u64() | 1;
         let result = match &ctx.store {
-            Store::Local(table) => table.claim(host, &digest, &fingerprint, token, host.now_ms(), cfg.lock_timeout_ms),
+            Store::Local(table) => table.claim(
+                host,
+                &digest,
+                &fingerprint,
+                token,
+                host.now_ms(),
+                cfg.lock_timeout_ms,
+            ),
         };
         match result {
             Ok((ClaimOutcome::Claimed(claim), effects)) => {
@@ -280,20 +344,35 @@ impl Filter {
                 };
                 Verdict::Continue
             }
-            Ok((ClaimOutcome::InFlight, _)) => self.answer(host, &Problem::in_flight(), Some(Metric::Conflicts)),
-            Ok((ClaimOutcome::Mismatch, _)) => self.answer(host, &Problem::mismatch(), Some(Metric::Mismatches)),
-            Ok((ClaimOutcome::Full, _)) => self.answer(host, &Problem::store_full(), Some(Metric::StoreFull)),
+            Ok((ClaimOutcome::InFlight, _)) => {
+                self.answer(host, &Problem::in_flight(), Some(Metric::Conflicts))
+            }
+            Ok((ClaimOutcome::Mismatch, _)) => {
+                self.answer(host, &Problem::mismatch(), Some(Metric::Mismatches))
+            }
+            Ok((ClaimOutcome::Full, _)) => {
+                self.answer(host, &Problem::store_full(), Some(Metric::StoreFull))
+            }
             Ok((ClaimOutcome::Replay(response), _)) => {
                 host.metric_add(Metric::Replays, 1);
-                if let Err(e) = host.send_response(response.status, &response.replay_headers(), &response.body) {
+                if let Err(e) =
+                    host.send_response(response.status, &response.replay_headers(), &response.body)
+                {
                     host.log(Level::Error, &format!("replay failed: {e}"));
                 }
                 self.phase = Phase::Answered;
                 Verdict::Pause
             }
             Err(e) => {
-                host.log(Level::Error, &format!("{} store: {e}; request refused", ctx.store_name()));
-                self.answer(host, &Problem::store_unavailable(ctx.store_name()), Some(Metric::StoreErrors))
+                host.log(
+                    Level::Error,
+                    &format!("{} store: {e}; request refused", ctx.store_name()),
+                );
+                self.answer(
+                    host,
+                    &Problem::store_unavailable(ctx.store_name()),
+                    Some(Metric::StoreErrors),
+                )
             }
         }
     }
@@ -305,7 +384,10 @@ impl Filter {
         let claim = *claim;
         if let Some(k) = &self.generated_key {
             if let Err(e) = host.add_response_header(&self.ctx.config.header, k) {
-                host.log(Level::Warn, &format!("could not return the generated key: {e}"));
+                host.log(
+                    Level::Warn,
+                    &format!("could not return the generated key: {e}"),
+                );
             }
         }
         let headers = match host.response_headers() {
@@ -329,7 +411,10 @@ impl Filter {
         }
         *capture = Some(Capture {
             status,
-            headers: headers.into_iter().filter(|(n, _)| is_recorded_header(n)).collect(),
+            headers: headers
+                .into_iter()
+                .filter(|(n, _)| is_recorded_header(n))
+                .collect(),
             body: Vec::new(),
             omitted: false,
         });
@@ -340,9 +425,18 @@ impl Filter {
     }
 
     /// Chunks are copied as they stream to the client; nothing is held back.
-    pub fn on_response_body(&mut self, host: &impl Host, body_size: usize, end_of_stream: bool) -> Verdict {
+    pub fn on_response_body(
+        &mut self,
+        host: &impl Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Verdict {
         let limit = self.ctx.config.max_response_body_bytes;
-        let Phase::Forwarded { capture: Some(capture), .. } = &mut self.phase else {
+        let Phase::Forwarded {
+            capture: Some(capture),
+            ..
+        } = &mut self.phase
+        else {
             return Verdict::Continue;
         };
         if !capture.omitted && body_size > 0 {
@@ -368,7 +462,13 @@ impl Filter {
     }
 
     pub fn on_response_trailers(&mut self, host: &impl Host) -> Verdict {
-        if matches!(self.phase, Phase::Forwarded { capture: Some(_), .. }) {
+        if matches!(
+            self.phase,
+            Phase::Forwarded {
+                capture: Some(_),
+                ..
+            }
+        ) {
             self.complete(host);
         }
         Verdict::Continue
@@ -380,7 +480,10 @@ impl Filter {
     /// an immediate retry gets 409, never a second execution.
     pub fn on_done(&mut self, host: &impl Host) {
         if matches!(self.phase, Phase::Forwarded { .. }) {
-            host.log(Level::Debug, "exchange ended before the response completed; claim kept until its lock timeout");
+            host.log(
+                Level::Debug,
+                "exchange ended before the response completed; claim kept until its lock timeout",
+            );
         }
         self.phase = Phase::Done;
     }
@@ -404,7 +507,12 @@ impl Filter {
     }
 
     fn complete(&mut self, host: &impl Host) {
-        let Phase::Forwarded { claim, digest, capture: Some(capture) } = std::mem::replace(&mut self.phase, Phase::Done) else {
+        let Phase::Forwarded {
+            claim,
+            digest,
+            capture: Some(capture),
+        } = std::mem::replace(&mut self.phase, Phase::Done)
+        else {
             return;
         };
         let response = StoredResponse {
@@ -415,7 +523,9 @@ impl Filter {
         };
         let cfg = &self.ctx.config;
         let result = match &self.ctx.store {
-            Store::Local(table) => table.complete(host, &claim, &digest, response, host.now_ms(), cfg.ttl_ms),
+            Store::Local(table) => {
+                table.complete(host, &claim, &digest, response, host.now_ms(), cfg.ttl_ms)
+            }
         };
         match result {
             Ok(true) => host.metric_add(Metric::Stored, 1),
@@ -445,7 +555,11 @@ mod tests {
     }
 
     fn post(key: Option<&str>) -> Vec<(&'static str, String)> {
-        let mut h = vec![(":method", "POST".to_string()), (":path", "/payments".to_string()), ("content-type", "application/json".to_string())];
+        let mut h = vec![
+            (":method", "POST".to_string()),
+            (":path", "/payments".to_string()),
+            ("content-type", "application/json".to_string()),
+        ];
         if let Some(k) = key {
             h.push(("idempotency-key", k.to_string()));
         }
@@ -454,7 +568,12 @@ mod tests {
 
     /// Runs one request through the filter; returns the filter and what
     /// reached the upstream (true when forwarded).
-    fn request(host: &FakeHost, c: &Rc<FilterContext>, headers: &[(&str, String)], body: &[u8]) -> (Filter, bool) {
+    fn request(
+        host: &FakeHost,
+        c: &Rc<FilterContext>,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> (Filter, bool) {
         let hs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
         host.reset_exchange(&hs, body);
         let mut f = Filter::new(c.clone());
@@ -513,7 +632,10 @@ mod tests {
         assert_eq!(sent.status, 201);
         assert_eq!(sent.body, b"{\"id\":1}");
         assert_eq!(sent.header("idempotent-replayed").as_deref(), Some("true"));
-        assert_eq!(sent.header("content-type").as_deref(), Some("application/json"));
+        assert_eq!(
+            sent.header("content-type").as_deref(),
+            Some("application/json")
+        );
         assert_eq!(sent.header("set-cookie"), None);
         assert_eq!(sent.header("content-length"), None);
         assert_eq!(host.metric(Metric::Replays), 1);
@@ -529,14 +651,21 @@ mod tests {
         assert_eq!(sent_status(&host), Some(409));
         let sent = host.sent.borrow().clone().unwrap();
         assert_eq!(sent.header("retry-after").as_deref(), Some("1"));
-        assert_eq!(sent.header("content-type").as_deref(), Some("application/problem+json"));
+        assert_eq!(
+            sent.header("content-type").as_deref(),
+            Some("application/problem+json")
+        );
         let (_, fwd) = request(&host, &c, &post(Some("k")), b"b");
         assert!(!fwd);
         assert_eq!(sent_status(&host), Some(422));
         respond(&host, &mut f, 200, b"done");
         let (_, fwd) = request(&host, &c, &post(Some("k")), b"b");
         assert!(!fwd);
-        assert_eq!(sent_status(&host), Some(422), "the record is left as it was");
+        assert_eq!(
+            sent_status(&host),
+            Some(422),
+            "the record is left as it was"
+        );
         let (_, fwd) = request(&host, &c, &post(Some("k")), b"a");
         assert!(!fwd);
         assert_eq!(host.sent.borrow().as_ref().unwrap().body, b"done");
@@ -604,17 +733,26 @@ mod tests {
         let (_, forwarded) = request(&host, &c, &post(None), b"x");
         assert!(!forwarded);
         assert_eq!(sent_status(&host), Some(400));
-        let body: serde_json::Value = serde_json::from_slice(&host.sent.borrow().as_ref().unwrap().body).unwrap();
+        let body: serde_json::Value =
+            serde_json::from_slice(&host.sent.borrow().as_ref().unwrap().body).unwrap();
         assert_eq!(body["type"], "urn:idempotency-filter:problem:missing-key");
     }
 
     #[test]
     fn unprotected_methods_pass_untouched() {
         let (host, c) = setup(r#"{"required":true}"#);
-        let get = vec![(":method", "GET".to_string()), (":path", "/p".to_string()), ("idempotency-key", "\"bad".to_string())];
+        let get = vec![
+            (":method", "GET".to_string()),
+            (":path", "/p".to_string()),
+            ("idempotency-key", "\"bad".to_string()),
+        ];
         let (_, forwarded) = request(&host, &c, &get, b"");
         assert!(forwarded);
-        assert_eq!(host.shared.key_count(), c_buckets(&c), "no store access beyond init");
+        assert_eq!(
+            host.shared.key_count(),
+            c_buckets(&c),
+            "no store access beyond init"
+        );
     }
 
     fn c_buckets(c: &FilterContext) -> usize {
@@ -627,12 +765,21 @@ mod tests {
         let (host, c) = setup(r#"{"generate_missing":true}"#);
         let (mut f, forwarded) = request(&host, &c, &post(None), b"x");
         assert!(forwarded);
-        let sent_key = host.request_headers.borrow().iter().find(|(n, _)| n == "idempotency-key").map(|(_, v)| String::from_utf8(v.clone()).unwrap()).unwrap();
+        let sent_key = host
+            .request_headers
+            .borrow()
+            .iter()
+            .find(|(n, _)| n == "idempotency-key")
+            .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+            .unwrap();
         assert_eq!(sent_key.len(), 36);
         assert_eq!(&sent_key[14..15], "4", "UUID version 4");
         respond(&host, &mut f, 201, b"ok");
         let added = host.added_response_headers.borrow().clone();
-        assert_eq!(added, vec![("idempotency-key".to_string(), sent_key.clone().into_bytes())]);
+        assert_eq!(
+            added,
+            vec![("idempotency-key".to_string(), sent_key.clone().into_bytes())]
+        );
         // The client can now retry with the key it was given.
         let (_, forwarded) = request(&host, &c, &post(Some(&sent_key)), b"x");
         assert!(!forwarded);
@@ -660,7 +807,10 @@ mod tests {
         assert!(!forwarded);
         let sent = host.sent.borrow().clone().unwrap();
         assert_eq!((sent.status, sent.body.len()), (200, 0));
-        assert_eq!(sent.header("idempotent-replay-body").as_deref(), Some("omitted"));
+        assert_eq!(
+            sent.header("idempotent-replay-body").as_deref(),
+            Some("omitted")
+        );
     }
 
     #[test]
@@ -690,7 +840,11 @@ mod tests {
     #[test]
     fn request_trailers_end_the_request() {
         let (host, c) = setup("{}");
-        let hs: Vec<(&str, &str)> = vec![(":method", "POST"), (":path", "/p"), ("idempotency-key", "t")];
+        let hs: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", "/p"),
+            ("idempotency-key", "t"),
+        ];
         host.reset_exchange(&hs, b"abc");
         let mut f = Filter::new(c.clone());
         assert_eq!(f.on_request_headers(&host, false), Verdict::Pause);

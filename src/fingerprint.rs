@@ -128,11 +128,20 @@ mod tests {
     #[test]
     fn every_part_of_the_request_changes_the_fingerprint() {
         let base = fp("POST", "/p?a=1", Some("application/json"), &[b"{}"]);
-        assert_ne!(base, fp("PATCH", "/p?a=1", Some("application/json"), &[b"{}"]));
-        assert_ne!(base, fp("POST", "/p?a=2", Some("application/json"), &[b"{}"]));
+        assert_ne!(
+            base,
+            fp("PATCH", "/p?a=1", Some("application/json"), &[b"{}"])
+        );
+        assert_ne!(
+            base,
+            fp("POST", "/p?a=2", Some("application/json"), &[b"{}"])
+        );
         assert_ne!(base, fp("POST", "/p?a=1", Some("text/plain"), &[b"{}"]));
         assert_ne!(base, fp("POST", "/p?a=1", None, &[b"{}"]));
-        assert_ne!(base, fp("POST", "/p?a=1", Some("application/json"), &[b"{ }"]));
+        assert_ne!(
+            base,
+            fp("POST", "/p?a=1", Some("application/json"), &[b"{ }"])
+        );
         // Absent and empty headers differ; field boundaries cannot shift.
         assert_ne!(fp("POST", "/p", None, &[]), fp("POST", "/p", Some(""), &[]));
         assert_ne!(fp("POS", "T/p", None, &[]), fp("POST", "/p", None, &[]));

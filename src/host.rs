@@ -50,7 +50,12 @@ pub trait Host: SharedData {
     /// Bytes `start..start+len` of the current response body chunk.
     fn response_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError>;
     /// Answers the client directly; the request is not forwarded.
-    fn send_response(&self, status: u16, headers: &[(String, Vec<u8>)], body: &[u8]) -> Result<(), HostError>;
+    fn send_response(
+        &self,
+        status: u16,
+        headers: &[(String, Vec<u8>)],
+        body: &[u8],
+    ) -> Result<(), HostError>;
     /// Wall-clock milliseconds (WASI clock: available on every host).
     fn now_ms(&self) -> u64;
     fn random_u64(&self) -> u64;

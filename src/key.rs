@@ -9,7 +9,9 @@ pub enum KeyError {
     /// More than one key header: which one the client meant is unknowable.
     Repeated,
     Empty,
-    TooLong { max: usize },
+    TooLong {
+        max: usize,
+    },
     /// Control characters, non-ASCII bytes, unbalanced quotes, bad escapes,
     /// list or parameter syntax.
     Malformed(&'static str),
@@ -46,7 +48,10 @@ fn is_sp(b: u8) -> bool {
 pub fn parse_key(raw: &[u8], max_len: usize) -> Result<String, KeyError> {
     // RFC 9651 4.2: leading and trailing spaces are discarded before parsing.
     let start = raw.iter().position(|&b| !is_sp(b)).unwrap_or(raw.len());
-    let end = raw.iter().rposition(|&b| !is_sp(b)).map_or(start, |p| p + 1);
+    let end = raw
+        .iter()
+        .rposition(|&b| !is_sp(b))
+        .map_or(start, |p| p + 1);
     let value = raw.get(start..end).unwrap_or(&[]);
     if value.is_empty() {
         return Err(KeyError::Empty);
@@ -73,7 +78,11 @@ fn parse_sf_string(value: &[u8]) -> Result<String, KeyError> {
             None => return Err(KeyError::Malformed("missing closing quote")),
             Some(b'\\') => match iter.next() {
                 Some(c @ (b'"' | b'\\')) => out.push(char::from(c)),
-                _ => return Err(KeyError::Malformed("only \\\" and \\\\ escapes are allowed")),
+                _ => {
+                    return Err(KeyError::Malformed(
+                        "only \\\" and \\\\ escapes are allowed",
+                    ))
+                }
             },
             Some(b'"') => break,
             Some(c) if (0x20..=0x7e).contains(&c) => out.push(char::from(c)),
@@ -151,8 +160,14 @@ mod tests {
         assert_eq!(p("\"abc\"").unwrap(), "abc");
         assert_eq!(p("abc").unwrap(), "abc");
         assert_eq!(p("  \"abc\"  ").unwrap(), "abc");
-        assert_eq!(p("8e03978e-40d5-43e8-bc93-6894a57f9324").unwrap(), "8e03978e-40d5-43e8-bc93-6894a57f9324");
-        assert_eq!(p(r#""a \"quoted\" key with \\ and spaces""#).unwrap(), r#"a "quoted" key with \ and spaces"#);
+        assert_eq!(
+            p("8e03978e-40d5-43e8-bc93-6894a57f9324").unwrap(),
+            "8e03978e-40d5-43e8-bc93-6894a57f9324"
+        );
+        assert_eq!(
+            p(r#""a \"quoted\" key with \\ and spaces""#).unwrap(),
+            r#"a "quoted" key with \ and spaces"#
+        );
         assert_eq!(p("\"a,b;c\"").unwrap(), "a,b;c");
     }
 
@@ -163,20 +178,62 @@ mod tests {
             (b"   ", KeyError::Empty),
             (b"\"\"", KeyError::Empty),
             (b"\"abc", KeyError::Malformed("missing closing quote")),
-            (b"\"a\\nb\"", KeyError::Malformed("only \\\" and \\\\ escapes are allowed")),
-            (b"\"a\\", KeyError::Malformed("only \\\" and \\\\ escapes are allowed")),
-            (b"\"abc\";p=1", KeyError::Malformed("nothing may follow the closing quote (parameters and lists are not accepted)")),
-            (b"\"abc\", \"def\"", KeyError::Malformed("nothing may follow the closing quote (parameters and lists are not accepted)")),
-            (b"abc,def", KeyError::Malformed("commas and semicolons are only allowed inside a quoted key")),
-            (b"abc def", KeyError::Malformed("spaces are only allowed inside a quoted key")),
-            (b"ab\"c", KeyError::Malformed("quotes and backslashes are only allowed inside a quoted key")),
-            (b"ab\x01c", KeyError::Malformed("only printable ASCII characters are allowed")),
-            (b"\"ab\x7fc\"", KeyError::Malformed("only printable ASCII characters are allowed")),
-            ("caf\u{e9}".as_bytes(), KeyError::Malformed("only printable ASCII characters are allowed")),
-            ("\"caf\u{e9}\"".as_bytes(), KeyError::Malformed("only printable ASCII characters are allowed")),
+            (
+                b"\"a\\nb\"",
+                KeyError::Malformed("only \\\" and \\\\ escapes are allowed"),
+            ),
+            (
+                b"\"a\\",
+                KeyError::Malformed("only \\\" and \\\\ escapes are allowed"),
+            ),
+            (
+                b"\"abc\";p=1",
+                KeyError::Malformed(
+                    "nothing may follow the closing quote (parameters and lists are not accepted)",
+                ),
+            ),
+            (
+                b"\"abc\", \"def\"",
+                KeyError::Malformed(
+                    "nothing may follow the closing quote (parameters and lists are not accepted)",
+                ),
+            ),
+            (
+                b"abc,def",
+                KeyError::Malformed("commas and semicolons are only allowed inside a quoted key"),
+            ),
+            (
+                b"abc def",
+                KeyError::Malformed("spaces are only allowed inside a quoted key"),
+            ),
+            (
+                b"ab\"c",
+                KeyError::Malformed("quotes and backslashes are only allowed inside a quoted key"),
+            ),
+            (
+                b"ab\x01c",
+                KeyError::Malformed("only printable ASCII characters are allowed"),
+            ),
+            (
+                b"\"ab\x7fc\"",
+                KeyError::Malformed("only printable ASCII characters are allowed"),
+            ),
+            (
+                "caf\u{e9}".as_bytes(),
+                KeyError::Malformed("only printable ASCII characters are allowed"),
+            ),
+            (
+                "\"caf\u{e9}\"".as_bytes(),
+                KeyError::Malformed("only printable ASCII characters are allowed"),
+            ),
         ];
         for (raw, expected) in cases {
-            assert_eq!(parse_key(raw, 255).as_ref(), Err(expected), "{:?}", String::from_utf8_lossy(raw));
+            assert_eq!(
+                parse_key(raw, 255).as_ref(),
+                Err(expected),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
         }
     }
 
@@ -185,14 +242,20 @@ mod tests {
         let k = "k".repeat(10);
         assert!(parse_key(k.as_bytes(), 10).is_ok());
         assert!(parse_key(format!("\"{k}\"").as_bytes(), 10).is_ok());
-        assert_eq!(parse_key(format!("{k}x").as_bytes(), 10), Err(KeyError::TooLong { max: 10 }));
+        assert_eq!(
+            parse_key(format!("{k}x").as_bytes(), 10),
+            Err(KeyError::TooLong { max: 10 })
+        );
     }
 
     #[test]
     fn repeated_headers_are_refused() {
         assert_eq!(parse_key_headers(&[], 255), Ok(None));
         assert_eq!(parse_key_headers(&[b"a"], 255), Ok(Some("a".into())));
-        assert_eq!(parse_key_headers(&[b"a", b"a"], 255), Err(KeyError::Repeated));
+        assert_eq!(
+            parse_key_headers(&[b"a", b"a"], 255),
+            Err(KeyError::Repeated)
+        );
     }
 
     #[test]

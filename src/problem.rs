@@ -21,7 +21,12 @@ struct Body<'a> {
 }
 
 impl Problem {
-    fn new(status: u16, slug: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
+    fn new(
+        status: u16,
+        slug: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
         Problem {
             status,
             slug,
@@ -37,18 +42,31 @@ impl Problem {
     }
 
     pub fn missing_key(header: &str) -> Self {
-        Problem::new(400, "missing-key", "Idempotency key missing",
-            format!("This operation requires an idempotency key in the {header} header."))
+        Problem::new(
+            400,
+            "missing-key",
+            "Idempotency key missing",
+            format!("This operation requires an idempotency key in the {header} header."),
+        )
     }
 
     pub fn invalid_key(reason: &str) -> Self {
-        Problem::new(400, "invalid-key", "Invalid idempotency key", format!("{reason}."))
+        Problem::new(
+            400,
+            "invalid-key",
+            "Invalid idempotency key",
+            format!("{reason}."),
+        )
     }
 
     pub fn in_flight() -> Self {
-        Problem::new(409, "request-in-progress", "A request with this idempotency key is being processed",
-            "The original request has not completed yet. Retry later to receive its response.")
-            .retry_after(1)
+        Problem::new(
+            409,
+            "request-in-progress",
+            "A request with this idempotency key is being processed",
+            "The original request has not completed yet. Retry later to receive its response.",
+        )
+        .retry_after(1)
     }
 
     pub fn mismatch() -> Self {
@@ -57,14 +75,24 @@ impl Problem {
     }
 
     pub fn too_large(limit: u64) -> Self {
-        Problem::new(413, "body-too-large", "Request body too large",
-            format!("Requests protected by an idempotency key may carry at most {limit} bytes of body."))
+        Problem::new(
+            413,
+            "body-too-large",
+            "Request body too large",
+            format!(
+                "Requests protected by an idempotency key may carry at most {limit} bytes of body."
+            ),
+        )
     }
 
     pub fn store_full() -> Self {
-        Problem::new(503, "store-full", "Idempotency store full",
-            "Every slot of the idempotency store is held by a request in progress. Retry later.")
-            .retry_after(1)
+        Problem::new(
+            503,
+            "store-full",
+            "Idempotency store full",
+            "Every slot of the idempotency store is held by a request in progress. Retry later.",
+        )
+        .retry_after(1)
     }
 
     pub fn store_unavailable(store: &str) -> Self {
@@ -89,7 +117,10 @@ impl Problem {
 
     pub fn headers(&self) -> Vec<(String, Vec<u8>)> {
         let mut h = vec![
-            ("content-type".to_string(), b"application/problem+json".to_vec()),
+            (
+                "content-type".to_string(),
+                b"application/problem+json".to_vec(),
+            ),
             ("cache-control".to_string(), b"no-store".to_vec()),
         ];
         if let Some(s) = self.retry_after_seconds {
@@ -108,10 +139,15 @@ mod tests {
         let p = Problem::in_flight();
         let v: serde_json::Value = serde_json::from_slice(&p.body()).unwrap();
         assert_eq!(v["status"], 409);
-        assert_eq!(v["type"], "urn:idempotency-filter:problem:request-in-progress");
+        assert_eq!(
+            v["type"],
+            "urn:idempotency-filter:problem:request-in-progress"
+        );
         assert!(v["title"].as_str().unwrap().contains("being processed"));
         assert!(p.headers().contains(&("retry-after".into(), b"1".to_vec())));
-        assert!(p.headers().contains(&("content-type".into(), b"application/problem+json".to_vec())));
+        assert!(p
+            .headers()
+            .contains(&("content-type".into(), b"application/problem+json".to_vec())));
         // Details are JSON-escaped, never spliced.
         let q = Problem::invalid_key("bad \"quote\"");
         let v: serde_json::Value = serde_json::from_slice(&q.body()).unwrap();

@@ -123,7 +123,10 @@ impl DataRecord {
             out.extend_from_slice(&(value.len() as u32).to_le_bytes());
             out.extend_from_slice(value);
         }
-        let body = r.body.get(..r.body.len().min(u32::MAX as usize)).unwrap_or(&[]);
+        let body = r
+            .body
+            .get(..r.body.len().min(u32::MAX as usize))
+            .unwrap_or(&[]);
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
         out.extend_from_slice(body);
         out
@@ -196,7 +199,10 @@ pub(crate) struct Reader<'a> {
 impl<'a> Reader<'a> {
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.pos.checked_add(n).ok_or(DecodeError::Truncated)?;
-        let s = self.bytes.get(self.pos..end).ok_or(DecodeError::Truncated)?;
+        let s = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or(DecodeError::Truncated)?;
         self.pos = end;
         Ok(s)
     }
@@ -297,7 +303,14 @@ mod tests {
 
     #[test]
     fn connection_headers_are_not_recorded() {
-        for h in [":status", "set-cookie", "connection", "transfer-encoding", "content-length", "idempotent-replayed"] {
+        for h in [
+            ":status",
+            "set-cookie",
+            "connection",
+            "transfer-encoding",
+            "content-length",
+            "idempotent-replayed",
+        ] {
             assert!(!is_recorded_header(h), "{h}");
         }
         for h in ["content-type", "location", "x-request-id", "etag"] {

@@ -35,15 +35,63 @@ const TICK_MS: u32 = 1000;
 extern "C" {
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
-    fn proxy_get_buffer_bytes(buffer_type: u32, start: usize, max_size: usize, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
-    fn proxy_get_header_map_pairs(map_type: u32, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
-    fn proxy_replace_header_map_value(map_type: u32, key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize) -> u32;
-    fn proxy_add_header_map_value(map_type: u32, key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize) -> u32;
-    fn proxy_get_shared_data(key_data: *const u8, key_size: usize, return_data: *mut *mut u8, return_size: *mut usize, return_cas: *mut u32) -> u32;
-    fn proxy_set_shared_data(key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize, cas: u32) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_add_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
     #[allow(clippy::too_many_arguments)]
-    fn proxy_send_local_response(status_code: u32, details_data: *const u8, details_size: usize, body_data: *const u8, body_size: usize, headers_data: *const u8, headers_size: usize, grpc_status: i32) -> u32;
-    fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        details_data: *const u8,
+        details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+    fn proxy_define_metric(
+        metric_type: u32,
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
 }
 
@@ -91,15 +139,23 @@ fn get_buffer(buffer_type: u32, start: usize, max: usize) -> Result<Vec<u8>, Hos
         OK => Ok(take_host_bytes(data, size)),
         // Envoy answers NotFound for an absent buffer: nothing to read.
         NOT_FOUND => Ok(Vec::new()),
-        status => Err(HostError { call: "get_buffer_bytes", status }),
+        status => Err(HostError {
+            call: "get_buffer_bytes",
+            status,
+        }),
     }
 }
 
 fn get_pairs(map_type: u32) -> Result<HeaderList, HostError> {
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
-    check("get_header_map_pairs", unsafe { proxy_get_header_map_pairs(map_type, &mut data, &mut size) })?;
-    decode_pairs(&take_host_bytes(data, size)).ok_or(HostError { call: "get_header_map_pairs (decode)", status: 3 })
+    check("get_header_map_pairs", unsafe {
+        proxy_get_header_map_pairs(map_type, &mut data, &mut size)
+    })?;
+    decode_pairs(&take_host_bytes(data, size)).ok_or(HostError {
+        call: "get_header_map_pairs (decode)",
+        status: 3,
+    })
 }
 
 fn now_ms() -> u64 {
@@ -120,7 +176,10 @@ fn seeded_rng() -> Rng {
     // If random_get fails the clock alone seeds the generator: tokens stay
     // unique per VM, but log it because generated keys become guessable.
     if unsafe { random_get(seed.as_mut_ptr(), 32) } != 0 {
-        host_log(Level::Warn, "WASI random_get failed; seeding from the clock");
+        host_log(
+            Level::Warn,
+            "WASI random_get failed; seeding from the clock",
+        );
     }
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -145,11 +204,15 @@ impl MetricIds {
         for m in Metric::ALL {
             let mut id = 0u32;
             let kind = if m.is_gauge() { 1 } else { 0 };
-            let status = unsafe { proxy_define_metric(kind, m.name().as_ptr(), m.name().len(), &mut id) };
+            let status =
+                unsafe { proxy_define_metric(kind, m.name().as_ptr(), m.name().len(), &mut id) };
             if status == OK {
                 ids.push(Some(id));
             } else {
-                host_log(Level::Warn, &format!("metric {} unavailable (status {status})", m.name()));
+                host_log(
+                    Level::Warn,
+                    &format!("metric {} unavailable (status {status})", m.name()),
+                );
                 ids.push(None);
             }
         }
@@ -173,18 +236,34 @@ impl SharedData for WasmHost {
         let mut data: *mut u8 = null_mut();
         let mut size: usize = 0;
         let mut cas: u32 = 0;
-        match unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) } {
+        match unsafe {
+            proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
+        } {
             OK => Ok(Some((take_host_bytes(data, size), cas))),
             NOT_FOUND => Ok(None),
-            status => Err(HostError { call: "get_shared_data", status }),
+            status => Err(HostError {
+                call: "get_shared_data",
+                status,
+            }),
         }
     }
 
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, HostError> {
-        match unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas.unwrap_or(0)) } {
+        match unsafe {
+            proxy_set_shared_data(
+                key.as_ptr(),
+                key.len(),
+                value.as_ptr(),
+                value.len(),
+                cas.unwrap_or(0),
+            )
+        } {
             OK => Ok(true),
             CAS_MISMATCH => Ok(false),
-            status => Err(HostError { call: "set_shared_data", status }),
+            status => Err(HostError {
+                call: "set_shared_data",
+                status,
+            }),
         }
     }
 }
@@ -196,7 +275,13 @@ impl Host for WasmHost {
 
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), HostError> {
         check("replace_header_map_value", unsafe {
-            proxy_replace_header_map_value(MAP_REQUEST_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+            proxy_replace_header_map_value(
+                MAP_REQUEST_HEADERS,
+                name.as_ptr(),
+                name.len(),
+                value.as_ptr(),
+                value.len(),
+            )
         })
     }
 
@@ -210,7 +295,13 @@ impl Host for WasmHost {
 
     fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError> {
         check("add_header_map_value", unsafe {
-            proxy_add_header_map_value(MAP_RESPONSE_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+            proxy_add_header_map_value(
+                MAP_RESPONSE_HEADERS,
+                name.as_ptr(),
+                name.len(),
+                value.as_ptr(),
+                value.len(),
+            )
         })
     }
 
@@ -218,7 +309,12 @@ impl Host for WasmHost {
         get_buffer(BUFFER_RESPONSE_BODY, start, len)
     }
 
-    fn send_response(&self, status: u16, headers: &[(String, Vec<u8>)], body: &[u8]) -> Result<(), HostError> {
+    fn send_response(
+        &self,
+        status: u16,
+        headers: &[(String, Vec<u8>)],
+        body: &[u8],
+    ) -> Result<(), HostError> {
         let pairs = encode_pairs(headers);
         let details = "idempotency_filter";
         check("send_local_response", unsafe {
@@ -226,7 +322,11 @@ impl Host for WasmHost {
                 u32::from(status),
                 details.as_ptr(),
                 details.len(),
-                if body.is_empty() { null() } else { body.as_ptr() },
+                if body.is_empty() {
+                    null()
+                } else {
+                    body.as_ptr()
+                },
                 body.len(),
                 pairs.as_ptr(),
                 pairs.len(),
@@ -265,7 +365,10 @@ impl RootContext for Root {
         let bytes = match get_buffer(BUFFER_PLUGIN_CONFIGURATION, 0, plugin_configuration_size) {
             Ok(b) => b,
             Err(e) => {
-                host_log(Level::Error, &format!("cannot read the plugin configuration: {e}"));
+                host_log(
+                    Level::Error,
+                    &format!("cannot read the plugin configuration: {e}"),
+                );
                 return false;
             }
         };
@@ -278,16 +381,28 @@ impl RootContext for Root {
         };
         self.metrics.define();
         let ctx = FilterContext::new(config);
-        let host = WasmHost { metrics: self.metrics.clone() };
+        let host = WasmHost {
+            metrics: self.metrics.clone(),
+        };
         match &ctx.store {
             Store::Local(table) => match table.init(&host) {
                 Ok(created) => {
                     if created > 0 {
-                        host_log(Level::Info, &format!("local store ready, {} slots in {} buckets", table.capacity(), table.buckets()));
+                        host_log(
+                            Level::Info,
+                            &format!(
+                                "local store ready, {} slots in {} buckets",
+                                table.capacity(),
+                                table.buckets()
+                            ),
+                        );
                     }
                 }
                 Err(e) => {
-                    host_log(Level::Error, &format!("cannot create the local store in shared data: {e}"));
+                    host_log(
+                        Level::Error,
+                        &format!("cannot create the local store in shared data: {e}"),
+                    );
                     return false;
                 }
             },
@@ -305,12 +420,15 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(ctx) = &self.ctx else { return };
-        let host = WasmHost { metrics: self.metrics.clone() };
+        let host = WasmHost {
+            metrics: self.metrics.clone(),
+        };
         match &ctx.store {
             Store::Local(table) => {
                 let per_tick = table.buckets().div_ceil(SWEEP_TICKS_PER_PASS).max(1);
                 let first = self.sweep_cursor.get();
-                self.sweep_cursor.set((first.wrapping_add(per_tick)) % table.buckets().max(1));
+                self.sweep_cursor
+                    .set((first.wrapping_add(per_tick)) % table.buckets().max(1));
                 match table.sweep(&host, first, per_tick, now_ms()) {
                     Ok(stats) => {
                         if stats.freed > 0 {
@@ -332,7 +450,9 @@ impl RootContext for Root {
         // host would not normally create contexts then) the filter fails closed.
         Some(Box::new(HttpFilter {
             filter: self.ctx.clone().map(Filter::new),
-            host: WasmHost { metrics: self.metrics.clone() },
+            host: WasmHost {
+                metrics: self.metrics.clone(),
+            },
         }))
     }
 
@@ -361,8 +481,11 @@ fn action(v: Verdict) -> Action {
 
 impl HttpFilter {
     fn unconfigured(&self) -> Action {
-        let problem = crate::problem::Problem::internal("The idempotency filter has no valid configuration.");
-        let _ = self.host.send_response(problem.status, &problem.headers(), &problem.body());
+        let problem =
+            crate::problem::Problem::internal("The idempotency filter has no valid configuration.");
+        let _ = self
+            .host
+            .send_response(problem.status, &problem.headers(), &problem.body());
         Action::Pause
     }
 }

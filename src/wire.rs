@@ -8,7 +8,10 @@ use crate::host::HeaderList;
 use sha2::{Digest as _, Sha256};
 
 pub fn encode_pairs(pairs: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let size: usize = 4 + pairs.iter().map(|(n, v)| 10 + n.len() + v.len()).sum::<usize>();
+    let size: usize = 4 + pairs
+        .iter()
+        .map(|(n, v)| 10 + n.len() + v.len())
+        .sum::<usize>();
     let mut out = Vec::with_capacity(size);
     out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
     for (n, v) in pairs {
@@ -86,7 +89,11 @@ mod tests {
 
     #[test]
     fn pairs_round_trip_and_truncation_is_rejected() {
-        let pairs: HeaderList = vec![(":status".into(), b"200".to_vec()), ("x-bin".into(), vec![0, 1, 255]), ("e".into(), vec![])];
+        let pairs: HeaderList = vec![
+            (":status".into(), b"200".to_vec()),
+            ("x-bin".into(), vec![0, 1, 255]),
+            ("e".into(), vec![]),
+        ];
         let bytes = encode_pairs(&pairs);
         assert_eq!(decode_pairs(&bytes).unwrap(), pairs);
         for n in 1..bytes.len() {

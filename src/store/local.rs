@@ -164,7 +164,13 @@ impl Bucket {
                 .position(|e| e.state == State::Free && e.has_data == want_data)
         };
         if let Some(i) = free(false).or_else(|| free(true)) {
-            return Some((i, ClaimEffects { new_entry: true, ..ClaimEffects::default() }));
+            return Some((
+                i,
+                ClaimEffects {
+                    new_entry: true,
+                    ..ClaimEffects::default()
+                },
+            ));
         }
         let dead = self
             .entries
@@ -174,14 +180,28 @@ impl Bucket {
             .min_by_key(|(_, e)| e.deadline_ms)
             .map(|(i, _)| i);
         if let Some(i) = dead {
-            return Some((i, ClaimEffects { expired: true, ..ClaimEffects::default() }));
+            return Some((
+                i,
+                ClaimEffects {
+                    expired: true,
+                    ..ClaimEffects::default()
+                },
+            ));
         }
         self.entries
             .iter()
             .enumerate()
             .filter(|(_, e)| e.state == State::Completed)
             .min_by_key(|(_, e)| e.since_ms)
-            .map(|(i, _)| (i, ClaimEffects { evicted: true, ..ClaimEffects::default() }))
+            .map(|(i, _)| {
+                (
+                    i,
+                    ClaimEffects {
+                        evicted: true,
+                        ..ClaimEffects::default()
+                    },
+                )
+            })
     }
 }
 
@@ -247,7 +267,11 @@ impl LocalTable {
         Ok(created)
     }
 
-    fn load<S: SharedData>(&self, shared: &S, bucket: u32) -> Result<(Bucket, Option<u32>), StoreError> {
+    fn load<S: SharedData>(
+        &self,
+        shared: &S,
+        bucket: u32,
+    ) -> Result<(Bucket, Option<u32>), StoreError> {
         match shared.shared_get(&self.bucket_key(bucket))? {
             Some((bytes, cas)) => Ok((Bucket::decode(&bytes, self.ways)?, Some(cas))),
             // Only reachable if init did not run for this shape; the first
@@ -256,7 +280,13 @@ impl LocalTable {
         }
     }
 
-    fn store<S: SharedData>(&self, shared: &S, bucket: u32, b: &Bucket, cas: Option<u32>) -> Result<bool, StoreError> {
+    fn store<S: SharedData>(
+        &self,
+        shared: &S,
+        bucket: u32,
+        b: &Bucket,
+        cas: Option<u32>,
+    ) -> Result<bool, StoreError> {
         Ok(shared.shared_set(&self.bucket_key(bucket), &b.encode(), cas)?)
     }
 
@@ -275,16 +305,25 @@ impl LocalTable {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let (mut bucket, cas) = self.load(shared, b)?;
             let found = bucket.find(digest);
-            let existing = found.and_then(|i| bucket.entries.get(i)).and_then(Entry::existing);
+            let existing = found
+                .and_then(|i| bucket.entries.get(i))
+                .and_then(Entry::existing);
             let decision = decide(existing.as_ref(), fingerprint, now_ms);
             let (way, effects) = match (decision, found) {
-                (Decision::Conflict, _) => return Ok((ClaimOutcome::InFlight, ClaimEffects::default())),
-                (Decision::Mismatch, _) => return Ok((ClaimOutcome::Mismatch, ClaimEffects::default())),
+                (Decision::Conflict, _) => {
+                    return Ok((ClaimOutcome::InFlight, ClaimEffects::default()))
+                }
+                (Decision::Mismatch, _) => {
+                    return Ok((ClaimOutcome::Mismatch, ClaimEffects::default()))
+                }
                 (Decision::Replay, Some(i)) => {
                     let entry = bucket.entries.get(i).copied().unwrap_or(Entry::FREE);
                     match self.read_data(shared, self.slot_of(b, i))? {
                         Some(rec) if rec.epoch == entry.epoch && rec.digest == *digest => {
-                            return Ok((ClaimOutcome::Replay(rec.response), ClaimEffects::default()))
+                            return Ok((
+                                ClaimOutcome::Replay(rec.response),
+                                ClaimEffects::default(),
+                            ))
                         }
                         // The slot moved on between the two reads: look again.
                         // If it keeps happening the record is really gone.
@@ -299,7 +338,10 @@ impl LocalTable {
                 }
                 (Decision::Execute | Decision::TakeOver, Some(i)) => (
                     i,
-                    ClaimEffects { expired: true, ..ClaimEffects::default() },
+                    ClaimEffects {
+                        expired: true,
+                        ..ClaimEffects::default()
+                    },
                 ),
                 (_, _) => match bucket.pick_slot(now_ms) {
                     Some(choice) => choice,
@@ -332,7 +374,11 @@ impl LocalTable {
         Err(StoreError::Contention)
     }
 
-    fn read_data<S: SharedData>(&self, shared: &S, slot: u32) -> Result<Option<DataRecord>, StoreError> {
+    fn read_data<S: SharedData>(
+        &self,
+        shared: &S,
+        slot: u32,
+    ) -> Result<Option<DataRecord>, StoreError> {
         match shared.shared_get(&self.data_key(slot))? {
             None => Ok(None),
             Some((bytes, _)) => match DataRecord::decode(&bytes) {
@@ -407,7 +453,13 @@ impl LocalTable {
     /// `first`, and releases the response bytes no live record needs.
     /// Envoy runs this from the tick; every step is a CAS, so sweepers on
     /// several threads and live traffic can interleave freely.
-    pub fn sweep<S: SharedData>(&self, shared: &S, first: u32, count: u32, now_ms: u64) -> Result<SweepStats, StoreError> {
+    pub fn sweep<S: SharedData>(
+        &self,
+        shared: &S,
+        first: u32,
+        count: u32,
+        now_ms: u64,
+    ) -> Result<SweepStats, StoreError> {
         let mut stats = SweepStats::default();
         for n in 0..count.min(self.buckets) {
             let b = (first.wrapping_add(n)) % self.buckets;
@@ -448,7 +500,9 @@ impl LocalTable {
                 cleared.push((way, e.epoch));
                 continue;
             };
-            let owner_epoch = DataRecord::peek_owner(&bytes).map(|(epoch, _)| epoch).unwrap_or(0);
+            let owner_epoch = DataRecord::peek_owner(&bytes)
+                .map(|(epoch, _)| epoch)
+                .unwrap_or(0);
             // An in-flight owner may have written its bytes and be about to
             // mark them completed: those are not garbage.
             if e.state == State::InFlight && owner_epoch == e.epoch {
@@ -524,14 +578,26 @@ mod tests {
     #[test]
     fn bucket_round_trip_and_corruption() {
         let mut b = Bucket::empty(8);
-        b.entries[3] = Entry { state: State::Completed, has_data: true, epoch: 7, digest: [1; 16], fingerprint: [2; 16], token: 5, deadline_ms: 99, since_ms: 3 };
+        b.entries[3] = Entry {
+            state: State::Completed,
+            has_data: true,
+            epoch: 7,
+            digest: [1; 16],
+            fingerprint: [2; 16],
+            token: 5,
+            deadline_ms: 99,
+            since_ms: 3,
+        };
         let bytes = b.encode();
         assert_eq!(bytes.len(), 1 + 8 * ENTRY_SIZE);
         assert_eq!(Bucket::decode(&bytes, 8).unwrap(), b);
         assert!(Bucket::decode(&bytes[..bytes.len() - 1], 8).is_err());
         let mut bad = bytes.clone();
         bad[1 + 3 * ENTRY_SIZE] = 9;
-        assert_eq!(Bucket::decode(&bad, 8), Err(StoreError::Corrupt("entry state")));
+        assert_eq!(
+            Bucket::decode(&bad, 8),
+            Err(StoreError::Corrupt("entry state"))
+        );
     }
 
     #[test]
@@ -543,20 +609,37 @@ mod tests {
         let (o, fx) = t.claim(&s, &d(1), &FP, 11, 1000, 30_000).unwrap();
         assert!(fx.new_entry);
         let c = claimed((o, fx));
-        assert_eq!(t.claim(&s, &d(1), &FP, 12, 1001, 30_000).unwrap().0, ClaimOutcome::InFlight);
-        assert_eq!(t.claim(&s, &d(1), &[0; 16], 12, 1001, 30_000).unwrap().0, ClaimOutcome::Mismatch);
+        assert_eq!(
+            t.claim(&s, &d(1), &FP, 12, 1001, 30_000).unwrap().0,
+            ClaimOutcome::InFlight
+        );
+        assert_eq!(
+            t.claim(&s, &d(1), &[0; 16], 12, 1001, 30_000).unwrap().0,
+            ClaimOutcome::Mismatch
+        );
         assert!(t.complete(&s, &c, &d(1), resp("r1"), 2000, 60_000).unwrap());
-        assert_eq!(t.claim(&s, &d(1), &FP, 13, 2001, 30_000).unwrap().0, ClaimOutcome::Replay(resp("r1")));
-        assert_eq!(t.claim(&s, &d(1), &[0; 16], 13, 2001, 30_000).unwrap().0, ClaimOutcome::Mismatch);
+        assert_eq!(
+            t.claim(&s, &d(1), &FP, 13, 2001, 30_000).unwrap().0,
+            ClaimOutcome::Replay(resp("r1"))
+        );
+        assert_eq!(
+            t.claim(&s, &d(1), &[0; 16], 13, 2001, 30_000).unwrap().0,
+            ClaimOutcome::Mismatch
+        );
         // After the TTL the key is forgotten and runs again.
         let c2 = claimed(t.claim(&s, &d(1), &FP, 14, 62_000, 30_000).unwrap());
         assert_eq!(c2.epoch, c.epoch + 1);
         // The old owner cannot touch the new claim.
         assert!(!t.release(&s, &c).unwrap());
-        assert!(!t.complete(&s, &c, &d(1), resp("late"), 62_001, 60_000).unwrap());
+        assert!(!t
+            .complete(&s, &c, &d(1), resp("late"), 62_001, 60_000)
+            .unwrap());
         assert!(t.release(&s, &c2).unwrap());
         let c3 = claimed(t.claim(&s, &d(1), &FP, 15, 62_002, 30_000).unwrap());
-        assert!(c3.slot != c2.slot || c3.epoch > c2.epoch, "a claim is never reissued");
+        assert!(
+            c3.slot != c2.slot || c3.epoch > c2.epoch,
+            "a claim is never reissued"
+        );
     }
 
     #[test]
@@ -565,12 +648,22 @@ mod tests {
         let t = LocalTable::new(1, 8);
         t.init(&s).unwrap();
         let c1 = claimed(t.claim(&s, &d(1), &FP, 1, 0, 1000).unwrap());
-        assert_eq!(t.claim(&s, &d(1), &FP, 2, 999, 1000).unwrap().0, ClaimOutcome::InFlight);
+        assert_eq!(
+            t.claim(&s, &d(1), &FP, 2, 999, 1000).unwrap().0,
+            ClaimOutcome::InFlight
+        );
         let c2 = claimed(t.claim(&s, &d(1), &FP, 2, 1000, 1000).unwrap());
         // The late original finds its claim gone; the new owner's record wins.
-        assert!(!t.complete(&s, &c1, &d(1), resp("old"), 1001, 60_000).unwrap());
-        assert!(t.complete(&s, &c2, &d(1), resp("new"), 1002, 60_000).unwrap());
-        assert_eq!(t.claim(&s, &d(1), &FP, 3, 1003, 1000).unwrap().0, ClaimOutcome::Replay(resp("new")));
+        assert!(!t
+            .complete(&s, &c1, &d(1), resp("old"), 1001, 60_000)
+            .unwrap());
+        assert!(t
+            .complete(&s, &c2, &d(1), resp("new"), 1002, 60_000)
+            .unwrap());
+        assert_eq!(
+            t.claim(&s, &d(1), &FP, 3, 1003, 1000).unwrap().0,
+            ClaimOutcome::Replay(resp("new"))
+        );
     }
 
     /// Two workers race for one key: the loser's CAS fails, it re-reads, and
@@ -589,7 +682,10 @@ mod tests {
         }));
         let a = t.claim(&s, &d(7), &FP, 111, 10, 30_000).unwrap().0;
         let b = racer.borrow().clone().unwrap();
-        let owners = [&a, &b].iter().filter(|o| matches!(o, ClaimOutcome::Claimed(_))).count();
+        let owners = [&a, &b]
+            .iter()
+            .filter(|o| matches!(o, ClaimOutcome::Claimed(_)))
+            .count();
         assert_eq!(owners, 1, "a={a:?} b={b:?}");
         assert!(matches!(b, ClaimOutcome::Claimed(_)));
         assert_eq!(a, ClaimOutcome::InFlight);
@@ -603,17 +699,31 @@ mod tests {
         t.init(&s).unwrap();
         let mut evicted = 0;
         for i in 0..200u32 {
-            let (o, fx) = t.claim(&s, &d(i), &FP, u64::from(i) + 1, u64::from(i), 30_000).unwrap();
+            let (o, fx) = t
+                .claim(&s, &d(i), &FP, u64::from(i) + 1, u64::from(i), 30_000)
+                .unwrap();
             evicted += u32::from(fx.evicted);
             let c = claimed((o, fx));
-            assert!(t.complete(&s, &c, &d(i), resp(&format!("{i}")), u64::from(i), 1_000_000).unwrap());
+            assert!(t
+                .complete(
+                    &s,
+                    &c,
+                    &d(i),
+                    resp(&format!("{i}")),
+                    u64::from(i),
+                    1_000_000
+                )
+                .unwrap());
             assert!(t.count_live(&s, u64::from(i)).unwrap() <= 16);
         }
         assert_eq!(evicted, 200 - 16);
         // Shared-data keys stay bounded: 2 buckets + at most 16 data slots.
         assert!(s.key_count() <= 2 + 16, "{} keys", s.key_count());
         // The newest records survive and replay.
-        assert_eq!(t.claim(&s, &d(199), &FP, 999, 300, 30_000).unwrap().0, ClaimOutcome::Replay(resp("199")));
+        assert_eq!(
+            t.claim(&s, &d(199), &FP, 999, 300, 30_000).unwrap().0,
+            ClaimOutcome::Replay(resp("199"))
+        );
     }
 
     #[test]
@@ -624,9 +734,15 @@ mod tests {
         for i in 0..8 {
             claimed(t.claim(&s, &d(i), &FP, 1, 0, 30_000).unwrap());
         }
-        assert_eq!(t.claim(&s, &d(100), &FP, 1, 10, 30_000).unwrap().0, ClaimOutcome::Full);
+        assert_eq!(
+            t.claim(&s, &d(100), &FP, 1, 10, 30_000).unwrap().0,
+            ClaimOutcome::Full
+        );
         // Once the locks are abandoned, their slots are reused.
-        assert!(matches!(t.claim(&s, &d(100), &FP, 1, 30_000, 30_000).unwrap().0, ClaimOutcome::Claimed(_)));
+        assert!(matches!(
+            t.claim(&s, &d(100), &FP, 1, 30_000, 30_000).unwrap().0,
+            ClaimOutcome::Claimed(_)
+        ));
     }
 
     #[test]
@@ -637,14 +753,31 @@ mod tests {
         let big = "x".repeat(10_000);
         for i in 0..4 {
             let c = claimed(t.claim(&s, &d(i), &FP, 1, 0, 1000).unwrap());
-            t.complete(&s, &c, &d(i), resp(&big), 0, if i < 2 { 100 } else { 1_000_000 }).unwrap();
+            t.complete(
+                &s,
+                &c,
+                &d(i),
+                resp(&big),
+                0,
+                if i < 2 { 100 } else { 1_000_000 },
+            )
+            .unwrap();
         }
         let before = s.total_bytes();
         let stats = t.sweep(&s, 0, 1, 200).unwrap();
-        assert_eq!(stats, SweepStats { freed: 2, data_reclaimed: 2 });
+        assert_eq!(
+            stats,
+            SweepStats {
+                freed: 2,
+                data_reclaimed: 2
+            }
+        );
         assert!(s.total_bytes() + 2 * 10_000 <= before);
         assert_eq!(t.count_live(&s, 200).unwrap(), 2);
-        assert_eq!(t.claim(&s, &d(3), &FP, 1, 300, 1000).unwrap().0, ClaimOutcome::Replay(resp(&big)));
+        assert_eq!(
+            t.claim(&s, &d(3), &FP, 1, 300, 1000).unwrap().0,
+            ClaimOutcome::Replay(resp(&big))
+        );
         // A second sweep finds nothing more to do.
         assert_eq!(t.sweep(&s, 0, 1, 300).unwrap(), SweepStats::default());
     }
@@ -662,10 +795,15 @@ mod tests {
         // new owner stores its record: the tombstone's CAS must lose.
         let t2 = t.clone();
         s.before_next_set(Box::new(move |shared: &FakeShared| {
-            assert!(t2.complete(shared, &c2, &d(2), resp("new"), 21, 1000).unwrap());
+            assert!(t2
+                .complete(shared, &c2, &d(2), resp("new"), 21, 1000)
+                .unwrap());
         }));
         t.sweep(&s, 0, 1, 22).unwrap();
-        assert_eq!(t.claim(&s, &d(2), &FP, 3, 23, 1000).unwrap().0, ClaimOutcome::Replay(resp("new")));
+        assert_eq!(
+            t.claim(&s, &d(2), &FP, 3, 23, 1000).unwrap().0,
+            ClaimOutcome::Replay(resp("new"))
+        );
     }
 
     #[test]
@@ -673,6 +811,9 @@ mod tests {
         let s = FakeShared::default();
         let t = LocalTable::new(1, 8);
         s.fail_with(12);
-        assert!(matches!(t.claim(&s, &d(1), &FP, 1, 0, 1000), Err(StoreError::Host(_))));
+        assert!(matches!(
+            t.claim(&s, &d(1), &FP, 1, 0, 1000),
+            Err(StoreError::Host(_))
+        ));
     }
 }

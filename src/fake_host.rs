@@ -94,6 +94,7 @@ pub struct FakeHost {
     pub request_body: RefCell<Vec<u8>>,
     pub response_headers: RefCell<HeaderList>,
     pub response_chunk: RefCell<Vec<u8>>,
+    pub code_details: RefCell<Option<String>>,
     pub added_response_headers: RefCell<HeaderList>,
     pub sent: RefCell<Option<SentResponse>>,
     pub now: Cell<u64>,
@@ -115,6 +116,7 @@ impl FakeHost {
         *self.request_body.borrow_mut() = body.to_vec();
         self.response_headers.borrow_mut().clear();
         self.response_chunk.borrow_mut().clear();
+        *self.code_details.borrow_mut() = None;
         self.added_response_headers.borrow_mut().clear();
         *self.sent.borrow_mut() = None;
     }
@@ -149,6 +151,9 @@ impl Host for FakeHost {
     }
     fn response_headers(&self) -> Result<HeaderList, HostError> {
         Ok(self.response_headers.borrow().clone())
+    }
+    fn response_code_details(&self) -> Option<String> {
+        self.code_details.borrow().clone()
     }
     fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError> {
         self.added_response_headers

@@ -405,7 +405,11 @@ impl Filter {
             .and_then(|s| std::str::from_utf8(s).ok())
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
-        if (status >= 500 || status == 0) && !self.ctx.config.record_server_errors {
+        if !should_record(
+            status,
+            host.response_code_details().as_deref(),
+            self.ctx.config.record_server_errors,
+        ) {
             self.release(host, &claim);
             return Verdict::Continue;
         }
@@ -539,6 +543,31 @@ impl Filter {
             }
         }
     }
+}
+
+/// Which responses become the key's record; every other one releases the key
+/// so that a retry runs again.
+///
+/// * Only what the upstream answered is the outcome of the request. A reply
+///   the proxy made itself (another filter's 429 or 403, Envoy's 503 for an
+///   unreachable upstream) says nothing about the operation and must not be
+///   replayed for a whole TTL. The one exception, with `record_server_errors`,
+///   is Envoy's upstream timeout: the upstream may well have acted.
+/// * 408 and 429 mean "try again later" by definition, wherever they came from.
+/// * 5xx only with `record_server_errors` (Stripe's choice).
+/// * Hosts that do not say where a response came from: it is taken as the
+///   upstream's.
+pub fn should_record(status: u16, code_details: Option<&str>, record_server_errors: bool) -> bool {
+    if status == 0 || status == 408 || status == 429 {
+        return false;
+    }
+    let from_upstream = code_details.is_none_or(|d| d == "via_upstream");
+    if !from_upstream {
+        return record_server_errors
+            && status >= 500
+            && code_details == Some("upstream_response_timeout");
+    }
+    status < 500 || record_server_errors
 }
 
 fn key_error_detail(e: &KeyError, header: &str) -> String {
@@ -690,6 +719,49 @@ mod tests {
     }
 
     #[test]
+    fn only_the_upstreams_own_answers_are_recorded() {
+        let up = Some("via_upstream");
+        assert!(should_record(201, up, false));
+        assert!(should_record(302, up, false));
+        assert!(should_record(404, up, false));
+        assert!(!should_record(500, up, false));
+        assert!(should_record(500, up, true));
+        assert!(
+            !should_record(429, up, true),
+            "retry-later answers are never kept"
+        );
+        assert!(!should_record(408, up, false));
+        assert!(
+            should_record(201, None, false),
+            "a host that does not tell: the upstream's"
+        );
+        assert!(!should_record(403, Some("ext_authz_denied"), false));
+        assert!(!should_record(503, Some("no_healthy_upstream"), true));
+        assert!(!should_record(
+            503,
+            Some("upstream_reset_before_response_started{connection_failure}"),
+            true
+        ));
+        assert!(should_record(504, Some("upstream_response_timeout"), true));
+        assert!(!should_record(
+            504,
+            Some("upstream_response_timeout"),
+            false
+        ));
+    }
+
+    #[test]
+    fn a_local_reply_of_another_filter_releases_the_key() {
+        let (host, c) = setup("{}");
+        let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
+        *host.code_details.borrow_mut() = Some("request_rate_limited".into());
+        respond(&host, &mut f, 429, b"slow down");
+        assert_eq!(host.metric(Metric::Released), 1);
+        let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+        assert!(forwarded);
+    }
+
+    #[test]
     fn client_errors_are_recorded() {
         let (host, c) = setup("{}");
         let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
@@ -746,18 +818,20 @@ mod tests {
             (":path", "/p".to_string()),
             ("idempotency-key", "\"bad".to_string()),
         ];
+        let snapshot = (
+            host.shared.key_count(),
+            host.shared.total_bytes(),
+            host.shared.cas_failures(),
+        );
         let (_, forwarded) = request(&host, &c, &get, b"");
         assert!(forwarded);
-        assert_eq!(
+        assert!(host.sent.borrow().is_none());
+        let after = (
             host.shared.key_count(),
-            c_buckets(&c),
-            "no store access beyond init"
+            host.shared.total_bytes(),
+            host.shared.cas_failures(),
         );
-    }
-
-    fn c_buckets(c: &FilterContext) -> usize {
-        let Store::Local(t) = &c.store;
-        t.buckets() as usize
+        assert_eq!(after, snapshot, "the store is not touched");
     }
 
     #[test]

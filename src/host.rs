@@ -46,6 +46,10 @@ pub trait Host: SharedData {
     /// Bytes `start..start+len` of the request body seen so far.
     fn request_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError>;
     fn response_headers(&self) -> Result<HeaderList, HostError>;
+    /// Why the proxy produced this response, where the host says
+    /// (Envoy: `response.code_details`, "via_upstream" when the upstream
+    /// answered). `None` when the host does not tell.
+    fn response_code_details(&self) -> Option<String>;
     fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError>;
     /// Bytes `start..start+len` of the current response body chunk.
     fn response_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError>;

@@ -93,6 +93,13 @@ extern "C" {
         return_id: *mut u32,
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> u32;
 }
 
 #[link(wasm_import_module = "wasi_snapshot_preview1")]
@@ -218,6 +225,12 @@ impl MetricIds {
         }
     }
 
+    fn set(&self, m: Metric, value: u64) {
+        if let Some(Some(id)) = self.ids.borrow().get(m.index()) {
+            let _ = unsafe { proxy_record_metric(*id, value) };
+        }
+    }
+
     fn add(&self, m: Metric, delta: i64) {
         if let Some(Some(id)) = self.ids.borrow().get(m.index()) {
             let _ = unsafe { proxy_increment_metric(*id, delta) };
@@ -293,6 +306,17 @@ impl Host for WasmHost {
         get_pairs(MAP_RESPONSE_HEADERS)
     }
 
+    fn response_code_details(&self) -> Option<String> {
+        // Property paths are segments separated by NUL bytes.
+        let path = b"response\0code_details";
+        let mut data: *mut u8 = null_mut();
+        let mut size: usize = 0;
+        match unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) } {
+            OK => String::from_utf8(take_host_bytes(data, size)).ok(),
+            _ => None,
+        }
+    }
+
     fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError> {
         check("add_header_map_value", unsafe {
             proxy_add_header_map_value(
@@ -356,6 +380,8 @@ struct Root {
     ctx: Option<Rc<FilterContext>>,
     metrics: Rc<MetricIds>,
     sweep_cursor: Cell<u32>,
+    /// Buckets swept and occupied slots seen in the current full pass.
+    sweep_pass: Cell<(u32, u64)>,
 }
 
 impl Context for Root {}
@@ -425,21 +451,33 @@ impl RootContext for Root {
         };
         match &ctx.store {
             Store::Local(table) => {
-                let per_tick = table.buckets().div_ceil(SWEEP_TICKS_PER_PASS).max(1);
+                let buckets = table.buckets().max(1);
+                let per_tick = buckets.div_ceil(SWEEP_TICKS_PER_PASS).max(1);
                 let first = self.sweep_cursor.get();
                 self.sweep_cursor
-                    .set((first.wrapping_add(per_tick)) % table.buckets().max(1));
-                match table.sweep(&host, first, per_tick, now_ms()) {
-                    Ok(stats) => {
-                        if stats.freed > 0 {
-                            host.metric_add(Metric::Expired, i64::from(stats.freed));
-                            host.metric_add(Metric::Entries, -i64::from(stats.freed));
-                        }
-                    }
-                    Err(e) => {
-                        host.metric_add(Metric::StoreErrors, 1);
-                        host_log(Level::Warn, &format!("sweep failed: {e}"));
-                    }
+                    .set(first.wrapping_add(per_tick) % buckets);
+                let stats = table.sweep(&host, first, per_tick, now_ms());
+                if stats.freed > 0 {
+                    host.metric_add(Metric::Expired, i64::from(stats.freed));
+                    host.metric_add(Metric::Entries, -i64::from(stats.freed));
+                }
+                if stats.errors > 0 {
+                    host.metric_add(Metric::StoreErrors, i64::from(stats.errors));
+                    host_log(
+                        Level::Warn,
+                        &format!("sweep: {} buckets could not be swept", stats.errors),
+                    );
+                }
+                // The entries gauge moves by +1/-1 steps as requests run; once
+                // per full pass it is set to what the table really holds, so
+                // no lost step can make it drift.
+                let (swept, occupied) = self.sweep_pass.get();
+                let (swept, occupied) = (swept + per_tick, occupied + stats.occupied);
+                if swept >= buckets {
+                    self.metrics.set(Metric::Entries, occupied);
+                    self.sweep_pass.set((0, 0));
+                } else {
+                    self.sweep_pass.set((swept, occupied));
                 }
             }
         }
@@ -549,6 +587,7 @@ proxy_wasm::main! {{
             ctx: None,
             metrics: Rc::new(MetricIds::default()),
             sweep_cursor: Cell::new(0),
+            sweep_pass: Cell::new((0, 0)),
         })
     });
 }}

@@ -15,10 +15,14 @@
 //! names the epoch that wrote it, so a replay can tell its own record from a
 //! newer or older one, and reclamation never erases a newer record.
 //!
-//! Buckets are created by [`LocalTable::init`] from `on_configure`, which
-//! Envoy runs on the main thread before workers take traffic. That matters
-//! because a set on a missing key ignores CAS: two workers creating the same
-//! bucket could each believe they claimed it.
+//! Buckets and data keys are created by [`LocalTable::init`] from
+//! `on_configure`. Envoy runs that first on the main thread's VM while it
+//! loads the configuration (checked: the table is created by the thread whose
+//! id is Envoy's pid), before the worker VMs start; they find the keys there.
+//! That order matters because a set on a missing key ignores CAS: two workers
+//! creating the same bucket could each believe they claimed a slot in it. A
+//! configuration with a new table shape (another `max_entries`) loaded while
+//! traffic runs has the same window for its first requests.
 
 use super::{Claim, ClaimEffects, ClaimOutcome, SharedData, StoreError, SweepStats};
 use crate::decision::{decide, Decision, Existing};
@@ -253,15 +257,21 @@ impl LocalTable {
         (slot / self.ways, (slot % self.ways) as usize)
     }
 
-    /// Creates every missing bucket. Returns how many were created.
+    /// Creates every missing bucket and data key. Returns how many buckets
+    /// were created. Data keys are created too (as tombstones) because only a
+    /// key that exists honours CAS, and completions must CAS their data.
     pub fn init<S: SharedData>(&self, shared: &S) -> Result<u32, StoreError> {
         let empty = Bucket::empty(self.ways).encode();
+        let tombstone = DataRecord::tombstone();
         let mut created = 0;
         for b in 0..self.buckets {
             let key = self.bucket_key(b);
             if shared.shared_get(&key)?.is_none() {
                 shared.shared_set(&key, &empty, None)?;
                 created += 1;
+                for way in 0..self.ways as usize {
+                    shared.shared_set(&self.data_key(self.slot_of(b, way)), &tombstone, None)?;
+                }
             }
         }
         Ok(created)
@@ -400,20 +410,37 @@ impl LocalTable {
         ttl_ms: u64,
     ) -> Result<bool, StoreError> {
         let (b, way) = self.split(claim.slot);
-        let owned = |bucket: &Bucket| bucket.entries.get(way).is_some_and(|e| e.owned_by(claim));
-        let (bucket, _) = self.load(shared, b)?;
-        if !owned(&bucket) {
-            return Ok(false);
-        }
-        // Data first, then the entry: a reader that sees "completed" finds
-        // the bytes already there. The epoch in the record lets readers reject
-        // bytes from any other claim of this slot.
-        let record = DataRecord {
+        let data_key = self.data_key(claim.slot);
+        let bytes = DataRecord {
             epoch: claim.epoch,
             digest: *digest,
             response,
-        };
-        shared.shared_set(&self.data_key(claim.slot), &record.encode(), None)?;
+        }
+        .encode();
+        // Data first, then the entry: a reader that sees "completed" finds the
+        // bytes already there. The data write is a CAS that never replaces a
+        // newer epoch, so a late original whose lock expired cannot overwrite
+        // the record of the request that took its slot over.
+        let mut written = false;
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (bucket, _) = self.load(shared, b)?;
+            if !bucket.entries.get(way).is_some_and(|e| e.owned_by(claim)) {
+                return Ok(false);
+            }
+            let current = shared.shared_get(&data_key)?;
+            if let Some((old, _)) = &current {
+                if DataRecord::peek_owner(old).is_ok_and(|(epoch, _)| epoch > claim.epoch) {
+                    return Ok(false);
+                }
+            }
+            if shared.shared_set(&data_key, &bytes, current.map(|(_, cas)| cas))? {
+                written = true;
+                break;
+            }
+        }
+        if !written {
+            return Err(StoreError::Contention);
+        }
         for _ in 0..MAX_CAS_ATTEMPTS {
             let (mut bucket, cas) = self.load(shared, b)?;
             let Some(entry) = bucket.entries.get_mut(way).filter(|e| e.owned_by(claim)) else {
@@ -452,21 +479,38 @@ impl LocalTable {
     /// Frees expired records and abandoned claims in `count` buckets from
     /// `first`, and releases the response bytes no live record needs.
     /// Envoy runs this from the tick; every step is a CAS, so sweepers on
-    /// several threads and live traffic can interleave freely.
+    /// several threads and live traffic can interleave freely. A bucket that
+    /// fails is counted and skipped; what was done elsewhere still counts.
     pub fn sweep<S: SharedData>(
         &self,
         shared: &S,
         first: u32,
         count: u32,
         now_ms: u64,
-    ) -> Result<SweepStats, StoreError> {
+    ) -> SweepStats {
         let mut stats = SweepStats::default();
         for n in 0..count.min(self.buckets) {
             let b = (first.wrapping_add(n)) % self.buckets;
-            stats.freed += self.free_dead(shared, b, now_ms)?;
-            stats.data_reclaimed += self.reclaim_data(shared, b)?;
+            match self.free_dead(shared, b, now_ms) {
+                Ok(freed) => stats.freed += freed,
+                Err(_) => stats.errors += 1,
+            }
+            match self.reclaim_data(shared, b) {
+                Ok(n) => stats.data_reclaimed += n,
+                Err(_) => stats.errors += 1,
+            }
+            match self.load(shared, b) {
+                Ok((bucket, _)) => {
+                    stats.occupied += bucket
+                        .entries
+                        .iter()
+                        .filter(|e| e.state != State::Free)
+                        .count() as u64
+                }
+                Err(_) => stats.errors += 1,
+            }
         }
-        Ok(stats)
+        stats
     }
 
     fn free_dead<S: SharedData>(&self, shared: &S, b: u32, now_ms: u64) -> Result<u32, StoreError> {
@@ -503,9 +547,15 @@ impl LocalTable {
             let owner_epoch = DataRecord::peek_owner(&bytes)
                 .map(|(epoch, _)| epoch)
                 .unwrap_or(0);
-            // An in-flight owner may have written its bytes and be about to
-            // mark them completed: those are not garbage.
-            if e.state == State::InFlight && owner_epoch == e.epoch {
+            // `e` may be stale: the slot can have been claimed and completed
+            // since the bucket was read, leaving a newer epoch in the data.
+            // Epochs only grow, so only older bytes are garbage, plus the
+            // bytes of the same epoch when the slot is free. (An in-flight
+            // owner's own bytes, written just before it marks them completed,
+            // have the entry's epoch and are kept.)
+            let garbage =
+                owner_epoch < e.epoch || (e.state == State::Free && owner_epoch == e.epoch);
+            if !garbage {
                 continue;
             }
             // CAS on the data key: if the owner writes between our read and
@@ -718,7 +768,11 @@ mod tests {
         }
         assert_eq!(evicted, 200 - 16);
         // Shared-data keys stay bounded: 2 buckets + at most 16 data slots.
-        assert!(s.key_count() <= 2 + 16, "{} keys", s.key_count());
+        assert_eq!(
+            s.key_count(),
+            2 + 16,
+            "keys are created up front, never more"
+        );
         // The newest records survive and replay.
         assert_eq!(
             t.claim(&s, &d(199), &FP, 999, 300, 30_000).unwrap().0,
@@ -764,12 +818,14 @@ mod tests {
             .unwrap();
         }
         let before = s.total_bytes();
-        let stats = t.sweep(&s, 0, 1, 200).unwrap();
+        let stats = t.sweep(&s, 0, 1, 200);
         assert_eq!(
             stats,
             SweepStats {
                 freed: 2,
-                data_reclaimed: 2
+                data_reclaimed: 2,
+                occupied: 2,
+                errors: 0
             }
         );
         assert!(s.total_bytes() + 2 * 10_000 <= before);
@@ -779,7 +835,13 @@ mod tests {
             ClaimOutcome::Replay(resp(&big))
         );
         // A second sweep finds nothing more to do.
-        assert_eq!(t.sweep(&s, 0, 1, 300).unwrap(), SweepStats::default());
+        assert_eq!(
+            t.sweep(&s, 0, 1, 300),
+            SweepStats {
+                occupied: 2,
+                ..SweepStats::default()
+            }
+        );
     }
 
     #[test]
@@ -799,11 +861,104 @@ mod tests {
                 .complete(shared, &c2, &d(2), resp("new"), 21, 1000)
                 .unwrap());
         }));
-        t.sweep(&s, 0, 1, 22).unwrap();
+        t.sweep(&s, 0, 1, 22);
         assert_eq!(
             t.claim(&s, &d(2), &FP, 3, 23, 1000).unwrap().0,
             ClaimOutcome::Replay(resp("new"))
         );
+    }
+
+    /// Runs a hook right before a given key is read (found by review: the
+    /// sweeper's bucket snapshot can be older than the data it reads).
+    struct BeforeGet<'a> {
+        inner: &'a FakeShared,
+        key: String,
+        hook: std::cell::RefCell<Option<Box<dyn FnOnce(&FakeShared) + 'a>>>,
+    }
+
+    impl SharedData for BeforeGet<'_> {
+        fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, crate::host::HostError> {
+            if key == self.key {
+                if let Some(h) = self.hook.borrow_mut().take() {
+                    h(self.inner);
+                }
+            }
+            self.inner.shared_get(key)
+        }
+        fn shared_set(
+            &self,
+            k: &str,
+            v: &[u8],
+            c: Option<u32>,
+        ) -> Result<bool, crate::host::HostError> {
+            self.inner.shared_set(k, v, c)
+        }
+    }
+
+    #[test]
+    fn sweep_keeps_a_record_completed_after_its_bucket_snapshot() {
+        let s = FakeShared::default();
+        let t = LocalTable::new(1, 1);
+        t.init(&s).unwrap();
+        let c1 = claimed(t.claim(&s, &d(1), &FP, 1, 0, 1000).unwrap());
+        assert!(t.complete(&s, &c1, &d(1), resp("old"), 0, 10).unwrap());
+        let t2 = t.clone();
+        // The sweeper has read the bucket (slot expired) and is about to read
+        // the data key: meanwhile another key takes the slot and completes.
+        let g = BeforeGet {
+            inner: &s,
+            key: "idempotency/v1/1x1/d0".into(),
+            hook: std::cell::RefCell::new(Some(Box::new(move |sh: &FakeShared| {
+                let c2 = claimed(t2.claim(sh, &d(2), &FP, 2, 21, 1000).unwrap());
+                assert!(t2
+                    .complete(sh, &c2, &d(2), resp("new"), 21, 1_000_000)
+                    .unwrap());
+            }))),
+        };
+        t.sweep(&g, 0, 1, 20);
+        assert_eq!(
+            t.claim(&s, &d(2), &FP, 3, 30, 1000).unwrap().0,
+            ClaimOutcome::Replay(resp("new"))
+        );
+    }
+
+    #[test]
+    fn a_late_completer_never_overwrites_the_record_of_its_successor() {
+        let s = FakeShared::default();
+        let t = LocalTable::new(1, 16);
+        t.init(&s).unwrap();
+        let c1 = claimed(t.claim(&s, &d(1), &FP, 1, 0, 1000).unwrap());
+        let t2 = t.clone();
+        // c1's lock expires; c2 takes over and completes while c1 is about
+        // to write its own (late) data.
+        s.before_next_set(Box::new(move |sh: &FakeShared| {
+            let c2 = claimed(t2.claim(sh, &d(1), &FP, 2, 1000, 1000).unwrap());
+            assert!(t2
+                .complete(sh, &c2, &d(1), resp("new"), 1000, 60_000)
+                .unwrap());
+        }));
+        assert!(!t
+            .complete(&s, &c1, &d(1), resp("old"), 1000, 60_000)
+            .unwrap());
+        assert_eq!(
+            t.claim(&s, &d(1), &FP, 3, 1001, 1000).unwrap().0,
+            ClaimOutcome::Replay(resp("new"))
+        );
+    }
+
+    #[test]
+    fn sweep_counts_what_it_did_even_when_a_bucket_fails() {
+        let s = FakeShared::default();
+        let t = LocalTable::new(2, 1);
+        t.init(&s).unwrap();
+        let k0 = (0..100).find(|i| t.bucket_of(&d(*i)) == 0).unwrap();
+        let c = claimed(t.claim(&s, &d(k0), &FP, 1, 0, 1000).unwrap());
+        t.complete(&s, &c, &d(k0), resp("x"), 0, 10).unwrap();
+        s.shared_set("idempotency/v1/2x1/b1", b"junk", None)
+            .unwrap();
+        let stats = t.sweep(&s, 0, 2, 100);
+        assert_eq!(stats.freed, 1, "bucket 0's free is reported");
+        assert!(stats.errors >= 1, "bucket 1's failure is counted");
     }
 
     #[test]

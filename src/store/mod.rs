@@ -82,4 +82,8 @@ pub struct SweepStats {
     pub freed: u32,
     /// Data slots whose response bytes were released.
     pub data_reclaimed: u32,
+    /// Occupied slots seen in the swept buckets (resyncs the entries gauge).
+    pub occupied: u64,
+    /// Buckets whose sweep failed (host error, unreadable data).
+    pub errors: u32,
 }

@@ -392,3 +392,12 @@ def test_invalid_configuration_refuses_to_start_with_one_clear_line(upstream, tm
         assert "ttl_seconds: must be between 1 and 31536000 (got 0)" in lines[0]
     finally:
         envoy.stop()
+
+
+def test_record_server_errors_still_releases_envoys_own_replies(gateways, key):
+    se = gateways("server_errors")
+    before = se.stats()["released"]
+    for _ in range(2):
+        s, h, _ = post(se, key, path="/unreachable")
+        assert s == 503 and "idempotent-replayed" not in h
+    assert se.stats()["released"] - before == 2

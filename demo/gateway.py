@@ -31,7 +31,7 @@ def free_port():
 
 
 def render(listen_port, admin_port, upstream_port, plugin_config, wasm_path=DEFAULT_WASM,
-           vm_id="idempotency", buffer_limit=8 * 1024 * 1024, unreachable_port=None):
+           vm_id="idempotency", buffer_limit=8 * 1024 * 1024, unreachable_port=None, webdis_port=None):
     with open(TEMPLATE) as f:
         text = f.read()
     fields = {
@@ -39,6 +39,7 @@ def render(listen_port, admin_port, upstream_port, plugin_config, wasm_path=DEFA
         "ADMIN_PORT": str(admin_port),
         "UPSTREAM_PORT": str(upstream_port),
         "UNREACHABLE_PORT": str(unreachable_port or free_port()),
+        "WEBDIS_PORT": str(webdis_port or free_port()),
         "BUFFER_LIMIT": str(buffer_limit),
         # A JSON string literal is a valid YAML double-quoted scalar.
         "PLUGIN_CONFIG": json.dumps(json.dumps(plugin_config) if not isinstance(plugin_config, str) else plugin_config),
@@ -54,12 +55,14 @@ class Envoy:
     """One Envoy process with the filter. start() waits until it serves."""
 
     def __init__(self, plugin_config, upstream_port, concurrency=2, envoy_bin=None,
-                 wasm_path=DEFAULT_WASM, listen_port=None, admin_port=None, workdir=None):
+                 wasm_path=DEFAULT_WASM, listen_port=None, admin_port=None, workdir=None,
+                 webdis_port=None):
         self.plugin_config = plugin_config
         self.upstream_port = upstream_port
         self.concurrency = concurrency
         self.envoy_bin = envoy_bin or os.environ.get("ENVOY_BIN") or DEFAULT_ENVOY
         self.wasm_path = wasm_path
+        self.webdis_port = webdis_port
         self.port = listen_port or free_port()
         self.admin_port = admin_port or free_port()
         self.workdir = workdir or tempfile.mkdtemp(prefix="idem-envoy-")
@@ -69,7 +72,8 @@ class Envoy:
 
     def start(self, timeout=60, expect_failure=False):
         with open(self.config_path, "w") as f:
-            f.write(render(self.port, self.admin_port, self.upstream_port, self.plugin_config, self.wasm_path))
+            f.write(render(self.port, self.admin_port, self.upstream_port, self.plugin_config, self.wasm_path,
+                           webdis_port=self.webdis_port))
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [self.envoy_bin, "-c", self.config_path, "--concurrency", str(self.concurrency),

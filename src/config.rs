@@ -2,6 +2,8 @@
 //! then validated into [`Config`]. Every error names the field and the fix in one
 //! line, because that line is all an operator sees in the proxy's log.
 
+use crate::store::redis::{OnUnavailable, RedisConfig};
+use crate::wire::base64_encode;
 use serde::Deserialize;
 use std::fmt;
 
@@ -51,7 +53,9 @@ struct RawConfig {
     scope_headers: Vec<String>,
     fingerprint_headers: Vec<String>,
     record_server_errors: bool,
-    store: RawStore,
+    /// Parsed in a second step ([`parse_store`]): the store's fields depend
+    /// on its `type`, and errors must still name e.g. `store.timeout_ms`.
+    store: serde_json::Value,
 }
 
 impl Default for RawConfig {
@@ -69,15 +73,48 @@ impl Default for RawConfig {
             scope_headers: vec!["authorization".to_string()],
             fingerprint_headers: vec!["content-type".to_string()],
             record_server_errors: false,
-            store: RawStore::Local(RawLocalStore::default()),
+            store: serde_json::json!({"type": "local"}),
         }
     }
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-enum RawStore {
-    Local(RawLocalStore),
+#[serde(deny_unknown_fields)]
+struct RawRedisStore {
+    cluster: String,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "default_key_prefix")]
+    key_prefix: String,
+    #[serde(default)]
+    on_unavailable: RawOnUnavailable,
+    #[serde(default)]
+    auth: Option<RawAuth>,
+}
+
+fn default_timeout_ms() -> u64 {
+    500
+}
+
+fn default_key_prefix() -> String {
+    "idem:".to_string()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawOnUnavailable {
+    #[default]
+    Reject,
+    Allow,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    username: String,
+    password: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,13 +153,15 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreConfig {
     Local { buckets: u32, ways: u32 },
+    Redis(RedisConfig),
 }
 
 impl StoreConfig {
-    /// Records the store can hold at once.
-    pub fn capacity(&self) -> u64 {
+    /// Records the store can hold at once (Redis: as many as Redis holds).
+    pub fn capacity(&self) -> Option<u64> {
         match self {
-            StoreConfig::Local { buckets, ways } => u64::from(*buckets) * u64::from(*ways),
+            StoreConfig::Local { buckets, ways } => Some(u64::from(*buckets) * u64::from(*ways)),
+            StoreConfig::Redis(_) => None,
         }
     }
 }
@@ -206,6 +245,8 @@ fn json_error(e: &serde_path_to_error::Error<serde_json::Error>) -> ConfigError 
     };
     let fix = if text.starts_with("unknown field") {
         "; remove it or fix its spelling"
+    } else if text.starts_with("missing field") {
+        "; it is required"
     } else if text.starts_with("invalid type")
         || text.starts_with("invalid value")
         || text.starts_with("unknown variant")
@@ -238,6 +279,115 @@ fn header_list(field: &str, names: Vec<String>) -> Result<Vec<String>, ConfigErr
         }
     }
     Ok(out)
+}
+
+/// Reads `store` by its `type`, with error paths under `store.`.
+fn parse_store(value: serde_json::Value) -> Result<StoreConfig, ConfigError> {
+    let serde_json::Value::Object(mut fields) = value else {
+        return Err(err(
+            "store",
+            "must be an object, e.g. {\"type\": \"local\"}",
+        ));
+    };
+    let kind = match fields.remove("type") {
+        None => "local".to_string(),
+        Some(serde_json::Value::String(s)) => s,
+        Some(_) => return Err(err("store.type", "must be \"local\" or \"redis\"")),
+    };
+    fn typed<T: serde::de::DeserializeOwned>(
+        fields: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<T, ConfigError> {
+        serde_path_to_error::deserialize(serde_json::Value::Object(fields)).map_err(|e| {
+            let mut c = json_error(&e);
+            c.field = if c.field == "(document)" {
+                "store".to_string()
+            } else {
+                format!("store.{}", c.field)
+            };
+            c
+        })
+    }
+    match kind.as_str() {
+        "local" => {
+            let local: RawLocalStore = typed(fields)?;
+            if local.max_entries < LOCAL_WAYS || local.max_entries > MAX_ENTRIES_LIMIT {
+                return Err(err(
+                    "store.max_entries",
+                    format!(
+                        "must be between {LOCAL_WAYS} and {MAX_ENTRIES_LIMIT} (got {})",
+                        local.max_entries
+                    ),
+                ));
+            }
+            Ok(StoreConfig::Local {
+                buckets: local.max_entries / LOCAL_WAYS,
+                ways: LOCAL_WAYS,
+            })
+        }
+        "redis" => Ok(StoreConfig::Redis(validate_redis(typed(fields)?)?)),
+        other => Err(err(
+            "store.type",
+            format!(
+                "unknown store type {other:?}; use \"local\" (one gateway) or \"redis\" (a fleet)"
+            ),
+        )),
+    }
+}
+
+fn validate_redis(raw: RawRedisStore) -> Result<RedisConfig, ConfigError> {
+    let visible = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
+    if !visible(&raw.cluster) {
+        return Err(err(
+            "store.cluster",
+            "must name where Webdis is reached: an Envoy cluster name (e.g. \"webdis\"), or host:port on APISIX",
+        ));
+    }
+    if let Some(a) = &raw.authority {
+        if !visible(a) {
+            return Err(err(
+                "store.authority",
+                "must be a host name or host:port without spaces",
+            ));
+        }
+    }
+    if raw.timeout_ms == 0 || raw.timeout_ms > 60_000 {
+        return Err(err(
+            "store.timeout_ms",
+            format!("must be between 1 and 60000 (got {})", raw.timeout_ms),
+        ));
+    }
+    if raw.key_prefix.len() > 128 || !raw.key_prefix.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(err(
+            "store.key_prefix",
+            "must be at most 128 printable ASCII characters without spaces, e.g. \"idem:\"",
+        ));
+    }
+    let authorization = match raw.auth {
+        None => None,
+        Some(a) => {
+            if a.username.contains(':') {
+                return Err(err(
+                    "store.auth.username",
+                    "must not contain ':' (HTTP basic authentication)",
+                ));
+            }
+            Some(format!(
+                "Basic {}",
+                base64_encode(format!("{}:{}", a.username, a.password).as_bytes())
+            ))
+        }
+    };
+    Ok(RedisConfig {
+        authority: raw.authority.unwrap_or_else(|| raw.cluster.clone()),
+        cluster: raw.cluster,
+        timeout_ms: raw.timeout_ms,
+        key_prefix: raw.key_prefix,
+        on_unavailable: match raw.on_unavailable {
+            RawOnUnavailable::Reject => OnUnavailable::Reject,
+            RawOnUnavailable::Allow => OnUnavailable::Allow,
+        },
+        authorization,
+    })
 }
 
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
@@ -334,23 +484,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let scope_headers = header_list("scope_headers", raw.scope_headers)?;
     let fingerprint_headers = header_list("fingerprint_headers", raw.fingerprint_headers)?;
-    let store = match raw.store {
-        RawStore::Local(local) => {
-            if local.max_entries < LOCAL_WAYS || local.max_entries > MAX_ENTRIES_LIMIT {
-                return Err(err(
-                    "store.max_entries",
-                    format!(
-                        "must be between {LOCAL_WAYS} and {MAX_ENTRIES_LIMIT} (got {})",
-                        local.max_entries
-                    ),
-                ));
-            }
-            StoreConfig::Local {
-                buckets: local.max_entries / LOCAL_WAYS,
-                ways: LOCAL_WAYS,
-            }
-        }
-    };
+    let store = parse_store(raw.store)?;
     Ok(Config {
         header: raw.header.to_ascii_lowercase(),
         methods,
@@ -380,7 +514,7 @@ mod tests {
         assert_eq!(c.methods, vec!["POST", "PATCH"]);
         assert_eq!(c.ttl_ms, 86_400_000);
         assert_eq!(c.lock_timeout_ms, 30_000);
-        assert_eq!(c.store.capacity(), 100_000);
+        assert_eq!(c.store.capacity(), Some(100_000));
         assert_eq!(Config::parse(b"  {} \n").unwrap(), c);
     }
 
@@ -405,6 +539,29 @@ mod tests {
         assert!(c.protects("PUT") && !c.protects("GET"));
     }
 
+    #[test]
+    fn redis_store_defaults_and_auth() {
+        let c = Config::parse(br#"{"store":{"type":"redis","cluster":"webdis"}}"#).unwrap();
+        let StoreConfig::Redis(r) = c.store else {
+            panic!("redis")
+        };
+        assert_eq!(r.cluster, "webdis");
+        assert_eq!(r.authority, "webdis");
+        assert_eq!(r.timeout_ms, 500);
+        assert_eq!(r.key_prefix, "idem:");
+        assert_eq!(r.on_unavailable, OnUnavailable::Reject);
+        assert_eq!(r.authorization, None);
+        let c = Config::parse(br#"{"store":{"type":"redis","cluster":"127.0.0.1:7379","authority":"redis.local","on_unavailable":"allow","auth":{"username":"u","password":"p"}}}"#).unwrap();
+        let StoreConfig::Redis(r) = c.store else {
+            panic!("redis")
+        };
+        assert_eq!(
+            (r.authority.as_str(), r.on_unavailable),
+            ("redis.local", OnUnavailable::Allow)
+        );
+        assert_eq!(r.authorization.as_deref(), Some("Basic dTpw"));
+    }
+
     /// Table-driven: every rejected document and the exact line it logs.
     #[test]
     fn rejected_configurations_name_the_field_and_the_fix() {
@@ -425,10 +582,18 @@ mod tests {
             (r#"{"fingerprint_headers":[""]}"#, "invalid configuration: fingerprint_headers: \"\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"store":{"type":"local","max_entries":7}}"#, "invalid configuration: store.max_entries: must be between 16 and 10000000 (got 7)"),
             (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `record_server_errors`, `store`; remove it or fix its spelling"),
-            (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store: unknown field `max_entry`, expected `max_entries`; remove it or fix its spelling"),
+            (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store.max_entry: unknown field `max_entry`, expected `max_entries`; remove it or fix its spelling"),
             (r#"{"ttl_seconds":"60"}"#, "invalid configuration: ttl_seconds: invalid type: string \"60\", expected u64; see the configuration table in README.md for each field's type"),
             (r#"{"required":"yes"}"#, "invalid configuration: required: invalid type: string \"yes\", expected a boolean; see the configuration table in README.md for each field's type"),
-            (r#"{"store":{"type":"memcached"}}"#, "invalid configuration: store.type: unknown variant `memcached`, expected `local`; see the configuration table in README.md for each field's type"),
+            (r#"{"store":{"type":"memcached"}}"#, "invalid configuration: store.type: unknown store type \"memcached\"; use \"local\" (one gateway) or \"redis\" (a fleet)"),
+            (r#"{"store":"redis"}"#, "invalid configuration: store: must be an object, e.g. {\"type\": \"local\"}"),
+            (r#"{"store":{"type":"redis"}}"#, "invalid configuration: store: missing field `cluster`; it is required"),
+            (r#"{"store":{"type":"redis","cluster":""}}"#, "invalid configuration: store.cluster: must name where Webdis is reached: an Envoy cluster name (e.g. \"webdis\"), or host:port on APISIX"),
+            (r#"{"store":{"type":"redis","cluster":"w","timeout_ms":0}}"#, "invalid configuration: store.timeout_ms: must be between 1 and 60000 (got 0)"),
+            (r#"{"store":{"type":"redis","cluster":"w","key_prefix":"a b"}}"#, "invalid configuration: store.key_prefix: must be at most 128 printable ASCII characters without spaces, e.g. \"idem:\""),
+            (r#"{"store":{"type":"redis","cluster":"w","on_unavailable":"maybe"}}"#, "invalid configuration: store.on_unavailable: unknown variant `maybe`, expected `reject` or `allow`; see the configuration table in README.md for each field's type"),
+            (r#"{"store":{"type":"redis","cluster":"w","auth":{"username":"a:b","password":"p"}}}"#, "invalid configuration: store.auth.username: must not contain ':' (HTTP basic authentication)"),
+            (r#"{"store":{"type":"redis","cluster":"w","max_entries":5}}"#, "invalid configuration: store.max_entries: unknown field `max_entries`, expected one of `cluster`, `authority`, `timeout_ms`, `key_prefix`, `on_unavailable`, `auth`; remove it or fix its spelling"),
             (r#"{"ttl_seconds":-1}"#, "invalid configuration: ttl_seconds: invalid value: integer `-1`, expected u64; see the configuration table in README.md for each field's type"),
             (r#"[1]"#, "invalid configuration: (document): the configuration must be a JSON object, e.g. {\"required\": true}"),
             (r#""x""#, "invalid configuration: (document): the configuration must be a JSON object, e.g. {\"required\": true}"),

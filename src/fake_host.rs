@@ -101,6 +101,11 @@ pub struct FakeHost {
     pub rng: Cell<u64>,
     pub metrics: RefCell<HashMap<&'static str, i64>>,
     pub logs: RefCell<Vec<(Level, String)>>,
+    /// Store calls sent: (upstream, headers, body).
+    pub calls: RefCell<Vec<(String, Vec<(String, String)>, Option<Vec<u8>>)>>,
+    pub resumed_requests: Cell<u32>,
+    pub resumed_responses: Cell<u32>,
+    pub dispatch_fails: Cell<bool>,
 }
 
 impl FakeHost {
@@ -175,6 +180,38 @@ impl Host for FakeHost {
             headers: headers.to_vec(),
             body: body.to_vec(),
         });
+        Ok(())
+    }
+    fn dispatch_http_call(
+        &self,
+        upstream: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        _timeout_ms: u64,
+    ) -> Result<u32, HostError> {
+        if self.dispatch_fails.get() {
+            return Err(HostError {
+                call: "http_call",
+                status: 2,
+            });
+        }
+        let mut calls = self.calls.borrow_mut();
+        calls.push((
+            upstream.to_string(),
+            headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            body.map(<[u8]>::to_vec),
+        ));
+        Ok(calls.len() as u32)
+    }
+    fn resume_request(&self) -> Result<(), HostError> {
+        self.resumed_requests.set(self.resumed_requests.get() + 1);
+        Ok(())
+    }
+    fn resume_response(&self) -> Result<(), HostError> {
+        self.resumed_responses.set(self.resumed_responses.get() + 1);
         Ok(())
     }
     fn now_ms(&self) -> u64 {

@@ -21,7 +21,8 @@ use crate::metrics::Metric;
 use crate::problem::Problem;
 use crate::record::{is_recorded_header, StoredResponse};
 use crate::store::local::LocalTable;
-use crate::store::{Claim, ClaimOutcome};
+use crate::store::redis::{OnUnavailable, RedisStore, StoreRequest};
+use crate::store::{Claim, ClaimEffects, ClaimOutcome, StoreError};
 use std::rc::Rc;
 
 /// What the proxy should do after a callback.
@@ -42,12 +43,14 @@ pub struct FilterContext {
 #[derive(Debug)]
 pub enum Store {
     Local(LocalTable),
+    Redis(RedisStore),
 }
 
 impl FilterContext {
     pub fn new(config: Config) -> FilterContext {
-        let store = match config.store {
-            StoreConfig::Local { buckets, ways } => Store::Local(LocalTable::new(buckets, ways)),
+        let store = match &config.store {
+            StoreConfig::Local { buckets, ways } => Store::Local(LocalTable::new(*buckets, *ways)),
+            StoreConfig::Redis(redis) => Store::Redis(RedisStore::new(redis.clone())),
         };
         FilterContext { config, store }
     }
@@ -55,6 +58,7 @@ impl FilterContext {
     fn store_name(&self) -> &'static str {
         match self.store {
             Store::Local(_) => "local",
+            Store::Redis(_) => "redis",
         }
     }
 }
@@ -64,6 +68,10 @@ struct Capture {
     headers: HeaderList,
     body: Vec<u8>,
     omitted: bool,
+    /// Body bytes seen so far, captured or not.
+    seen: u64,
+    /// The response's Content-Length, when it has one.
+    expected: Option<u64>,
 }
 
 enum Phase {
@@ -74,13 +82,34 @@ enum Phase {
         fingerprint: Fingerprinter,
         hashed: usize,
     },
+    /// The store has the claim request (Redis); the request is held.
+    AwaitingClaim {
+        call: u32,
+        digest: Digest16,
+        fingerprint: Digest16,
+        token: u64,
+    },
     Forwarded {
         claim: Claim,
         digest: Digest16,
+        fingerprint: Digest16,
         capture: Option<Capture>,
+    },
+    /// The store is recording or releasing (Redis); the response's last
+    /// callback is held until it answers, because Envoy cancels a pending
+    /// call when the stream ends, and the record would be lost.
+    AwaitingWrite {
+        call: u32,
+        write: Write,
     },
     Answered,
     Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    Complete,
+    Release,
 }
 
 pub struct Filter {
@@ -325,7 +354,33 @@ impl Filter {
                 host.now_ms(),
                 cfg.lock_timeout_ms,
             ),
+            Store::Redis(redis) => {
+                let request =
+                    redis.claim_request(&digest, &fingerprint, token, cfg.lock_timeout_ms);
+                return match dispatch(host, redis, &request) {
+                    Ok(call) => {
+                        self.phase = Phase::AwaitingClaim {
+                            call,
+                            digest,
+                            fingerprint,
+                            token,
+                        };
+                        Verdict::Pause
+                    }
+                    Err(e) => self.store_failed(host, &e),
+                };
+            }
         };
+        self.apply_claim(host, result, digest, fingerprint)
+    }
+
+    fn apply_claim(
+        &mut self,
+        host: &impl Host,
+        result: Result<(ClaimOutcome, ClaimEffects), StoreError>,
+        digest: Digest16,
+        fingerprint: Digest16,
+    ) -> Verdict {
         match result {
             Ok((ClaimOutcome::Claimed(claim), effects)) => {
                 if effects.new_entry {
@@ -340,6 +395,7 @@ impl Filter {
                 self.phase = Phase::Forwarded {
                     claim,
                     digest,
+                    fingerprint,
                     capture: None,
                 };
                 Verdict::Continue
@@ -363,25 +419,98 @@ impl Filter {
                 self.phase = Phase::Answered;
                 Verdict::Pause
             }
-            Err(e) => {
+            Err(e) => self.store_failed(host, &e),
+        }
+    }
+
+    /// The store could not decide. Fail closed (503), or, for a Redis store
+    /// configured with `on_unavailable: allow`, forward unprotected.
+    fn store_failed(&mut self, host: &impl Host, e: &StoreError) -> Verdict {
+        let name = self.ctx.store_name();
+        host.metric_add(Metric::StoreErrors, 1);
+        if let Store::Redis(redis) = &self.ctx.store {
+            if redis.config.on_unavailable == OnUnavailable::Allow {
                 host.log(
-                    Level::Error,
-                    &format!("{} store: {e}; request refused", ctx.store_name()),
+                    Level::Warn,
+                    &format!("{name} store: {e}; forwarded unprotected (on_unavailable: allow)"),
                 );
-                self.answer(
-                    host,
-                    &Problem::store_unavailable(ctx.store_name()),
-                    Some(Metric::StoreErrors),
-                )
+                host.metric_add(Metric::StoreBypassed, 1);
+                self.phase = Phase::Passthrough;
+                return Verdict::Continue;
             }
+        }
+        host.log(Level::Error, &format!("{name} store: {e}; request refused"));
+        self.answer(host, &Problem::store_unavailable(name), None)
+    }
+
+    /// The store's answer to a call this request made (Redis).
+    /// `status` is `None` when the call got no HTTP answer (timeout, reset).
+    pub fn on_store_response(
+        &mut self,
+        host: &impl Host,
+        call: u32,
+        status: Option<u16>,
+        body: &[u8],
+    ) {
+        let ctx = self.ctx.clone();
+        let Store::Redis(redis) = &ctx.store else {
+            return;
+        };
+        let no_answer =
+            || StoreError::Unavailable("no answer (timeout or connection failure)".to_string());
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::AwaitingClaim {
+                call: expected,
+                digest,
+                fingerprint,
+                token,
+            } if expected == call => {
+                let result = match status {
+                    Some(status) => redis.claim_outcome(status, body, &digest, &fingerprint, token),
+                    None => Err(no_answer()),
+                };
+                let verdict = self.apply_claim(
+                    host,
+                    result.map(|o| (o, ClaimEffects::default())),
+                    digest,
+                    fingerprint,
+                );
+                if verdict == Verdict::Continue {
+                    if let Err(e) = host.resume_request() {
+                        host.log(Level::Error, &format!("could not resume the request: {e}"));
+                    }
+                }
+            }
+            Phase::AwaitingWrite {
+                call: expected,
+                write,
+            } if expected == call => {
+                let result = match (status, write) {
+                    (None, _) => Err(no_answer()),
+                    (Some(status), Write::Complete) => redis.complete_outcome(status, body),
+                    (Some(status), Write::Release) => redis.release_outcome(status, body),
+                };
+                count_write(host, write, &result);
+                if let Err(e) = host.resume_response() {
+                    host.log(Level::Error, &format!("could not resume the response: {e}"));
+                }
+            }
+            // An answer to a call this request no longer waits for.
+            other => self.phase = other,
         }
     }
 
     pub fn on_response_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Verdict {
-        let Phase::Forwarded { claim, capture, .. } = &mut self.phase else {
+        let Phase::Forwarded {
+            claim,
+            digest,
+            capture,
+            ..
+        } = &mut self.phase
+        else {
             return Verdict::Continue;
         };
-        let claim = *claim;
+        let (claim, digest) = (*claim, *digest);
         if let Some(k) = &self.generated_key {
             if let Err(e) = host.add_response_header(&self.ctx.config.header, k) {
                 host.log(
@@ -410,10 +539,14 @@ impl Filter {
             host.response_code_details().as_deref(),
             self.ctx.config.record_server_errors,
         ) {
-            self.release(host, &claim);
-            return Verdict::Continue;
+            return self.release(host, &claim, &digest);
         }
+        let expected = header(&headers, "content-length")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
         *capture = Some(Capture {
+            seen: 0,
+            expected,
             status,
             headers: headers
                 .into_iter()
@@ -423,7 +556,7 @@ impl Filter {
             omitted: false,
         });
         if end_of_stream {
-            self.complete(host);
+            return self.complete(host);
         }
         Verdict::Continue
     }
@@ -435,6 +568,11 @@ impl Filter {
         body_size: usize,
         end_of_stream: bool,
     ) -> Verdict {
+        // Envoy calls again with what it buffered (and the end of stream)
+        // while a write is pending: keep holding until the store answers.
+        if matches!(self.phase, Phase::AwaitingWrite { .. }) {
+            return Verdict::Pause;
+        }
         let limit = self.ctx.config.max_response_body_bytes;
         let Phase::Forwarded {
             capture: Some(capture),
@@ -443,6 +581,7 @@ impl Filter {
         else {
             return Verdict::Continue;
         };
+        capture.seen += body_size as u64;
         if !capture.omitted && body_size > 0 {
             if (capture.body.len() + body_size) as u64 > limit {
                 capture.omitted = true;
@@ -459,13 +598,20 @@ impl Filter {
                 }
             }
         }
-        if end_of_stream {
-            self.complete(host);
+        // The response is complete when its last byte is here. With a
+        // Content-Length that is before Envoy's (separate, empty) end-of-stream
+        // frame, and only holding this chunk keeps the client waiting until
+        // the record is written.
+        if end_of_stream || capture.expected.is_some_and(|n| capture.seen >= n) {
+            return self.complete(host);
         }
         Verdict::Continue
     }
 
     pub fn on_response_trailers(&mut self, host: &impl Host) -> Verdict {
+        if matches!(self.phase, Phase::AwaitingWrite { .. }) {
+            return Verdict::Pause;
+        }
         if matches!(
             self.phase,
             Phase::Forwarded {
@@ -473,7 +619,7 @@ impl Filter {
                 ..
             }
         ) {
-            self.complete(host);
+            return self.complete(host);
         }
         Verdict::Continue
     }
@@ -492,32 +638,36 @@ impl Filter {
         self.phase = Phase::Done;
     }
 
-    fn release(&mut self, host: &impl Host, claim: &Claim) {
-        let result = match &self.ctx.store {
-            Store::Local(table) => table.release(host, claim),
-        };
-        match result {
-            Ok(true) => {
-                host.metric_add(Metric::Released, 1);
-                host.metric_add(Metric::Entries, -1);
-            }
-            Ok(false) => host.metric_add(Metric::ClaimsLost, 1),
-            Err(e) => {
-                host.log(Level::Error, &format!("release failed: {e}"));
-                host.metric_add(Metric::StoreErrors, 1);
-            }
-        }
+    fn release(&mut self, host: &impl Host, claim: &Claim, digest: &Digest16) -> Verdict {
+        let ctx = self.ctx.clone();
         self.phase = Phase::Done;
+        match &ctx.store {
+            Store::Local(table) => {
+                let result = table.release(host, claim);
+                if result == Ok(true) {
+                    host.metric_add(Metric::Entries, -1);
+                }
+                count_write(host, Write::Release, &result);
+                Verdict::Continue
+            }
+            Store::Redis(redis) => self.write_async(
+                host,
+                redis,
+                &redis.release_request(digest, claim),
+                Write::Release,
+            ),
+        }
     }
 
-    fn complete(&mut self, host: &impl Host) {
+    fn complete(&mut self, host: &impl Host) -> Verdict {
         let Phase::Forwarded {
             claim,
             digest,
+            fingerprint,
             capture: Some(capture),
         } = std::mem::replace(&mut self.phase, Phase::Done)
         else {
-            return;
+            return Verdict::Continue;
         };
         let response = StoredResponse {
             status: capture.status,
@@ -525,22 +675,86 @@ impl Filter {
             body: capture.body,
             body_omitted: capture.omitted,
         };
-        let cfg = &self.ctx.config;
-        let result = match &self.ctx.store {
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.config;
+        match &ctx.store {
             Store::Local(table) => {
-                table.complete(host, &claim, &digest, response, host.now_ms(), cfg.ttl_ms)
+                let result =
+                    table.complete(host, &claim, &digest, response, host.now_ms(), cfg.ttl_ms);
+                count_write(host, Write::Complete, &result);
+                Verdict::Continue
             }
-        };
-        match result {
-            Ok(true) => host.metric_add(Metric::Stored, 1),
-            Ok(false) => {
-                host.log(Level::Warn, "the claim expired before the response completed; response not recorded (raise lock_timeout_seconds above the upstream's response time)");
-                host.metric_add(Metric::ClaimsLost, 1);
+            Store::Redis(redis) => {
+                let request =
+                    redis.complete_request(&digest, &fingerprint, &claim, response, cfg.ttl_ms);
+                self.write_async(host, redis, &request, Write::Complete)
+            }
+        }
+    }
+
+    /// Sends a record or release to the store and holds the response until it
+    /// answers. If the call cannot even be sent, the response goes on: the
+    /// client must get it; the claim then lapses after its lock timeout.
+    fn write_async(
+        &mut self,
+        host: &impl Host,
+        redis: &RedisStore,
+        request: &StoreRequest,
+        write: Write,
+    ) -> Verdict {
+        match dispatch(host, redis, request) {
+            Ok(call) => {
+                self.phase = Phase::AwaitingWrite { call, write };
+                Verdict::Pause
             }
             Err(e) => {
-                host.log(Level::Error, &format!("recording the response failed: {e}"));
-                host.metric_add(Metric::StoreErrors, 1);
+                count_write(host, write, &Err(e));
+                Verdict::Continue
             }
+        }
+    }
+}
+
+fn dispatch(
+    host: &impl Host,
+    redis: &RedisStore,
+    request: &StoreRequest,
+) -> Result<u32, StoreError> {
+    let cfg = &redis.config;
+    let mut headers: Vec<(&str, &str)> = vec![
+        (":method", request.method),
+        (":path", &request.path),
+        (":authority", &cfg.authority),
+    ];
+    if let Some(auth) = &cfg.authorization {
+        headers.push(("authorization", auth));
+    }
+    host.dispatch_http_call(
+        &cfg.cluster,
+        &headers,
+        request.body.as_deref(),
+        cfg.timeout_ms,
+    )
+    .map_err(|e| StoreError::Unavailable(e.to_string()))
+}
+
+fn count_write(host: &impl Host, write: Write, result: &Result<bool, StoreError>) {
+    match (write, result) {
+        (Write::Complete, Ok(true)) => host.metric_add(Metric::Stored, 1),
+        (Write::Release, Ok(true)) => host.metric_add(Metric::Released, 1),
+        (Write::Complete, Ok(false)) => {
+            host.log(Level::Warn, "the claim expired before the response completed; response not recorded (raise lock_timeout_seconds above the upstream's response time)");
+            host.metric_add(Metric::ClaimsLost, 1);
+        }
+        (Write::Release, Ok(false)) => host.metric_add(Metric::ClaimsLost, 1),
+        (_, Err(e)) => {
+            let what = if write == Write::Complete {
+                "recording the response"
+            } else {
+                "releasing the key"
+            };
+            host.log(Level::Error, &format!("{what} failed: {e}"));
+            host.metric_add(Metric::StoreErrors, 1);
         }
     }
 }
@@ -643,8 +857,9 @@ mod tests {
         let host = FakeHost::default();
         host.now.set(1_000_000);
         let c = ctx(json);
-        let Store::Local(t) = &c.store;
-        t.init(&host).unwrap();
+        if let Store::Local(t) = &c.store {
+            t.init(&host).unwrap();
+        }
         (host, c)
     }
 
@@ -924,5 +1139,244 @@ mod tests {
         assert_eq!(f.on_request_headers(&host, false), Verdict::Pause);
         assert_eq!(f.on_request_body(&host, 3, false), Verdict::Pause);
         assert_eq!(f.on_request_trailers(&host), Verdict::Continue);
+    }
+
+    /// Webdis + Redis in memory: decodes a dispatched call and runs the
+    /// script's semantics (expiry is not modelled).
+    #[derive(Default)]
+    struct FakeRedis {
+        data: std::cell::RefCell<std::collections::HashMap<String, String>>,
+    }
+
+    fn pct_decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    impl FakeRedis {
+        /// Answers call `n` (1-based) that `host` sent; returns the JSON body.
+        fn answer(&self, host: &FakeHost, n: usize) -> Vec<u8> {
+            use crate::store::redis::{CLAIM_SCRIPT, COMPLETE_SCRIPT, RELEASE_SCRIPT};
+            let (_, headers, body) = host.calls.borrow()[n - 1].clone();
+            let path = headers
+                .iter()
+                .find(|(h, _)| h == ":path")
+                .unwrap()
+                .1
+                .clone();
+            let segs: Vec<String> = path.split('/').skip(2).map(pct_decode).collect();
+            let (script, key, args) = (&segs[0], &segs[2], &segs[3..]);
+            let mut data = self.data.borrow_mut();
+            let reply = if script == CLAIM_SCRIPT {
+                match data.get(key) {
+                    Some(v) => serde_json::json!(v),
+                    None => {
+                        data.insert(key.clone(), args[0].clone());
+                        serde_json::json!("claimed")
+                    }
+                }
+            } else {
+                let owner = &args[0];
+                let owned = data.get(key).is_some_and(|v| v.starts_with(owner.as_str()));
+                if owned && script == COMPLETE_SCRIPT {
+                    data.insert(key.clone(), String::from_utf8(body.unwrap()).unwrap());
+                } else if owned && script == RELEASE_SCRIPT {
+                    data.remove(key);
+                }
+                serde_json::json!(i32::from(owned))
+            };
+            serde_json::to_vec(&serde_json::json!({ "EVAL": reply })).unwrap()
+        }
+    }
+
+    fn redis_ctx(extra: &str) -> Rc<FilterContext> {
+        ctx(&format!(
+            r#"{{"store":{{"type":"redis","cluster":"webdis"{extra}}}}}"#
+        ))
+    }
+
+    #[test]
+    fn redis_flow_claim_forward_record_replay() {
+        let host = FakeHost::default();
+        let redis = FakeRedis::default();
+        let c = redis_ctx("");
+        let hs: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", "/pay"),
+            ("idempotency-key", "k"),
+        ];
+        host.reset_exchange(&hs, b"");
+        let mut f = Filter::new(c.clone());
+        assert_eq!(
+            f.on_request_headers(&host, true),
+            Verdict::Pause,
+            "held while the store decides"
+        );
+        assert_eq!(host.calls.borrow()[0].0, "webdis");
+        f.on_store_response(&host, 1, Some(200), &redis.answer(&host, 1));
+        assert_eq!(host.resumed_requests.get(), 1, "claimed: forwarded");
+        *host.response_headers.borrow_mut() = vec![(":status".into(), b"201".to_vec())];
+        assert_eq!(f.on_response_headers(&host, false), Verdict::Continue);
+        *host.response_chunk.borrow_mut() = b"paid".to_vec();
+        assert_eq!(
+            f.on_response_body(&host, 4, true),
+            Verdict::Pause,
+            "last chunk held until recorded"
+        );
+        f.on_store_response(&host, 2, Some(200), &redis.answer(&host, 2));
+        assert_eq!(host.resumed_responses.get(), 1);
+        assert_eq!(host.metric(Metric::Stored), 1);
+        // The retry, on any gateway sharing this Redis, replays.
+        host.reset_exchange(&hs, b"");
+        let mut g = Filter::new(c.clone());
+        assert_eq!(g.on_request_headers(&host, true), Verdict::Pause);
+        g.on_store_response(&host, 3, Some(200), &redis.answer(&host, 3));
+        let sent = host.sent.borrow().clone().unwrap();
+        assert_eq!((sent.status, sent.body.as_slice()), (201, &b"paid"[..]));
+        assert_eq!(sent.header("idempotent-replayed").as_deref(), Some("true"));
+        assert_eq!(
+            host.resumed_requests.get(),
+            1,
+            "the replay is not forwarded"
+        );
+    }
+
+    #[test]
+    fn a_content_length_response_completes_at_its_last_byte() {
+        let host = FakeHost::default();
+        let redis = FakeRedis::default();
+        let c = redis_ctx("");
+        let hs: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", "/pay"),
+            ("idempotency-key", "cl"),
+        ];
+        host.reset_exchange(&hs, b"");
+        let mut f = Filter::new(c);
+        f.on_request_headers(&host, true);
+        f.on_store_response(&host, 1, Some(200), &redis.answer(&host, 1));
+        *host.response_headers.borrow_mut() = vec![
+            (":status".into(), b"200".to_vec()),
+            ("content-length".into(), b"6".to_vec()),
+        ];
+        assert_eq!(f.on_response_headers(&host, false), Verdict::Continue);
+        *host.response_chunk.borrow_mut() = b"abc".to_vec();
+        assert_eq!(f.on_response_body(&host, 3, false), Verdict::Continue);
+        *host.response_chunk.borrow_mut() = b"def".to_vec();
+        // Not end_of_stream yet, but every byte is here: held until recorded.
+        assert_eq!(f.on_response_body(&host, 3, false), Verdict::Pause);
+        assert_eq!(host.calls.borrow().len(), 2);
+        // Envoy hands the buffered chunk back with the end of stream: still held.
+        assert_eq!(f.on_response_body(&host, 3, true), Verdict::Pause);
+        f.on_store_response(&host, 2, Some(200), &redis.answer(&host, 2));
+        assert_eq!(host.metric(Metric::Stored), 1);
+        // Envoy's empty end-of-stream frame afterwards passes.
+        host.response_chunk.borrow_mut().clear();
+        assert_eq!(f.on_response_body(&host, 0, true), Verdict::Continue);
+    }
+
+    #[test]
+    fn redis_in_flight_mismatch_and_release() {
+        let host = FakeHost::default();
+        let redis = FakeRedis::default();
+        let c = redis_ctx("");
+        let run = |key: &str, body: &[u8], n: usize| -> Filter {
+            let hs: Vec<(&str, &str)> = vec![
+                (":method", "POST"),
+                (":path", "/p"),
+                ("idempotency-key", key),
+            ];
+            host.reset_exchange(&hs, body);
+            let mut f = Filter::new(c.clone());
+            f.on_request_headers(&host, false);
+            f.on_request_body(&host, body.len(), true);
+            f.on_store_response(&host, n as u32, Some(200), &redis.answer(&host, n));
+            f
+        };
+        let mut first = run("k", b"a", 1);
+        run("k", b"a", 2);
+        assert_eq!(host.sent.borrow().as_ref().unwrap().status, 409);
+        run("k", b"b", 3);
+        assert_eq!(host.sent.borrow().as_ref().unwrap().status, 422);
+        // The original fails with a 5xx: the release is owner-checked and frees the key.
+        *host.response_headers.borrow_mut() = vec![(":status".into(), b"502".to_vec())];
+        assert_eq!(first.on_response_headers(&host, true), Verdict::Pause);
+        first.on_store_response(&host, 4, Some(200), &redis.answer(&host, 4));
+        assert_eq!(host.metric(Metric::Released), 1);
+        assert_eq!(host.resumed_responses.get(), 1);
+        run("k", b"a", 5);
+        assert_eq!(host.resumed_requests.get(), 2, "the retry runs again");
+    }
+
+    #[test]
+    fn redis_unavailable_rejects_or_allows() {
+        let hs: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", "/p"),
+            ("idempotency-key", "k"),
+        ];
+        // Reject: no answer (timeout) -> 503, nothing forwarded.
+        let host = FakeHost::default();
+        let mut f = Filter::new(redis_ctx(""));
+        host.reset_exchange(&hs, b"");
+        f.on_request_headers(&host, true);
+        f.on_store_response(&host, 1, None, b"");
+        let sent = host.sent.borrow().clone().unwrap();
+        assert_eq!(sent.status, 503);
+        let doc: serde_json::Value = serde_json::from_slice(&sent.body).unwrap();
+        assert!(doc["detail"].as_str().unwrap().contains("redis"));
+        assert_eq!(host.resumed_requests.get(), 0);
+        assert_eq!(host.metric(Metric::StoreErrors), 1);
+        // Reject also when the call cannot be sent at all.
+        let host = FakeHost::default();
+        host.dispatch_fails.set(true);
+        host.reset_exchange(&hs, b"");
+        assert_eq!(
+            Filter::new(redis_ctx("")).on_request_headers(&host, true),
+            Verdict::Pause
+        );
+        assert_eq!(host.sent.borrow().as_ref().unwrap().status, 503);
+        // Allow: forwarded unprotected and counted.
+        let host = FakeHost::default();
+        let mut f = Filter::new(redis_ctx(r#","on_unavailable":"allow""#));
+        host.reset_exchange(&hs, b"");
+        f.on_request_headers(&host, true);
+        f.on_store_response(&host, 1, Some(503), b"");
+        assert_eq!(host.resumed_requests.get(), 1);
+        assert!(host.sent.borrow().is_none());
+        assert_eq!(host.metric(Metric::StoreBypassed), 1);
+        // A late answer for another call is ignored.
+        f.on_store_response(&host, 99, Some(200), b"{}");
+        assert_eq!(host.resumed_requests.get(), 1);
+    }
+
+    #[test]
+    fn redis_calls_carry_authority_and_basic_auth() {
+        let host = FakeHost::default();
+        let c = ctx(
+            r#"{"store":{"type":"redis","cluster":"127.0.0.1:7379","authority":"redis.internal","auth":{"username":"u","password":"p"}}}"#,
+        );
+        let hs: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", "/p"),
+            ("idempotency-key", "k"),
+        ];
+        host.reset_exchange(&hs, b"");
+        Filter::new(c).on_request_headers(&host, true);
+        let (upstream, headers, _) = host.calls.borrow()[0].clone();
+        assert_eq!(upstream, "127.0.0.1:7379");
+        assert!(headers.contains(&(":authority".into(), "redis.internal".into())));
+        assert!(headers.contains(&("authorization".into(), "Basic dTpw".into())));
     }
 }

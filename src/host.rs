@@ -60,6 +60,20 @@ pub trait Host: SharedData {
         headers: &[(String, Vec<u8>)],
         body: &[u8],
     ) -> Result<(), HostError>;
+    /// Sends an HTTP request to `upstream` (Envoy: a cluster name; APISIX:
+    /// host:port); the answer arrives later through the filter's
+    /// `on_store_response` with the returned call id.
+    fn dispatch_http_call(
+        &self,
+        upstream: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        timeout_ms: u64,
+    ) -> Result<u32, HostError>;
+    /// Lets a request held by the filter go on to the upstream.
+    fn resume_request(&self) -> Result<(), HostError>;
+    /// Lets a response held by the filter go on to the client.
+    fn resume_response(&self) -> Result<(), HostError>;
     /// Wall-clock milliseconds (WASI clock: available on every host).
     fn now_ms(&self) -> u64;
     fn random_u64(&self) -> u64;

@@ -18,6 +18,8 @@ pub enum Metric {
     Expired,
     StoreFull,
     StoreErrors,
+    /// Store unavailable with `on_unavailable: allow`: forwarded unprotected.
+    StoreBypassed,
     /// A completion found its claim gone (lock expired and taken over).
     ClaimsLost,
     /// Gauge: records (in flight or completed) the store holds now.
@@ -25,7 +27,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 15] = [
+    pub const ALL: [Metric; 16] = [
         Metric::Protected,
         Metric::Unkeyed,
         Metric::Replays,
@@ -39,6 +41,7 @@ impl Metric {
         Metric::Expired,
         Metric::StoreFull,
         Metric::StoreErrors,
+        Metric::StoreBypassed,
         Metric::ClaimsLost,
         Metric::Entries,
     ];
@@ -62,6 +65,7 @@ impl Metric {
             Metric::Expired => "idempotency.expired",
             Metric::StoreFull => "idempotency.store_full",
             Metric::StoreErrors => "idempotency.store_errors",
+            Metric::StoreBypassed => "idempotency.store_bypassed",
             Metric::ClaimsLost => "idempotency.claims_lost",
             Metric::Entries => "idempotency.entries",
         }

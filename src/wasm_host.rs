@@ -24,8 +24,12 @@ const CAS_MISMATCH: u32 = 8;
 const BUFFER_REQUEST_BODY: u32 = 0;
 const BUFFER_RESPONSE_BODY: u32 = 1;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const MAP_REQUEST_HEADERS: u32 = 0;
 const MAP_RESPONSE_HEADERS: u32 = 2;
+const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
+const STREAM_REQUEST: u32 = 0;
+const STREAM_RESPONSE: u32 = 1;
 
 /// Sweeping the whole table takes this many ticks; each VM sweeps its share.
 const SWEEP_TICKS_PER_PASS: u32 = 30;
@@ -86,6 +90,7 @@ extern "C" {
         headers_size: usize,
         grpc_status: i32,
     ) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_define_metric(
         metric_type: u32,
         name_data: *const u8,
@@ -359,6 +364,42 @@ impl Host for WasmHost {
         })
     }
 
+    fn dispatch_http_call(
+        &self,
+        upstream: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        timeout_ms: u64,
+    ) -> Result<u32, HostError> {
+        // Through the SDK, not a raw import: its dispatcher routes the answer
+        // back to this context only for calls it registered. It panics on
+        // statuses other than Ok, BadArgument and InternalFailure; Envoy's
+        // http_call returns only those.
+        proxy_wasm::hostcalls::dispatch_http_call(
+            upstream,
+            headers.to_vec(),
+            body,
+            vec![],
+            std::time::Duration::from_millis(timeout_ms),
+        )
+        .map_err(|status| HostError {
+            call: "http_call",
+            status: status as u32,
+        })
+    }
+
+    fn resume_request(&self) -> Result<(), HostError> {
+        check("continue_stream(request)", unsafe {
+            proxy_continue_stream(STREAM_REQUEST)
+        })
+    }
+
+    fn resume_response(&self) -> Result<(), HostError> {
+        check("continue_stream(response)", unsafe {
+            proxy_continue_stream(STREAM_RESPONSE)
+        })
+    }
+
     fn now_ms(&self) -> u64 {
         now_ms()
     }
@@ -410,9 +451,12 @@ impl RootContext for Root {
         let host = WasmHost {
             metrics: self.metrics.clone(),
         };
+        let mut wants_tick = false;
         match &ctx.store {
+            Store::Redis(_) => {}
             Store::Local(table) => match table.init(&host) {
                 Ok(created) => {
+                    wants_tick = true;
                     if created > 0 {
                         host_log(
                             Level::Info,
@@ -436,7 +480,11 @@ impl RootContext for Root {
         // Start each VM's sweep somewhere else so several VMs spread out.
         let start = (host.random_u64() % u64::from(table_buckets(&ctx).max(1))) as u32;
         self.sweep_cursor.set(start);
-        let status = unsafe { proxy_set_tick_period_milliseconds(TICK_MS) };
+        let status = if wants_tick {
+            unsafe { proxy_set_tick_period_milliseconds(TICK_MS) }
+        } else {
+            OK
+        };
         if status != OK {
             host_log(Level::Warn, &format!("no tick (status {status}): expired records are reclaimed only when their slot is reused"));
         }
@@ -450,6 +498,8 @@ impl RootContext for Root {
             metrics: self.metrics.clone(),
         };
         match &ctx.store {
+            // Redis expires records itself.
+            Store::Redis(_) => {}
             Store::Local(table) => {
                 let buckets = table.buckets().max(1);
                 let per_tick = buckets.div_ceil(SWEEP_TICKS_PER_PASS).max(1);
@@ -502,6 +552,7 @@ impl RootContext for Root {
 fn table_buckets(ctx: &FilterContext) -> u32 {
     match &ctx.store {
         Store::Local(t) => t.buckets(),
+        Store::Redis(_) => 1,
     }
 }
 
@@ -529,6 +580,33 @@ impl HttpFilter {
 }
 
 impl Context for HttpFilter {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some(f) = self.filter.as_mut() else {
+            return;
+        };
+        // No headers at all: the call failed (timeout, connection refused).
+        let status = get_pairs(MAP_HTTP_CALL_RESPONSE_HEADERS)
+            .ok()
+            .and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|(n, _)| n == ":status")
+                    .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok())
+            });
+        let body = if body_size > 0 {
+            get_buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, 0, body_size).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        f.on_store_response(&self.host, token_id, status, &body);
+    }
+
     fn on_done(&mut self) -> bool {
         if let Some(f) = self.filter.as_mut() {
             f.on_done(&self.host);

@@ -3,6 +3,7 @@
 //! [`crate::decision::decide`], so they agree on semantics.
 
 pub mod local;
+pub mod redis;
 
 use crate::host::HostError;
 use crate::record::StoredResponse;
@@ -27,6 +28,8 @@ pub enum StoreError {
     Contention,
     /// A completed record whose response bytes are gone.
     Inconsistent,
+    /// The store could not be reached or answered an error (Redis store).
+    Unavailable(String),
 }
 
 impl From<HostError> for StoreError {
@@ -42,6 +45,7 @@ impl fmt::Display for StoreError {
             StoreError::Corrupt(what) => write!(f, "unreadable store data: {what}"),
             StoreError::Contention => write!(f, "store contention: every CAS attempt lost"),
             StoreError::Inconsistent => write!(f, "a completed record's response is missing"),
+            StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
         }
     }
 }

@@ -17,6 +17,10 @@ sys.path.insert(0, os.path.join(REPO, "demo"))
 
 from gateway import DEFAULT_WASM, Envoy  # noqa: E402
 from payment_service import PaymentService  # noqa: E402
+from redis_backend import RedisBackend  # noqa: E402
+
+# Every test that takes a gateway runs once per store.
+STORES = ["local", "redis"]
 
 # One gateway per configuration; started on first use, shared by the tests.
 PROFILES = {
@@ -44,14 +48,38 @@ def upstream():
 
 
 @pytest.fixture(scope="session")
-def gateways(upstream):
+def redis_backend():
+    backend = RedisBackend().start()
+    yield backend
+    backend.stop()
+
+
+@pytest.fixture(scope="session", params=STORES)
+def store_kind(request):
+    return request.param
+
+
+def redis_store(prefix, **extra):
+    return {"type": "redis", "cluster": "webdis", "key_prefix": prefix, **extra}
+
+
+@pytest.fixture(scope="session")
+def gateways(upstream, store_kind, request):
+    backend = request.getfixturevalue("redis_backend") if store_kind == "redis" else None
     started = {}
 
     def get(profile):
         if profile not in started:
-            started[profile] = Envoy(PROFILES[profile], upstream.port, concurrency=2).start()
+            config = json.loads(json.dumps(PROFILES[profile]))
+            if backend:
+                if "store" in config:
+                    pytest.skip(f"profile {profile!r} is about the local store")
+                config["store"] = redis_store(f"idem-{profile}:")
+            started[profile] = Envoy(config, upstream.port, concurrency=2,
+                                     webdis_port=backend.webdis_port if backend else None).start()
         return started[profile]
 
+    get.kind = store_kind
     yield get
     for envoy in started.values():
         envoy.stop()

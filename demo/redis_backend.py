@@ -1,0 +1,97 @@
+"""Redis and Webdis (its HTTP front end) as child processes on 127.0.0.1.
+
+The Redis store of the filter talks to Webdis over HTTP. Tests and the fleet
+demo start both here; Webdis can be stopped and started again to show what
+the filter does while the store is unreachable.
+"""
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+from gateway import free_port
+
+
+def _wait_port(port, proc, what, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} not listening on {port} after {timeout}s")
+
+
+class RedisBackend:
+    def __init__(self, redis_port=None, webdis_port=None, workdir=None):
+        for tool in ("redis-server", "webdis"):
+            if not shutil.which(tool):
+                raise RuntimeError(f"{tool} is not installed (make setup installs redis-server and webdis)")
+        self.redis_port = redis_port or free_port()
+        self.webdis_port = webdis_port or free_port()
+        self.workdir = workdir or tempfile.mkdtemp(prefix="idem-redis-")
+        self.redis = None
+        self.webdis = None
+        atexit.register(self.stop)
+
+    def start(self):
+        self.start_redis()
+        self.start_webdis()
+        return self
+
+    def start_redis(self):
+        log = open(os.path.join(self.workdir, "redis.log"), "a")
+        self.redis = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", "",
+             "--appendonly", "no", "--protected-mode", "yes", "--dir", self.workdir],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_port(self.redis_port, self.redis, "redis-server")
+
+    def start_webdis(self):
+        conf = os.path.join(self.workdir, "webdis.json")
+        with open(conf, "w") as f:
+            json.dump({
+                "redis_host": "127.0.0.1", "redis_port": self.redis_port, "redis_auth": None,
+                "http_host": "127.0.0.1", "http_port": self.webdis_port,
+                "threads": 2, "pool_size": 16, "daemonize": False, "database": 0,
+                "verbosity": 1, "logfile": os.path.join(self.workdir, "webdis.log"),
+            }, f)
+        self.webdis = subprocess.Popen(["webdis", conf], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True)
+        _wait_port(self.webdis_port, self.webdis, "webdis")
+
+    @staticmethod
+    def _stop(proc, sig=signal.SIGTERM):
+        if proc and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def stop_webdis(self):
+        self._stop(self.webdis)
+
+    def stop(self):
+        self._stop(self.webdis)
+        self._stop(self.redis)
+
+    def command(self, *parts):
+        """One Redis command through Webdis, for tests: returns the JSON reply."""
+        path = "/".join(urllib.request.quote(str(p), safe="") for p in parts)
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.webdis_port}/{path}", timeout=5) as r:
+            return json.loads(r.read())

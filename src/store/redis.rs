@@ -1,0 +1,480 @@
+//! The Redis store, spoken over HTTP because a proxy-wasm filter cannot open
+//! sockets. Every step is one `EVAL` (atomic in Redis), and Redis owns expiry
+//! (`PX`), so the filter needs no clock for it:
+//!
+//! * claim: return the key's value if there is one, else set the in-flight
+//!   marker with `PX` = lock timeout and answer `claimed`;
+//! * complete / release: only if the key still holds *this* claim's marker
+//!   (a claim that expired and was taken over is never overwritten or deleted
+//!   by the late original); complete sets the record with `PX` = TTL.
+//!
+//! Values (ASCII, so they survive JSON replies):
+//! * in flight: `I|<token, 16 hex>|<fingerprint, 32 hex>`
+//! * completed: `C|<fingerprint, 32 hex>|<base64 of the record bytes>`
+//!
+//! Redis keys are `key_prefix` + hex digest of (scope, key): nothing a client
+//! sends reaches a URL or a script unencoded.
+//!
+//! HTTP dialects live behind [`Dialect`]: Webdis today; another front end
+//! (an Upstash-style JSON `POST /`) is one more implementation of it.
+
+use super::{Claim, ClaimOutcome, StoreError};
+use crate::decision::{decide, Decision, Existing};
+use crate::fingerprint::{hex, Digest16};
+use crate::record::{DataRecord, StoredResponse};
+use crate::wire::{base64_decode, base64_encode, hex_decode, percent_encode_segment};
+
+pub(crate) const CLAIM_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
+if v then return v end \
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
+return 'claimed'";
+
+/// ARGV[1]: the owner's marker prefix, ARGV[2]: TTL ms, ARGV[3]: the record.
+pub(crate) const COMPLETE_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
+if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then \
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2]) return 1 end \
+return 0";
+
+pub(crate) const RELEASE_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
+if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then \
+redis.call('DEL', KEYS[1]) return 1 end \
+return 0";
+
+/// A Redis reply, as far as the scripts need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisValue {
+    Nil,
+    Int(i64),
+    Text(String),
+    /// A Redis error reply (script error, OOM, ...).
+    Error(String),
+}
+
+/// One HTTP request to the store's front end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreRequest {
+    pub method: &'static str,
+    pub path: String,
+    pub body: Option<Vec<u8>>,
+}
+
+/// How `EVAL` travels over HTTP to one kind of front end.
+pub trait Dialect {
+    /// `EVAL script numkeys keys... args... [last]`; `last`, when given, is the
+    /// final argument, sent in the body where the dialect allows (records can
+    /// be large).
+    fn eval(&self, script: &str, keys: &[&str], args: &[&str], last: Option<&[u8]>)
+        -> StoreRequest;
+    /// Parses the front end's answer to an `eval` request.
+    fn parse(&self, status: u16, body: &[u8]) -> Result<RedisValue, StoreError>;
+}
+
+/// Webdis: `GET /EVAL/<script>/<numkeys>/<key>/<arg>...` with every segment
+/// percent-encoded; a `PUT` body is appended as the last argument. Replies are
+/// JSON: `{"EVAL": <value>}`, errors as `{"EVAL": [false, "ERR ..."]}`.
+///
+/// Webdis reads a dot in the *last* path segment as a format suffix
+/// (`.json`, `.raw`): every last segment built here is digits or a body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Webdis;
+
+impl Dialect for Webdis {
+    fn eval(
+        &self,
+        script: &str,
+        keys: &[&str],
+        args: &[&str],
+        last: Option<&[u8]>,
+    ) -> StoreRequest {
+        let mut path = String::from("/EVAL/");
+        path.push_str(&percent_encode_segment(script.as_bytes()));
+        path.push('/');
+        path.push_str(&keys.len().to_string());
+        for part in keys.iter().chain(args.iter()) {
+            path.push('/');
+            path.push_str(&percent_encode_segment(part.as_bytes()));
+        }
+        StoreRequest {
+            method: if last.is_some() { "PUT" } else { "GET" },
+            path,
+            body: last.map(<[u8]>::to_vec),
+        }
+    }
+
+    fn parse(&self, status: u16, body: &[u8]) -> Result<RedisValue, StoreError> {
+        if status != 200 {
+            return Err(StoreError::Unavailable(format!(
+                "webdis answered HTTP {status}"
+            )));
+        }
+        let doc: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|_| StoreError::Corrupt("webdis reply is not JSON"))?;
+        let value = doc
+            .get("EVAL")
+            .ok_or(StoreError::Corrupt("webdis reply without EVAL"))?;
+        match value {
+            serde_json::Value::Null => Ok(RedisValue::Nil),
+            serde_json::Value::String(s) => Ok(RedisValue::Text(s.clone())),
+            serde_json::Value::Number(n) => n
+                .as_i64()
+                .map(RedisValue::Int)
+                .ok_or(StoreError::Corrupt("webdis number")),
+            serde_json::Value::Array(a) if a.first() == Some(&serde_json::Value::Bool(false)) => {
+                Ok(RedisValue::Error(
+                    a.get(1)
+                        .and_then(|m| m.as_str())
+                        .unwrap_or("unknown error")
+                        .to_string(),
+                ))
+            }
+            _ => Err(StoreError::Corrupt("unexpected webdis reply")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnavailable {
+    /// Fail closed: 503, the upstream is not called.
+    Reject,
+    /// Fail open: forward unprotected, counted in `store_bypassed`.
+    Allow,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// Envoy: a cluster name. APISIX: `host:port`.
+    pub cluster: String,
+    pub authority: String,
+    pub timeout_ms: u64,
+    pub key_prefix: String,
+    pub on_unavailable: OnUnavailable,
+    /// A ready `Authorization` header value (HTTP basic).
+    pub authorization: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisStore {
+    pub config: RedisConfig,
+    dialect: Webdis,
+}
+
+fn marker_prefix(token: u64) -> String {
+    format!("I|{token:016x}|")
+}
+
+fn parse_fingerprint(hex_text: &str) -> Result<Digest16, StoreError> {
+    let bytes = hex_decode(hex_text.as_bytes()).ok_or(StoreError::Corrupt("fingerprint"))?;
+    let mut fp = [0u8; 16];
+    if bytes.len() != 16 {
+        return Err(StoreError::Corrupt("fingerprint length"));
+    }
+    fp.copy_from_slice(&bytes);
+    Ok(fp)
+}
+
+fn expect_flag(v: Result<RedisValue, StoreError>) -> Result<bool, StoreError> {
+    match v? {
+        RedisValue::Int(1) => Ok(true),
+        RedisValue::Int(0) => Ok(false),
+        RedisValue::Error(e) => Err(StoreError::Unavailable(format!("redis: {e}"))),
+        _ => Err(StoreError::Corrupt("unexpected script result")),
+    }
+}
+
+impl RedisStore {
+    pub fn new(config: RedisConfig) -> RedisStore {
+        RedisStore {
+            config,
+            dialect: Webdis,
+        }
+    }
+
+    pub fn redis_key(&self, digest: &Digest16) -> String {
+        format!("{}{}", self.config.key_prefix, hex(digest))
+    }
+
+    pub fn claim_request(
+        &self,
+        digest: &Digest16,
+        fingerprint: &Digest16,
+        token: u64,
+        lock_ms: u64,
+    ) -> StoreRequest {
+        let key = self.redis_key(digest);
+        let marker = format!("{}{}", marker_prefix(token), hex(fingerprint));
+        self.dialect.eval(
+            CLAIM_SCRIPT,
+            &[&key],
+            &[&marker, &lock_ms.max(1).to_string()],
+            None,
+        )
+    }
+
+    /// What the claim script's answer means for this request.
+    pub fn claim_outcome(
+        &self,
+        status: u16,
+        body: &[u8],
+        digest: &Digest16,
+        fingerprint: &Digest16,
+        token: u64,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let value = match self.dialect.parse(status, body)? {
+            RedisValue::Text(t) => t,
+            RedisValue::Error(e) => return Err(StoreError::Unavailable(format!("redis: {e}"))),
+            _ => return Err(StoreError::Corrupt("unexpected claim result")),
+        };
+        if value == "claimed" {
+            return Ok(ClaimOutcome::Claimed(Claim {
+                slot: 0,
+                epoch: 0,
+                token,
+            }));
+        }
+        // Redis expires records itself, so whatever it returns is live.
+        let mut parts = value.splitn(3, '|');
+        let (kind, a, b) = (parts.next(), parts.next(), parts.next());
+        let (existing, record) = match (kind, a, b) {
+            (Some("I"), Some(_token), Some(fp)) => (
+                Existing::InFlight {
+                    fingerprint: parse_fingerprint(fp)?,
+                    lock_deadline_ms: u64::MAX,
+                },
+                None,
+            ),
+            (Some("C"), Some(fp), Some(rec)) => (
+                Existing::Completed {
+                    fingerprint: parse_fingerprint(fp)?,
+                    expires_ms: u64::MAX,
+                },
+                Some(rec),
+            ),
+            _ => return Err(StoreError::Corrupt("unrecognised record")),
+        };
+        match decide(Some(&existing), fingerprint, 0) {
+            Decision::Conflict => Ok(ClaimOutcome::InFlight),
+            Decision::Mismatch => Ok(ClaimOutcome::Mismatch),
+            Decision::Replay => {
+                let bytes = base64_decode(record.unwrap_or("").as_bytes())
+                    .ok_or(StoreError::Corrupt("record encoding"))?;
+                let rec = DataRecord::decode(&bytes).map_err(|_| StoreError::Corrupt("record"))?;
+                if rec.digest != *digest {
+                    return Err(StoreError::Corrupt("record belongs to another key"));
+                }
+                Ok(ClaimOutcome::Replay(rec.response))
+            }
+            Decision::Execute | Decision::TakeOver => {
+                Err(StoreError::Corrupt("expired record returned"))
+            }
+        }
+    }
+
+    pub fn complete_request(
+        &self,
+        digest: &Digest16,
+        fingerprint: &Digest16,
+        claim: &Claim,
+        response: StoredResponse,
+        ttl_ms: u64,
+    ) -> StoreRequest {
+        let key = self.redis_key(digest);
+        let record = DataRecord {
+            epoch: 0,
+            digest: *digest,
+            response,
+        }
+        .encode();
+        let value = format!("C|{}|{}", hex(fingerprint), base64_encode(&record));
+        self.dialect.eval(
+            COMPLETE_SCRIPT,
+            &[&key],
+            &[&marker_prefix(claim.token), &ttl_ms.max(1).to_string()],
+            Some(value.as_bytes()),
+        )
+    }
+
+    /// `Ok(false)`: the claim was no longer ours (expired, maybe taken over).
+    pub fn complete_outcome(&self, status: u16, body: &[u8]) -> Result<bool, StoreError> {
+        expect_flag(self.dialect.parse(status, body))
+    }
+
+    pub fn release_request(&self, digest: &Digest16, claim: &Claim) -> StoreRequest {
+        let key = self.redis_key(digest);
+        // The marker prefix ends in '|', so the last segment has no dot.
+        self.dialect.eval(
+            RELEASE_SCRIPT,
+            &[&key],
+            &[&marker_prefix(claim.token)],
+            None,
+        )
+    }
+
+    pub fn release_outcome(&self, status: u16, body: &[u8]) -> Result<bool, StoreError> {
+        expect_flag(self.dialect.parse(status, body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> RedisStore {
+        RedisStore::new(RedisConfig {
+            cluster: "webdis".into(),
+            authority: "webdis".into(),
+            timeout_ms: 500,
+            key_prefix: "idem:".into(),
+            on_unavailable: OnUnavailable::Reject,
+            authorization: None,
+        })
+    }
+
+    fn json(v: &str) -> Vec<u8> {
+        format!("{{\"EVAL\":{v}}}").into_bytes()
+    }
+
+    const D: Digest16 = [0xab; 16];
+    const FP: Digest16 = [0x01; 16];
+
+    #[test]
+    fn requests_encode_everything_and_put_records_in_the_body() {
+        let s = store();
+        let r = s.claim_request(&D, &FP, 0x1234, 30_000);
+        assert_eq!(r.method, "GET");
+        assert!(
+            r.path
+                .starts_with("/EVAL/local%20v%20%3D%20redis%2Ecall%28"),
+            "{}",
+            r.path
+        );
+        assert!(
+            r.path.ends_with(&format!(
+                "/1/idem%3A{}/I%7C0000000000001234%7C{}/30000",
+                hex(&D),
+                hex(&FP)
+            )),
+            "{}",
+            r.path
+        );
+        let c = s.complete_request(
+            &D,
+            &FP,
+            &Claim {
+                slot: 0,
+                epoch: 0,
+                token: 0x1234,
+            },
+            StoredResponse {
+                status: 201,
+                ..Default::default()
+            },
+            86_400_000,
+        );
+        assert_eq!(c.method, "PUT");
+        assert!(
+            c.path.ends_with("/I%7C0000000000001234%7C/86400000"),
+            "{}",
+            c.path
+        );
+        assert!(c
+            .body
+            .as_ref()
+            .unwrap()
+            .starts_with(format!("C|{}|", hex(&FP)).as_bytes()));
+        let rel = s.release_request(
+            &D,
+            &Claim {
+                slot: 0,
+                epoch: 0,
+                token: 0x1234,
+            },
+        );
+        assert!(rel.path.ends_with("/I%7C0000000000001234%7C"));
+        // Only unreserved characters stay unencoded: a prefix cannot inject path segments.
+        let mut odd = store();
+        odd.config.key_prefix = "a/b.c:".into();
+        assert!(odd
+            .claim_request(&D, &FP, 1, 1)
+            .path
+            .contains("/a%2Fb%2Ec%3A"));
+    }
+
+    #[test]
+    fn claim_replies_map_through_the_shared_decision() {
+        let s = store();
+        let out = |body: &[u8]| s.claim_outcome(200, body, &D, &FP, 7);
+        assert_eq!(
+            out(&json("\"claimed\"")).unwrap(),
+            ClaimOutcome::Claimed(Claim {
+                slot: 0,
+                epoch: 0,
+                token: 7
+            })
+        );
+        let inflight_same = json(&format!("\"I|0000000000000009|{}\"", hex(&FP)));
+        assert_eq!(out(&inflight_same).unwrap(), ClaimOutcome::InFlight);
+        let inflight_other = json(&format!("\"I|0000000000000009|{}\"", hex(&[2; 16])));
+        assert_eq!(out(&inflight_other).unwrap(), ClaimOutcome::Mismatch);
+        // A completed record round-trips through the complete request's body.
+        let resp = StoredResponse {
+            status: 201,
+            headers: vec![("x-b".into(), vec![0, 255])],
+            body: vec![0, 1, 2, 255],
+            body_omitted: false,
+        };
+        let put = s.complete_request(
+            &D,
+            &FP,
+            &Claim {
+                slot: 0,
+                epoch: 0,
+                token: 7,
+            },
+            resp.clone(),
+            1000,
+        );
+        let stored = String::from_utf8(put.body.unwrap()).unwrap();
+        let completed = json(&serde_json::to_string(&stored).unwrap());
+        assert_eq!(out(&completed).unwrap(), ClaimOutcome::Replay(resp));
+        let other = RedisStore::new(s.config.clone());
+        assert_eq!(
+            other
+                .claim_outcome(200, &completed, &D, &[3; 16], 7)
+                .unwrap(),
+            ClaimOutcome::Mismatch
+        );
+        // A record filed under another digest is refused, not replayed.
+        assert!(other
+            .claim_outcome(200, &completed, &[0xcd; 16], &FP, 7)
+            .is_err());
+    }
+
+    #[test]
+    fn failures_are_errors_never_panics() {
+        let s = store();
+        let out = |status: u16, body: &[u8]| s.claim_outcome(status, body, &D, &FP, 7);
+        assert!(matches!(out(503, b""), Err(StoreError::Unavailable(_))));
+        assert!(matches!(
+            out(200, &json("[false,\"ERR oom\"]")),
+            Err(StoreError::Unavailable(_))
+        ));
+        for bad in [
+            "null",
+            "1",
+            "\"I|x\"",
+            "\"C|zz|AA==\"",
+            "\"X|1|2\"",
+            "{}",
+            "[true]",
+        ] {
+            assert!(out(200, &json(bad)).is_err(), "{bad}");
+        }
+        assert!(out(200, b"not json").is_err());
+        assert!(out(200, b"{}").is_err());
+        let c = format!("\"C|{}|not-base64!\"", hex(&FP));
+        assert!(out(200, &json(&c)).is_err());
+        assert_eq!(s.complete_outcome(200, &json("1")).unwrap(), true);
+        assert_eq!(s.complete_outcome(200, &json("0")).unwrap(), false);
+        assert!(s.release_outcome(200, &json("\"x\"")).is_err());
+    }
+}

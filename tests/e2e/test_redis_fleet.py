@@ -1,0 +1,198 @@
+"""End-to-end: a fleet of two Envoy gateways sharing one Redis (through
+Webdis), and what happens when a gateway or the store fails. Every test
+asserts on what the counting upstream executed."""
+
+import re
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import Envoy, RedisBackend, post, problem, redis_store
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Fleet:
+    """Two gateways with the same configuration and one Redis."""
+
+    def __init__(self, upstream, backend, **config):
+        self.upstream = upstream
+        self.backend = backend
+        self.prefix = "fleet-" + uuid.uuid4().hex[:8] + ":"
+        store_extra = config.pop("store_extra", {})
+        self.config = {**config, "store": redis_store(self.prefix, **store_extra)}
+        self.a = self.new_gateway()
+        self.b = self.new_gateway()
+
+    def new_gateway(self):
+        return Envoy(self.config, self.upstream.port, concurrency=2,
+                     webdis_port=self.backend.webdis_port).start()
+
+    def stop(self):
+        self.a.stop()
+        self.b.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_backend():
+    backend = RedisBackend().start()
+    yield backend
+    backend.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(upstream, shared_backend):
+    f = Fleet(upstream, shared_backend)
+    yield f
+    f.stop()
+
+
+@pytest.fixture
+def key():
+    return "fk-" + uuid.uuid4().hex
+
+
+def test_a_key_completed_on_one_gateway_replays_on_the_other(fleet, upstream, key):
+    s1, h1, b1 = post(fleet.a, key)
+    assert s1 == 201
+    s2, h2, b2 = post(fleet.b, key)
+    assert (s2, h2.get("idempotent-replayed"), b2) == (201, "true", b1)
+    assert post(fleet.b, key, body=b'{"amount": 1}')[0] == 422
+    assert upstream.executions(key) == 1
+
+
+def test_forty_concurrent_duplicates_over_both_gateways_execute_once(fleet, upstream, key):
+    n = 40
+    barrier = threading.Barrier(n)
+
+    def one(i):
+        barrier.wait()
+        return post(fleet.a if i % 2 else fleet.b, key, headers={"x-demo-delay-ms": "300"})
+
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(one, range(n)))
+    assert upstream.executions(key) == 1
+    statuses = sorted(r[0] for r in results)
+    assert set(statuses) <= {201, 409}, statuses
+    originals = [r for r in results if r[0] == 201 and "idempotent-replayed" not in r[1]]
+    assert len(originals) == 1
+
+
+def test_a_restarted_gateway_still_replays(fleet, upstream, key):
+    s1, _, b1 = post(fleet.a, key)
+    assert s1 == 201
+    fleet.a.stop()
+    fleet.a = fleet.new_gateway()
+    s2, h2, b2 = post(fleet.a, key)
+    assert (s2, h2.get("idempotent-replayed"), b2) == (201, "true", b1)
+    assert upstream.executions(key) == 1
+
+
+def test_redis_keys_are_prefix_plus_hex_digest_and_values_are_ascii(fleet, key):
+    hostile = '"../../FLUSHALL/x.raw?a=b%2F"'
+    assert post(fleet.a, hostile)[0] == 201
+    assert post(fleet.a, hostile)[1].get("idempotent-replayed") == "true"
+    keys = fleet.backend.command("KEYS", fleet.prefix + "*")["KEYS"]
+    assert keys, "records are stored under the prefix"
+    for k in keys:
+        assert re.fullmatch(re.escape(fleet.prefix) + "[0-9a-f]{32}", k), k
+    assert fleet.backend.command("DBSIZE")["DBSIZE"] >= len(keys), "nothing was flushed"
+    value = fleet.backend.command("GET", keys[0])["GET"]
+    assert value.startswith("C|") and value.isascii()
+    # Completed records carry Redis's own expiry.
+    assert 0 < fleet.backend.command("PTTL", keys[0])["PTTL"] <= 86_400_000
+
+
+def eval_calls(backend):
+    """How many EVALs Redis has run (Webdis returns INFO as a dict)."""
+    info = backend.command("INFO", "commandstats")["INFO"]
+    for name, value in info.items():
+        if name.endswith("cmdstat_eval"):
+            return int(re.search(r"calls=(\d+)", value).group(1))
+    return 0
+
+
+def test_methods_not_protected_never_touch_the_store(fleet, upstream, key):
+    assert post(fleet.a, key)[0] == 201  # the store is in use...
+    before = eval_calls(fleet.backend)
+    assert before > 0
+    for _ in range(3):
+        assert fleet.a.request("GET", "/orders", {"idempotency-key": key})[0] == 200
+        assert post(fleet.a, key, method="PUT")[0] == 200
+    assert eval_calls(fleet.backend) == before, "...but not for unprotected methods"
+
+
+def test_a_gateway_killed_mid_request_leaves_a_claim_that_expires(upstream, shared_backend, key):
+    fleet = Fleet(upstream, shared_backend, lock_timeout_seconds=3)
+    try:
+        pool = ThreadPoolExecutor(1)
+        original = pool.submit(post, fleet.a, key, b'{"amount": 5}', {"x-demo-delay-ms": "1000"})
+        wait_for(lambda: upstream.started(key) == 1, what="the original to reach the upstream")
+        claimed_at = time.time()
+        fleet.a.stop(sig=9)  # SIGKILL: no chance to release or record anything
+        with pytest.raises(Exception):
+            original.result()
+        resp = post(fleet.b, key, body=b'{"amount": 5}')
+        assert resp[0] == 409, resp
+        problem(resp)
+        time.sleep(max(0.0, claimed_at + 3.3 - time.time()))
+        s, h, _ = post(fleet.b, key, body=b'{"amount": 5}')
+        assert s == 201 and "idempotent-replayed" not in h, "after the lock timeout the retry runs"
+        wait_for(lambda: upstream.executions(key) == 2, what="both executions")
+        pool.shutdown()
+    finally:
+        fleet.stop()
+
+
+def test_store_down_with_reject_answers_503_and_recovers(upstream, key, tmp_path):
+    backend = RedisBackend(workdir=str(tmp_path)).start()
+    fleet = Fleet(upstream, backend, store_extra={"timeout_ms": 300})
+    try:
+        before = fleet.a.stats()
+        backend.stop_webdis()
+        resp = post(fleet.a, key)
+        assert resp[0] == 503, resp
+        doc = problem(resp)
+        assert doc["title"] == "Idempotency store unavailable" and "redis" in doc["detail"]
+        assert resp[1].get("retry-after") == "1"
+        assert upstream.executions(key) == 0, "fail closed: the upstream is untouched"
+        assert fleet.a.stats()["store_errors"] > before["store_errors"]
+        backend.start_webdis()
+        s1, _, b1 = post(fleet.a, key)
+        assert s1 == 201
+        s2, h2, b2 = post(fleet.b, key)
+        assert (s2, h2.get("idempotent-replayed"), b2) == (201, "true", b1), "protection resumed"
+        assert upstream.executions(key) == 1
+    finally:
+        fleet.stop()
+        backend.stop()
+
+
+def test_store_down_with_allow_forwards_unprotected_and_counts_it(upstream, key, tmp_path):
+    backend = RedisBackend(workdir=str(tmp_path)).start()
+    fleet = Fleet(upstream, backend, store_extra={"timeout_ms": 300, "on_unavailable": "allow"})
+    try:
+        before = fleet.a.stats()["store_bypassed"]
+        backend.stop_webdis()
+        assert post(fleet.a, key)[0] == 201
+        assert post(fleet.a, key)[0] == 201
+        assert upstream.executions(key) == 2, "fail open: forwarded without protection"
+        assert fleet.a.stats()["store_bypassed"] - before == 2
+        backend.start_webdis()
+        key2 = key + "-after"
+        assert post(fleet.a, key2)[0] == 201
+        assert post(fleet.b, key2)[1].get("idempotent-replayed") == "true"
+        assert upstream.executions(key2) == 1
+    finally:
+        fleet.stop()
+        backend.stop()

@@ -8,15 +8,20 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 ENVOY       := $(VENV)/bin/envoy
 PYTEST_ARGS ?=
+# apt-get needs root; CI runs as root, a developer may not.
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build test unit e2e lint demo clean
+.PHONY: help setup build test unit e2e lint demo demo-fleet clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed ## Install the wasm target, Envoy 1.40 and pytest (idempotent)
+setup: $(VENV)/.installed ## Install the wasm target, Envoy 1.40, pytest, redis-server and webdis (idempotent)
 	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+	@command -v redis-server >/dev/null && command -v webdis >/dev/null || \
+		{ echo "installing redis-server and webdis (Debian packages)"; \
+		  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server webdis; }
 
 $(VENV)/.installed: tests/requirements.txt
 	python3 -m venv $(VENV)
@@ -40,8 +45,11 @@ e2e: build ## End-to-end tests: real Envoy (2 workers) + counting upstream
 
 test: setup lint unit e2e ## Everything CI runs: lint, unit and end-to-end tests
 
-demo: build ## Envoy + filter in front of the demo payment service; prints curl commands
+demo: build ## Envoy + filter (local store) in front of the demo payment service; prints curl commands
 	$(PY) demo/gateway.py
+
+demo-fleet: build ## Two Envoys sharing one Redis (via Webdis): a retry on the other gateway is replayed
+	$(PY) demo/gateway.py --fleet
 
 clean: ## Remove build output and the venv
 	cargo clean

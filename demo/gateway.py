@@ -176,6 +176,47 @@ curl -s localhost:{upstream}/__executions
 """
 
 
+FLEET_WALKTHROUGH = """
+Gateway A: http://127.0.0.1:{a}   Gateway B: http://127.0.0.1:{b}   (two Envoy processes)
+Both keep key state in one Redis (127.0.0.1:{redis}) through Webdis (127.0.0.1:{webdis}).
+
+# 1. The payment goes through gateway A
+curl -si -X POST localhost:{a}/payments -H 'Idempotency-Key: "order-2001"' -H 'content-type: application/json' -d '{{"amount": 42}}'
+# 2. The client's retry lands on gateway B: replayed from Redis, same payment id
+curl -si -X POST localhost:{b}/payments -H 'Idempotency-Key: "order-2001"' -H 'content-type: application/json' -d '{{"amount": 42}}'
+# 3. What Redis holds (prefix + hex digest of scope and key; expires by itself)
+curl -s localhost:{webdis}/KEYS/idem:*
+# 4. What the upstream executed
+curl -s localhost:{upstream}/__executions
+"""
+
+
+def demo_fleet(args):
+    from payment_service import PaymentService
+    from redis_backend import RedisBackend
+
+    upstream = PaymentService(port=args.upstream_port).start()
+    backend = RedisBackend(redis_port=args.redis_port, webdis_port=args.webdis_port).start()
+    config = {"store": {"type": "redis", "cluster": "webdis"}}
+    gateways = []
+    try:
+        for port, admin in ((args.port, args.admin_port), (args.port + 1, args.admin_port + 1)):
+            gateways.append(Envoy(config, upstream.port, listen_port=port, admin_port=admin,
+                                  webdis_port=backend.webdis_port).start())
+        print(FLEET_WALKTHROUGH.format(a=gateways[0].port, b=gateways[1].port, redis=backend.redis_port,
+                                       webdis=backend.webdis_port, upstream=upstream.port), flush=True)
+        print("Ctrl-C stops everything.", flush=True)
+        while all(g.proc.poll() is None for g in gateways):
+            time.sleep(0.5)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        for g in gateways:
+            g.stop()
+        backend.stop()
+        upstream.stop()
+
+
 def demo(argv):
     import argparse
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -186,7 +227,13 @@ def demo(argv):
     ap.add_argument("--admin-port", type=int, default=9901)
     ap.add_argument("--upstream-port", type=int, default=8081)
     ap.add_argument("--config", default='{"required": false}', help="plugin configuration JSON")
+    ap.add_argument("--fleet", action="store_true", help="two gateways (--port, --port+1) sharing one Redis")
+    ap.add_argument("--redis-port", type=int, default=6380)
+    ap.add_argument("--webdis-port", type=int, default=7379)
     args = ap.parse_args(argv)
+    if args.fleet:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        return demo_fleet(args)
     # SIGTERM (a supervisor, `kill`) must stop Envoy too, like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     upstream = PaymentService(port=args.upstream_port).start()

@@ -1206,25 +1206,38 @@ mod tests {
         ))
     }
 
+    /// A bodiless keyed POST: headers in, claim sent, the fake Redis answers
+    /// (call `n`). Returns the filter.
+    fn redis_post(
+        host: &FakeHost,
+        redis: &FakeRedis,
+        c: &Rc<FilterContext>,
+        key: &str,
+        n: usize,
+    ) -> Filter {
+        let hs: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", "/pay"),
+            ("idempotency-key", key),
+        ];
+        host.reset_exchange(&hs, b"");
+        let mut f = Filter::new(c.clone());
+        assert_eq!(
+            f.on_request_headers(host, true),
+            Verdict::Pause,
+            "held while the store decides"
+        );
+        f.on_store_response(host, n as u32, Some(200), &redis.answer(host, n));
+        f
+    }
+
     #[test]
     fn redis_flow_claim_forward_record_replay() {
         let host = FakeHost::default();
         let redis = FakeRedis::default();
         let c = redis_ctx("");
-        let hs: Vec<(&str, &str)> = vec![
-            (":method", "POST"),
-            (":path", "/pay"),
-            ("idempotency-key", "k"),
-        ];
-        host.reset_exchange(&hs, b"");
-        let mut f = Filter::new(c.clone());
-        assert_eq!(
-            f.on_request_headers(&host, true),
-            Verdict::Pause,
-            "held while the store decides"
-        );
+        let mut f = redis_post(&host, &redis, &c, "k", 1);
         assert_eq!(host.calls.borrow()[0].0, "webdis");
-        f.on_store_response(&host, 1, Some(200), &redis.answer(&host, 1));
         assert_eq!(host.resumed_requests.get(), 1, "claimed: forwarded");
         *host.response_headers.borrow_mut() = vec![(":status".into(), b"201".to_vec())];
         assert_eq!(f.on_response_headers(&host, false), Verdict::Continue);
@@ -1238,10 +1251,7 @@ mod tests {
         assert_eq!(host.resumed_responses.get(), 1);
         assert_eq!(host.metric(Metric::Stored), 1);
         // The retry, on any gateway sharing this Redis, replays.
-        host.reset_exchange(&hs, b"");
-        let mut g = Filter::new(c.clone());
-        assert_eq!(g.on_request_headers(&host, true), Verdict::Pause);
-        g.on_store_response(&host, 3, Some(200), &redis.answer(&host, 3));
+        redis_post(&host, &redis, &c, "k", 3);
         let sent = host.sent.borrow().clone().unwrap();
         assert_eq!((sent.status, sent.body.as_slice()), (201, &b"paid"[..]));
         assert_eq!(sent.header("idempotent-replayed").as_deref(), Some("true"));
@@ -1256,16 +1266,7 @@ mod tests {
     fn a_content_length_response_completes_at_its_last_byte() {
         let host = FakeHost::default();
         let redis = FakeRedis::default();
-        let c = redis_ctx("");
-        let hs: Vec<(&str, &str)> = vec![
-            (":method", "POST"),
-            (":path", "/pay"),
-            ("idempotency-key", "cl"),
-        ];
-        host.reset_exchange(&hs, b"");
-        let mut f = Filter::new(c);
-        f.on_request_headers(&host, true);
-        f.on_store_response(&host, 1, Some(200), &redis.answer(&host, 1));
+        let mut f = redis_post(&host, &redis, &redis_ctx(""), "cl", 1);
         *host.response_headers.borrow_mut() = vec![
             (":status".into(), b"200".to_vec()),
             ("content-length".into(), b"6".to_vec()),

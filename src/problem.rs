@@ -95,10 +95,18 @@ impl Problem {
         .retry_after(1)
     }
 
-    pub fn store_unavailable(store: &str) -> Self {
-        Problem::new(503, "store-unavailable", "Idempotency store unavailable",
-            format!("The {store} idempotency store could not be used, so the request was not forwarded. Retry later."))
-            .retry_after(1)
+    pub fn store_unavailable(store: &'static str) -> Self {
+        let title = match store {
+            "redis" => "Redis idempotency store unavailable",
+            _ => "Local idempotency store unavailable",
+        };
+        Problem::new(
+            503,
+            "store-unavailable",
+            title,
+            format!("The {store} idempotency store could not be used, so the request was not forwarded. Retry later."),
+        )
+        .retry_after(1)
     }
 
     pub fn internal(detail: &str) -> Self {

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sys
+import time
 import uuid
 
 import pytest
@@ -93,6 +94,16 @@ def gw(gateways):
 @pytest.fixture
 def key():
     return "k-" + uuid.uuid4().hex
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    """Polls for a state the test caused (not for an amount of time)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def post(gw, key, body=b'{"amount": 42}', headers=None, path="/payments", method="POST"):

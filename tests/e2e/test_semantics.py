@@ -11,16 +11,9 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import Envoy, post, problem, raw_request
+from conftest import Envoy, post, problem, raw_request, wait_for
 
 
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ---------------------------------------------------------------- replay

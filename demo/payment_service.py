@@ -125,14 +125,20 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(reply).encode(), extra=extra)
 
 
+class Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a burst of new connections
+    # from the gateway (a storm test) would see resets, i.e. Envoy 503s.
+    request_queue_size = 256
+    daemon_threads = True
+
+
 class PaymentService:
     """The upstream as an object, for tests: start() on a free port, stop()."""
 
     def __init__(self, host="127.0.0.1", port=0):
         self.ledger = Ledger()
         handler = type("BoundHandler", (Handler,), {"ledger": self.ledger})
-        self.server = ThreadingHTTPServer((host, port), handler)
-        self.server.daemon_threads = True
+        self.server = Server((host, port), handler)
         self.port = self.server.server_address[1]
         self.thread = None
 

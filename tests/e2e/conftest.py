@@ -33,6 +33,7 @@ PROFILES = {
     "lock": {"lock_timeout_seconds": 4, "ttl_seconds": 60},
     "server_errors": {"record_server_errors": True},
     "small_table": {"store": {"type": "local", "max_entries": 64}, "max_response_body_bytes": 65536},
+    "one_bucket": {"store": {"type": "local", "max_entries": 16}},
 }
 
 

@@ -351,6 +351,25 @@ def test_store_stays_bounded_by_max_entries_in_records_and_memory(gateways, upst
     assert upstream.executions(f"{prefix}0") == 2
 
 
+def test_a_table_full_of_running_requests_answers_503_and_recovers(gateways, upstream):
+    full = gateways("one_bucket")  # max_entries 16: one bucket of 16 slots
+    prefix = "full-" + uuid.uuid4().hex[:8] + "-"
+    hold = {"x-demo-delay-ms": "2000"}
+    with ThreadPoolExecutor(16) as pool:
+        running = [pool.submit(post, full, f"{prefix}{i}", b"{}", hold) for i in range(16)]
+        wait_for(lambda: sum(upstream.started(f"{prefix}{i}") for i in range(16)) == 16,
+                 what="16 requests to hold every slot")
+        resp = post(full, prefix + "extra")
+        assert resp[0] == 503, resp
+        assert problem(resp)["type"].endswith("store-full")
+        assert resp[1]["retry-after"] == "1"
+        assert upstream.executions(prefix + "extra") == 0
+        assert [f.result()[0] for f in running] == [201] * 16
+    # Completed records may be evicted: the next key gets a slot.
+    assert post(full, prefix + "extra")[0] == 201
+    assert full.stats()["store_full"] >= 1
+
+
 # ---------------------------------------------------------------- operation
 
 

@@ -10,6 +10,7 @@ import atexit
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,6 +66,7 @@ class Envoy:
         self.webdis_port = webdis_port
         self.port = listen_port or free_port()
         self.admin_port = admin_port or free_port()
+        self.own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="idem-envoy-")
         self.config_path = os.path.join(self.workdir, "envoy.yaml")
         self.log_path = os.path.join(self.workdir, "envoy.log")
@@ -112,6 +114,13 @@ class Envoy:
             return ""
 
     def stop(self, sig=signal.SIGTERM):
+        self._terminate(sig)
+        # Keep the config and log when asked (IDEM_KEEP_LOGS=1) or on failure
+        # paths that call log() first; otherwise leave nothing behind.
+        if self.own_workdir and not os.environ.get("IDEM_KEEP_LOGS") and sig != signal.SIGKILL:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _terminate(self, sig):
         if self.proc and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, sig)

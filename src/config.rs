@@ -53,6 +53,8 @@ struct RawConfig {
     scope_headers: Vec<String>,
     fingerprint_headers: Vec<String>,
     record_server_errors: bool,
+    host: RawHost,
+    forward: Option<RawForward>,
     /// Parsed in a second step ([`parse_store`]): the store's fields depend
     /// on its `type`, and errors must still name e.g. `store.timeout_ms`.
     store: serde_json::Value,
@@ -73,6 +75,8 @@ impl Default for RawConfig {
             scope_headers: vec!["authorization".to_string()],
             fingerprint_headers: vec!["content-type".to_string()],
             record_server_errors: false,
+            host: RawHost::Envoy,
+            forward: None,
             store: serde_json::json!({"type": "local"}),
         }
     }
@@ -117,6 +121,29 @@ struct RawAuth {
     password: String,
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum RawHost {
+    #[default]
+    Envoy,
+    Apisix,
+    ApisixProfile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    upstream: String,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default = "default_forward_timeout_ms")]
+    timeout_ms: u64,
+}
+
+fn default_forward_timeout_ms() -> u64 {
+    30_000
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawLocalStore {
@@ -148,6 +175,38 @@ pub struct Config {
     pub fingerprint_headers: Vec<String>,
     pub record_server_errors: bool,
     pub store: StoreConfig,
+    pub host: Host,
+    /// Forwarding mode: the filter itself sends the request upstream.
+    pub forward: Option<Forward>,
+}
+
+/// Which proxy runs the filter. Chosen by configuration, not detected:
+/// detecting APISIX would mean probing calls it answers UNIMPLEMENTED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    Envoy,
+    /// Apache APISIX (wasm-nginx-module): no shared data, no tick, HTTP calls
+    /// only in request phases, the body only when asked for.
+    Apisix,
+    /// Testing aid: runs in Envoy, behaves exactly as on APISIX, and traps
+    /// on any call APISIX would not allow, so that a test fails.
+    ApisixProfile,
+}
+
+impl Host {
+    /// APISIX's rules apply (on APISIX itself or in its profile on Envoy).
+    pub fn apisix_rules(self) -> bool {
+        matches!(self, Host::Apisix | Host::ApisixProfile)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// Envoy: a cluster name. APISIX: host:port.
+    pub upstream: String,
+    /// `:authority` sent upstream; the client's when unset.
+    pub authority: Option<String>,
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,6 +270,8 @@ impl Default for Config {
                 buckets: 6_250,
                 ways: LOCAL_WAYS,
             },
+            host: Host::Envoy,
+            forward: None,
         })
     }
 }
@@ -485,6 +546,54 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let scope_headers = header_list("scope_headers", raw.scope_headers)?;
     let fingerprint_headers = header_list("fingerprint_headers", raw.fingerprint_headers)?;
     let store = parse_store(raw.store)?;
+    let forward = match raw.forward {
+        None => None,
+        Some(f) => {
+            let visible = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
+            if !visible(&f.upstream) {
+                return Err(err(
+                    "forward.upstream",
+                    "must name the upstream: an Envoy cluster name, or host:port on APISIX",
+                ));
+            }
+            if f.authority.as_deref().is_some_and(|a| !visible(a)) {
+                return Err(err(
+                    "forward.authority",
+                    "must be a host name or host:port without spaces",
+                ));
+            }
+            if f.timeout_ms == 0 || f.timeout_ms > 600_000 {
+                return Err(err(
+                    "forward.timeout_ms",
+                    format!("must be between 1 and 600000 (got {})", f.timeout_ms),
+                ));
+            }
+            Some(Forward {
+                upstream: f.upstream,
+                authority: f.authority,
+                timeout_ms: f.timeout_ms,
+            })
+        }
+    };
+    let host = match raw.host {
+        RawHost::Envoy => Host::Envoy,
+        RawHost::Apisix => Host::Apisix,
+        RawHost::ApisixProfile => Host::ApisixProfile,
+    };
+    if host.apisix_rules() {
+        if matches!(store, StoreConfig::Local { .. }) {
+            return Err(err(
+                "store.type",
+                "the local store needs shared data, which APISIX does not provide; use {\"type\": \"redis\", \"cluster\": \"host:port\"}",
+            ));
+        }
+        if forward.is_none() {
+            return Err(err(
+                "forward",
+                "is required on APISIX, which allows store calls only while handling the request: set {\"upstream\": \"host:port\"} so the filter forwards the request itself and records the answer",
+            ));
+        }
+    }
     Ok(Config {
         header: raw.header.to_ascii_lowercase(),
         methods,
@@ -499,6 +608,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         fingerprint_headers,
         record_server_errors: raw.record_server_errors,
         store,
+        host,
+        forward,
     })
 }
 
@@ -562,6 +673,21 @@ mod tests {
         assert_eq!(r.authorization.as_deref(), Some("Basic dTpw"));
     }
 
+    #[test]
+    fn apisix_needs_redis_and_forwarding() {
+        let ok = Config::parse(br#"{"host":"apisix","store":{"type":"redis","cluster":"127.0.0.1:7379"},"forward":{"upstream":"127.0.0.1:8081"}}"#).unwrap();
+        assert_eq!(ok.host, Host::Apisix);
+        assert_eq!(
+            ok.forward,
+            Some(Forward {
+                upstream: "127.0.0.1:8081".into(),
+                authority: None,
+                timeout_ms: 30_000
+            })
+        );
+        assert_eq!(Config::parse(b"{}").unwrap().host, Host::Envoy);
+    }
+
     /// Table-driven: every rejected document and the exact line it logs.
     #[test]
     fn rejected_configurations_name_the_field_and_the_fix() {
@@ -581,12 +707,18 @@ mod tests {
             (r#"{"scope_headers":["x tenant"]}"#, "invalid configuration: scope_headers: \"x tenant\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"fingerprint_headers":[""]}"#, "invalid configuration: fingerprint_headers: \"\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"store":{"type":"local","max_entries":7}}"#, "invalid configuration: store.max_entries: must be between 16 and 10000000 (got 7)"),
-            (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `record_server_errors`, `store`; remove it or fix its spelling"),
+            (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `record_server_errors`, `host`, `forward`, `store`; remove it or fix its spelling"),
             (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store.max_entry: unknown field `max_entry`, expected `max_entries`; remove it or fix its spelling"),
             (r#"{"ttl_seconds":"60"}"#, "invalid configuration: ttl_seconds: invalid type: string \"60\", expected u64; see the configuration table in README.md for each field's type"),
             (r#"{"required":"yes"}"#, "invalid configuration: required: invalid type: string \"yes\", expected a boolean; see the configuration table in README.md for each field's type"),
             (r#"{"store":{"type":"memcached"}}"#, "invalid configuration: store.type: unknown store type \"memcached\"; use \"local\" (one gateway) or \"redis\" (a fleet)"),
             (r#"{"store":"redis"}"#, "invalid configuration: store: must be an object, e.g. {\"type\": \"local\"}"),
+            (r#"{"host":"apisix"}"#, "invalid configuration: store.type: the local store needs shared data, which APISIX does not provide; use {\"type\": \"redis\", \"cluster\": \"host:port\"}"),
+            (r#"{"host":"apisix","store":{"type":"redis","cluster":"w:1"}}"#, "invalid configuration: forward: is required on APISIX, which allows store calls only while handling the request: set {\"upstream\": \"host:port\"} so the filter forwards the request itself and records the answer"),
+            (r#"{"host":"nginx"}"#, "invalid configuration: host: unknown variant `nginx`, expected one of `envoy`, `apisix`, `apisix-profile`; see the configuration table in README.md for each field's type"),
+            (r#"{"forward":{"upstream":""}}"#, "invalid configuration: forward.upstream: must name the upstream: an Envoy cluster name, or host:port on APISIX"),
+            (r#"{"forward":{"upstream":"u","timeout_ms":0}}"#, "invalid configuration: forward.timeout_ms: must be between 1 and 600000 (got 0)"),
+            (r#"{"forward":{}}"#, "invalid configuration: forward: missing field `upstream`; it is required"),
             (r#"{"store":{"type":"redis"}}"#, "invalid configuration: store: missing field `cluster`; it is required"),
             (r#"{"store":{"type":"redis","cluster":""}}"#, "invalid configuration: store.cluster: must name where Webdis is reached: an Envoy cluster name (e.g. \"webdis\"), or host:port on APISIX"),
             (r#"{"store":{"type":"redis","cluster":"w","timeout_ms":0}}"#, "invalid configuration: store.timeout_ms: must be between 1 and 60000 (got 0)"),

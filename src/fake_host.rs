@@ -106,6 +106,7 @@ pub struct FakeHost {
     pub resumed_requests: Cell<u32>,
     pub resumed_responses: Cell<u32>,
     pub dispatch_fails: Cell<bool>,
+    pub properties: RefCell<Vec<(String, Vec<u8>)>>,
 }
 
 impl FakeHost {
@@ -205,6 +206,12 @@ impl Host for FakeHost {
             body.map(<[u8]>::to_vec),
         ));
         Ok(calls.len() as u32)
+    }
+    fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError> {
+        self.properties
+            .borrow_mut()
+            .push((name.to_string(), value.to_vec()));
+        Ok(())
     }
     fn resume_request(&self) -> Result<(), HostError> {
         self.resumed_requests.set(self.resumed_requests.get() + 1);

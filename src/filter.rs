@@ -29,6 +29,11 @@ use std::rc::Rc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Continue,
+    /// Hold the request until its body has been seen. Envoy: pause (the
+    /// request is buffered). APISIX: continue; the body callback comes
+    /// because the filter set `wasm_process_req_body`, and a pause without a
+    /// pending call would stall APISIX's driver.
+    AwaitBody,
     /// Hold the request (and buffer its body) or stop after a local reply.
     Pause,
 }
@@ -101,6 +106,15 @@ enum Phase {
     AwaitingWrite {
         call: u32,
         write: Write,
+        /// Forwarding mode: the answer to send once the store has answered.
+        reply: Option<Reply>,
+    },
+    /// Forwarding mode: the upstream has the request (an HTTP call).
+    AwaitingUpstream {
+        call: u32,
+        claim: Claim,
+        digest: Digest16,
+        fingerprint: Digest16,
     },
     Answered,
     Done,
@@ -112,10 +126,65 @@ enum Write {
     Release,
 }
 
+/// An answer the filter sends itself (forwarding mode: the upstream's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Reply {
+    status: u16,
+    headers: HeaderList,
+    body: Vec<u8>,
+}
+
+/// What an HTTP call (store or upstream) brought back. `status` is `None`
+/// when there was no HTTP answer at all (timeout, connection failure).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallResponse {
+    pub status: Option<u16>,
+    pub headers: HeaderList,
+    pub body: Vec<u8>,
+}
+
+/// The client's request as the filter re-sends it in forwarding mode.
+#[derive(Debug, Clone, Default)]
+struct ForwardRequest {
+    method: String,
+    path: String,
+    authority: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+/// Request headers that describe the client's connection, or that the proxy
+/// sets itself on the forwarded request.
+const NOT_FORWARDED: &[&str] = &[
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "expect",
+];
+
+/// Response headers of a forwarded answer that belong to that connection.
+const NOT_RELAYED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
 pub struct Filter {
     ctx: Rc<FilterContext>,
     phase: Phase,
     generated_key: Option<String>,
+    forward_request: Option<ForwardRequest>,
 }
 
 fn header<'a>(headers: &'a HeaderList, name: &str) -> Option<&'a [u8]> {
@@ -157,6 +226,7 @@ impl Filter {
             ctx,
             phase: Phase::Start,
             generated_key: None,
+            forward_request: None,
         }
     }
 
@@ -269,15 +339,50 @@ impl Filter {
             .and_then(|p| std::str::from_utf8(p).ok())
             .unwrap_or("");
         let fingerprint = Fingerprinter::new(method, path, &fp_refs);
-        if end_of_stream {
+        if cfg.forward.is_some() {
+            let mut forwarded: Vec<(String, String)> = headers
+                .iter()
+                .filter(|(n, _)| !n.starts_with(':') && !NOT_FORWARDED.contains(&n.as_str()))
+                .filter(|(n, _)| self.generated_key.is_none() || *n != cfg.header)
+                .map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).into_owned()))
+                .collect();
+            if let Some(k) = &self.generated_key {
+                forwarded.push((cfg.header.clone(), k.clone()));
+            }
+            self.forward_request = Some(ForwardRequest {
+                method: method.to_string(),
+                path: path.to_string(),
+                authority: header(&headers, ":authority")
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .unwrap_or_default(),
+                headers: forwarded,
+                body: Vec::new(),
+            });
+        }
+        // APISIX signals end of stream with the headers even when a body
+        // follows (it reads the body only if asked), so there the request
+        // line decides whether to wait for one.
+        let expects_body = if cfg.host.apisix_rules() {
+            !end_of_stream
+                || declared.is_some_and(|n| n > 0)
+                || header(&headers, "transfer-encoding").is_some()
+        } else {
+            !end_of_stream
+        };
+        if !expects_body {
             return self.decide(host, digest, fingerprint.finish());
+        }
+        if cfg.host.apisix_rules() {
+            if let Err(e) = host.set_property("wasm_process_req_body", b"true") {
+                return self.host_failure(host, e);
+            }
         }
         self.phase = Phase::Buffering {
             digest,
             fingerprint,
             hashed: 0,
         };
-        Verdict::Pause
+        Verdict::AwaitBody
     }
 
     /// `body_size` is everything buffered so far; only the new bytes are read.
@@ -307,6 +412,9 @@ impl Filter {
                 Ok(chunk) => {
                     fingerprint.update(&chunk);
                     *hashed += chunk.len();
+                    if let Some(fwd) = self.forward_request.as_mut() {
+                        fwd.body.extend_from_slice(&chunk);
+                    }
                 }
                 Err(e) => return self.host_failure(host, e),
             }
@@ -314,7 +422,7 @@ impl Filter {
         if end_of_stream {
             return self.finish_request(host);
         }
-        Verdict::Pause
+        Verdict::AwaitBody
     }
 
     /// Trailers end the request when the body did not.
@@ -392,6 +500,9 @@ impl Filter {
                 if effects.expired {
                     host.metric_add(Metric::Expired, 1);
                 }
+                if self.ctx.config.forward.is_some() {
+                    return self.forward_upstream(host, claim, digest, fingerprint);
+                }
                 self.phase = Phase::Forwarded {
                     claim,
                     digest,
@@ -443,8 +554,7 @@ impl Filter {
         self.answer(host, &Problem::store_unavailable(name), None)
     }
 
-    /// The store's answer to a call this request made (Redis).
-    /// `status` is `None` when the call got no HTTP answer (timeout, reset).
+    /// Convenience for a store answer without headers (tests).
     pub fn on_store_response(
         &mut self,
         host: &impl Host,
@@ -452,10 +562,18 @@ impl Filter {
         status: Option<u16>,
         body: &[u8],
     ) {
-        let ctx = self.ctx.clone();
-        let Store::Redis(redis) = &ctx.store else {
-            return;
+        let response = CallResponse {
+            status,
+            headers: Vec::new(),
+            body: body.to_vec(),
         };
+        self.on_call_response(host, call, &response);
+    }
+
+    /// The answer to an HTTP call this request made: the Redis store's, or
+    /// the upstream's in forwarding mode.
+    pub fn on_call_response(&mut self, host: &impl Host, call: u32, response: &CallResponse) {
+        let ctx = self.ctx.clone();
         let no_answer =
             || StoreError::Unavailable("no answer (timeout or connection failure)".to_string());
         match std::mem::replace(&mut self.phase, Phase::Done) {
@@ -465,8 +583,13 @@ impl Filter {
                 fingerprint,
                 token,
             } if expected == call => {
-                let result = match status {
-                    Some(status) => redis.claim_outcome(status, body, &digest, &fingerprint, token),
+                let Store::Redis(redis) = &ctx.store else {
+                    return;
+                };
+                let result = match response.status {
+                    Some(status) => {
+                        redis.claim_outcome(status, &response.body, &digest, &fingerprint, token)
+                    }
                     None => Err(no_answer()),
                 };
                 let verdict = self.apply_claim(
@@ -481,23 +604,179 @@ impl Filter {
                     }
                 }
             }
+            Phase::AwaitingUpstream {
+                call: expected,
+                claim,
+                digest,
+                fingerprint,
+            } if expected == call => {
+                self.finish_forward(host, claim, digest, fingerprint, response);
+            }
             Phase::AwaitingWrite {
                 call: expected,
                 write,
+                reply,
             } if expected == call => {
-                let result = match (status, write) {
+                let Store::Redis(redis) = &ctx.store else {
+                    return;
+                };
+                let result = match (response.status, write) {
                     (None, _) => Err(no_answer()),
-                    (Some(status), Write::Complete) => redis.complete_outcome(status, body),
-                    (Some(status), Write::Release) => redis.release_outcome(status, body),
+                    (Some(status), Write::Complete) => {
+                        redis.complete_outcome(status, &response.body)
+                    }
+                    (Some(status), Write::Release) => redis.release_outcome(status, &response.body),
                 };
                 count_write(host, write, &result);
-                if let Err(e) = host.resume_response() {
-                    host.log(Level::Error, &format!("could not resume the response: {e}"));
+                match reply {
+                    Some(reply) => {
+                        self.send_reply(host, &reply);
+                    }
+                    None => {
+                        if let Err(e) = host.resume_response() {
+                            host.log(Level::Error, &format!("could not resume the response: {e}"));
+                        }
+                    }
                 }
             }
             // An answer to a call this request no longer waits for.
             other => self.phase = other,
         }
+    }
+
+    /// Forwarding mode: send the claimed request to the upstream ourselves.
+    fn forward_upstream(
+        &mut self,
+        host: &impl Host,
+        claim: Claim,
+        digest: Digest16,
+        fingerprint: Digest16,
+    ) -> Verdict {
+        let ctx = self.ctx.clone();
+        let (Some(fwd), Some(req)) = (&ctx.config.forward, self.forward_request.take()) else {
+            return self.answer(
+                host,
+                &Problem::internal("Forwarding is not configured."),
+                None,
+            );
+        };
+        let authority = fwd.authority.as_deref().unwrap_or(&req.authority);
+        let mut headers: Vec<(&str, &str)> = vec![
+            (":method", &req.method),
+            (":path", &req.path),
+            (":authority", authority),
+        ];
+        headers.extend(req.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        let body = if req.body.is_empty() {
+            None
+        } else {
+            Some(req.body.as_slice())
+        };
+        match host.dispatch_http_call(&fwd.upstream, &headers, body, fwd.timeout_ms) {
+            Ok(call) => {
+                self.phase = Phase::AwaitingUpstream {
+                    call,
+                    claim,
+                    digest,
+                    fingerprint,
+                };
+                Verdict::Pause
+            }
+            Err(e) => {
+                host.log(
+                    Level::Error,
+                    &format!("forwarding to {} failed: {e}", fwd.upstream),
+                );
+                self.finish_forward(host, claim, digest, fingerprint, &CallResponse::default())
+            }
+        }
+    }
+
+    /// Forwarding mode: the upstream answered (or did not). Record or
+    /// release like any response, then answer the client with it.
+    fn finish_forward(
+        &mut self,
+        host: &impl Host,
+        claim: Claim,
+        digest: Digest16,
+        fingerprint: Digest16,
+        response: &CallResponse,
+    ) -> Verdict {
+        let cfg = &self.ctx.config;
+        let (mut reply, record) = match response.status {
+            None => {
+                let p = Problem::upstream_unavailable();
+                (
+                    Reply {
+                        status: p.status,
+                        headers: p.headers(),
+                        body: p.body(),
+                    },
+                    None,
+                )
+            }
+            Some(status) => {
+                let relayed: HeaderList = response
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| !n.starts_with(':') && !NOT_RELAYED.contains(&n.as_str()))
+                    .cloned()
+                    .collect();
+                let record = should_record(status, Some("via_upstream"), cfg.record_server_errors)
+                    .then(|| {
+                        let omitted = response.body.len() as u64 > cfg.max_response_body_bytes;
+                        StoredResponse {
+                            status,
+                            headers: relayed
+                                .iter()
+                                .filter(|(n, _)| is_recorded_header(n))
+                                .cloned()
+                                .collect(),
+                            body: if omitted {
+                                Vec::new()
+                            } else {
+                                response.body.clone()
+                            },
+                            body_omitted: omitted,
+                        }
+                    });
+                (
+                    Reply {
+                        status,
+                        headers: relayed,
+                        body: response.body.clone(),
+                    },
+                    record,
+                )
+            }
+        };
+        if let Some(k) = &self.generated_key {
+            reply
+                .headers
+                .push((cfg.header.clone(), k.clone().into_bytes()));
+        }
+        let write = if record.is_some() {
+            Write::Complete
+        } else {
+            Write::Release
+        };
+        self.store_write(
+            host,
+            write,
+            &claim,
+            &digest,
+            &fingerprint,
+            record,
+            Some(reply),
+        )
+    }
+
+    fn send_reply(&mut self, host: &impl Host, reply: &Reply) -> Verdict {
+        if let Err(e) = host.send_response(reply.status, &reply.headers, &reply.body) {
+            host.log(Level::Error, &format!("could not send the response: {e}"));
+        }
+        self.phase = Phase::Answered;
+        Verdict::Pause
     }
 
     pub fn on_response_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Verdict {
@@ -639,24 +918,7 @@ impl Filter {
     }
 
     fn release(&mut self, host: &impl Host, claim: &Claim, digest: &Digest16) -> Verdict {
-        let ctx = self.ctx.clone();
-        self.phase = Phase::Done;
-        match &ctx.store {
-            Store::Local(table) => {
-                let result = table.release(host, claim);
-                if result == Ok(true) {
-                    host.metric_add(Metric::Entries, -1);
-                }
-                count_write(host, Write::Release, &result);
-                Verdict::Continue
-            }
-            Store::Redis(redis) => self.write_async(
-                host,
-                redis,
-                &redis.release_request(digest, claim),
-                Write::Release,
-            ),
-        }
+        self.store_write(host, Write::Release, claim, digest, &[0; 16], None, None)
     }
 
     fn complete(&mut self, host: &impl Host) -> Verdict {
@@ -675,42 +937,77 @@ impl Filter {
             body: capture.body,
             body_omitted: capture.omitted,
         };
-        let ctx = self.ctx.clone();
-        let cfg = &ctx.config;
-        match &ctx.store {
-            Store::Local(table) => {
-                let result =
-                    table.complete(host, &claim, &digest, response, host.now_ms(), cfg.ttl_ms);
-                count_write(host, Write::Complete, &result);
-                Verdict::Continue
-            }
-            Store::Redis(redis) => {
-                let request =
-                    redis.complete_request(&digest, &fingerprint, &claim, response, cfg.ttl_ms);
-                self.write_async(host, redis, &request, Write::Complete)
-            }
-        }
+        self.store_write(
+            host,
+            Write::Complete,
+            &claim,
+            &digest,
+            &fingerprint,
+            Some(response),
+            None,
+        )
     }
 
-    /// Sends a record or release to the store and holds the response until it
-    /// answers. If the call cannot even be sent, the response goes on: the
-    /// client must get it; the claim then lapses after its lock timeout.
-    fn write_async(
+    /// Records (`Complete`, with `record`) or releases a claim. The local
+    /// store answers at once; the Redis store later, and meanwhile the
+    /// exchange is held: the response (`reply` is `None`), or, in forwarding
+    /// mode, the answer to the client (`reply`), which is sent once the store
+    /// has answered. If the store cannot be reached, the client still gets
+    /// its answer; the claim then lapses after its lock timeout.
+    #[allow(clippy::too_many_arguments)]
+    fn store_write(
         &mut self,
         host: &impl Host,
-        redis: &RedisStore,
-        request: &StoreRequest,
         write: Write,
+        claim: &Claim,
+        digest: &Digest16,
+        fingerprint: &Digest16,
+        record: Option<StoredResponse>,
+        reply: Option<Reply>,
     ) -> Verdict {
-        match dispatch(host, redis, request) {
-            Ok(call) => {
-                self.phase = Phase::AwaitingWrite { call, write };
-                Verdict::Pause
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.config;
+        self.phase = Phase::Done;
+        let result = match (&ctx.store, write) {
+            (Store::Local(table), Write::Complete) => table.complete(
+                host,
+                claim,
+                digest,
+                record.unwrap_or_default(),
+                host.now_ms(),
+                cfg.ttl_ms,
+            ),
+            (Store::Local(table), Write::Release) => {
+                let r = table.release(host, claim);
+                if r == Ok(true) {
+                    host.metric_add(Metric::Entries, -1);
+                }
+                r
             }
-            Err(e) => {
-                count_write(host, write, &Err(e));
-                Verdict::Continue
+            (Store::Redis(redis), _) => {
+                let request = match write {
+                    Write::Complete => redis.complete_request(
+                        digest,
+                        fingerprint,
+                        claim,
+                        record.unwrap_or_default(),
+                        cfg.ttl_ms,
+                    ),
+                    Write::Release => redis.release_request(digest, claim),
+                };
+                match dispatch(host, redis, &request) {
+                    Ok(call) => {
+                        self.phase = Phase::AwaitingWrite { call, write, reply };
+                        return Verdict::Pause;
+                    }
+                    Err(e) => Err(e),
+                }
             }
+        };
+        count_write(host, write, &result);
+        match reply {
+            Some(reply) => self.send_reply(host, &reply),
+            None => Verdict::Continue,
         }
     }
 }
@@ -821,11 +1118,11 @@ mod tests {
         host.reset_exchange(&hs, body);
         let mut f = Filter::new(c.clone());
         let mut v = f.on_request_headers(host, body.is_empty());
-        if v == Verdict::Pause && host.sent.borrow().is_none() {
+        if v == Verdict::AwaitBody {
             // Body in two chunks, as a proxy would deliver it (cumulative size).
             let half = body.len() / 2;
             v = f.on_request_body(host, half, false);
-            if v == Verdict::Pause && host.sent.borrow().is_none() {
+            if v == Verdict::AwaitBody {
                 v = f.on_request_body(host, body.len(), true);
             }
         }
@@ -1136,8 +1433,8 @@ mod tests {
         ];
         host.reset_exchange(&hs, b"abc");
         let mut f = Filter::new(c.clone());
-        assert_eq!(f.on_request_headers(&host, false), Verdict::Pause);
-        assert_eq!(f.on_request_body(&host, 3, false), Verdict::Pause);
+        assert_eq!(f.on_request_headers(&host, false), Verdict::AwaitBody);
+        assert_eq!(f.on_request_body(&host, 3, false), Verdict::AwaitBody);
         assert_eq!(f.on_request_trailers(&host), Verdict::Continue);
     }
 
@@ -1379,5 +1676,137 @@ mod tests {
         assert_eq!(upstream, "127.0.0.1:7379");
         assert!(headers.contains(&(":authority".into(), "redis.internal".into())));
         assert!(headers.contains(&("authorization".into(), "Basic dTpw".into())));
+    }
+
+    const APISIX: &str = r#"{"host":"apisix","store":{"type":"redis","cluster":"127.0.0.1:7379"},"forward":{"upstream":"127.0.0.1:8081"}}"#;
+
+    fn call_path(host: &FakeHost, n: usize) -> (String, Vec<(String, String)>, Option<Vec<u8>>) {
+        host.calls.borrow()[n - 1].clone()
+    }
+
+    #[test]
+    fn apisix_forwarding_claims_forwards_records_then_answers() {
+        let host = FakeHost::default();
+        let redis = FakeRedis::default();
+        let c = ctx(APISIX);
+        let hs: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", "/pay?x=1"),
+            (":authority", "shop.example"),
+            ("content-length", "5"),
+            ("content-type", "application/json"),
+            ("connection", "keep-alive"),
+            ("idempotency-key", "ap"),
+        ];
+        host.reset_exchange(&hs, b"hello");
+        let mut f = Filter::new(c.clone());
+        // APISIX says end-of-stream with the headers; the length says a body follows.
+        assert_eq!(f.on_request_headers(&host, true), Verdict::AwaitBody);
+        assert_eq!(
+            host.properties.borrow().as_slice(),
+            &[("wasm_process_req_body".to_string(), b"true".to_vec())]
+        );
+        assert_eq!(f.on_request_body(&host, 5, true), Verdict::Pause);
+        assert_eq!(host.calls.borrow().len(), 1, "the claim");
+        f.on_store_response(&host, 1, Some(200), &redis.answer(&host, 1));
+        // Claimed: the filter sends the request upstream itself.
+        let (target, headers, body) = call_path(&host, 2);
+        assert_eq!(target, "127.0.0.1:8081");
+        assert!(headers.contains(&(":method".into(), "POST".into())));
+        assert!(headers.contains(&(":path".into(), "/pay?x=1".into())));
+        assert!(headers.contains(&(":authority".into(), "shop.example".into())));
+        assert!(headers.contains(&("idempotency-key".into(), "ap".into())));
+        assert!(!headers
+            .iter()
+            .any(|(n, _)| n == "connection" || n == "content-length"));
+        assert_eq!(body.as_deref(), Some(&b"hello"[..]));
+        let upstream = CallResponse {
+            status: Some(201),
+            headers: vec![
+                (":status".into(), b"201".to_vec()),
+                ("content-type".into(), b"application/json".to_vec()),
+                ("set-cookie".into(), b"s=1".to_vec()),
+                ("transfer-encoding".into(), b"chunked".to_vec()),
+            ],
+            body: b"{\"id\":7}".to_vec(),
+        };
+        f.on_call_response(&host, 2, &upstream);
+        assert!(host.sent.borrow().is_none(), "answered only once recorded");
+        assert_eq!(call_path(&host, 3).2.is_some(), true, "the record (PUT)");
+        f.on_store_response(&host, 3, Some(200), &redis.answer(&host, 3));
+        let sent = host.sent.borrow().clone().unwrap();
+        assert_eq!(
+            (sent.status, sent.body.as_slice()),
+            (201, &b"{\"id\":7}"[..])
+        );
+        assert_eq!(
+            sent.header("set-cookie").as_deref(),
+            Some("s=1"),
+            "the live answer keeps its cookie"
+        );
+        assert_eq!(sent.header("transfer-encoding"), None);
+        assert_eq!(
+            host.resumed_requests.get(),
+            0,
+            "nothing goes through APISIX's own upstream"
+        );
+        assert_eq!(host.metric(Metric::Stored), 1);
+        // The retry replays from Redis without the cookie.
+        host.reset_exchange(&hs, b"hello");
+        let mut g = Filter::new(c);
+        g.on_request_headers(&host, true);
+        g.on_request_body(&host, 5, true);
+        g.on_store_response(&host, 4, Some(200), &redis.answer(&host, 4));
+        let sent = host.sent.borrow().clone().unwrap();
+        assert_eq!(sent.header("idempotent-replayed").as_deref(), Some("true"));
+        assert_eq!(sent.header("set-cookie"), None);
+        assert_eq!(
+            host.calls.borrow().len(),
+            4,
+            "no upstream call for the replay"
+        );
+    }
+
+    #[test]
+    fn apisix_bodiless_request_decides_at_the_headers() {
+        let host = FakeHost::default();
+        let hs: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", "/p"),
+            ("idempotency-key", "nb"),
+        ];
+        host.reset_exchange(&hs, b"");
+        let mut f = Filter::new(ctx(APISIX));
+        assert_eq!(f.on_request_headers(&host, true), Verdict::Pause);
+        assert!(host.properties.borrow().is_empty());
+        assert_eq!(host.calls.borrow().len(), 1, "the claim is pending");
+    }
+
+    #[test]
+    fn forwarding_to_a_silent_upstream_releases_and_answers_502() {
+        let host = FakeHost::default();
+        let redis = FakeRedis::default();
+        let c = ctx(APISIX);
+        let hs: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", "/p"),
+            ("idempotency-key", "down"),
+        ];
+        host.reset_exchange(&hs, b"");
+        let mut f = Filter::new(c.clone());
+        f.on_request_headers(&host, true);
+        f.on_store_response(&host, 1, Some(200), &redis.answer(&host, 1));
+        f.on_call_response(&host, 2, &CallResponse::default());
+        assert!(host.sent.borrow().is_none());
+        f.on_store_response(&host, 3, Some(200), &redis.answer(&host, 3));
+        let sent = host.sent.borrow().clone().unwrap();
+        assert_eq!(sent.status, 502);
+        assert_eq!(host.metric(Metric::Released), 1);
+        // Released: the retry runs again.
+        host.reset_exchange(&hs, b"");
+        let mut g = Filter::new(c);
+        g.on_request_headers(&host, true);
+        g.on_store_response(&host, 4, Some(200), &redis.answer(&host, 4));
+        assert_eq!(call_path(&host, 5).0, "127.0.0.1:8081");
     }
 }

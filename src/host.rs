@@ -70,6 +70,9 @@ pub trait Host: SharedData {
         body: Option<&[u8]>,
         timeout_ms: u64,
     ) -> Result<u32, HostError>;
+    /// Sets a host property (APISIX: an nginx variable such as
+    /// `wasm_process_req_body`, which makes it call the body callback).
+    fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError>;
     /// Lets a request held by the filter go on to the upstream.
     fn resume_request(&self) -> Result<(), HostError>;
     /// Lets a response held by the filter go on to the client.

@@ -109,6 +109,16 @@ impl Problem {
         .retry_after(1)
     }
 
+    pub fn upstream_unavailable() -> Self {
+        Problem::new(
+            502,
+            "upstream-unavailable",
+            "Upstream unavailable",
+            "The upstream did not answer. The request may be retried with the same key.",
+        )
+        .retry_after(1)
+    }
+
     pub fn internal(detail: &str) -> Self {
         Problem::new(500, "internal", "Idempotency filter error", detail)
     }

@@ -5,8 +5,8 @@
 //! that the filter turns into a decision. The SDK is used only for its
 //! context dispatcher.
 
-use crate::config::Config;
-use crate::filter::{Filter, FilterContext, Store, Verdict};
+use crate::config::{Config, Host as HostKind};
+use crate::filter::{CallResponse, Filter, FilterContext, Store, Verdict};
 use crate::host::{HeaderList, Host, HostError, Level};
 use crate::metrics::Metric;
 use crate::store::SharedData;
@@ -99,6 +99,12 @@ extern "C" {
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
     fn proxy_get_property(
         path_data: *const u8,
         path_size: usize,
@@ -247,10 +253,74 @@ impl MetricIds {
 /// context the host made current for the callback being run.
 struct WasmHost {
     metrics: Rc<MetricIds>,
+    /// The filter runs in APISIX itself (its mechanics, not Envoy's).
+    on_apisix: bool,
+    /// `host: "apisix-profile"`: APISIX's rules, enforced while in Envoy.
+    rules: Option<ApisixRules>,
+}
+
+/// What APISIX (wasm-nginx-module 0.7.0) allows, checked on every call while
+/// the filter runs in Envoy under the APISIX profile. A violation traps the
+/// VM: with `failure_policy: FAIL_CLOSED` every request of the test then
+/// fails, so a violation cannot pass as a log line.
+#[derive(Default)]
+struct ApisixRules {
+    /// A response callback is running (APISIX refuses HTTP calls there).
+    in_response: Cell<bool>,
+    /// HTTP calls sent and not answered (APISIX runs one at a time).
+    pending: Cell<u32>,
+    /// A local response was sent, or the request was let go on.
+    settled: Cell<bool>,
+}
+
+impl WasmHost {
+    fn new(metrics: Rc<MetricIds>, host: HostKind) -> WasmHost {
+        WasmHost {
+            metrics,
+            on_apisix: host == HostKind::Apisix,
+            rules: (host == HostKind::ApisixProfile).then(ApisixRules::default),
+        }
+    }
+
+    fn violation(&self, rule: &str) -> ! {
+        host_log(Level::Error, &format!("APISIX profile violation: {rule}"));
+        core::arch::wasm32::unreachable()
+    }
+
+    fn forbid(&self, what: &str) {
+        if self.rules.is_some() {
+            self.violation(&format!("{what} is UNIMPLEMENTED on APISIX"));
+        }
+    }
+
+    /// Maps the filter's verdict to this host's mechanics, and checks that a
+    /// request is never left paused with nothing that will resume it.
+    fn action(&self, v: Verdict, request_phase: bool) -> Action {
+        if let (Some(rules), true, Verdict::Pause) = (&self.rules, request_phase, v) {
+            if rules.pending.get() == 0 && !rules.settled.get() {
+                self.violation("Pause without a pending HTTP call or a local response");
+            }
+        }
+        match v {
+            Verdict::Continue => Action::Continue,
+            Verdict::Pause => Action::Pause,
+            // APISIX calls the body callback because the property is set; a
+            // Pause there with nothing pending would stall its driver.
+            Verdict::AwaitBody if self.on_apisix => Action::Continue,
+            Verdict::AwaitBody => Action::Pause,
+        }
+    }
+
+    fn enter(&self, response_phase: bool) {
+        if let Some(rules) = &self.rules {
+            rules.in_response.set(response_phase);
+        }
+    }
 }
 
 impl SharedData for WasmHost {
     fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
+        self.forbid("shared data");
         let mut data: *mut u8 = null_mut();
         let mut size: usize = 0;
         let mut cas: u32 = 0;
@@ -267,6 +337,7 @@ impl SharedData for WasmHost {
     }
 
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, HostError> {
+        self.forbid("shared data");
         match unsafe {
             proxy_set_shared_data(
                 key.as_ptr(),
@@ -344,6 +415,9 @@ impl Host for WasmHost {
         headers: &[(String, Vec<u8>)],
         body: &[u8],
     ) -> Result<(), HostError> {
+        if let Some(rules) = &self.rules {
+            rules.settled.set(true);
+        }
         let pairs = encode_pairs(headers);
         let details = "idempotency_filter";
         check("send_local_response", unsafe {
@@ -371,11 +445,24 @@ impl Host for WasmHost {
         body: Option<&[u8]>,
         timeout_ms: u64,
     ) -> Result<u32, HostError> {
+        if let Some(rules) = &self.rules {
+            if rules.in_response.get() {
+                self.violation(
+                    "HTTP call from a response phase (APISIX allows them only in request phases)",
+                );
+            }
+            if rules.pending.get() > 0 {
+                self.violation(
+                    "a second HTTP call while one is pending (APISIX runs one at a time)",
+                );
+            }
+        }
         // Through the SDK, not a raw import: its dispatcher routes the answer
         // back to this context only for calls it registered. It panics on
-        // statuses other than Ok, BadArgument and InternalFailure; Envoy's
-        // http_call returns only those.
-        proxy_wasm::hostcalls::dispatch_http_call(
+        // statuses other than Ok, BadArgument and InternalFailure; Envoy's and
+        // APISIX's http_call return only those (APISIX: BadArgument outside
+        // request phases).
+        let result = proxy_wasm::hostcalls::dispatch_http_call(
             upstream,
             headers.to_vec(),
             body,
@@ -385,10 +472,23 @@ impl Host for WasmHost {
         .map_err(|status| HostError {
             call: "http_call",
             status: status as u32,
+        });
+        if let (Some(rules), Ok(_)) = (&self.rules, &result) {
+            rules.pending.set(rules.pending.get() + 1);
+        }
+        result
+    }
+
+    fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError> {
+        check("set_property", unsafe {
+            proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len())
         })
     }
 
     fn resume_request(&self) -> Result<(), HostError> {
+        if let Some(rules) = &self.rules {
+            rules.settled.set(true);
+        }
         check("continue_stream(request)", unsafe {
             proxy_continue_stream(STREAM_REQUEST)
         })
@@ -448,9 +548,7 @@ impl RootContext for Root {
         };
         self.metrics.define();
         let ctx = FilterContext::new(config);
-        let host = WasmHost {
-            metrics: self.metrics.clone(),
-        };
+        let host = WasmHost::new(self.metrics.clone(), HostKind::Envoy);
         let mut wants_tick = false;
         match &ctx.store {
             Store::Redis(_) => {}
@@ -494,9 +592,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(ctx) = &self.ctx else { return };
-        let host = WasmHost {
-            metrics: self.metrics.clone(),
-        };
+        let host = WasmHost::new(self.metrics.clone(), HostKind::Envoy);
         match &ctx.store {
             // Redis expires records itself.
             Store::Redis(_) => {}
@@ -538,9 +634,10 @@ impl RootContext for Root {
         // host would not normally create contexts then) the filter fails closed.
         Some(Box::new(HttpFilter {
             filter: self.ctx.clone().map(Filter::new),
-            host: WasmHost {
-                metrics: self.metrics.clone(),
-            },
+            host: WasmHost::new(
+                self.metrics.clone(),
+                self.ctx.as_ref().map_or(HostKind::Envoy, |c| c.config.host),
+            ),
         }))
     }
 
@@ -559,13 +656,6 @@ fn table_buckets(ctx: &FilterContext) -> u32 {
 struct HttpFilter {
     filter: Option<Filter>,
     host: WasmHost,
-}
-
-fn action(v: Verdict) -> Action {
-    match v {
-        Verdict::Continue => Action::Continue,
-        Verdict::Pause => Action::Pause,
-    }
 }
 
 impl HttpFilter {
@@ -590,21 +680,37 @@ impl Context for HttpFilter {
         let Some(f) = self.filter.as_mut() else {
             return;
         };
+        if let Some(rules) = &self.host.rules {
+            rules.pending.set(rules.pending.get().saturating_sub(1));
+        }
         // No headers at all: the call failed (timeout, connection refused).
-        let status = get_pairs(MAP_HTTP_CALL_RESPONSE_HEADERS)
-            .ok()
-            .and_then(|headers| {
-                headers
-                    .iter()
-                    .find(|(n, _)| n == ":status")
-                    .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok())
-            });
+        let headers = get_pairs(MAP_HTTP_CALL_RESPONSE_HEADERS).unwrap_or_default();
+        let status = headers
+            .iter()
+            .find(|(n, _)| n == ":status")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
         let body = if body_size > 0 {
             get_buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, 0, body_size).unwrap_or_default()
         } else {
             Vec::new()
         };
-        f.on_store_response(&self.host, token_id, status, &body);
+        f.on_call_response(
+            &self.host,
+            token_id,
+            &CallResponse {
+                status,
+                headers,
+                body,
+            },
+        );
+        // Under APISIX's rules a callback must leave the request either
+        // waiting on a new call or settled (answered or let go on).
+        if let Some(rules) = &self.host.rules {
+            if !rules.in_response.get() && rules.pending.get() == 0 && !rules.settled.get() {
+                self.host
+                    .violation("an HTTP call answer left the request held with nothing pending");
+            }
+        }
     }
 
     fn on_done(&mut self) -> bool {
@@ -617,43 +723,67 @@ impl Context for HttpFilter {
 
 impl HttpContext for HttpFilter {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.host.enter(false);
         match self.filter.as_mut() {
-            Some(f) => action(f.on_request_headers(&self.host, end_of_stream)),
+            Some(f) => {
+                let v = f.on_request_headers(&self.host, end_of_stream);
+                self.host.action(v, true)
+            }
             None => self.unconfigured(),
         }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.host.enter(false);
         match self.filter.as_mut() {
-            Some(f) => action(f.on_request_body(&self.host, body_size, end_of_stream)),
+            Some(f) => {
+                let v = f.on_request_body(&self.host, body_size, end_of_stream);
+                self.host.action(v, true)
+            }
             None => Action::Pause,
         }
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.host.enter(false);
         match self.filter.as_mut() {
-            Some(f) => action(f.on_request_trailers(&self.host)),
+            Some(f) => {
+                let v = f.on_request_trailers(&self.host);
+                self.host.action(v, true)
+            }
             None => Action::Pause,
         }
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.host.enter(true);
         match self.filter.as_mut() {
-            Some(f) => action(f.on_response_headers(&self.host, end_of_stream)),
+            Some(f) => {
+                let v = f.on_response_headers(&self.host, end_of_stream);
+                self.host.action(v, false)
+            }
             None => Action::Continue,
         }
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.host.enter(true);
         match self.filter.as_mut() {
-            Some(f) => action(f.on_response_body(&self.host, body_size, end_of_stream)),
+            Some(f) => {
+                let v = f.on_response_body(&self.host, body_size, end_of_stream);
+                self.host.action(v, false)
+            }
             None => Action::Continue,
         }
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.host.enter(true);
         match self.filter.as_mut() {
-            Some(f) => action(f.on_response_trailers(&self.host)),
+            Some(f) => {
+                let v = f.on_response_trailers(&self.host);
+                self.host.action(v, false)
+            }
             None => Action::Continue,
         }
     }

@@ -20,8 +20,10 @@ from gateway import DEFAULT_WASM, Envoy  # noqa: E402
 from payment_service import PaymentService  # noqa: E402
 from redis_backend import RedisBackend  # noqa: E402
 
-# Every test that takes a gateway runs once per store.
-STORES = ["local", "redis"]
+# Every test that takes a gateway runs once per store, and once more in the
+# APISIX profile: Redis store, the filter forwarding requests itself, and
+# APISIX's host rules enforced (a violation traps the VM and fails the test).
+STORES = ["local", "redis", "apisix"]
 
 # One gateway per configuration; started on first use, shared by the tests.
 PROFILES = {
@@ -67,7 +69,7 @@ def redis_store(prefix, **extra):
 
 @pytest.fixture(scope="session")
 def gateways(upstream, store_kind, request):
-    backend = request.getfixturevalue("redis_backend") if store_kind == "redis" else None
+    backend = request.getfixturevalue("redis_backend") if store_kind != "local" else None
     started = {}
 
     def get(profile):
@@ -76,7 +78,10 @@ def gateways(upstream, store_kind, request):
             if backend:
                 if "store" in config:
                     pytest.skip(f"profile {profile!r} is about the local store")
-                config["store"] = redis_store(f"idem-{profile}:")
+                config["store"] = redis_store(f"idem-{store_kind}-{profile}:")
+            if store_kind == "apisix":
+                config["host"] = "apisix-profile"
+                config["forward"] = {"upstream": "upstream"}
             started[profile] = Envoy(config, upstream.port, concurrency=2,
                                      webdis_port=backend.webdis_port if backend else None).start()
         return started[profile]

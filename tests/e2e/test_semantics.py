@@ -9,6 +9,8 @@ import socket
 import threading
 import time
 import uuid
+
+import pytest
 from concurrent.futures import ThreadPoolExecutor
 
 from conftest import Envoy, post, problem, raw_request, wait_for
@@ -282,7 +284,9 @@ def test_record_server_errors_replays_5xx(gateways, upstream, key):
     assert upstream.executions(key) == 1
 
 
-def test_envoy_local_reply_for_an_unreachable_upstream_releases_the_key(gw, key):
+def test_envoy_local_reply_for_an_unreachable_upstream_releases_the_key(gw, gateways, key):
+    if gateways.kind == "apisix":
+        pytest.skip("forwarding mode sends every request to its configured upstream")
     before = gw.stats()["released"]
     for _ in range(2):
         s, h, _ = post(gw, key, path="/unreachable")
@@ -409,6 +413,8 @@ def test_invalid_configuration_refuses_to_start_with_one_clear_line(upstream, tm
 
 
 def test_record_server_errors_still_releases_envoys_own_replies(gateways, key):
+    if gateways.kind == "apisix":
+        pytest.skip("forwarding mode sends every request to its configured upstream")
     se = gateways("server_errors")
     before = se.stats()["released"]
     for _ in range(2):

@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build test unit e2e lint demo demo-fleet clean
+.PHONY: help setup build test unit e2e lint demo demo-fleet demo-client docker-demo check-config clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
@@ -37,7 +37,7 @@ unit: ## Native unit tests of the pure core
 
 lint: setup ## Clippy (unwrap/expect/panic denied outside tests) on both targets, rustfmt
 	cargo fmt --check
-	cargo clippy --lib -- -D warnings
+	cargo clippy --lib --examples -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) -- -D warnings
 
 e2e: build ## End-to-end tests: real Envoy (2 workers) + counting upstream
@@ -50,6 +50,16 @@ demo: build ## Envoy + filter (local store) in front of the demo payment service
 
 demo-fleet: build ## Two Envoys sharing one Redis (via Webdis): a retry on the other gateway is replayed
 	$(PY) demo/gateway.py --fleet
+
+demo-client: build ## A retrying client over a path that loses 30% of responses: exactly N executions
+	$(PY) demo/client_story.py
+
+docker-demo: build ## Redis, Webdis, payments, two Envoys and APISIX with Docker (needs a Docker engine)
+	docker compose up -d --wait
+	@echo "Envoy A: localhost:10000  Envoy B: localhost:10001  APISIX: localhost:9080  (README: The Docker demo)"
+
+check-config: ## Validate plugin configurations: make check-config FILES="a.json b.json"
+	cargo run -q --example check_config -- $(FILES)
 
 clean: ## Remove build output and the venv
 	cargo clean

@@ -162,9 +162,10 @@ class PaymentService:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port", type=int, default=8081)
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (the docker demo uses 0.0.0.0)")
     args = ap.parse_args()
-    svc = PaymentService(port=args.port)
-    print(f"payment service on 127.0.0.1:{svc.port}", flush=True)
+    svc = PaymentService(host=args.host, port=args.port)
+    print(f"payment service on {args.host}:{svc.port}", flush=True)
     try:
         svc.server.serve_forever()
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build test unit e2e lint demo demo-fleet demo-client docker-demo check-config clean
+.PHONY: help setup build test unit e2e lint demo demo-fleet demo-client docker-demo bench check-config clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
@@ -57,6 +57,11 @@ demo-client: build ## A retrying client over a path that loses 30% of responses:
 docker-demo: build ## Redis, Webdis, payments, two Envoys and APISIX with Docker (needs a Docker engine)
 	docker compose up -d --wait
 	@echo "Envoy A: localhost:10000  Envoy B: localhost:10001  APISIX: localhost:9080  (README: The Docker demo)"
+
+bench: build ## Benchmark against Envoy without the filter (nginx, wrk; not part of make test); writes BENCHMARKS.md
+	@command -v nginx >/dev/null && command -v wrk >/dev/null || \
+		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx-light wrk; }
+	ENVOY_BIN=$(ENVOY) $(PY) bench/run.py $(BENCH_ARGS)
 
 check-config: ## Validate plugin configurations: make check-config FILES="a.json b.json"
 	cargo run -q --example check_config -- $(FILES)

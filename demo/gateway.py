@@ -32,9 +32,17 @@ def free_port():
 
 
 def render(listen_port, admin_port, upstream_port, plugin_config, wasm_path=DEFAULT_WASM,
-           vm_id="idempotency", buffer_limit=8 * 1024 * 1024, unreachable_port=None, webdis_port=None):
+           vm_id="idempotency", buffer_limit=8 * 1024 * 1024, unreachable_port=None, webdis_port=None,
+           with_filter=True):
     with open(TEMPLATE) as f:
         text = f.read()
+    if with_filter:
+        methods = (plugin_config.get("methods") if isinstance(plugin_config, dict) else None) or ["POST", "PATCH"]
+        text = text.replace("{{SKIP_MATCHER}}", skip_matcher(methods))
+    else:
+        begin = text.index("          # BEGIN idempotency filter")
+        end = text.index("          # END idempotency filter\n") + len("          # END idempotency filter\n")
+        text = text[:begin] + text[end:]
     fields = {
         "LISTEN_PORT": str(listen_port),
         "ADMIN_PORT": str(admin_port),
@@ -52,18 +60,43 @@ def render(listen_port, admin_port, upstream_port, plugin_config, wasm_path=DEFA
     return text
 
 
+def skip_matcher(methods, indent=22):
+    """The predicate that skips the filter for every method it does not
+    protect, so Envoy never enters the Wasm VM for them. Rendered from the
+    plugin configuration's own `methods`, so the two cannot drift apart."""
+    methods = [m.upper() for m in methods]
+    if len(methods) == 1:
+        methods = methods * 2  # or_matcher takes at least two predicates
+    pad = " " * indent
+    lines = [f"{pad}not_matcher:", f"{pad}  or_matcher:", f"{pad}    predicate:"]
+    for m in methods:
+        lines += [
+            f"{pad}    - single_predicate:",
+            f"{pad}        input:",
+            f"{pad}          name: method",
+            f"{pad}          typed_config:",
+            f'{pad}            "@type": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput',
+            f'{pad}            header_name: ":method"',
+            f"{pad}        value_match: {{ exact: {json.dumps(m)} }}",
+        ]
+    return "\n".join(lines)
+
+
 class Envoy:
     """One Envoy process with the filter. start() waits until it serves."""
 
     def __init__(self, plugin_config, upstream_port, concurrency=2, envoy_bin=None,
                  wasm_path=DEFAULT_WASM, listen_port=None, admin_port=None, workdir=None,
-                 webdis_port=None):
+                 webdis_port=None, with_filter=True, cpus=None):
         self.plugin_config = plugin_config
         self.upstream_port = upstream_port
         self.concurrency = concurrency
         self.envoy_bin = envoy_bin or os.environ.get("ENVOY_BIN") or DEFAULT_ENVOY
         self.wasm_path = wasm_path
         self.webdis_port = webdis_port
+        self.with_filter = with_filter
+        # Benchmarks pin Envoy to its own core(s) (taskset -c CPUS).
+        self.cpus = cpus
         self.port = listen_port or free_port()
         self.admin_port = admin_port or free_port()
         self.own_workdir = workdir is None
@@ -75,10 +108,11 @@ class Envoy:
     def start(self, timeout=60, expect_failure=False):
         with open(self.config_path, "w") as f:
             f.write(render(self.port, self.admin_port, self.upstream_port, self.plugin_config, self.wasm_path,
-                           webdis_port=self.webdis_port))
+                           webdis_port=self.webdis_port, with_filter=self.with_filter))
         log = open(self.log_path, "w")
+        pin = ["taskset", "-c", self.cpus] if self.cpus else []
         self.proc = subprocess.Popen(
-            [self.envoy_bin, "-c", self.config_path, "--concurrency", str(self.concurrency),
+            pin + [self.envoy_bin, "-c", self.config_path, "--concurrency", str(self.concurrency),
              "--disable-hot-restart", "--log-level", "warn", "--component-log-level", "wasm:info"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         atexit.register(self.stop)

@@ -421,12 +421,11 @@ impl LocalTable {
         // bytes already there. The data write is a CAS that never replaces a
         // newer epoch, so a late original whose lock expired cannot overwrite
         // the record of the request that took its slot over.
+        // No ownership check before writing: if the claim was taken over,
+        // the data CAS below never replaces a newer epoch, readers ignore an
+        // older one, and the bucket CAS after it finds the claim gone.
         let mut written = false;
         for _ in 0..MAX_CAS_ATTEMPTS {
-            let (bucket, _) = self.load(shared, b)?;
-            if !bucket.entries.get(way).is_some_and(|e| e.owned_by(claim)) {
-                return Ok(false);
-            }
             let current = shared.shared_get(&data_key)?;
             if let Some((old, _)) = &current {
                 if DataRecord::peek_owner(old).is_ok_and(|(epoch, _)| epoch > claim.epoch) {

@@ -1,0 +1,311 @@
+#!/usr/bin/env python3
+"""make bench: what the filter costs, measured against Envoy without it.
+
+Everything on 127.0.0.1:
+  * upstream: nginx (Debian), one worker, keep-alive, reads request bodies and
+    answers a fixed 1 KiB body (an Envoy direct_response would be the
+    bottleneck once requests carry bodies);
+  * gateway: Envoy 1.40 with ONE worker thread, the same configuration with
+    and without the filter (envoy/envoy.template.yaml, filter block removed);
+  * load: wrk (Debian) with a Lua script (bench/wrk_keys.lua) that gives each
+    request a fresh Idempotency-Key, a fixed one, or none.
+
+Each scenario: warm-up, then several fixed-duration runs against the
+baseline and the filter, interleaved; the median is reported, and the ratio
+filter/baseline of requests per second. Writes BENCHMARKS.md.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(REPO, "demo"))
+from gateway import DEFAULT_WASM, Envoy, free_port  # noqa: E402
+from redis_backend import RedisBackend  # noqa: E402
+
+KIB = 1024
+# Envoy (what is measured) gets its own core; the load generator, the
+# upstream and the store share the other. On a 2-core machine this removes
+# most of the run-to-run noise that comes from everything competing.
+ENVOY_CPUS = "1"
+LOAD_CPUS = "0"
+
+
+class Nginx:
+    def __init__(self, body_bytes=KIB):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="idem-bench-nginx-")
+        conf = f"""
+worker_processes 1;
+daemon off;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    client_max_body_size 16m;
+    client_body_buffer_size 128k;
+    client_body_temp_path {self.dir}/body_temp;
+    proxy_temp_path {self.dir}/proxy_temp;
+    fastcgi_temp_path {self.dir}/fastcgi_temp;
+    uwsgi_temp_path {self.dir}/uwsgi_temp;
+    scgi_temp_path {self.dir}/scgi_temp;
+    default_type application/json;
+    server {{
+        listen 127.0.0.1:{self.port};
+        location / {{
+            # nginx reads (and discards) the request body, then answers
+            # 1 KiB from its configuration.
+            return 200 "{"x" * body_bytes}";
+        }}
+    }}
+}}
+"""
+        self.conf = os.path.join(self.dir, "nginx.conf")
+        with open(self.conf, "w") as f:
+            f.write(conf)
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(["taskset", "-c", LOAD_CPUS, "nginx", "-c", self.conf, "-p", self.dir],
+                                     stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=1).read()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nginx did not start")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def wrk(port, mode, body_bytes, duration, connections, key="bench-replay"):
+    env = dict(os.environ, IDEM_MODE=mode, IDEM_BODY=str(body_bytes), IDEM_KEY=key)
+    out = subprocess.run(
+        ["taskset", "-c", LOAD_CPUS, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", os.path.join(HERE, "wrk_keys.lua"),
+         f"http://127.0.0.1:{port}/payments"],
+        capture_output=True, text=True, env=env, timeout=duration + 60)
+    text = out.stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+
+    def latency(pct):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)", text, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return {"rps": rps, "p50_ms": latency(50), "p99_ms": latency(99),
+            "non2xx": int(non2xx.group(1)) if non2xx else 0, "raw": text}
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+NOOP_WASM = os.path.join(HERE, "noop-filter", "target", "wasm32-wasip1", "release", "noop_filter.wasm")
+
+SCENARIOS = [
+    # name, store, wrk mode, request body bytes, what it shows
+    ("0 reference: a no-op Wasm filter, fresh keys", "noop", "fresh", KIB),
+    ("1 fresh key, local store, 1 KiB", "local", "fresh", KIB),
+    ("2 replay, local store", "local", "replay", KIB),
+    ("3 unprotected (GET)", "local", "get", 0),
+    ("3b POST without a key (filter runs, passes it on)", "local", "nokey", KIB),
+    ("4 fresh key, local store, 64 KiB", "local", "fresh", 64 * KIB),
+    ("5 fresh key, Redis store, 1 KiB", "redis", "fresh", KIB),
+    ("6 replay, Redis store", "redis", "replay", KIB),
+]
+
+
+def run_scenario(name, store, mode, body, args, nginx, backend):
+    config = {"max_request_body_bytes": 1 << 20}
+    wasm = {"wasm_path": NOOP_WASM} if store == "noop" else {}
+    if store == "redis":
+        config["store"] = {"type": "redis", "cluster": "webdis", "key_prefix": f"bench-{time.time_ns()}:"}
+    baseline = Envoy({}, nginx.port, concurrency=1, with_filter=False, cpus=ENVOY_CPUS).start()
+    filtered = Envoy(config, nginx.port, concurrency=1, webdis_port=backend.webdis_port if backend else None,
+                     cpus=ENVOY_CPUS, **wasm).start()
+    try:
+        if mode == "replay":
+            # One completed key that every request of the run replays.
+            import http.client
+            conn = http.client.HTTPConnection("127.0.0.1", filtered.port)
+            conn.request("POST", "/payments", body=b"x" * body,
+                         headers={"idempotency-key": "bench-replay", "content-type": "application/json"})
+            assert conn.getresponse().read() is not None
+        results = {"baseline": [], "filter": []}
+        for target in (baseline, filtered):
+            wrk(target.port, mode, body, args.warmup, args.connections)
+        for _ in range(args.runs):
+            for label, target in (("baseline", baseline), ("filter", filtered)):
+                results[label].append(wrk(target.port, mode, body, args.duration, args.connections))
+        summary = {}
+        for label, runs in results.items():
+            summary[label] = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "p99_ms")}
+            summary[label]["non2xx"] = sum(r["non2xx"] for r in runs)
+        summary["ratio"] = summary["filter"]["rps"] / summary["baseline"]["rps"]
+        stats = filtered.stats()
+        summary["filter_stats"] = {} if store == "noop" else {k: stats.get(k, 0) for k in ("requests_protected", "stored", "replays", "store_errors",
+                                                                 "conflicts", "evicted")}
+        return summary
+    finally:
+        baseline.stop()
+        filtered.stop()
+
+
+def memory_scenario(args, nginx):
+    """Resident and allocated memory of the gateway as 100 000 distinct keys
+    are stored (1 KiB responses), and once more past max_entries."""
+    capacity = args.keys
+    envoy = Envoy({"store": {"type": "local", "max_entries": capacity}}, nginx.port, concurrency=1,
+                  cpus=ENVOY_CPUS).start()
+    try:
+        time.sleep(1)
+        rss0, alloc0 = rss_kib(envoy.proc.pid), envoy.allocated_bytes()
+        points = [("start (table created)", 0, rss0, alloc0)]
+        target = capacity
+        while envoy.stats().get("stored", 0) < target:
+            wrk(envoy.port, "fresh", KIB, 5, args.connections)
+        stored1 = envoy.stats()["stored"]
+        rss1, alloc1 = rss_kib(envoy.proc.pid), envoy.allocated_bytes()
+        points.append(("after filling max_entries", stored1, rss1, alloc1))
+        while envoy.stats().get("stored", 0) < stored1 + capacity:
+            wrk(envoy.port, "fresh", KIB, 5, args.connections)
+        stored2 = envoy.stats()["stored"]
+        rss2, alloc2 = rss_kib(envoy.proc.pid), envoy.allocated_bytes()
+        points.append(("after as many again (evicting)", stored2, rss2, alloc2))
+        per_record_rss = (rss1 - rss0) * 1024 / min(stored1, capacity)
+        per_record_alloc = (alloc1 - alloc0) / min(stored1, capacity)
+        return {"capacity": capacity, "points": points, "per_record_rss": per_record_rss,
+                "per_record_alloc": per_record_alloc, "growth_after_full_kib": rss2 - rss1,
+                "entries": envoy.stats().get("entries"), "evicted": envoy.stats().get("evicted")}
+    finally:
+        envoy.stop()
+
+
+def machine():
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    envoy_version = subprocess.run([os.environ.get("ENVOY_BIN", os.path.join(REPO, ".venv", "bin", "envoy")), "--version"],
+                                   capture_output=True, text=True).stdout.strip().split("version:")[-1].strip()
+    return f"{os.cpu_count()} cores, {cpu}; {platform.platform()}; Envoy {envoy_version}"
+
+
+def write_markdown(results, memory, args, path):
+    wasm_size = os.path.getsize(DEFAULT_WASM)
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `make bench` ({time.strftime('%Y-%m-%d')}) on {machine()}.",
+        "",
+        f"Envoy with one worker thread, with and without the filter, in front of nginx (one worker, 1 KiB answers);"
+        f" wrk, 1 thread, {args.connections} connections; {args.warmup} s warm-up, then {args.runs} runs of"
+        f" {args.duration} s per configuration, interleaved; medians. All on 127.0.0.1 of a shared 2-core machine:"
+        " compare ratios within one run, not absolute numbers across runs. Envoy is pinned to core"
+        f" {ENVOY_CPUS}; wrk, nginx, Redis and Webdis share core {LOAD_CPUS}.",
+        "",
+        f"Filter module: `idempotency_filter.wasm`, {wasm_size:,} bytes.",
+        "",
+        "| scenario | baseline req/s | filter req/s | ratio | baseline p50 / p99 ms | filter p50 / p99 ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        b, f = r["baseline"], r["filter"]
+        lines.append(f"| {name} | {b['rps']:,.0f} | {f['rps']:,.0f} | **{r['ratio']:.2f}** | "
+                     f"{b['p50_ms']:.2f} / {b['p99_ms']:.2f} | {f['p50_ms']:.2f} / {f['p99_ms']:.2f} |")
+    lines += ["", "Filter counters per scenario (all runs): " + "; ".join(
+        f"{name.split(' ')[0]}: " + ", ".join(f"{k} {v}" for k, v in r["filter_stats"].items() if v)
+        for name, r in results.items()), ""]
+    if memory:
+        lines += [
+            f"## Memory (local store, max_entries {memory['capacity']:,}, 1 KiB requests and responses)",
+            "",
+            "| point | records stored (cumulative) | Envoy RSS | Envoy heap allocated |",
+            "|---|---:|---:|---:|",
+        ]
+        for label, stored, rss, alloc in memory["points"]:
+            lines.append(f"| {label} | {stored:,} | {rss / 1024:,.1f} MiB | {alloc / (1 << 20):,.1f} MiB |")
+        lines += [
+            "",
+            f"Per stored record: {memory['per_record_rss']:,.0f} bytes of resident memory,"
+            f" {memory['per_record_alloc']:,.0f} bytes of Envoy heap (shared data lives there)."
+            f" Growth while storing as many again past max_entries: {memory['growth_after_full_kib'] / 1024:,.1f} MiB"
+            f" (entries {memory['entries']:,}, evicted {memory['evicted']:,}).",
+            "",
+        ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--keys", type=int, default=100_000)
+    ap.add_argument("--only", help="run only scenarios whose name contains this")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"))
+    args = ap.parse_args()
+    subprocess.run(["cargo", "build", "--release", "-q", "--target", "wasm32-wasip1", "--manifest-path",
+                    os.path.join(HERE, "noop-filter", "Cargo.toml")], check=True)
+    nginx = Nginx().start()
+    backend = None
+    results = {}
+    try:
+        for name, store, mode, body in SCENARIOS:
+            if args.only and args.only not in name:
+                continue
+            if store == "redis" and backend is None:
+                backend = RedisBackend().start()
+                for proc in (backend.redis, backend.webdis):
+                    subprocess.run(["taskset", "-pc", LOAD_CPUS, str(proc.pid)], capture_output=True)
+            r = run_scenario(name, store, mode, body, args, nginx, backend if store == "redis" else None)
+            results[name] = r
+            print(f"{name:40s} baseline {r['baseline']['rps']:9,.0f}/s  filter {r['filter']['rps']:9,.0f}/s"
+                  f"  ratio {r['ratio']:.2f}  p99 {r['baseline']['p99_ms']:.2f} -> {r['filter']['p99_ms']:.2f} ms"
+                  f"  {r['filter_stats']}", flush=True)
+        memory = None if args.skip_memory else memory_scenario(args, nginx)
+        if memory:
+            print(json.dumps({k: v for k, v in memory.items() if k != "points"}), flush=True)
+            for p in memory["points"]:
+                print(p, flush=True)
+        write_markdown(results, memory, args, args.out)
+        print(f"wrote {args.out}")
+    finally:
+        nginx.stop()
+        if backend:
+            backend.stop()
+
+
+if __name__ == "__main__":
+    main()

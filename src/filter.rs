@@ -815,8 +815,16 @@ impl Filter {
             .unwrap_or(0);
         // Who answered matters only for errors (a rate limiter's 429, Envoy's
         // 503): a property lookup saved on every successful response.
-        let details = if status >= 400 { host.response_code_details() } else { None };
-        if !should_record(status, details.as_deref(), self.ctx.config.record_server_errors) {
+        let details = if status >= 400 {
+            host.response_code_details()
+        } else {
+            None
+        };
+        if !should_record(
+            status,
+            details.as_deref(),
+            self.ctx.config.record_server_errors,
+        ) {
             return self.release(host, &claim, &digest);
         }
         let expected = header(&headers, "content-length")

@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build test unit e2e lint demo demo-fleet demo-client docker-demo bench check-config clean
+.PHONY: help setup build test unit e2e lint demo demo-fleet demo-client docker-demo bench fuzz check-config clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
@@ -62,6 +62,14 @@ bench: build ## Benchmark against Envoy without the filter (nginx, wrk; not part
 	@command -v nginx >/dev/null && command -v wrk >/dev/null || \
 		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx-light wrk; }
 	ENVOY_BIN=$(ENVOY) $(PY) bench/run.py $(BENCH_ARGS)
+
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := key_parser record_decoder config_parser store_reply
+fuzz: ## Fuzz each parser for FUZZ_SECONDS (cargo-fuzz, nightly; not part of make test)
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	@rustup toolchain list | grep -q nightly || rustup toolchain install nightly --profile minimal
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; done
 
 check-config: ## Validate plugin configurations: make check-config FILES="a.json b.json"
 	cargo run -q --example check_config -- $(FILES)

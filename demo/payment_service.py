@@ -10,6 +10,8 @@ Test hooks (request headers; harmless in the demo):
   x-demo-delay-ms: 1500     work this long before answering
   x-demo-response-bytes: N  answer with an N-byte body instead of JSON
   x-demo-binary: 1          with x-demo-response-bytes, bytes 0..255 repeated
+  x-demo-reset: 1           execute, then drop the connection without answering
+  x-demo-cut: 1             execute, answer the headers and half the body, drop
 
 GET /__executions returns {"total": N, "by_key": {...}, "started": {...}}.
 POST /__reset clears the counters.
@@ -108,6 +110,21 @@ class Handler(BaseHTTPRequestHandler):
         if delay:
             time.sleep(delay / 1000.0)
         pid = self.ledger.execute(key)
+        if self.headers.get("x-demo-reset"):
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if self.headers.get("x-demo-cut"):
+            payload = b"y" * 4000
+            self.send_response(200)
+            self.send_header("content-type", "text/plain")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload[:2000])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
         status = int(self.headers.get("x-demo-status") or (201 if self.command == "POST" else 200))
         size = self.headers.get("x-demo-response-bytes")
         extra = {"x-payment-id": f"pay_{pid}", "set-cookie": f"session=s{pid}"}

@@ -53,6 +53,7 @@ struct RawConfig {
     scope_headers: Vec<String>,
     fingerprint_headers: Vec<String>,
     record_server_errors: bool,
+    never_record_headers: Vec<String>,
     host: RawHost,
     forward: Option<RawForward>,
     /// Parsed in a second step ([`parse_store`]): the store's fields depend
@@ -75,6 +76,7 @@ impl Default for RawConfig {
             scope_headers: vec!["authorization".to_string()],
             fingerprint_headers: vec!["content-type".to_string()],
             record_server_errors: false,
+            never_record_headers: vec!["set-cookie".to_string()],
             host: RawHost::Envoy,
             forward: None,
             store: serde_json::json!({"type": "local"}),
@@ -174,6 +176,8 @@ pub struct Config {
     pub scope_headers: Vec<String>,
     pub fingerprint_headers: Vec<String>,
     pub record_server_errors: bool,
+    /// Response headers never recorded, so never replayed (lower-case).
+    pub never_record_headers: Vec<String>,
     pub store: StoreConfig,
     pub host: Host,
     /// Forwarding mode: the filter itself sends the request upstream.
@@ -266,6 +270,7 @@ impl Default for Config {
             scope_headers: vec!["authorization".into()],
             fingerprint_headers: vec!["content-type".into()],
             record_server_errors: false,
+            never_record_headers: vec!["set-cookie".into()],
             store: StoreConfig::Local {
                 buckets: 6_250,
                 ways: LOCAL_WAYS,
@@ -545,6 +550,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let scope_headers = header_list("scope_headers", raw.scope_headers)?;
     let fingerprint_headers = header_list("fingerprint_headers", raw.fingerprint_headers)?;
+    let never_record_headers = header_list("never_record_headers", raw.never_record_headers)?;
     let store = parse_store(raw.store)?;
     let forward = match raw.forward {
         None => None,
@@ -607,6 +613,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         scope_headers,
         fingerprint_headers,
         record_server_errors: raw.record_server_errors,
+        never_record_headers,
         store,
         host,
         forward,
@@ -707,7 +714,7 @@ mod tests {
             (r#"{"scope_headers":["x tenant"]}"#, "invalid configuration: scope_headers: \"x tenant\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"fingerprint_headers":[""]}"#, "invalid configuration: fingerprint_headers: \"\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"store":{"type":"local","max_entries":7}}"#, "invalid configuration: store.max_entries: must be between 16 and 10000000 (got 7)"),
-            (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `record_server_errors`, `host`, `forward`, `store`; remove it or fix its spelling"),
+            (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `record_server_errors`, `never_record_headers`, `host`, `forward`, `store`; remove it or fix its spelling"),
             (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store.max_entry: unknown field `max_entry`, expected `max_entries`; remove it or fix its spelling"),
             (r#"{"ttl_seconds":"60"}"#, "invalid configuration: ttl_seconds: invalid type: string \"60\", expected u64; see the configuration table in README.md for each field's type"),
             (r#"{"required":"yes"}"#, "invalid configuration: required: invalid type: string \"yes\", expected a boolean; see the configuration table in README.md for each field's type"),

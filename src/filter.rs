@@ -729,7 +729,10 @@ impl Filter {
                             status,
                             headers: relayed
                                 .iter()
-                                .filter(|(n, _)| is_recorded_header(n))
+                                .filter(|(n, _)| {
+                                    is_recorded_header(n)
+                                        && !self.ctx.config.never_record_headers.contains(n)
+                                })
                                 .cloned()
                                 .collect(),
                             body: if omitted {
@@ -836,7 +839,9 @@ impl Filter {
             status,
             headers: headers
                 .into_iter()
-                .filter(|(n, _)| is_recorded_header(n))
+                .filter(|(n, _)| {
+                    is_recorded_header(n) && !self.ctx.config.never_record_headers.contains(n)
+                })
                 .collect(),
             body: Vec::new(),
             omitted: false,
@@ -1278,6 +1283,30 @@ mod tests {
         assert_eq!(host.metric(Metric::Released), 1);
         let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
         assert!(forwarded);
+    }
+
+    #[test]
+    fn never_recorded_headers_are_configurable() {
+        let (host, c) = setup(r#"{"never_record_headers":["x-trace"]}"#);
+        let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
+        host.response_headers
+            .borrow_mut()
+            .push(("x-trace".into(), b"t1".to_vec()));
+        *host.response_headers.borrow_mut() = vec![
+            (":status".into(), b"200".to_vec()),
+            ("set-cookie".into(), b"s=1".to_vec()),
+            ("x-trace".into(), b"t1".to_vec()),
+        ];
+        f.on_response_headers(&host, true);
+        let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+        assert!(!forwarded);
+        let sent = host.sent.borrow().clone().unwrap();
+        assert_eq!(
+            sent.header("set-cookie").as_deref(),
+            Some("s=1"),
+            "set-cookie replayed when not excluded"
+        );
+        assert_eq!(sent.header("x-trace"), None);
     }
 
     #[test]

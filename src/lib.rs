@@ -23,6 +23,8 @@ pub mod wire;
 
 #[cfg(test)]
 pub mod fake_host;
+#[cfg(test)]
+mod properties;
 
 #[cfg(target_arch = "wasm32")]
 mod wasm_host;

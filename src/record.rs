@@ -54,10 +54,6 @@ const NOT_RECORDED: &[&str] = &[
     "transfer-encoding",
     "upgrade",
     "content-length",
-    // Cookies belong to a session, and a local reply can carry each header
-    // name once only, so several Set-Cookie headers could not be replayed
-    // faithfully anyway.
-    "set-cookie",
     // Envoy's timing of the original exchange; a replay has its own.
     "x-envoy-upstream-service-time",
 ];
@@ -305,7 +301,6 @@ mod tests {
     fn connection_headers_are_not_recorded() {
         for h in [
             ":status",
-            "set-cookie",
             "connection",
             "transfer-encoding",
             "content-length",

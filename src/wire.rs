@@ -166,6 +166,11 @@ pub fn base64_decode(text: &[u8]) -> Option<Vec<u8>> {
         for &c in &q[..4 - pad] {
             n = (n << 6) | value(c)?;
         }
+        // Canonical only: the bits padding leaves unused must be zero
+        // (the filter writes canonical base64; anything else is corrupt).
+        if n & ((1u32 << (2 * pad)) - 1) != 0 {
+            return None;
+        }
         n <<= 6 * pad as u32;
         let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
         out.extend_from_slice(&bytes[..3 - pad]);
@@ -218,7 +223,17 @@ mod codec_tests {
         }
         assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
         assert_eq!(base64_encode(b"fo"), "Zm8=");
-        for bad in [&b"Zm8"[..], b"Zm8=Zm8=", b"Z===", b"Zm!=", b"===="] {
+        // "uu==": found by the store_reply fuzzer, non-zero padding bits.
+        for bad in [
+            &b"Zm8"[..],
+            b"Zm8=Zm8=",
+            b"Z===",
+            b"Zm!=",
+            b"====",
+            b"uu==",
+            b"Zm9=",
+            b"Zm9",
+        ] {
             assert!(
                 base64_decode(bad).is_none(),
                 "{:?}",

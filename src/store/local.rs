@@ -140,7 +140,11 @@ impl Bucket {
             };
             entries.push(Entry {
                 state,
-                has_data: r.u8().map_err(corrupt)? != 0,
+                has_data: match r.u8().map_err(corrupt)? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(StoreError::Corrupt("entry flags")),
+                },
                 epoch: r.u64().map_err(corrupt)?,
                 digest: r.digest().map_err(corrupt)?,
                 fingerprint: r.digest().map_err(corrupt)?,
@@ -646,6 +650,21 @@ mod tests {
         assert_eq!(
             Bucket::decode(&bad, 8),
             Err(StoreError::Corrupt("entry state"))
+        );
+    }
+
+    /// Found by the record_decoder fuzzer: a non-canonical flag byte was
+    /// accepted (and silently rewritten), so corrupt buckets passed as valid.
+    #[test]
+    fn fuzz_regression_bucket_flags_must_be_canonical() {
+        let crash: &[u8] = &[
+            1, 0, 32, 4, 0, 0, 0, 0, 0, 100, 198, 199, 100, 100, 0, 0, 0, 45, 0, 0, 101, 32, 4, 0,
+            0, 0, 0, 0, 0, 66, 66, 66, 66, 66, 66, 66, 66, 66, 66, 66, 37, 0, 0, 0, 0, 0, 0, 0, 66,
+            66, 66, 198, 199, 66, 66, 66, 66, 66, 255, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        assert_eq!(
+            Bucket::decode(crash, 1),
+            Err(StoreError::Corrupt("entry flags"))
         );
     }
 

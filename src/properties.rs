@@ -1,0 +1,216 @@
+//! Property tests: invariants checked on many generated inputs.
+
+use crate::decision::{decide, Decision, Existing};
+use crate::fake_host::FakeShared;
+use crate::fingerprint::{key_digest, Digest16, Fingerprinter};
+use crate::key::{parse_key, to_sf_string};
+use crate::record::{DataRecord, StoredResponse};
+use crate::store::local::LocalTable;
+use crate::store::{Claim, ClaimOutcome};
+use proptest::prelude::*;
+
+proptest! {
+    /// Any printable key survives serialisation as an sf-string and back,
+    /// and a bare value (no quotes, spaces, commas...) means the same key.
+    #[test]
+    fn sf_string_round_trip(key in "[ -~]{1,255}") {
+        prop_assert_eq!(parse_key(to_sf_string(&key).as_bytes(), 255).unwrap(), key.clone());
+        if !key.contains(['"', '\\', ' ', ',', ';']) {
+            prop_assert_eq!(parse_key(key.as_bytes(), 255).unwrap(), key);
+        }
+    }
+
+    /// Nothing a client sends makes the key parser panic.
+    #[test]
+    fn key_parser_never_panics(raw in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = parse_key(&raw, 255);
+    }
+
+    /// However the body is cut into chunks, the fingerprint is the same.
+    #[test]
+    fn fingerprint_is_stable_across_chunkings(
+        body in proptest::collection::vec(any::<u8>(), 0..4096),
+        cuts in proptest::collection::vec(any::<usize>(), 0..8),
+    ) {
+        let whole = {
+            let mut f = Fingerprinter::new("POST", "/p", &[Some(b"application/json")]);
+            f.update(&body);
+            f.finish()
+        };
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
+        points.sort_unstable();
+        let mut f = Fingerprinter::new("POST", "/p", &[Some(b"application/json")]);
+        let mut start = 0;
+        for p in points.into_iter().chain(std::iter::once(body.len())) {
+            f.update(&body[start..p]);
+            start = p;
+        }
+        prop_assert_eq!(f.finish(), whole);
+    }
+
+    /// Records decode to what was encoded, and garbage never panics.
+    #[test]
+    fn records_round_trip_and_garbage_is_an_error(
+        status in 100u16..600,
+        headers in proptest::collection::vec(("[a-z-]{1,20}", proptest::collection::vec(any::<u8>(), 0..40)), 0..8),
+        body in proptest::collection::vec(any::<u8>(), 0..2000),
+        garbage in proptest::collection::vec(any::<u8>(), 0..200),
+    ) {
+        let rec = DataRecord {
+            epoch: 3,
+            digest: [5; 16],
+            response: StoredResponse { status, headers, body, body_omitted: false },
+        };
+        prop_assert_eq!(DataRecord::decode(&rec.encode()).unwrap(), rec);
+        let _ = DataRecord::decode(&garbage);
+    }
+}
+
+/// One step of the store model test.
+#[derive(Debug, Clone)]
+enum Op {
+    Claim {
+        worker: usize,
+        key: usize,
+        other_payload: bool,
+    },
+    Complete {
+        worker: usize,
+    },
+    Release {
+        worker: usize,
+    },
+    Abandon {
+        worker: usize,
+    },
+    Sweep,
+    Advance {
+        ms: u64,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..3usize, 0..3usize, prop::bool::weighted(0.15))
+            .prop_map(|(worker, key, other_payload)| Op::Claim { worker, key, other_payload }),
+        3 => (0..3usize).prop_map(|worker| Op::Complete { worker }),
+        1 => (0..3usize).prop_map(|worker| Op::Release { worker }),
+        1 => (0..3usize).prop_map(|worker| Op::Abandon { worker }),
+        1 => Just(Op::Sweep),
+        2 => prop_oneof![Just(1u64), Just(500), Just(1000), Just(10_000)].prop_map(|ms| Op::Advance { ms }),
+    ]
+}
+
+/// What the model says a key holds (the reference the table must match).
+#[derive(Debug, Clone, PartialEq)]
+enum Model {
+    Nothing,
+    InFlight {
+        token: u64,
+        fingerprint: Digest16,
+        deadline: u64,
+    },
+    Done {
+        response: StoredResponse,
+        fingerprint: Digest16,
+        expires: u64,
+    },
+}
+
+const LOCK_MS: u64 = 1000;
+const TTL_MS: u64 = 5000;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// The slot table against an exact model, over random interleavings of
+    /// several workers: claims, completions, releases, clients that vanish,
+    /// sweeps and time. Every answer must be the model's. In particular no
+    /// key is ever handed out ("forward") while a live claim or a live
+    /// record holds it, and a replay is always the owner's recorded answer.
+    #[test]
+    fn the_slot_table_behaves_like_the_model(ops in proptest::collection::vec(op(), 1..80)) {
+        let shared = FakeShared::default();
+        // 3 keys, 4 ways: no eviction, so the model needs none.
+        let table = LocalTable::new(1, 4);
+        table.init(&shared).unwrap();
+        let keys: Vec<Digest16> = (0..3).map(|i| key_digest(&[], &format!("k{i}"))).collect();
+        let fp_a: Digest16 = [1; 16];
+        let fp_b: Digest16 = [2; 16];
+        let mut model = vec![Model::Nothing; 3];
+        let mut workers: Vec<Option<(usize, Claim, Digest16)>> = vec![None; 3];
+        let mut now = 1_000_000u64;
+        let mut token = 0u64;
+        let mut served = 0u32;
+        for op in ops {
+            match op {
+                Op::Claim { worker, key, other_payload } => {
+                    if workers[worker].is_some() {
+                        continue;
+                    }
+                    let fp = if other_payload { fp_b } else { fp_a };
+                    token += 1;
+                    let (outcome, _) = table.claim(&shared, &keys[key], &fp, token, now, LOCK_MS).unwrap();
+                    let existing = match &model[key] {
+                        Model::Nothing => None,
+                        Model::InFlight { fingerprint, deadline, .. } => {
+                            Some(Existing::InFlight { fingerprint: *fingerprint, lock_deadline_ms: *deadline })
+                        }
+                        Model::Done { fingerprint, expires, .. } => {
+                            Some(Existing::Completed { fingerprint: *fingerprint, expires_ms: *expires })
+                        }
+                    };
+                    match (decide(existing.as_ref(), &fp, now), outcome) {
+                        (Decision::Execute | Decision::TakeOver, ClaimOutcome::Claimed(c)) => {
+                            model[key] = Model::InFlight { token, fingerprint: fp, deadline: now + LOCK_MS };
+                            workers[worker] = Some((key, c, fp));
+                        }
+                        (Decision::Conflict, ClaimOutcome::InFlight) | (Decision::Mismatch, ClaimOutcome::Mismatch) => {}
+                        (Decision::Replay, ClaimOutcome::Replay(r)) => {
+                            let Model::Done { response, .. } = &model[key] else { unreachable!() };
+                            prop_assert_eq!(&r, response, "a replay is the recorded answer");
+                        }
+                        (expected, got) => prop_assert!(false, "model says {:?}, table answered {:?}", expected, got),
+                    }
+                }
+                Op::Complete { worker } => {
+                    let Some((key, claim, fp)) = workers[worker].take() else { continue };
+                    served += 1;
+                    let response = StoredResponse { status: 201, headers: vec![], body: served.to_le_bytes().to_vec(), body_omitted: false };
+                    let stored = table.complete(&shared, &claim, &keys[key], response.clone(), now, TTL_MS).unwrap();
+                    let owns = matches!(model[key], Model::InFlight { token: t, .. } if t == claim.token);
+                    prop_assert_eq!(stored, owns, "only the current owner records");
+                    if stored {
+                        model[key] = Model::Done { response, fingerprint: fp, expires: now + TTL_MS };
+                    }
+                }
+                Op::Release { worker } => {
+                    let Some((key, claim, _)) = workers[worker].take() else { continue };
+                    let released = table.release(&shared, &claim).unwrap();
+                    let owns = matches!(model[key], Model::InFlight { token: t, .. } if t == claim.token);
+                    prop_assert_eq!(released, owns);
+                    if released {
+                        model[key] = Model::Nothing;
+                    }
+                }
+                Op::Abandon { worker } => {
+                    workers[worker] = None;
+                }
+                Op::Sweep => {
+                    table.sweep(&shared, 0, 1, now);
+                    for m in model.iter_mut() {
+                        let dead = match m {
+                            Model::InFlight { deadline, .. } => now >= *deadline,
+                            Model::Done { expires, .. } => now >= *expires,
+                            Model::Nothing => false,
+                        };
+                        if dead {
+                            *m = Model::Nothing;
+                        }
+                    }
+                }
+                Op::Advance { ms } => now += ms,
+            }
+        }
+    }
+}

@@ -1,0 +1,104 @@
+"""Hostile and broken clients: each gets a clear problem+json or Envoy's own
+error, the upstream never executes a request twice (or a broken one at
+all), and Envoy keeps serving. Runs once per store."""
+
+import socket
+import subprocess
+import time
+import uuid
+
+from conftest import post, problem, raw_request
+
+
+def still_serving(gw, upstream):
+    key = "alive-" + uuid.uuid4().hex
+    assert post(gw, key)[0] == 201
+    assert upstream.executions(key) == 1
+
+
+def test_an_over_long_key_is_400_and_a_huge_header_is_envoys_431(gw, upstream):
+    before = upstream.executions()
+    resp = post(gw, "k" * 10_000)
+    assert resp[0] == 400 and problem(resp)["type"].endswith("invalid-key")
+    # Past Envoy's own header limit (60 KiB by default) Envoy answers itself.
+    req = (b"POST /payments HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n"
+           b"Idempotency-Key: " + b"k" * 70_000 + b"\r\n\r\n{}")
+    resp = raw_request(gw.port, req)
+    assert resp is None or resp[0] == 431
+    assert upstream.executions() == before
+    still_serving(gw, upstream)
+
+
+def test_many_key_headers_are_400(gw, upstream):
+    before = upstream.executions()
+    headers = b"".join(b"Idempotency-Key: k%d\r\n" % i for i in range(50))
+    resp = raw_request(gw.port, b"POST /payments HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n"
+                       + headers + b"\r\n{}")
+    assert resp[0] == 400
+    assert upstream.executions() == before
+
+
+def test_a_body_that_stops_short_of_its_length_never_executes(gw, upstream):
+    key = "short-" + uuid.uuid4().hex
+    s = socket.create_connection(("127.0.0.1", gw.port))
+    s.sendall((f"POST /payments HTTP/1.1\r\nHost: x\r\nIdempotency-Key: {key}\r\n"
+               f"Content-Length: 1000\r\n\r\n").encode() + b"x" * 400)
+    time.sleep(0.3)
+    s.close()  # the client gives up mid-body
+    time.sleep(0.3)
+    assert upstream.executions(key) == 0, "an incomplete request is never forwarded"
+    # Nothing was claimed either: the full request runs normally.
+    assert post(gw, key, body=b"x" * 1000)[0] == 201
+    assert upstream.executions(key) == 1
+    still_serving(gw, upstream)
+
+
+def test_a_declared_length_smaller_than_the_body_executes_once_at_most(gw, upstream):
+    key = "smaller-" + uuid.uuid4().hex
+    body = b'{"amount": 1}'
+    junk = b"GARBAGE THAT IS NOT A REQUEST\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        s.sendall((f"POST /payments HTTP/1.1\r\nHost: x\r\nIdempotency-Key: {key}\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body + junk)
+        data = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except socket.timeout:
+            pass
+    assert data.startswith(b"HTTP/1.1 201"), data[:80]
+    assert upstream.executions(key) == 1
+    still_serving(gw, upstream)
+
+
+def test_clients_that_vanish_mid_body_leave_envoy_serving(gw, upstream):
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", gw.port))
+        s.sendall(b"POST /payments HTTP/1.1\r\nHost: x\r\nIdempotency-Key: v-" + uuid.uuid4().hex.encode()
+                  + b"\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n")
+        s.close()
+    still_serving(gw, upstream)
+
+
+def test_http2_clients_get_the_same_semantics(gw, upstream):
+    key = "h2-" + uuid.uuid4().hex
+
+    def curl(body):
+        out = subprocess.run(
+            ["curl", "-s", "-i", "--http2-prior-knowledge", "-X", "POST", f"http://127.0.0.1:{gw.port}/payments",
+             "-H", f"Idempotency-Key: {key}", "-H", "content-type: application/json", "--data-binary", body],
+            capture_output=True, text=True, timeout=30)
+        head, _, payload = out.stdout.partition("\r\n\r\n")
+        return head, payload
+
+    head1, body1 = curl('{"amount": 5}')
+    assert head1.startswith("HTTP/2 201"), head1
+    head2, body2 = curl('{"amount": 5}')
+    assert head2.startswith("HTTP/2 201") and "idempotent-replayed: true" in head2.lower()
+    assert body2 == body1
+    head3, _ = curl('{"amount": 6}')
+    assert head3.startswith("HTTP/2 422")
+    assert upstream.executions(key) == 1

@@ -86,6 +86,9 @@ class RedisBackend:
     def stop_webdis(self):
         self._stop(self.webdis)
 
+    def stop_redis(self):
+        self._stop(self.redis)
+
     def stop(self):
         self._stop(self.webdis)
         self._stop(self.redis)

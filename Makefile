@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build test unit e2e lint demo demo-fleet demo-client docker-demo bench fuzz check-config clean
+.PHONY: help setup build test unit e2e lint demo demo-fleet demo-client docker-demo bench fuzz soak check-config clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
@@ -62,6 +62,10 @@ bench: build ## Benchmark against Envoy without the filter (nginx, wrk; not part
 	@command -v nginx >/dev/null && command -v wrk >/dev/null || \
 		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx-light wrk; }
 	ENVOY_BIN=$(ENVOY) $(PY) bench/run.py $(BENCH_ARGS)
+
+SOAK_SECONDS ?= 600
+soak: build ## Steady mixed traffic over both stores for SOAK_SECONDS (default 10 min); every key exactly once, memory flat
+	ENVOY_BIN=$(ENVOY) $(PY) bench/soak.py --seconds $(SOAK_SECONDS)
 
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := key_parser record_decoder config_parser store_reply

@@ -103,10 +103,23 @@ def test_redis_killed_then_restarted(upstream, lone_backend):
         resp = post(fleet.a, key)
         assert resp[0] == 503 and problem(resp)["type"].endswith("store-unavailable")
         assert upstream.executions(key) == 0, "never executed without protection"
+        # Under load too: 20 concurrent requests on both gateways, all refused.
+        burst = [k("redis-down-burst") for _ in range(20)]
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda i: post(fleet.a if i % 2 else fleet.b, burst[i])[0], range(20)))
+        assert answers == [503] * 20
+        assert sum(upstream.executions(x) for x in burst) == 0
         lone_backend.start_redis()
-        wait_for(lambda: post(fleet.a, key)[0] == 201, timeout=20, what="Redis back in use")
-        assert post(fleet.b, key)[1].get("idempotent-replayed") == "true"
-        assert upstream.executions(key) == 1
+        # Webdis re-opens its pooled Redis connections one failure at a time:
+        # a few 503s (fail closed) until every connection is back.
+        def healthy():
+            probe = k("probe")
+            return post(fleet.a, probe)[0] == 201 and post(fleet.b, probe)[0] == 201
+        wait_for(healthy, timeout=30, what="Redis back in use on both gateways")
+        again = k("after")
+        assert post(fleet.a, again)[0] == 201
+        assert post(fleet.b, again)[1].get("idempotent-replayed") == "true"
+        assert upstream.executions(again) == 1
     finally:
         fleet.stop()
 

@@ -102,3 +102,27 @@ def test_http2_clients_get_the_same_semantics(gw, upstream):
     head3, _ = curl('{"amount": 6}')
     assert head3.startswith("HTTP/2 422")
     assert upstream.executions(key) == 1
+
+
+def test_a_client_gone_mid_response(gw, gateways, upstream):
+    key = "midresp-" + uuid.uuid4().hex
+    s = socket.create_connection(("127.0.0.1", gw.port))
+    s.sendall((f"POST /payments HTTP/1.1\r\nHost: x\r\nIdempotency-Key: {key}\r\n"
+               f"Content-Type: application/json\r\nX-Demo-Response-Bytes: 8000000\r\n"
+               f"Content-Length: 2\r\n\r\n{{}}").encode())
+    first = s.recv(4096)
+    assert first.startswith(b"HTTP/1.1 201")
+    s.close()  # reads the start of an 8 MB answer, then leaves
+    time.sleep(0.5)
+    assert upstream.executions(key) == 1
+    resp = post(gw, key, body=b"{}", headers={"x-demo-response-bytes": "8000000"})
+    if gateways.kind == "apisix":
+        # Forwarding mode recorded the whole answer before replying: replayed
+        # (without its body: larger than max_response_body_bytes).
+        assert resp[0] == 201 and resp[1].get("idempotent-replay-body") == "omitted"
+    else:
+        # The upstream acted and the response never completed: the claim
+        # stays until lock_timeout_seconds, the retry gets 409.
+        assert resp[0] == 409
+    assert upstream.executions(key) == 1
+    still_serving(gw, upstream)

@@ -1,19 +1,12 @@
 #![no_main]
 //! What the Redis front end (or anything posing as it) answers, and the
 //! proxy-wasm header maps and base64 the filter decodes.
-use idempotency_filter::store::redis::{OnUnavailable, RedisConfig, RedisStore};
+use idempotency_filter::store::redis::{RedisConfig, RedisStore};
 use idempotency_filter::wire::{base64_decode, base64_encode, decode_pairs};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let store = RedisStore::new(RedisConfig {
-        cluster: "webdis".into(),
-        authority: "webdis".into(),
-        timeout_ms: 500,
-        key_prefix: "idem:".into(),
-        on_unavailable: OnUnavailable::Reject,
-        authorization: None,
-    });
+    let store = RedisStore::new(RedisConfig::with_defaults("webdis"));
     let status = data.first().map_or(200, |b| if b % 4 == 0 { 503 } else { 200 });
     let _ = store.claim_outcome(status, data, &[0xab; 16], &[1; 16], 7);
     let _ = store.complete_outcome(status, data);

@@ -152,6 +152,20 @@ pub struct RedisConfig {
     pub authorization: Option<String>,
 }
 
+impl RedisConfig {
+    /// The documented defaults for a front end at `cluster`.
+    pub fn with_defaults(cluster: &str) -> RedisConfig {
+        RedisConfig {
+            cluster: cluster.to_string(),
+            authority: cluster.to_string(),
+            timeout_ms: 500,
+            key_prefix: "idem:".to_string(),
+            on_unavailable: OnUnavailable::Reject,
+            authorization: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisStore {
     pub config: RedisConfig,
@@ -319,14 +333,7 @@ mod tests {
     use super::*;
 
     fn store() -> RedisStore {
-        RedisStore::new(RedisConfig {
-            cluster: "webdis".into(),
-            authority: "webdis".into(),
-            timeout_ms: 500,
-            key_prefix: "idem:".into(),
-            on_unavailable: OnUnavailable::Reject,
-            authorization: None,
-        })
+        RedisStore::new(RedisConfig::with_defaults("webdis"))
     }
 
     fn json(v: &str) -> Vec<u8> {

@@ -360,15 +360,12 @@ impl Filter {
             });
         }
         // APISIX signals end of stream with the headers even when a body
-        // follows (it reads the body only if asked), so there the request
-        // line decides whether to wait for one.
-        let expects_body = if cfg.host.apisix_rules() {
-            !end_of_stream
-                || declared.is_some_and(|n| n > 0)
-                || header(&headers, "transfer-encoding").is_some()
-        } else {
-            !end_of_stream
-        };
+        // follows (it reads the body only if asked, and an HTTP/2 client may
+        // send one without Content-Length), so there the filter always asks
+        // and decides in the body callback, which then comes, empty or not.
+        // Elsewhere (Envoy, and the APISIX profile running in Envoy) the
+        // host's end of stream is the truth.
+        let expects_body = cfg.host == crate::config::Host::Apisix || !end_of_stream;
         if !expects_body {
             return self.decide(host, digest, fingerprint.finish());
         }
@@ -1804,18 +1801,38 @@ mod tests {
     }
 
     #[test]
-    fn apisix_bodiless_request_decides_at_the_headers() {
+    fn apisix_always_asks_for_the_body_and_decides_in_its_callback() {
         let host = FakeHost::default();
+        // An HTTP/2 POST: no Content-Length, and APISIX says end of stream.
         let hs: Vec<(&str, &str)> = vec![
             (":method", "POST"),
             (":path", "/p"),
-            ("idempotency-key", "nb"),
+            ("idempotency-key", "h2"),
         ];
-        host.reset_exchange(&hs, b"");
+        host.reset_exchange(&hs, b"{}");
         let mut f = Filter::new(ctx(APISIX));
-        assert_eq!(f.on_request_headers(&host, true), Verdict::Pause);
-        assert!(host.properties.borrow().is_empty());
-        assert_eq!(host.calls.borrow().len(), 1, "the claim is pending");
+        assert_eq!(f.on_request_headers(&host, true), Verdict::AwaitBody);
+        assert_eq!(
+            host.properties.borrow().len(),
+            1,
+            "wasm_process_req_body is set"
+        );
+        assert!(
+            host.calls.borrow().is_empty(),
+            "nothing decided before the body"
+        );
+        assert_eq!(f.on_request_body(&host, 2, true), Verdict::Pause);
+        assert_eq!(
+            host.calls.borrow().len(),
+            1,
+            "the claim, after the whole body"
+        );
+        // A request that really has no body: APISIX calls back with none.
+        host.reset_exchange(&hs, b"");
+        let mut g = Filter::new(ctx(APISIX));
+        assert_eq!(g.on_request_headers(&host, true), Verdict::AwaitBody);
+        assert_eq!(g.on_request_body(&host, 0, true), Verdict::Pause);
+        assert_eq!(host.calls.borrow().len(), 2);
     }
 
     #[test]
@@ -1831,6 +1848,7 @@ mod tests {
         host.reset_exchange(&hs, b"");
         let mut f = Filter::new(c.clone());
         f.on_request_headers(&host, true);
+        f.on_request_body(&host, 0, true);
         f.on_store_response(&host, 1, Some(200), &redis.answer(&host, 1));
         f.on_call_response(&host, 2, &CallResponse::default());
         assert!(host.sent.borrow().is_none());
@@ -1842,6 +1860,7 @@ mod tests {
         host.reset_exchange(&hs, b"");
         let mut g = Filter::new(c);
         g.on_request_headers(&host, true);
+        g.on_request_body(&host, 0, true);
         g.on_store_response(&host, 4, Some(200), &redis.answer(&host, 4));
         assert_eq!(call_path(&host, 5).0, "127.0.0.1:8081");
     }

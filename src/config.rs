@@ -2,6 +2,7 @@
 //! then validated into [`Config`]. Every error names the field and the fix in one
 //! line, because that line is all an operator sees in the proxy's log.
 
+use crate::record::is_recorded_header;
 use crate::store::redis::{OnUnavailable, RedisConfig};
 use crate::wire::base64_encode;
 use serde::Deserialize;
@@ -234,6 +235,11 @@ impl Config {
         self.methods.iter().any(|m| m == method)
     }
 
+    /// Whether a response header goes into the record (and so into replays).
+    pub fn records_header(&self, name: &str) -> bool {
+        is_recorded_header(name) && !self.never_record_headers.iter().any(|h| h == name)
+    }
+
     /// Parses and validates the plugin configuration. An empty document means
     /// "all defaults", which is what Envoy passes when `configuration` is unset.
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
@@ -400,16 +406,46 @@ fn parse_store(value: serde_json::Value) -> Result<StoreConfig, ConfigError> {
     }
 }
 
+/// A host, cluster or host:port: printable, no spaces, not empty.
+fn is_visible(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+fn validate_forward(f: RawForward) -> Result<Forward, ConfigError> {
+    if !is_visible(&f.upstream) {
+        return Err(err(
+            "forward.upstream",
+            "must name the upstream: an Envoy cluster name, or host:port on APISIX",
+        ));
+    }
+    if f.authority.as_deref().is_some_and(|a| !is_visible(a)) {
+        return Err(err(
+            "forward.authority",
+            "must be a host name or host:port without spaces",
+        ));
+    }
+    if f.timeout_ms == 0 || f.timeout_ms > 600_000 {
+        return Err(err(
+            "forward.timeout_ms",
+            format!("must be between 1 and 600000 (got {})", f.timeout_ms),
+        ));
+    }
+    Ok(Forward {
+        upstream: f.upstream,
+        authority: f.authority,
+        timeout_ms: f.timeout_ms,
+    })
+}
+
 fn validate_redis(raw: RawRedisStore) -> Result<RedisConfig, ConfigError> {
-    let visible = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
-    if !visible(&raw.cluster) {
+    if !is_visible(&raw.cluster) {
         return Err(err(
             "store.cluster",
             "must name where Webdis is reached: an Envoy cluster name (e.g. \"webdis\"), or host:port on APISIX",
         ));
     }
     if let Some(a) = &raw.authority {
-        if !visible(a) {
+        if !is_visible(a) {
             return Err(err(
                 "store.authority",
                 "must be a host name or host:port without spaces",
@@ -552,35 +588,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let fingerprint_headers = header_list("fingerprint_headers", raw.fingerprint_headers)?;
     let never_record_headers = header_list("never_record_headers", raw.never_record_headers)?;
     let store = parse_store(raw.store)?;
-    let forward = match raw.forward {
-        None => None,
-        Some(f) => {
-            let visible = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
-            if !visible(&f.upstream) {
-                return Err(err(
-                    "forward.upstream",
-                    "must name the upstream: an Envoy cluster name, or host:port on APISIX",
-                ));
-            }
-            if f.authority.as_deref().is_some_and(|a| !visible(a)) {
-                return Err(err(
-                    "forward.authority",
-                    "must be a host name or host:port without spaces",
-                ));
-            }
-            if f.timeout_ms == 0 || f.timeout_ms > 600_000 {
-                return Err(err(
-                    "forward.timeout_ms",
-                    format!("must be between 1 and 600000 (got {})", f.timeout_ms),
-                ));
-            }
-            Some(Forward {
-                upstream: f.upstream,
-                authority: f.authority,
-                timeout_ms: f.timeout_ms,
-            })
-        }
-    };
+    let forward = raw.forward.map(validate_forward).transpose()?;
     let host = match raw.host {
         RawHost::Envoy => Host::Envoy,
         RawHost::Apisix => Host::Apisix,

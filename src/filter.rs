@@ -19,7 +19,7 @@ use crate::host::{HeaderList, Host, HostError, Level};
 use crate::key::{parse_key_headers, KeyError};
 use crate::metrics::Metric;
 use crate::problem::Problem;
-use crate::record::{is_recorded_header, StoredResponse};
+use crate::record::{is_connection_header, StoredResponse};
 use crate::store::local::LocalTable;
 use crate::store::redis::{OnUnavailable, RedisStore, StoreRequest};
 use crate::store::{Claim, ClaimEffects, ClaimOutcome, StoreError};
@@ -101,8 +101,10 @@ enum Phase {
         capture: Option<Capture>,
     },
     /// The store is recording or releasing (Redis); the response's last
-    /// callback is held until it answers, because Envoy cancels a pending
-    /// call when the stream ends, and the record would be lost.
+    /// callback is held until it answers. Envoy runs the call on the root
+    /// context, so the write itself would complete anyway, but once the
+    /// stream has ended its answer has no context to reach: holding keeps
+    /// the counters right and tells the client only what was recorded.
     AwaitingWrite {
         call: u32,
         write: Write,
@@ -153,32 +155,9 @@ struct ForwardRequest {
     body: Vec<u8>,
 }
 
-/// Request headers that describe the client's connection, or that the proxy
-/// sets itself on the forwarded request.
-const NOT_FORWARDED: &[&str] = &[
-    "host",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "expect",
-];
-
-/// Response headers of a forwarded answer that belong to that connection.
-const NOT_RELAYED: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-];
+/// Request headers the proxy sets itself on the forwarded request, besides
+/// the connection-level ones.
+const NOT_FORWARDED: &[&str] = &["host", "expect"];
 
 pub struct Filter {
     ctx: Rc<FilterContext>,
@@ -196,6 +175,13 @@ fn header<'a>(headers: &'a HeaderList, name: &str) -> Option<&'a [u8]> {
 
 /// All values of a header joined as one list, the way RFC 9110 5.3 combines
 /// repeated fields, so a header split in two does not change the meaning.
+/// A header holding a number (`:status`, `content-length`).
+fn header_number<T: std::str::FromStr>(headers: &HeaderList, name: &str) -> Option<T> {
+    header(headers, name)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.trim().parse::<T>().ok())
+}
+
 fn header_joined(headers: &HeaderList, name: &str) -> Option<Vec<u8>> {
     let mut out: Option<Vec<u8>> = None;
     for (_, v) in headers.iter().filter(|(n, _)| n == name) {
@@ -238,14 +224,21 @@ impl Filter {
         if let Some(m) = metric {
             host.metric_add(m, 1);
         }
-        let mut headers = problem.headers();
+        self.send_reply(host, problem_reply(problem))
+    }
+
+    /// Every answer the filter gives itself goes out here, with the key the
+    /// gateway assigned, if it assigned one.
+    fn send_reply(&mut self, host: &impl Host, mut reply: Reply) -> Verdict {
         if let Some(k) = &self.generated_key {
-            headers.push((self.cfg().header.clone(), k.clone().into_bytes()));
+            reply
+                .headers
+                .push((self.cfg().header.clone(), k.clone().into_bytes()));
         }
-        if let Err(e) = host.send_response(problem.status, &headers, &problem.body()) {
+        if let Err(e) = host.send_response(reply.status, &reply.headers, &reply.body) {
             host.log(
                 Level::Error,
-                &format!("could not send the {} answer: {e}", problem.status),
+                &format!("could not send the {} answer: {e}", reply.status),
             );
         }
         self.phase = Phase::Answered;
@@ -312,9 +305,7 @@ impl Filter {
             }
         };
         host.metric_add(Metric::Protected, 1);
-        let declared = header(&headers, "content-length")
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let declared: Option<u64> = header_number(&headers, "content-length");
         if declared.is_some_and(|n| n > cfg.max_request_body_bytes) {
             return self.answer(
                 host,
@@ -342,7 +333,7 @@ impl Filter {
         if cfg.forward.is_some() {
             let mut forwarded: Vec<(String, String)> = headers
                 .iter()
-                .filter(|(n, _)| !n.starts_with(':') && !NOT_FORWARDED.contains(&n.as_str()))
+                .filter(|(n, _)| !is_connection_header(n) && !NOT_FORWARDED.contains(&n.as_str()))
                 .filter(|(n, _)| self.generated_key.is_none() || *n != cfg.header)
                 .map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).into_owned()))
                 .collect();
@@ -519,13 +510,15 @@ impl Filter {
             }
             Ok((ClaimOutcome::Replay(response), _)) => {
                 host.metric_add(Metric::Replays, 1);
-                if let Err(e) =
-                    host.send_response(response.status, &response.replay_headers(), &response.body)
-                {
-                    host.log(Level::Error, &format!("replay failed: {e}"));
-                }
-                self.phase = Phase::Answered;
-                Verdict::Pause
+                let headers = response.replay_headers();
+                self.send_reply(
+                    host,
+                    Reply {
+                        status: response.status,
+                        headers,
+                        body: response.body,
+                    },
+                )
             }
             Err(e) => self.store_failed(host, &e),
         }
@@ -552,6 +545,7 @@ impl Filter {
     }
 
     /// Convenience for a store answer without headers (tests).
+    #[cfg(test)]
     pub fn on_store_response(
         &mut self,
         host: &impl Host,
@@ -627,7 +621,7 @@ impl Filter {
                 count_write(host, write, &result);
                 match reply {
                     Some(reply) => {
-                        self.send_reply(host, &reply);
+                        self.send_reply(host, reply);
                     }
                     None => {
                         if let Err(e) = host.resume_response() {
@@ -700,23 +694,13 @@ impl Filter {
         response: &CallResponse,
     ) -> Verdict {
         let cfg = &self.ctx.config;
-        let (mut reply, record) = match response.status {
-            None => {
-                let p = Problem::upstream_unavailable();
-                (
-                    Reply {
-                        status: p.status,
-                        headers: p.headers(),
-                        body: p.body(),
-                    },
-                    None,
-                )
-            }
+        let (reply, record) = match response.status {
+            None => (problem_reply(&Problem::upstream_unavailable()), None),
             Some(status) => {
                 let relayed: HeaderList = response
                     .headers
                     .iter()
-                    .filter(|(n, _)| !n.starts_with(':') && !NOT_RELAYED.contains(&n.as_str()))
+                    .filter(|(n, _)| !is_connection_header(n))
                     .cloned()
                     .collect();
                 let record = should_record(status, Some("via_upstream"), cfg.record_server_errors)
@@ -726,10 +710,7 @@ impl Filter {
                             status,
                             headers: relayed
                                 .iter()
-                                .filter(|(n, _)| {
-                                    is_recorded_header(n)
-                                        && !self.ctx.config.never_record_headers.contains(n)
-                                })
+                                .filter(|(n, _)| cfg.records_header(n))
                                 .cloned()
                                 .collect(),
                             body: if omitted {
@@ -750,11 +731,6 @@ impl Filter {
                 )
             }
         };
-        if let Some(k) = &self.generated_key {
-            reply
-                .headers
-                .push((cfg.header.clone(), k.clone().into_bytes()));
-        }
         let write = if record.is_some() {
             Write::Complete
         } else {
@@ -769,14 +745,6 @@ impl Filter {
             record,
             Some(reply),
         )
-    }
-
-    fn send_reply(&mut self, host: &impl Host, reply: &Reply) -> Verdict {
-        if let Err(e) = host.send_response(reply.status, &reply.headers, &reply.body) {
-            host.log(Level::Error, &format!("could not send the response: {e}"));
-        }
-        self.phase = Phase::Answered;
-        Verdict::Pause
     }
 
     pub fn on_response_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Verdict {
@@ -809,10 +777,7 @@ impl Filter {
                 return Verdict::Continue;
             }
         };
-        let status = header(&headers, ":status")
-            .and_then(|s| std::str::from_utf8(s).ok())
-            .and_then(|s| s.parse::<u16>().ok())
-            .unwrap_or(0);
+        let status: u16 = header_number(&headers, ":status").unwrap_or(0);
         // Who answered matters only for errors (a rate limiter's 429, Envoy's
         // 503): a property lookup saved on every successful response.
         let details = if status >= 400 {
@@ -827,18 +792,14 @@ impl Filter {
         ) {
             return self.release(host, &claim, &digest);
         }
-        let expected = header(&headers, "content-length")
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let expected: Option<u64> = header_number(&headers, "content-length");
         *capture = Some(Capture {
             seen: 0,
             expected,
             status,
             headers: headers
                 .into_iter()
-                .filter(|(n, _)| {
-                    is_recorded_header(n) && !self.ctx.config.never_record_headers.contains(n)
-                })
+                .filter(|(n, _)| self.ctx.config.records_header(n))
                 .collect(),
             body: Vec::new(),
             omitted: false,
@@ -1015,9 +976,17 @@ impl Filter {
         };
         count_write(host, write, &result);
         match reply {
-            Some(reply) => self.send_reply(host, &reply),
+            Some(reply) => self.send_reply(host, reply),
             None => Verdict::Continue,
         }
+    }
+}
+
+fn problem_reply(problem: &Problem) -> Reply {
+    Reply {
+        status: problem.status,
+        headers: problem.headers(),
+        body: problem.body(),
     }
 }
 

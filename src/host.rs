@@ -62,7 +62,7 @@ pub trait Host: SharedData {
     ) -> Result<(), HostError>;
     /// Sends an HTTP request to `upstream` (Envoy: a cluster name; APISIX:
     /// host:port); the answer arrives later through the filter's
-    /// `on_store_response` with the returned call id.
+    /// `on_call_response` with the returned call id.
     fn dispatch_http_call(
         &self,
         upstream: &str,

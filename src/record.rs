@@ -41,22 +41,32 @@ pub enum DecodeError {
     TrailingBytes,
 }
 
-/// Headers that describe one connection, not the response (RFC 9110 7.6.1),
-/// plus content-length, which the proxy recomputes for the replayed body.
-const NOT_RECORDED: &[&str] = &[
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1),
+/// plus content-length, which the proxy recomputes for the body it sends.
+/// Never recorded, never relayed, never forwarded.
+pub const CONNECTION_HEADERS: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
     "te",
     "trailer",
     "transfer-encoding",
     "upgrade",
     "content-length",
+];
+
+/// Further response headers a record leaves out.
+const NOT_RECORDED: &[&str] = &[
+    "proxy-authenticate",
+    "proxy-authorization",
     // Envoy's timing of the original exchange; a replay has its own.
     "x-envoy-upstream-service-time",
 ];
+
+/// Pseudo-headers and connection-level headers: what no message carries on.
+pub fn is_connection_header(name: &str) -> bool {
+    name.starts_with(':') || CONNECTION_HEADERS.contains(&name)
+}
 
 /// Headers the filter adds on replay; an upstream's own copy is dropped so a
 /// first response can never pose as a replay.
@@ -65,7 +75,7 @@ pub const REPLAY_BODY_HEADER: &str = "idempotent-replay-body";
 
 /// Whether a response header is kept in the record.
 pub fn is_recorded_header(name: &str) -> bool {
-    !name.starts_with(':')
+    !is_connection_header(name)
         && !NOT_RECORDED.contains(&name)
         && name != REPLAYED_HEADER
         && name != REPLAY_BODY_HEADER
@@ -128,9 +138,8 @@ impl DataRecord {
         out
     }
 
-    /// Reads only the slot's owner (epoch and digest), without copying the body.
-    pub fn peek_owner(bytes: &[u8]) -> Result<(u64, Digest16), DecodeError> {
-        let mut r = Reader { bytes, pos: 0 };
+    /// The version byte, epoch and digest that open every record.
+    fn read_owner(r: &mut Reader) -> Result<(u64, Digest16), DecodeError> {
         let version = r.u8()?;
         if version != RECORD_VERSION {
             return Err(DecodeError::Version(version));
@@ -138,14 +147,14 @@ impl DataRecord {
         Ok((r.u64()?, r.digest()?))
     }
 
+    /// Reads only the slot's owner (epoch and digest), without copying the body.
+    pub fn peek_owner(bytes: &[u8]) -> Result<(u64, Digest16), DecodeError> {
+        Self::read_owner(&mut Reader { bytes, pos: 0 })
+    }
+
     pub fn decode(bytes: &[u8]) -> Result<DataRecord, DecodeError> {
         let mut r = Reader { bytes, pos: 0 };
-        let version = r.u8()?;
-        if version != RECORD_VERSION {
-            return Err(DecodeError::Version(version));
-        }
-        let epoch = r.u64()?;
-        let digest = r.digest()?;
+        let (epoch, digest) = Self::read_owner(&mut r)?;
         let status = r.u16()?;
         let flags = r.u8()?;
         let count = r.u16()?;

@@ -549,12 +549,10 @@ impl RootContext for Root {
         self.metrics.define();
         let ctx = FilterContext::new(config);
         let host = WasmHost::new(self.metrics.clone(), HostKind::Envoy);
-        let mut wants_tick = false;
-        match &ctx.store {
-            Store::Redis(_) => {}
-            Store::Local(table) => match table.init(&host) {
+        // Only the local store needs the tick: Redis expires records itself.
+        if let Store::Local(table) = &ctx.store {
+            match table.init(&host) {
                 Ok(created) => {
-                    wants_tick = true;
                     if created > 0 {
                         host_log(
                             Level::Info,
@@ -573,18 +571,14 @@ impl RootContext for Root {
                     );
                     return false;
                 }
-            },
-        }
-        // Start each VM's sweep somewhere else so several VMs spread out.
-        let start = (host.random_u64() % u64::from(table_buckets(&ctx).max(1))) as u32;
-        self.sweep_cursor.set(start);
-        let status = if wants_tick {
-            unsafe { proxy_set_tick_period_milliseconds(TICK_MS) }
-        } else {
-            OK
-        };
-        if status != OK {
-            host_log(Level::Warn, &format!("no tick (status {status}): expired records are reclaimed only when their slot is reused"));
+            }
+            // Start each VM's sweep somewhere else so several VMs spread out.
+            let start = (host.random_u64() % u64::from(table.buckets().max(1))) as u32;
+            self.sweep_cursor.set(start);
+            let status = unsafe { proxy_set_tick_period_milliseconds(TICK_MS) };
+            if status != OK {
+                host_log(Level::Warn, &format!("no tick (status {status}): expired records are reclaimed only when their slot is reused"));
+            }
         }
         self.ctx = Some(Rc::new(ctx));
         true
@@ -615,8 +609,9 @@ impl RootContext for Root {
                     );
                 }
                 // The entries gauge moves by +1/-1 steps as requests run; once
-                // per full pass it is set to what the table really holds, so
-                // no lost step can make it drift.
+                // per full pass it is reset to the occupancy this pass saw, so
+                // lost steps cannot accumulate. That count is gathered over
+                // the pass (30 s), so it is approximate while the table changes.
                 let (swept, occupied) = self.sweep_pass.get();
                 let (swept, occupied) = (swept + per_tick, occupied + stats.occupied);
                 if swept >= buckets {
@@ -643,13 +638,6 @@ impl RootContext for Root {
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
-    }
-}
-
-fn table_buckets(ctx: &FilterContext) -> u32 {
-    match &ctx.store {
-        Store::Local(t) => t.buckets(),
-        Store::Redis(_) => 1,
     }
 }
 

@@ -499,16 +499,9 @@ impl LocalTable {
                 Err(_) => stats.errors += 1,
             }
             match self.reclaim_data(shared, b) {
-                Ok(n) => stats.data_reclaimed += n,
-                Err(_) => stats.errors += 1,
-            }
-            match self.load(shared, b) {
-                Ok((bucket, _)) => {
-                    stats.occupied += bucket
-                        .entries
-                        .iter()
-                        .filter(|e| e.state != State::Free)
-                        .count() as u64
+                Ok((reclaimed, occupied)) => {
+                    stats.data_reclaimed += reclaimed;
+                    stats.occupied += occupied;
                 }
                 Err(_) => stats.errors += 1,
             }
@@ -535,8 +528,16 @@ impl LocalTable {
         Ok(0)
     }
 
-    fn reclaim_data<S: SharedData>(&self, shared: &S, b: u32) -> Result<u32, StoreError> {
+    /// Returns the data keys reclaimed and the bucket's occupied slots (the
+    /// bucket it read after `free_dead`, so the sweep reads each bucket once
+    /// more, not twice).
+    fn reclaim_data<S: SharedData>(&self, shared: &S, b: u32) -> Result<(u32, u64), StoreError> {
         let (bucket, _) = self.load(shared, b)?;
+        let occupied = bucket
+            .entries
+            .iter()
+            .filter(|e| e.state != State::Free)
+            .count() as u64;
         let mut cleared: Vec<(usize, u64)> = Vec::new();
         for (way, e) in bucket.entries.iter().enumerate() {
             if !e.has_data || e.state == State::Completed {
@@ -568,7 +569,7 @@ impl LocalTable {
             }
         }
         if cleared.is_empty() {
-            return Ok(0);
+            return Ok((0, occupied));
         }
         for _ in 0..MAX_CAS_ATTEMPTS {
             let (mut bucket, cas) = self.load(shared, b)?;
@@ -580,13 +581,14 @@ impl LocalTable {
                 }
             }
             if self.store(shared, b, &bucket, cas)? {
-                return Ok(cleared.len() as u32);
+                return Ok((cleared.len() as u32, occupied));
             }
         }
-        Ok(0)
+        Ok((0, occupied))
     }
 
-    /// Counts live entries (tests and benchmarks).
+    /// Counts live entries (tests).
+    #[cfg(test)]
     pub fn count_live<S: SharedData>(&self, shared: &S, now_ms: u64) -> Result<u64, StoreError> {
         let mut n = 0;
         for b in 0..self.buckets {

@@ -50,11 +50,6 @@ def fleet(upstream, shared_backend):
     f.stop()
 
 
-@pytest.fixture
-def key():
-    return "fk-" + uuid.uuid4().hex
-
-
 def test_a_key_completed_on_one_gateway_replays_on_the_other(fleet, upstream, key):
     s1, h1, b1 = post(fleet.a, key)
     assert s1 == 201

@@ -99,14 +99,24 @@ http {{
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def wrk(port, mode, body_bytes, duration, connections, key="bench-replay"):
+def cpu_seconds(pid):
+    """User + system CPU time of a process (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port, mode, body_bytes, duration, connections, key="bench-replay", envoy_pid=None):
     env = dict(os.environ, IDEM_MODE=mode, IDEM_BODY=str(body_bytes), IDEM_KEY=key)
+    cpu0 = cpu_seconds(envoy_pid) if envoy_pid else 0.0
     out = subprocess.run(
         ["taskset", "-c", LOAD_CPUS, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", os.path.join(HERE, "wrk_keys.lua"),
          f"http://127.0.0.1:{port}/payments"],
         capture_output=True, text=True, env=env, timeout=duration + 60)
+    cpu = cpu_seconds(envoy_pid) - cpu0 if envoy_pid else 0.0
     text = out.stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    requests = int(re.search(r"(\d+) requests in", text).group(1))
 
     def latency(pct):
         m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)", text, re.M)
@@ -115,6 +125,9 @@ def wrk(port, mode, body_bytes, duration, connections, key="bench-replay"):
 
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     return {"rps": rps, "p50_ms": latency(50), "p99_ms": latency(99),
+            # Envoy's own CPU per request: what the filter costs the gateway,
+            # whatever else (the load generator, the store) limits throughput.
+            "cpu_us": cpu * 1e6 / max(requests, 1), "busy": cpu / duration,
             "non2xx": int(non2xx.group(1)) if non2xx else 0, "raw": text}
 
 
@@ -162,10 +175,11 @@ def run_scenario(name, store, mode, body, args, nginx, backend):
             wrk(target.port, mode, body, args.warmup, args.connections)
         for _ in range(args.runs):
             for label, target in (("baseline", baseline), ("filter", filtered)):
-                results[label].append(wrk(target.port, mode, body, args.duration, args.connections))
+                results[label].append(wrk(target.port, mode, body, args.duration, args.connections,
+                                          envoy_pid=target.proc.pid))
         summary = {}
         for label, runs in results.items():
-            summary[label] = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "p99_ms")}
+            summary[label] = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "p99_ms", "cpu_us", "busy")}
             summary[label]["non2xx"] = sum(r["non2xx"] for r in runs)
         summary["ratio"] = summary["filter"]["rps"] / summary["baseline"]["rps"]
         stats = filtered.stats()
@@ -293,6 +307,8 @@ def main():
             results[name] = r
             print(f"{name:40s} baseline {r['baseline']['rps']:9,.0f}/s  filter {r['filter']['rps']:9,.0f}/s"
                   f"  ratio {r['ratio']:.2f}  p99 {r['baseline']['p99_ms']:.2f} -> {r['filter']['p99_ms']:.2f} ms"
+                  f"  envoy cpu/req {r['baseline']['cpu_us']:.0f} -> {r['filter']['cpu_us']:.0f} us"
+                  f"  busy {r['baseline']['busy']:.0%} -> {r['filter']['busy']:.0%}"
                   f"  {r['filter_stats']}", flush=True)
         memory = None if args.skip_memory else memory_scenario(args, nginx)
         if memory:

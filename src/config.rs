@@ -2,6 +2,7 @@
 //! then validated into [`Config`]. Every error names the field and the fix in one
 //! line, because that line is all an operator sees in the proxy's log.
 
+use crate::fingerprint::FingerprintHash;
 use crate::record::is_recorded_header;
 use crate::store::redis::{OnUnavailable, RedisConfig};
 use crate::wire::base64_encode;
@@ -53,6 +54,7 @@ struct RawConfig {
     max_response_body_bytes: u64,
     scope_headers: Vec<String>,
     fingerprint_headers: Vec<String>,
+    fingerprint_hash: RawFingerprintHash,
     record_server_errors: bool,
     never_record_headers: Vec<String>,
     host: RawHost,
@@ -76,6 +78,7 @@ impl Default for RawConfig {
             max_response_body_bytes: 1_048_576,
             scope_headers: vec!["authorization".to_string()],
             fingerprint_headers: vec!["content-type".to_string()],
+            fingerprint_hash: RawFingerprintHash::Xxh3,
             record_server_errors: false,
             never_record_headers: vec!["set-cookie".to_string()],
             host: RawHost::Envoy,
@@ -122,6 +125,14 @@ enum RawOnUnavailable {
 struct RawAuth {
     username: String,
     password: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawFingerprintHash {
+    #[default]
+    Xxh3,
+    Sha256,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -176,6 +187,7 @@ pub struct Config {
     pub max_response_body_bytes: u64,
     pub scope_headers: Vec<String>,
     pub fingerprint_headers: Vec<String>,
+    pub fingerprint_hash: FingerprintHash,
     pub record_server_errors: bool,
     /// Response headers never recorded, so never replayed (lower-case).
     pub never_record_headers: Vec<String>,
@@ -275,6 +287,7 @@ impl Default for Config {
             max_response_body_bytes: 1_048_576,
             scope_headers: vec!["authorization".into()],
             fingerprint_headers: vec!["content-type".into()],
+            fingerprint_hash: FingerprintHash::Xxh3,
             record_server_errors: false,
             never_record_headers: vec!["set-cookie".into()],
             store: StoreConfig::Local {
@@ -620,6 +633,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         max_response_body_bytes: raw.max_response_body_bytes,
         scope_headers,
         fingerprint_headers,
+        fingerprint_hash: match raw.fingerprint_hash {
+            RawFingerprintHash::Xxh3 => FingerprintHash::Xxh3,
+            RawFingerprintHash::Sha256 => FingerprintHash::Sha256,
+        },
         record_server_errors: raw.record_server_errors,
         never_record_headers,
         store,
@@ -663,6 +680,9 @@ mod tests {
             }
         );
         assert!(c.protects("PUT") && !c.protects("GET"));
+        assert_eq!(c.fingerprint_hash, FingerprintHash::Xxh3);
+        let c = Config::parse(br#"{"fingerprint_hash":"sha256"}"#).unwrap();
+        assert_eq!(c.fingerprint_hash, FingerprintHash::Sha256);
     }
 
     #[test]
@@ -722,7 +742,7 @@ mod tests {
             (r#"{"scope_headers":["x tenant"]}"#, "invalid configuration: scope_headers: \"x tenant\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"fingerprint_headers":[""]}"#, "invalid configuration: fingerprint_headers: \"\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"store":{"type":"local","max_entries":7}}"#, "invalid configuration: store.max_entries: must be between 16 and 10000000 (got 7)"),
-            (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `record_server_errors`, `never_record_headers`, `host`, `forward`, `store`; remove it or fix its spelling"),
+            (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `fingerprint_hash`, `record_server_errors`, `never_record_headers`, `host`, `forward`, `store`; remove it or fix its spelling"),
             (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store.max_entry: unknown field `max_entry`, expected `max_entries`; remove it or fix its spelling"),
             (r#"{"ttl_seconds":"60"}"#, "invalid configuration: ttl_seconds: invalid type: string \"60\", expected u64; see the configuration table in README.md for each field's type"),
             (r#"{"required":"yes"}"#, "invalid configuration: required: invalid type: string \"yes\", expected a boolean; see the configuration table in README.md for each field's type"),
@@ -730,6 +750,7 @@ mod tests {
             (r#"{"store":"redis"}"#, "invalid configuration: store: must be an object, e.g. {\"type\": \"local\"}"),
             (r#"{"host":"apisix"}"#, "invalid configuration: store.type: the local store needs shared data, which APISIX does not provide; use {\"type\": \"redis\", \"cluster\": \"host:port\"}"),
             (r#"{"host":"apisix","store":{"type":"redis","cluster":"w:1"}}"#, "invalid configuration: forward: is required on APISIX, which allows store calls only while handling the request: set {\"upstream\": \"host:port\"} so the filter forwards the request itself and records the answer"),
+            (r#"{"fingerprint_hash":"md5"}"#, "invalid configuration: fingerprint_hash: unknown variant `md5`, expected `xxh3` or `sha256`; see the configuration table in README.md for each field's type"),
             (r#"{"host":"nginx"}"#, "invalid configuration: host: unknown variant `nginx`, expected one of `envoy`, `apisix`, `apisix-profile`; see the configuration table in README.md for each field's type"),
             (r#"{"forward":{"upstream":""}}"#, "invalid configuration: forward.upstream: must name the upstream: an Envoy cluster name, or host:port on APISIX"),
             (r#"{"forward":{"upstream":"u","timeout_ms":0}}"#, "invalid configuration: forward.timeout_ms: must be between 1 and 600000 (got 0)"),

@@ -329,7 +329,7 @@ impl Filter {
         let path = header(&headers, ":path")
             .and_then(|p| std::str::from_utf8(p).ok())
             .unwrap_or("");
-        let fingerprint = Fingerprinter::new(method, path, &fp_refs);
+        let fingerprint = Fingerprinter::new(cfg.fingerprint_hash, method, path, &fp_refs);
         if cfg.forward.is_some() {
             let mut forwarded: Vec<(String, String)> = headers
                 .iter()

@@ -2,7 +2,7 @@
 
 use crate::decision::{decide, Decision, Existing};
 use crate::fake_host::FakeShared;
-use crate::fingerprint::{key_digest, Digest16, Fingerprinter};
+use crate::fingerprint::{key_digest, Digest16, FingerprintHash, Fingerprinter};
 use crate::key::{parse_key, to_sf_string};
 use crate::record::{DataRecord, StoredResponse};
 use crate::store::local::LocalTable;
@@ -33,13 +33,13 @@ proptest! {
         cuts in proptest::collection::vec(any::<usize>(), 0..8),
     ) {
         let whole = {
-            let mut f = Fingerprinter::new("POST", "/p", &[Some(b"application/json")]);
+            let mut f = Fingerprinter::new(FingerprintHash::Xxh3, "POST", "/p", &[Some(b"application/json")]);
             f.update(&body);
             f.finish()
         };
         let mut points: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
         points.sort_unstable();
-        let mut f = Fingerprinter::new("POST", "/p", &[Some(b"application/json")]);
+        let mut f = Fingerprinter::new(FingerprintHash::Xxh3, "POST", "/p", &[Some(b"application/json")]);
         let mut start = 0;
         for p in points.into_iter().chain(std::iter::once(body.len())) {
             f.update(&body[start..p]);

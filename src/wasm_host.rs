@@ -31,6 +31,77 @@ const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 const STREAM_REQUEST: u32 = 0;
 const STREAM_RESPONSE: u32 = 1;
 
+/// `--features self-profile`: time spent inside each callback (host calls
+/// made from it included), logged every tick. A profiling build only: the
+/// clock reads add two host calls per callback.
+#[cfg(feature = "self-profile")]
+mod self_profile {
+    use std::cell::RefCell;
+    pub const NAMES: [&str; 16] = [
+        "context_create",
+        "request_headers",
+        "request_body",
+        "response_headers",
+        "response_body",
+        "call_response",
+        "done",
+        "tick",
+        "host:get_pairs",
+        "host:get_body",
+        "host:shared_get",
+        "host:shared_set",
+        "host:metric",
+        "host:send_response",
+        "host:clock",
+        "host:other",
+    ];
+    thread_local! {
+        static TOTALS: RefCell<[(u64, u64); 16]> = const { RefCell::new([(0, 0); 16]) };
+    }
+    fn now_ns() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    }
+    pub struct Span(usize, u64);
+    pub fn span(i: usize) -> Span {
+        Span(i, now_ns())
+    }
+    impl Drop for Span {
+        fn drop(&mut self) {
+            let dt = now_ns().saturating_sub(self.1);
+            TOTALS.with(|t| {
+                let mut t = t.borrow_mut();
+                if let Some(e) = t.get_mut(self.0) {
+                    e.0 += dt;
+                    e.1 += 1;
+                }
+            });
+        }
+    }
+    pub fn report() -> String {
+        TOTALS.with(|t| {
+            let t = t.borrow();
+            let mut out = String::from("self-profile (calls, mean us):");
+            for (i, (ns, n)) in t.iter().enumerate() {
+                if *n > 0 {
+                    out.push_str(&format!(" {}={} {:.2}", NAMES[i], n, *ns as f64 / *n as f64 / 1000.0));
+                }
+            }
+            out
+        })
+    }
+}
+
+macro_rules! profile {
+    ($i:expr) => {
+        #[cfg(feature = "self-profile")]
+        let _span = self_profile::span($i);
+    };
+}
+
+
 /// Sweeping the whole table takes this many ticks; each VM sweeps its share.
 const SWEEP_TICKS_PER_PASS: u32 = 30;
 const TICK_MS: u32 = 1000;
@@ -151,6 +222,7 @@ fn host_log(level: Level, message: &str) {
 }
 
 fn get_buffer(buffer_type: u32, start: usize, max: usize) -> Result<Vec<u8>, HostError> {
+    profile!(9);
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     match unsafe { proxy_get_buffer_bytes(buffer_type, start, max, &mut data, &mut size) } {
@@ -165,6 +237,7 @@ fn get_buffer(buffer_type: u32, start: usize, max: usize) -> Result<Vec<u8>, Hos
 }
 
 fn get_pairs(map_type: u32) -> Result<HeaderList, HostError> {
+    profile!(8);
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     check("get_header_map_pairs", unsafe {
@@ -243,6 +316,7 @@ impl MetricIds {
     }
 
     fn add(&self, m: Metric, delta: i64) {
+        profile!(12);
         if let Some(Some(id)) = self.ids.borrow().get(m.index()) {
             let _ = unsafe { proxy_increment_metric(*id, delta) };
         }
@@ -320,6 +394,7 @@ impl WasmHost {
 
 impl SharedData for WasmHost {
     fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
+        profile!(10);
         self.forbid("shared data");
         let mut data: *mut u8 = null_mut();
         let mut size: usize = 0;
@@ -337,6 +412,7 @@ impl SharedData for WasmHost {
     }
 
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, HostError> {
+        profile!(11);
         self.forbid("shared data");
         match unsafe {
             proxy_set_shared_data(
@@ -418,6 +494,7 @@ impl Host for WasmHost {
         if let Some(rules) = &self.rules {
             rules.settled.set(true);
         }
+        profile!(13);
         let pairs = encode_pairs(headers);
         let details = "idempotency_filter";
         check("send_local_response", unsafe {
@@ -501,6 +578,7 @@ impl Host for WasmHost {
     }
 
     fn now_ms(&self) -> u64 {
+        profile!(14);
         now_ms()
     }
 
@@ -585,6 +663,9 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        #[cfg(feature = "self-profile")]
+        host_log(Level::Warn, &self_profile::report());
+        profile!(7);
         let Some(ctx) = &self.ctx else { return };
         let host = WasmHost::new(self.metrics.clone(), HostKind::Envoy);
         match &ctx.store {
@@ -625,6 +706,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        profile!(0);
         // Always Some: the SDK panics on None. Without a configuration (the
         // host would not normally create contexts then) the filter fails closed.
         Some(Box::new(HttpFilter {
@@ -665,6 +747,7 @@ impl Context for HttpFilter {
         body_size: usize,
         _num_trailers: usize,
     ) {
+        profile!(5);
         let Some(f) = self.filter.as_mut() else {
             return;
         };
@@ -702,6 +785,7 @@ impl Context for HttpFilter {
     }
 
     fn on_done(&mut self) -> bool {
+        profile!(6);
         if let Some(f) = self.filter.as_mut() {
             f.on_done(&self.host);
         }
@@ -711,6 +795,7 @@ impl Context for HttpFilter {
 
 impl HttpContext for HttpFilter {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        profile!(1);
         self.host.enter(false);
         match self.filter.as_mut() {
             Some(f) => {
@@ -722,6 +807,7 @@ impl HttpContext for HttpFilter {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        profile!(2);
         self.host.enter(false);
         match self.filter.as_mut() {
             Some(f) => {
@@ -744,6 +830,7 @@ impl HttpContext for HttpFilter {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        profile!(3);
         self.host.enter(true);
         match self.filter.as_mut() {
             Some(f) => {
@@ -755,6 +842,7 @@ impl HttpContext for HttpFilter {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        profile!(4);
         self.host.enter(true);
         match self.filter.as_mut() {
             Some(f) => {

@@ -102,12 +102,7 @@ pub struct Fingerprinter {
 }
 
 impl Fingerprinter {
-    pub fn new(
-        hash: FingerprintHash,
-        method: &str,
-        path: &str,
-        headers: &[Option<&[u8]>],
-    ) -> Self {
+    pub fn new(hash: FingerprintHash, method: &str, path: &str, headers: &[Option<&[u8]>]) -> Self {
         let mut hasher = match hash {
             FingerprintHash::Xxh3 => Hasher::Xxh3(Box::new(Xxh3::new())),
             FingerprintHash::Sha256 => Hasher::Sha256(Sha256::new()),
@@ -194,7 +189,8 @@ mod tests {
     fn fingerprint_is_stable_across_chunkings() {
         let body: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
         for hash in BOTH {
-            let fp = |chunks: &[&[u8]]| fp_with(hash, "POST", "/p", Some("application/json"), chunks);
+            let fp =
+                |chunks: &[&[u8]]| fp_with(hash, "POST", "/p", Some("application/json"), chunks);
             let whole = fp(&[&body]);
             for split in [1usize, 7, 100, 4096, 4999] {
                 let (a, b) = body.split_at(split);
@@ -210,8 +206,20 @@ mod tests {
     /// request made before the upgrade a 422. These values must never move.
     #[test]
     fn fingerprints_are_stable_across_versions() {
-        let x = fp_with(FingerprintHash::Xxh3, "POST", "/pay?x=1", Some("application/json"), &[b"{\"amount\":1}"]);
-        let s = fp_with(FingerprintHash::Sha256, "POST", "/pay?x=1", Some("application/json"), &[b"{\"amount\":1}"]);
+        let x = fp_with(
+            FingerprintHash::Xxh3,
+            "POST",
+            "/pay?x=1",
+            Some("application/json"),
+            &[b"{\"amount\":1}"],
+        );
+        let s = fp_with(
+            FingerprintHash::Sha256,
+            "POST",
+            "/pay?x=1",
+            Some("application/json"),
+            &[b"{\"amount\":1}"],
+        );
         assert_eq!(hex(&x), "949dd89de7c3fbcc9aa41bb8736b5fcf");
         assert_eq!(hex(&s), "21b75311ec869d6045b30ee30e9b0e38");
         assert_ne!(x, s);

@@ -86,7 +86,12 @@ mod self_profile {
             let mut out = String::from("self-profile (calls, mean us):");
             for (i, (ns, n)) in t.iter().enumerate() {
                 if *n > 0 {
-                    out.push_str(&format!(" {}={} {:.2}", NAMES[i], n, *ns as f64 / *n as f64 / 1000.0));
+                    out.push_str(&format!(
+                        " {}={} {:.2}",
+                        NAMES[i],
+                        n,
+                        *ns as f64 / *n as f64 / 1000.0
+                    ));
                 }
             }
             out
@@ -100,7 +105,6 @@ macro_rules! profile {
         let _span = self_profile::span($i);
     };
 }
-
 
 /// Sweeping the whole table takes this many ticks; each VM sweeps its share.
 const SWEEP_TICKS_PER_PASS: u32 = 30;

@@ -102,7 +102,14 @@ struct RawRedisStore {
     on_unavailable: RawOnUnavailable,
     #[serde(default)]
     auth: Option<RawAuth>,
+    /// Unset: [`DEFAULT_CACHE_ENTRIES`] on Envoy, 0 (off) on APISIX.
+    #[serde(default)]
+    cache_entries: Option<u32>,
 }
+
+/// Completed records a gateway keeps in its own shared data in front of
+/// Redis, so that replays need no store round trip (Envoy only).
+pub const DEFAULT_CACHE_ENTRIES: u32 = 10_000;
 
 fn default_timeout_ms() -> u64 {
     500
@@ -367,7 +374,7 @@ fn header_list(field: &str, names: Vec<String>) -> Result<Vec<String>, ConfigErr
 }
 
 /// Reads `store` by its `type`, with error paths under `store.`.
-fn parse_store(value: serde_json::Value) -> Result<StoreConfig, ConfigError> {
+fn parse_store(value: serde_json::Value, host: Host) -> Result<StoreConfig, ConfigError> {
     let serde_json::Value::Object(mut fields) = value else {
         return Err(err(
             "store",
@@ -409,7 +416,7 @@ fn parse_store(value: serde_json::Value) -> Result<StoreConfig, ConfigError> {
                 ways: LOCAL_WAYS,
             })
         }
-        "redis" => Ok(StoreConfig::Redis(validate_redis(typed(fields)?)?)),
+        "redis" => Ok(StoreConfig::Redis(validate_redis(typed(fields)?, host)?)),
         other => Err(err(
             "store.type",
             format!(
@@ -450,7 +457,25 @@ fn validate_forward(f: RawForward) -> Result<Forward, ConfigError> {
     })
 }
 
-fn validate_redis(raw: RawRedisStore) -> Result<RedisConfig, ConfigError> {
+fn validate_redis(raw: RawRedisStore, host: Host) -> Result<RedisConfig, ConfigError> {
+    let cache_entries = match (raw.cache_entries, host.apisix_rules()) {
+        (None, true) | (Some(0), _) => 0,
+        (None, false) => DEFAULT_CACHE_ENTRIES,
+        (Some(_), true) => {
+            return Err(err(
+                "store.cache_entries",
+                "the replay cache needs shared data, which APISIX does not provide; set it to 0 or leave it out",
+            ))
+        }
+        (Some(n), false) if !(LOCAL_WAYS..=MAX_ENTRIES_LIMIT).contains(&n) => {
+            return Err(err(
+                "store.cache_entries",
+                format!("must be 0 (no cache) or between {LOCAL_WAYS} and {MAX_ENTRIES_LIMIT} (got {n})"),
+            ))
+        }
+        // Whole buckets, never more than asked for.
+        (Some(n), false) => n / LOCAL_WAYS * LOCAL_WAYS,
+    };
     if !is_visible(&raw.cluster) {
         return Err(err(
             "store.cluster",
@@ -493,6 +518,7 @@ fn validate_redis(raw: RawRedisStore) -> Result<RedisConfig, ConfigError> {
         }
     };
     Ok(RedisConfig {
+        cache_entries,
         authority: raw.authority.unwrap_or_else(|| raw.cluster.clone()),
         cluster: raw.cluster,
         timeout_ms: raw.timeout_ms,
@@ -600,13 +626,13 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let scope_headers = header_list("scope_headers", raw.scope_headers)?;
     let fingerprint_headers = header_list("fingerprint_headers", raw.fingerprint_headers)?;
     let never_record_headers = header_list("never_record_headers", raw.never_record_headers)?;
-    let store = parse_store(raw.store)?;
-    let forward = raw.forward.map(validate_forward).transpose()?;
     let host = match raw.host {
         RawHost::Envoy => Host::Envoy,
         RawHost::Apisix => Host::Apisix,
         RawHost::ApisixProfile => Host::ApisixProfile,
     };
+    let store = parse_store(raw.store, host)?;
+    let forward = raw.forward.map(validate_forward).transpose()?;
     if host.apisix_rules() {
         if matches!(store, StoreConfig::Local { .. }) {
             return Err(err(
@@ -697,6 +723,26 @@ mod tests {
         assert_eq!(r.key_prefix, "idem:");
         assert_eq!(r.on_unavailable, OnUnavailable::Reject);
         assert_eq!(r.authorization, None);
+        assert_eq!(r.cache_entries, DEFAULT_CACHE_ENTRIES);
+        let cache = |doc: &str| match Config::parse(doc.as_bytes()).unwrap().store {
+            StoreConfig::Redis(r) => r.cache_entries,
+            StoreConfig::Local { .. } => panic!("redis"),
+        };
+        assert_eq!(
+            cache(r#"{"store":{"type":"redis","cluster":"w","cache_entries":0}}"#),
+            0
+        );
+        assert_eq!(
+            cache(r#"{"store":{"type":"redis","cluster":"w","cache_entries":100}}"#),
+            96
+        );
+        // APISIX has no shared data: no cache unless asked, and asking is refused.
+        assert_eq!(
+            cache(
+                r#"{"host":"apisix","forward":{"upstream":"u:1"},"store":{"type":"redis","cluster":"w:1"}}"#
+            ),
+            0
+        );
         let c = Config::parse(br#"{"store":{"type":"redis","cluster":"127.0.0.1:7379","authority":"redis.local","on_unavailable":"allow","auth":{"username":"u","password":"p"}}}"#).unwrap();
         let StoreConfig::Redis(r) = c.store else {
             panic!("redis")
@@ -751,6 +797,8 @@ mod tests {
             (r#"{"host":"apisix"}"#, "invalid configuration: store.type: the local store needs shared data, which APISIX does not provide; use {\"type\": \"redis\", \"cluster\": \"host:port\"}"),
             (r#"{"host":"apisix","store":{"type":"redis","cluster":"w:1"}}"#, "invalid configuration: forward: is required on APISIX, which allows store calls only while handling the request: set {\"upstream\": \"host:port\"} so the filter forwards the request itself and records the answer"),
             (r#"{"fingerprint_hash":"md5"}"#, "invalid configuration: fingerprint_hash: unknown variant `md5`, expected `xxh3` or `sha256`; see the configuration table in README.md for each field's type"),
+            (r#"{"store":{"type":"redis","cluster":"w","cache_entries":8}}"#, "invalid configuration: store.cache_entries: must be 0 (no cache) or between 16 and 10000000 (got 8)"),
+            (r#"{"host":"apisix","forward":{"upstream":"u:1"},"store":{"type":"redis","cluster":"w:1","cache_entries":16}}"#, "invalid configuration: store.cache_entries: the replay cache needs shared data, which APISIX does not provide; set it to 0 or leave it out"),
             (r#"{"host":"nginx"}"#, "invalid configuration: host: unknown variant `nginx`, expected one of `envoy`, `apisix`, `apisix-profile`; see the configuration table in README.md for each field's type"),
             (r#"{"forward":{"upstream":""}}"#, "invalid configuration: forward.upstream: must name the upstream: an Envoy cluster name, or host:port on APISIX"),
             (r#"{"forward":{"upstream":"u","timeout_ms":0}}"#, "invalid configuration: forward.timeout_ms: must be between 1 and 600000 (got 0)"),
@@ -761,7 +809,7 @@ mod tests {
             (r#"{"store":{"type":"redis","cluster":"w","key_prefix":"a b"}}"#, "invalid configuration: store.key_prefix: must be at most 128 printable ASCII characters without spaces, e.g. \"idem:\""),
             (r#"{"store":{"type":"redis","cluster":"w","on_unavailable":"maybe"}}"#, "invalid configuration: store.on_unavailable: unknown variant `maybe`, expected `reject` or `allow`; see the configuration table in README.md for each field's type"),
             (r#"{"store":{"type":"redis","cluster":"w","auth":{"username":"a:b","password":"p"}}}"#, "invalid configuration: store.auth.username: must not contain ':' (HTTP basic authentication)"),
-            (r#"{"store":{"type":"redis","cluster":"w","max_entries":5}}"#, "invalid configuration: store.max_entries: unknown field `max_entries`, expected one of `cluster`, `authority`, `timeout_ms`, `key_prefix`, `on_unavailable`, `auth`; remove it or fix its spelling"),
+            (r#"{"store":{"type":"redis","cluster":"w","max_entries":5}}"#, "invalid configuration: store.max_entries: unknown field `max_entries`, expected one of `cluster`, `authority`, `timeout_ms`, `key_prefix`, `on_unavailable`, `auth`, `cache_entries`; remove it or fix its spelling"),
             (r#"{"ttl_seconds":-1}"#, "invalid configuration: ttl_seconds: invalid value: integer `-1`, expected u64; see the configuration table in README.md for each field's type"),
             (r#"[1]"#, "invalid configuration: (document): the configuration must be a JSON object, e.g. {\"required\": true}"),
             (r#""x""#, "invalid configuration: (document): the configuration must be a JSON object, e.g. {\"required\": true}"),

@@ -13,7 +13,7 @@
 //! Forwarded (we own the claim) ──response──▶ record, or release on 5xx
 //! ```
 
-use crate::config::{Config, StoreConfig};
+use crate::config::{Config, StoreConfig, LOCAL_WAYS};
 use crate::fingerprint::{key_digest, Digest16, Fingerprinter};
 use crate::host::{HeaderList, Host, HostError, Level};
 use crate::key::{parse_key_headers, KeyError};
@@ -43,6 +43,12 @@ pub enum Verdict {
 pub struct FilterContext {
     pub config: Config,
     pub store: Store,
+    /// Redis store on Envoy: completed records this gateway has seen, kept
+    /// in its shared data so that their replays need no store round trip.
+    /// A completed record never changes in Redis before it expires, and a
+    /// cached copy expires no later than Redis's, so the cache can only
+    /// answer what Redis would have answered.
+    pub cache: Option<LocalTable>,
 }
 
 #[derive(Debug)]
@@ -57,7 +63,19 @@ impl FilterContext {
             StoreConfig::Local { buckets, ways } => Store::Local(LocalTable::new(*buckets, *ways)),
             StoreConfig::Redis(redis) => Store::Redis(RedisStore::new(redis.clone())),
         };
-        FilterContext { config, store }
+        let cache = match &config.store {
+            StoreConfig::Redis(redis) if redis.cache_entries > 0 => Some(LocalTable::named(
+                "cache",
+                redis.cache_entries / LOCAL_WAYS,
+                LOCAL_WAYS,
+            )),
+            _ => None,
+        };
+        FilterContext {
+            config,
+            store,
+            cache,
+        }
     }
 
     fn store_name(&self) -> &'static str {
@@ -93,6 +111,8 @@ enum Phase {
         digest: Digest16,
         fingerprint: Digest16,
         token: u64,
+        /// When the claim was sent: Redis's expiry counts from after it.
+        sent_ms: u64,
     },
     Forwarded {
         claim: Claim,
@@ -110,6 +130,8 @@ enum Phase {
         write: Write,
         /// Forwarding mode: the answer to send once the store has answered.
         reply: Option<Reply>,
+        /// The record, for the replay cache once Redis has it.
+        fill: Option<CacheFill>,
     },
     /// Forwarding mode: the upstream has the request (an HTTP call).
     AwaitingUpstream {
@@ -120,6 +142,15 @@ enum Phase {
     },
     Answered,
     Done,
+}
+
+/// A completed record on its way into the replay cache.
+struct CacheFill {
+    digest: Digest16,
+    fingerprint: Digest16,
+    response: StoredResponse,
+    /// Until when Redis keeps it, at the latest (this gateway's clock).
+    expires_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,8 +204,6 @@ fn header<'a>(headers: &'a HeaderList, name: &str) -> Option<&'a [u8]> {
         .map(|(_, v)| v.as_slice())
 }
 
-/// All values of a header joined as one list, the way RFC 9110 5.3 combines
-/// repeated fields, so a header split in two does not change the meaning.
 /// A header holding a number (`:status`, `content-length`).
 fn header_number<T: std::str::FromStr>(headers: &HeaderList, name: &str) -> Option<T> {
     header(headers, name)
@@ -182,6 +211,8 @@ fn header_number<T: std::str::FromStr>(headers: &HeaderList, name: &str) -> Opti
         .and_then(|v| v.trim().parse::<T>().ok())
 }
 
+/// All values of a header joined as one list, the way RFC 9110 5.3 combines
+/// repeated fields, so a header split in two does not change the meaning.
 fn header_joined(headers: &HeaderList, name: &str) -> Option<Vec<u8>> {
     let mut out: Option<Vec<u8>> = None;
     for (_, v) in headers.iter().filter(|(n, _)| n == name) {
@@ -451,6 +482,24 @@ impl Filter {
                 cfg.lock_timeout_ms,
             ),
             Store::Redis(redis) => {
+                let now = host.now_ms();
+                if let Some(cache) = &ctx.cache {
+                    // Any failure to read the cache is a miss: Redis decides.
+                    if let Ok(Some((stored, response))) = cache.lookup(host, &digest, now) {
+                        host.metric_add(Metric::CacheHits, 1);
+                        let outcome = if stored == fingerprint {
+                            ClaimOutcome::Replay(response)
+                        } else {
+                            ClaimOutcome::Mismatch
+                        };
+                        return self.apply_claim(
+                            host,
+                            Ok((outcome, ClaimEffects::default())),
+                            digest,
+                            fingerprint,
+                        );
+                    }
+                }
                 let request =
                     redis.claim_request(&digest, &fingerprint, token, cfg.lock_timeout_ms);
                 return match dispatch(host, redis, &request) {
@@ -460,6 +509,7 @@ impl Filter {
                             digest,
                             fingerprint,
                             token,
+                            sent_ms: now,
                         };
                         Verdict::Pause
                     }
@@ -573,19 +623,34 @@ impl Filter {
                 digest,
                 fingerprint,
                 token,
+                sent_ms,
             } if expected == call => {
                 let Store::Redis(redis) = &ctx.store else {
                     return;
                 };
                 let result = match response.status {
                     Some(status) => {
-                        redis.claim_outcome(status, &response.body, &digest, &fingerprint, token)
+                        redis.claim_answer(status, &response.body, &digest, &fingerprint, token)
                     }
                     None => Err(no_answer()),
                 };
+                // A record completed elsewhere (or before the cache had it):
+                // keep it, so the next retry of this key stays here.
+                if let Ok((ClaimOutcome::Replay(response), Some(remaining_ms))) = &result {
+                    fill_cache(
+                        host,
+                        &ctx,
+                        CacheFill {
+                            digest,
+                            fingerprint,
+                            response: response.clone(),
+                            expires_ms: sent_ms.saturating_add(*remaining_ms),
+                        },
+                    );
+                }
                 let verdict = self.apply_claim(
                     host,
-                    result.map(|o| (o, ClaimEffects::default())),
+                    result.map(|(o, _)| (o, ClaimEffects::default())),
                     digest,
                     fingerprint,
                 );
@@ -607,6 +672,7 @@ impl Filter {
                 call: expected,
                 write,
                 reply,
+                fill,
             } if expected == call => {
                 let Store::Redis(redis) = &ctx.store else {
                     return;
@@ -619,6 +685,9 @@ impl Filter {
                     (Some(status), Write::Release) => redis.release_outcome(status, &response.body),
                 };
                 count_write(host, write, &result);
+                if let (Ok(true), Some(fill)) = (&result, fill) {
+                    fill_cache(host, &ctx, fill);
+                }
                 match reply {
                     Some(reply) => {
                         self.send_reply(host, reply);
@@ -955,6 +1024,17 @@ impl Filter {
                 r
             }
             (Store::Redis(redis), _) => {
+                let now = host.now_ms();
+                let fill = match (&ctx.cache, write, &record) {
+                    (Some(_), Write::Complete, Some(response)) => Some(CacheFill {
+                        digest: *digest,
+                        fingerprint: *fingerprint,
+                        response: response.clone(),
+                        // Redis sets PX = TTL after this moment.
+                        expires_ms: now.saturating_add(cfg.ttl_ms),
+                    }),
+                    _ => None,
+                };
                 let request = match write {
                     Write::Complete => redis.complete_request(
                         digest,
@@ -967,7 +1047,12 @@ impl Filter {
                 };
                 match dispatch(host, redis, &request) {
                     Ok(call) => {
-                        self.phase = Phase::AwaitingWrite { call, write, reply };
+                        self.phase = Phase::AwaitingWrite {
+                            call,
+                            write,
+                            reply,
+                            fill,
+                        };
                         return Verdict::Pause;
                     }
                     Err(e) => Err(e),
@@ -1011,6 +1096,29 @@ fn dispatch(
         cfg.timeout_ms,
     )
     .map_err(|e| StoreError::Unavailable(e.to_string()))
+}
+
+/// Puts a completed Redis record into the gateway's replay cache. Best
+/// effort: a record that does not fit is simply asked of Redis next time.
+fn fill_cache(host: &impl Host, ctx: &FilterContext, fill: CacheFill) {
+    let Some(cache) = &ctx.cache else { return };
+    let now = host.now_ms();
+    let ttl_ms = fill.expires_ms.saturating_sub(now);
+    if ttl_ms == 0 {
+        return;
+    }
+    let token = host.random_u64() | 1;
+    if let Err(e) = cache.remember(
+        host,
+        &fill.digest,
+        &fill.fingerprint,
+        fill.response,
+        token,
+        now,
+        ttl_ms,
+    ) {
+        host.log(Level::Debug, &format!("replay cache not filled: {e}"));
+    }
 }
 
 fn count_write(host: &impl Host, write: Write, result: &Result<bool, StoreError>) {
@@ -1479,7 +1587,8 @@ mod tests {
             let mut data = self.data.borrow_mut();
             let reply = if script == CLAIM_SCRIPT {
                 match data.get(key) {
-                    Some(v) => serde_json::json!(v),
+                    // Expiry is not modelled: every record has a minute left.
+                    Some(v) => serde_json::json!(format!("60000|{v}")),
                     None => {
                         data.insert(key.clone(), args[0].clone());
                         serde_json::json!("claimed")
@@ -1499,10 +1608,129 @@ mod tests {
         }
     }
 
+    /// The Redis store without the replay cache: every decision is Redis's.
     fn redis_ctx(extra: &str) -> Rc<FilterContext> {
         ctx(&format!(
-            r#"{{"store":{{"type":"redis","cluster":"webdis"{extra}}}}}"#
+            r#"{{"store":{{"type":"redis","cluster":"webdis","cache_entries":0{extra}}}}}"#
         ))
+    }
+
+    fn cached_redis_ctx() -> Rc<FilterContext> {
+        ctx(r#"{"store":{"type":"redis","cluster":"webdis","cache_entries":32}}"#)
+    }
+
+    /// Runs a claimed request to completion: 201 "paid", recorded by call `n`.
+    fn complete_paid(host: &FakeHost, redis: &FakeRedis, f: &mut Filter, n: usize) {
+        *host.response_headers.borrow_mut() = vec![(":status".into(), b"201".to_vec())];
+        assert_eq!(f.on_response_headers(host, false), Verdict::Continue);
+        *host.response_chunk.borrow_mut() = b"paid".to_vec();
+        assert_eq!(f.on_response_body(host, 4, true), Verdict::Pause);
+        f.on_store_response(host, n as u32, Some(200), &redis.answer(host, n));
+    }
+
+    /// A keyed POST that the filter answers without calling Redis.
+    fn post_answered_locally(
+        host: &FakeHost,
+        c: &Rc<FilterContext>,
+        key: &str,
+        body: &[u8],
+    ) -> u16 {
+        host.reset_exchange(
+            &[
+                (":method", "POST"),
+                (":path", "/pay"),
+                ("idempotency-key", key),
+            ],
+            body,
+        );
+        let calls = host.calls.borrow().len();
+        let mut f = Filter::new(c.clone());
+        assert_eq!(
+            f.on_request_headers(host, body.is_empty()),
+            if body.is_empty() {
+                Verdict::Pause
+            } else {
+                Verdict::AwaitBody
+            }
+        );
+        if !body.is_empty() {
+            assert_eq!(f.on_request_body(host, body.len(), true), Verdict::Pause);
+        }
+        assert_eq!(
+            host.calls.borrow().len(),
+            calls,
+            "answered without a store call"
+        );
+        host.sent.borrow().as_ref().map_or(0, |s| s.status)
+    }
+
+    #[test]
+    fn the_replay_cache_answers_retries_of_what_this_gateway_recorded() {
+        let host = FakeHost::default();
+        let redis = FakeRedis::default();
+        let c = cached_redis_ctx();
+        let mut f = redis_post(&host, &redis, &c, "k", 1);
+        complete_paid(&host, &redis, &mut f, 2);
+        assert_eq!(host.metric(Metric::Stored), 1);
+        // The retry is replayed from the cache: no third call.
+        assert_eq!(post_answered_locally(&host, &c, "k", b""), 201);
+        let sent = host.sent.borrow().clone().unwrap();
+        assert_eq!(sent.body, b"paid");
+        assert_eq!(sent.header("idempotent-replayed").as_deref(), Some("true"));
+        // Another payload under the key: 422, also without Redis.
+        assert_eq!(post_answered_locally(&host, &c, "k", b"other"), 422);
+        assert_eq!(host.metric(Metric::CacheHits), 2);
+        assert_eq!(host.metric(Metric::Replays), 1);
+        assert_eq!(host.metric(Metric::Mismatches), 1);
+    }
+
+    #[test]
+    fn records_from_other_gateways_are_cached_until_redis_expires_them() {
+        let redis = FakeRedis::default();
+        let c = cached_redis_ctx();
+        let a = FakeHost::default();
+        let mut f = redis_post(&a, &redis, &c, "k", 1);
+        complete_paid(&a, &redis, &mut f, 2);
+        // Gateway B (its own shared data) asks Redis once, which answers
+        // with the record and "60 s left"...
+        let b = FakeHost::default();
+        b.now.set(1_000);
+        redis_post(&b, &redis, &c, "k", 1);
+        assert_eq!(b.sent.borrow().as_ref().unwrap().status, 201);
+        assert_eq!(b.metric(Metric::CacheHits), 0);
+        // ...then answers the key itself while Redis still has it...
+        b.now.set(60_999);
+        assert_eq!(post_answered_locally(&b, &c, "k", b""), 201);
+        assert_eq!(b.metric(Metric::CacheHits), 1);
+        // ...and never past Redis's expiry (60 s after the claim was sent).
+        b.now.set(61_000);
+        redis_post(&b, &redis, &c, "k", 2);
+        assert_eq!(b.calls.borrow().len(), 2, "asked Redis again");
+        assert_eq!(b.metric(Metric::CacheHits), 1);
+    }
+
+    #[test]
+    fn released_and_failed_writes_are_not_cached() {
+        let host = FakeHost::default();
+        let redis = FakeRedis::default();
+        let c = cached_redis_ctx();
+        // A 5xx releases the key: nothing to cache, the retry asks Redis.
+        let mut f = redis_post(&host, &redis, &c, "k", 1);
+        *host.response_headers.borrow_mut() = vec![(":status".into(), b"503".to_vec())];
+        assert_eq!(f.on_response_headers(&host, true), Verdict::Pause);
+        f.on_store_response(&host, 2, Some(200), &redis.answer(&host, 2));
+        assert_eq!(host.metric(Metric::Released), 1);
+        // The retry executes (Redis says claimed); its record write fails.
+        let mut f = redis_post(&host, &redis, &c, "k", 3);
+        assert_eq!(host.resumed_requests.get(), 2);
+        *host.response_headers.borrow_mut() = vec![(":status".into(), b"201".to_vec())];
+        assert_eq!(f.on_response_headers(&host, true), Verdict::Pause);
+        f.on_store_response(&host, 4, Some(503), b"");
+        assert_eq!(host.metric(Metric::StoreErrors), 1);
+        // Not recorded in Redis, so not in the cache either: Redis is asked.
+        redis_post(&host, &redis, &c, "k", 5);
+        assert_eq!(host.calls.borrow().len(), 5);
+        assert_eq!(host.metric(Metric::CacheHits), 0);
     }
 
     /// A bodiless keyed POST: headers in, claim sent, the fake Redis answers

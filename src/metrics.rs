@@ -24,10 +24,13 @@ pub enum Metric {
     ClaimsLost,
     /// Gauge: records (in flight or completed) the store holds now.
     Entries,
+    /// Redis store: answers (replays, 422s) the gateway's replay cache gave
+    /// without asking Redis.
+    CacheHits,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 16] = [
+    pub const ALL: [Metric; 17] = [
         Metric::Protected,
         Metric::Unkeyed,
         Metric::Replays,
@@ -44,6 +47,7 @@ impl Metric {
         Metric::StoreBypassed,
         Metric::ClaimsLost,
         Metric::Entries,
+        Metric::CacheHits,
     ];
 
     pub fn index(self) -> usize {
@@ -68,6 +72,7 @@ impl Metric {
             Metric::StoreBypassed => "idempotency.store_bypassed",
             Metric::ClaimsLost => "idempotency.claims_lost",
             Metric::Entries => "idempotency.entries",
+            Metric::CacheHits => "idempotency.cache_hits",
         }
     }
 

@@ -629,8 +629,18 @@ impl RootContext for Root {
             }
         };
         self.metrics.define();
-        let ctx = FilterContext::new(config);
+        let mut ctx = FilterContext::new(config);
         let host = WasmHost::new(self.metrics.clone(), HostKind::Envoy);
+        if let Some(cache) = &ctx.cache {
+            // Without its table the cache is off; Redis still decides everything.
+            if let Err(e) = cache.init(&host) {
+                host_log(
+                    Level::Warn,
+                    &format!("replay cache disabled: cannot create it in shared data: {e}"),
+                );
+                ctx.cache = None;
+            }
+        }
         // Only the local store needs the tick: Redis expires records itself.
         if let Store::Local(table) = &ctx.store {
             match table.init(&host) {

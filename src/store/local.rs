@@ -231,6 +231,15 @@ impl LocalTable {
         }
     }
 
+    /// A table for another purpose (the Redis store's replay cache) in the
+    /// same shared data, with keys that cannot meet the store's.
+    pub fn named(name: &str, buckets: u32, ways: u32) -> LocalTable {
+        LocalTable {
+            prefix: format!("idempotency/v1/{name}/{}x{}/", buckets.max(1), ways.max(1)),
+            ..LocalTable::new(buckets, ways)
+        }
+    }
+
     pub fn buckets(&self) -> u32 {
         self.buckets
     }
@@ -386,6 +395,57 @@ impl LocalTable {
             }
         }
         Err(StoreError::Contention)
+    }
+
+    /// A live completed record of `digest`, with its fingerprint, without
+    /// claiming anything: `None` when there is none (or it changed while
+    /// being read, which a cache may treat as a miss).
+    pub fn lookup<S: SharedData>(
+        &self,
+        shared: &S,
+        digest: &Digest16,
+        now_ms: u64,
+    ) -> Result<Option<(Digest16, StoredResponse)>, StoreError> {
+        let b = self.bucket_of(digest);
+        let (bucket, _) = self.load(shared, b)?;
+        let Some((way, entry)) = bucket
+            .find(digest)
+            .and_then(|i| Some((i, *bucket.entries.get(i)?)))
+        else {
+            return Ok(None);
+        };
+        if entry.state != State::Completed || entry.is_dead(now_ms) {
+            return Ok(None);
+        }
+        Ok(self
+            .read_data(shared, self.slot_of(b, way))?
+            .filter(|rec| rec.epoch == entry.epoch && rec.digest == *digest)
+            .map(|rec| (entry.fingerprint, rec.response)))
+    }
+
+    /// Stores a completed record directly (a cache fill): a claim and its
+    /// completion. `Ok(false)` when the key is already there (another
+    /// worker filled it first) or the table has no room.
+    #[allow(clippy::too_many_arguments)]
+    pub fn remember<S: SharedData>(
+        &self,
+        shared: &S,
+        digest: &Digest16,
+        fingerprint: &Digest16,
+        response: StoredResponse,
+        token: u64,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> Result<bool, StoreError> {
+        // The claim lives only as long as the two steps take; if this VM dies
+        // in between, the slot is free again a second later.
+        const FILL_LOCK_MS: u64 = 1000;
+        match self.claim(shared, digest, fingerprint, token, now_ms, FILL_LOCK_MS)? {
+            (ClaimOutcome::Claimed(claim), _) => {
+                self.complete(shared, &claim, digest, response, now_ms, ttl_ms)
+            }
+            _ => Ok(false),
+        }
     }
 
     fn read_data<S: SharedData>(

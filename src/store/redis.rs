@@ -24,8 +24,10 @@ use crate::fingerprint::{hex, Digest16};
 use crate::record::{DataRecord, StoredResponse};
 use crate::wire::{base64_decode, base64_encode, hex_decode, percent_encode_segment};
 
+/// An existing value comes back as `<PTTL ms>|<value>`: a gateway that
+/// caches a completed record must not keep it past Redis's own expiry.
 pub(crate) const CLAIM_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
-if v then return v end \
+if v then return redis.call('PTTL', KEYS[1]) .. '|' .. v end \
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
 return 'claimed'";
 
@@ -150,6 +152,8 @@ pub struct RedisConfig {
     pub on_unavailable: OnUnavailable,
     /// A ready `Authorization` header value (HTTP basic).
     pub authorization: Option<String>,
+    /// Size of the gateway's replay cache (0: none); a multiple of 16.
+    pub cache_entries: u32,
 }
 
 impl RedisConfig {
@@ -162,6 +166,7 @@ impl RedisConfig {
             key_prefix: "idem:".to_string(),
             on_unavailable: OnUnavailable::Reject,
             authorization: None,
+            cache_entries: crate::config::DEFAULT_CACHE_ENTRIES,
         }
     }
 }
@@ -233,19 +238,43 @@ impl RedisStore {
         fingerprint: &Digest16,
         token: u64,
     ) -> Result<ClaimOutcome, StoreError> {
+        Ok(self
+            .claim_answer(status, body, digest, fingerprint, token)?
+            .0)
+    }
+
+    /// [`Self::claim_outcome`], with how long Redis keeps the record it
+    /// returned (milliseconds; `None` unless a completed record came back).
+    pub fn claim_answer(
+        &self,
+        status: u16,
+        body: &[u8],
+        digest: &Digest16,
+        fingerprint: &Digest16,
+        token: u64,
+    ) -> Result<(ClaimOutcome, Option<u64>), StoreError> {
         let value = match self.dialect.parse(status, body)? {
             RedisValue::Text(t) => t,
             RedisValue::Error(e) => return Err(StoreError::Unavailable(format!("redis: {e}"))),
             _ => return Err(StoreError::Corrupt("unexpected claim result")),
         };
         if value == "claimed" {
-            return Ok(ClaimOutcome::Claimed(Claim {
-                slot: 0,
-                epoch: 0,
-                token,
-            }));
+            return Ok((
+                ClaimOutcome::Claimed(Claim {
+                    slot: 0,
+                    epoch: 0,
+                    token,
+                }),
+                None,
+            ));
         }
         // Redis expires records itself, so whatever it returns is live.
+        let (pttl, value) = value
+            .split_once('|')
+            .and_then(|(t, v)| Some((t.parse::<i64>().ok()?, v)))
+            .ok_or(StoreError::Corrupt("unrecognised record"))?;
+        // -1: no expiry (not set by this filter); -2: gone since the GET.
+        let remaining_ms = u64::try_from(pttl).ok().filter(|ms| *ms > 0);
         let mut parts = value.splitn(3, '|');
         let (kind, a, b) = (parts.next(), parts.next(), parts.next());
         let (existing, record) = match (kind, a, b) {
@@ -266,8 +295,8 @@ impl RedisStore {
             _ => return Err(StoreError::Corrupt("unrecognised record")),
         };
         match decide(Some(&existing), fingerprint, 0) {
-            Decision::Conflict => Ok(ClaimOutcome::InFlight),
-            Decision::Mismatch => Ok(ClaimOutcome::Mismatch),
+            Decision::Conflict => Ok((ClaimOutcome::InFlight, None)),
+            Decision::Mismatch => Ok((ClaimOutcome::Mismatch, None)),
             Decision::Replay => {
                 let bytes = base64_decode(record.unwrap_or("").as_bytes())
                     .ok_or(StoreError::Corrupt("record encoding"))?;
@@ -275,7 +304,7 @@ impl RedisStore {
                 if rec.digest != *digest {
                     return Err(StoreError::Corrupt("record belongs to another key"));
                 }
-                Ok(ClaimOutcome::Replay(rec.response))
+                Ok((ClaimOutcome::Replay(rec.response), remaining_ms))
             }
             Decision::Execute | Decision::TakeOver => {
                 Err(StoreError::Corrupt("expired record returned"))
@@ -418,9 +447,9 @@ mod tests {
                 token: 7
             })
         );
-        let inflight_same = json(&format!("\"I|0000000000000009|{}\"", hex(&FP)));
+        let inflight_same = json(&format!("\"900|I|0000000000000009|{}\"", hex(&FP)));
         assert_eq!(out(&inflight_same).unwrap(), ClaimOutcome::InFlight);
-        let inflight_other = json(&format!("\"I|0000000000000009|{}\"", hex(&[2; 16])));
+        let inflight_other = json(&format!("\"900|I|0000000000000009|{}\"", hex(&[2; 16])));
         assert_eq!(out(&inflight_other).unwrap(), ClaimOutcome::Mismatch);
         // A completed record round-trips through the complete request's body.
         let resp = StoredResponse {
@@ -441,8 +470,21 @@ mod tests {
             1000,
         );
         let stored = String::from_utf8(put.body.unwrap()).unwrap();
-        let completed = json(&serde_json::to_string(&stored).unwrap());
-        assert_eq!(out(&completed).unwrap(), ClaimOutcome::Replay(resp));
+        let completed = json(&serde_json::to_string(&format!("86399000|{stored}")).unwrap());
+        assert_eq!(out(&completed).unwrap(), ClaimOutcome::Replay(resp.clone()));
+        // How long Redis keeps it comes along, for the gateway's cache.
+        assert_eq!(
+            s.claim_answer(200, &completed, &D, &FP, 7).unwrap(),
+            (ClaimOutcome::Replay(resp.clone()), Some(86_399_000))
+        );
+        let no_expiry = json(&serde_json::to_string(&format!("-1|{stored}")).unwrap());
+        assert_eq!(
+            s.claim_answer(200, &no_expiry, &D, &FP, 7).unwrap(),
+            (ClaimOutcome::Replay(resp), None)
+        );
+        // A value without the PTTL prefix is not this filter's answer.
+        let bare = json(&serde_json::to_string(&stored).unwrap());
+        assert!(out(&bare).is_err());
         let other = RedisStore::new(s.config.clone());
         assert_eq!(
             other

@@ -184,3 +184,67 @@ def test_store_down_with_allow_forwards_unprotected_and_counts_it(upstream, key,
     finally:
         fleet.stop()
         backend.stop()
+
+
+def test_replays_come_from_the_gateway_cache_without_a_store_round_trip(fleet, upstream, key):
+    s1, _, b1 = post(fleet.a, key)
+    assert s1 == 201
+    before = eval_calls(fleet.backend)
+    hits = fleet.a.stats()["cache_hits"]
+    for _ in range(3):
+        s, h, b = post(fleet.a, key)
+        assert (s, h.get("idempotent-replayed"), b) == (201, "true", b1)
+    assert post(fleet.a, key, body=b'{"amount": 1}')[0] == 422
+    assert eval_calls(fleet.backend) == before, "gateway A answered from its cache"
+    assert fleet.a.stats()["cache_hits"] - hits == 4
+    # Gateway B asks Redis once, then keeps the record too.
+    assert post(fleet.b, key)[1].get("idempotent-replayed") == "true"
+    assert eval_calls(fleet.backend) == before + 1
+    assert post(fleet.b, key)[1].get("idempotent-replayed") == "true"
+    assert eval_calls(fleet.backend) == before + 1
+    assert upstream.executions(key) == 1
+
+
+def test_the_cache_never_outlives_the_record_in_redis(upstream, shared_backend, key):
+    fleet = Fleet(upstream, shared_backend, ttl_seconds=2, lock_timeout_seconds=1)
+    try:
+        assert post(fleet.a, key)[0] == 201
+        assert post(fleet.a, key)[1].get("idempotent-replayed") == "true"
+        assert post(fleet.b, key)[1].get("idempotent-replayed") == "true"
+        time.sleep(2.3)  # past the TTL: Redis has dropped the record
+        s, h, _ = post(fleet.a, key)
+        assert s == 201 and "idempotent-replayed" not in h, "A's cached copy expired with it"
+        assert post(fleet.b, key)[1].get("idempotent-replayed") == "true", "B replays the new record"
+        assert upstream.executions(key) == 2
+    finally:
+        fleet.stop()
+
+
+def test_cached_replays_survive_a_store_outage_and_nothing_else_does(upstream, key, tmp_path):
+    backend = RedisBackend(workdir=str(tmp_path)).start()
+    fleet = Fleet(upstream, backend, store_extra={"timeout_ms": 300})
+    try:
+        s1, _, b1 = post(fleet.a, key)
+        assert s1 == 201
+        backend.stop_webdis()
+        s2, h2, b2 = post(fleet.a, key)
+        assert (s2, h2.get("idempotent-replayed"), b2) == (201, "true", b1), "from A's cache"
+        assert post(fleet.b, key)[0] == 503, "B never saw the record: only Redis can decide"
+        assert post(fleet.a, key + "-new")[0] == 503, "new keys still need Redis"
+        assert upstream.executions(key) == 1
+        assert upstream.executions(key + "-new") == 0
+    finally:
+        fleet.stop()
+        backend.stop()
+
+
+def test_without_the_cache_every_replay_asks_redis(upstream, shared_backend, key):
+    fleet = Fleet(upstream, shared_backend, store_extra={"cache_entries": 0})
+    try:
+        assert post(fleet.a, key)[0] == 201
+        before = eval_calls(shared_backend)
+        assert post(fleet.a, key)[1].get("idempotent-replayed") == "true"
+        assert eval_calls(shared_backend) == before + 1
+        assert fleet.a.stats().get("cache_hits", 0) == 0
+    finally:
+        fleet.stop()

@@ -10,6 +10,7 @@ import atexit
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,11 +39,12 @@ def render(listen_port, admin_port, upstream_port, plugin_config, wasm_path=DEFA
         text = f.read()
     if with_filter:
         methods = (plugin_config.get("methods") if isinstance(plugin_config, dict) else None) or ["POST", "PATCH"]
-        text = text.replace("{{SKIP_MATCHER}}", skip_matcher(methods))
+        # Inside a YAML double-quoted string: backslashes are doubled.
+        text = text.replace("{{PROTECTED_METHODS}}", protected_methods_regex(methods).replace("\\", "\\\\"))
     else:
-        begin = text.index("          # BEGIN idempotency filter")
-        end = text.index("          # END idempotency filter\n") + len("          # END idempotency filter\n")
-        text = text[:begin] + text[end:]
+        # The baseline: the same routes and chain without the filter.
+        text = cut(text, "              # BEGIN unprotected routes", "              # END unprotected routes\n")
+        text = cut(text, "          # BEGIN idempotency filter", "          # END idempotency filter\n")
     fields = {
         "LISTEN_PORT": str(listen_port),
         "ADMIN_PORT": str(admin_port),
@@ -60,26 +62,20 @@ def render(listen_port, admin_port, upstream_port, plugin_config, wasm_path=DEFA
     return text
 
 
-def skip_matcher(methods, indent=22):
-    """The predicate that skips the filter for every method it does not
-    protect, so Envoy never enters the Wasm VM for them. Rendered from the
-    plugin configuration's own `methods`, so the two cannot drift apart."""
-    methods = [m.upper() for m in methods]
-    if len(methods) == 1:
-        methods = methods * 2  # or_matcher takes at least two predicates
-    pad = " " * indent
-    lines = [f"{pad}not_matcher:", f"{pad}  or_matcher:", f"{pad}    predicate:"]
-    for m in methods:
-        lines += [
-            f"{pad}    - single_predicate:",
-            f"{pad}        input:",
-            f"{pad}          name: method",
-            f"{pad}          typed_config:",
-            f'{pad}            "@type": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput',
-            f'{pad}            header_name: ":method"',
-            f"{pad}        value_match: {{ exact: {json.dumps(m)} }}",
-        ]
-    return "\n".join(lines)
+def cut(text, begin, end):
+    """text without the block from the line starting with `begin` through `end`."""
+    start = text.index(begin)
+    stop = text.index(end, start) + len(end)
+    return text[:start] + text[stop:]
+
+
+def protected_methods_regex(methods):
+    """The RE2 pattern (a full match in Envoy) of the methods the filter
+    protects; requests with any other method take the routes that disable
+    the filter. Rendered from the plugin configuration's own `methods`, so
+    the two cannot drift apart."""
+    escaped = sorted({re.sub(r"([^A-Za-z0-9_-])", r"\\\1", m.upper()) for m in methods})
+    return "|".join(escaped)
 
 
 class Envoy:

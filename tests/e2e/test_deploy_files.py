@@ -85,6 +85,16 @@ def test_the_docker_envoy_config_points_at_compose_services(compose):
     assert wasm["allow_on_headers_stop_iteration"] is True
     conf = json.loads(wasm["configuration"]["value"])
     assert conf["store"]["cluster"] in clusters
+    # The route that bypasses the filter covers exactly the methods it does
+    # not protect: its regex names the configuration's methods.
+    hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    bypass = [r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if "typed_per_filter_config" in r]
+    assert len(bypass) == 1
+    assert bypass[0]["typed_per_filter_config"][hcm["http_filters"][0]["name"]]["disabled"] is True
+    matcher = bypass[0]["match"]["headers"][0]
+    assert matcher["invert_match"] is True
+    methods = conf.get("methods", ["POST", "PATCH"])
+    assert set(matcher["string_match"]["safe_regex"]["regex"].split("|")) == set(methods)
     code, out = check_configs([conf])
     assert code == 0, out
 

@@ -37,6 +37,7 @@ PROFILES = {
     "server_errors": {"record_server_errors": True},
     "small_table": {"store": {"type": "local", "max_entries": 64}, "max_response_body_bytes": 65536},
     "one_bucket": {"store": {"type": "local", "max_entries": 16}},
+    "put_only": {"methods": ["PUT"], "required": True},
 }
 
 

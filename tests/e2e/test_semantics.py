@@ -201,6 +201,20 @@ def test_methods_not_protected_pass_through_untouched(gateways, upstream, key):
     assert after["invalid_keys"] == before["invalid_keys"]
 
 
+def test_the_configured_methods_are_exactly_the_protected_ones(gateways, upstream, key):
+    # Envoy routes other methods around the filter, rendered from `methods`.
+    put_only = gateways("put_only")
+    s1, _, b1 = post(put_only, key, method="PUT")
+    s2, h2, b2 = post(put_only, key, method="PUT")
+    assert (s1, s2, h2.get("idempotent-replayed"), b2) == (200, 200, "true", b1)
+    assert post(put_only, None, method="PUT")[0] == 400, "required for PUT"
+    assert post(put_only, None)[0] == 201, "POST is not protected here"
+    assert post(put_only, key + "-post")[0] == 201
+    assert post(put_only, key + "-post")[0] == 201
+    assert upstream.executions(key) == 1
+    assert upstream.executions(key + "-post") == 2
+
+
 def test_generated_key_is_forwarded_returned_and_usable_for_retries(gateways, upstream):
     gen = gateways("generate")
     s, h, b = post(gen, None)

@@ -140,10 +140,18 @@ def rss_kib(pid):
 
 
 NOOP_WASM = os.path.join(HERE, "noop-filter", "target", "wasm32-wasip1", "release", "noop_filter.wasm")
+REFERENCE_WASM = os.path.join(HERE, "reference-filter", "target", "wasm32-wasip1", "release", "reference_filter.wasm")
+# The filter built with --features self-profile (its own target directory, so
+# the product build is untouched).
+PROFILE_TARGET = os.path.join(REPO, "target", "self-profile")
+PROFILE_WASM = os.path.join(PROFILE_TARGET, "wasm32-wasip1", "release", "idempotency_filter.wasm")
 
 SCENARIOS = [
     # name, store, wrk mode, request body bytes, what it shows
+    # References: what the host itself costs, under any filter.
     ("0 reference: a no-op Wasm filter, fresh keys", "noop", "fresh", KIB),
+    ("0b reference: raw Wasm answering after the body (the floor of any replay)", "ref:reply-after-body", "fresh", KIB),
+    ("0c reference: raw Wasm making one store call per request", "ref:store-call", "fresh", KIB),
     ("1 fresh key, local store, 1 KiB", "local", "fresh", KIB),
     ("2 replay, local store", "local", "replay", KIB),
     ("3 unprotected (GET)", "local", "get", 0),
@@ -151,14 +159,22 @@ SCENARIOS = [
     ("4 fresh key, local store, 64 KiB", "local", "fresh", 64 * KIB),
     ("5 fresh key, Redis store, 1 KiB", "redis", "fresh", KIB),
     ("6 replay, Redis store", "redis", "replay", KIB),
+    ("6b replay, Redis store without the replay cache", "redis-nocache", "replay", KIB),
 ]
 
 
 def run_scenario(name, store, mode, body, args, nginx, backend):
     config = {"max_request_body_bytes": 1 << 20}
-    wasm = {"wasm_path": NOOP_WASM} if store == "noop" else {}
-    if store == "redis":
+    wasm = {}
+    if store == "noop":
+        wasm = {"wasm_path": NOOP_WASM}
+    elif store.startswith("ref:"):
+        wasm = {"wasm_path": REFERENCE_WASM}
+        config = store[4:]
+    if store.startswith("redis"):
         config["store"] = {"type": "redis", "cluster": "webdis", "key_prefix": f"bench-{time.time_ns()}:"}
+        if store == "redis-nocache":
+            config["store"]["cache_entries"] = 0
     baseline = Envoy({}, nginx.port, concurrency=1, with_filter=False, cpus=ENVOY_CPUS).start()
     filtered = Envoy(config, nginx.port, concurrency=1, webdis_port=backend.webdis_port if backend else None,
                      cpus=ENVOY_CPUS, **wasm).start()
@@ -183,12 +199,51 @@ def run_scenario(name, store, mode, body, args, nginx, backend):
             summary[label]["non2xx"] = sum(r["non2xx"] for r in runs)
         summary["ratio"] = summary["filter"]["rps"] / summary["baseline"]["rps"]
         stats = filtered.stats()
-        summary["filter_stats"] = {} if store == "noop" else {k: stats.get(k, 0) for k in ("requests_protected", "stored", "replays", "store_errors",
-                                                                 "conflicts", "evicted")}
+        summary["filter_stats"] = {} if store == "noop" or store.startswith("ref:") else {
+            k: stats.get(k, 0) for k in ("requests_protected", "stored", "replays", "cache_hits", "store_errors",
+                                         "conflicts", "evicted")}
         return summary
     finally:
         baseline.stop()
         filtered.stop()
+
+
+PROFILED = [
+    ("fresh key, local store", "local", "fresh"),
+    ("replay, local store", "local", "replay"),
+    ("fresh key, Redis store", "redis", "fresh"),
+]
+
+
+def self_profile(store, mode, args, nginx, backend):
+    """Where the filter's time goes: the self-profile build logs, every
+    tick, the time spent in each callback and host call. Returns
+    {name: (calls per request, microseconds per call)}."""
+    config = {}
+    if store == "redis":
+        config["store"] = {"type": "redis", "cluster": "webdis", "key_prefix": f"prof-{time.time_ns()}:"}
+    envoy = Envoy(config, nginx.port, concurrency=1, wasm_path=PROFILE_WASM, cpus=ENVOY_CPUS,
+                  webdis_port=backend.webdis_port if backend else None).start()
+    try:
+        if mode == "replay":
+            envoy.request("POST", "/payments", {"idempotency-key": "bench-replay", "content-type": "application/json"},
+                          b"x" * KIB)
+        wrk(envoy.port, mode, KIB, args.duration, args.connections)
+        time.sleep(1.5)  # the next tick logs the totals
+        # Each tick logs the one-second window since the previous one; the
+        # busiest window is one in the middle of the load.
+        best, best_requests = {}, 0
+        for line in envoy.log().splitlines():
+            if "self-profile" not in line:
+                continue
+            window = {name: (int(calls), float(mean))
+                      for name, calls, mean in re.findall(r" ([\w:]+)=(\d+) ([\d.]+)", line)}
+            requests = window.get("context_create", (0, 0.0))[0]
+            if requests > best_requests:
+                best, best_requests = window, requests
+        return {k: (c / best_requests, m) for k, (c, m) in best.items() if k != "tick"}
+    finally:
+        envoy.stop()
 
 
 def memory_scenario(args, nginx):
@@ -233,7 +288,7 @@ def machine():
     return f"{os.cpu_count()} cores, {cpu}; {platform.platform()}; Envoy {envoy_version}"
 
 
-def write_markdown(results, memory, args, path):
+def write_markdown(results, profiles, memory, args, path):
     wasm_size = os.path.getsize(DEFAULT_WASM)
     lines = [
         "# Benchmarks",
@@ -248,16 +303,48 @@ def write_markdown(results, memory, args, path):
         "",
         f"Filter module: `idempotency_filter.wasm`, {wasm_size:,} bytes.",
         "",
-        "| scenario | baseline req/s | filter req/s | ratio | baseline p50 / p99 ms | filter p50 / p99 ms |",
-        "|---|---:|---:|---:|---:|---:|",
+        "Ratio: requests per second with the filter over without it. Envoy CPU: the gateway's own CPU time per"
+        " request (user + system, all threads), which is what the filter adds whatever else limits throughput.",
+        "",
+        "| scenario | baseline req/s | filter req/s | ratio | Envoy CPU per request, baseline → filter | baseline p50 / p99 ms | filter p50 / p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         b, f = r["baseline"], r["filter"]
         lines.append(f"| {name} | {b['rps']:,.0f} | {f['rps']:,.0f} | **{r['ratio']:.2f}** | "
+                     f"{b['cpu_us']:.0f} → {f['cpu_us']:.0f} µs | "
                      f"{b['p50_ms']:.2f} / {b['p99_ms']:.2f} | {f['p50_ms']:.2f} / {f['p99_ms']:.2f} |")
     lines += ["", "Filter counters per scenario (all runs): " + "; ".join(
         f"{name.split(' ')[0]}: " + ", ".join(f"{k} {v}" for k, v in r["filter_stats"].items() if v)
         for name, r in results.items()), ""]
+    if profiles:
+        names = [n for n in ("context_create", "request_headers", "request_body", "response_headers",
+                             "response_body", "call_response", "done", "host:get_pairs", "host:get_body",
+                             "host:shared_get", "host:shared_set", "host:metric", "host:send_response", "host:clock")]
+        lines += [
+            "## Where the filter's time goes",
+            "",
+            "The `self-profile` build (`cargo build --features self-profile`) times every callback the filter"
+            " runs and every host call it makes (host calls are included in their callback's time; the two clock"
+            " reads per span add about 0.4 µs each). Per request: calls × mean µs.",
+            "",
+            "| callback or host call | " + " | ".join(profiles) + " |",
+            "|---|" + "---:|" * len(profiles),
+        ]
+        for n in names:
+            cells = []
+            for prof in profiles.values():
+                if n in prof:
+                    per_req, mean = prof[n]
+                    cells.append(f"{per_req:.2f} × {mean:.2f} = {per_req * mean:.1f}")
+                else:
+                    cells.append("")
+            if any(cells):
+                lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        totals = []
+        for prof in profiles.values():
+            totals.append(f"{sum(c * m for k, (c, m) in prof.items() if not k.startswith('host:')):.1f} µs")
+        lines += ["| **inside the filter, per request** | " + " | ".join(totals) + " |", ""]
     if memory:
         lines += [
             f"## Memory (local store, max_entries {memory['capacity']:,}, 1 KiB requests and responses)",
@@ -290,8 +377,11 @@ def main():
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"))
     args = ap.parse_args()
-    subprocess.run(["cargo", "build", "--release", "-q", "--target", "wasm32-wasip1", "--manifest-path",
-                    os.path.join(HERE, "noop-filter", "Cargo.toml")], check=True)
+    for crate in ("noop-filter", "reference-filter"):
+        subprocess.run(["cargo", "build", "--release", "-q", "--target", "wasm32-wasip1", "--manifest-path",
+                        os.path.join(HERE, crate, "Cargo.toml")], check=True)
+    subprocess.run(["cargo", "build", "--release", "-q", "--target", "wasm32-wasip1", "--features", "self-profile",
+                    "--target-dir", PROFILE_TARGET, "--manifest-path", os.path.join(REPO, "Cargo.toml")], check=True)
     nginx = Nginx().start()
     backend = None
     results = {}
@@ -299,23 +389,32 @@ def main():
         for name, store, mode, body in SCENARIOS:
             if args.only and args.only not in name:
                 continue
-            if store == "redis" and backend is None:
+            needs_store = store.startswith("redis") or store == "ref:store-call"
+            if needs_store and backend is None:
                 backend = RedisBackend().start()
                 for proc in (backend.redis, backend.webdis):
                     subprocess.run(["taskset", "-pc", LOAD_CPUS, str(proc.pid)], capture_output=True)
-            r = run_scenario(name, store, mode, body, args, nginx, backend if store == "redis" else None)
+            r = run_scenario(name, store, mode, body, args, nginx, backend if needs_store else None)
             results[name] = r
             print(f"{name:40s} baseline {r['baseline']['rps']:9,.0f}/s  filter {r['filter']['rps']:9,.0f}/s"
                   f"  ratio {r['ratio']:.2f}  p99 {r['baseline']['p99_ms']:.2f} -> {r['filter']['p99_ms']:.2f} ms"
                   f"  envoy cpu/req {r['baseline']['cpu_us']:.0f} -> {r['filter']['cpu_us']:.0f} us"
                   f"  busy {r['baseline']['busy']:.0%} -> {r['filter']['busy']:.0%}"
                   f"  {r['filter_stats']}", flush=True)
+        profiles = {}
+        for name, store, mode in PROFILED:
+            if args.only and args.only not in name:
+                continue
+            if store == "redis" and backend is None:
+                backend = RedisBackend().start()
+            profiles[name] = self_profile(store, mode, args, nginx, backend)
+            print(name, profiles[name], flush=True)
         memory = None if args.skip_memory else memory_scenario(args, nginx)
         if memory:
             print(json.dumps({k: v for k, v in memory.items() if k != "points"}), flush=True)
             for p in memory["points"]:
                 print(p, flush=True)
-        write_markdown(results, memory, args, args.out)
+        write_markdown(results, profiles, memory, args, args.out)
         print(f"wrote {args.out}")
     finally:
         nginx.stop()

@@ -80,9 +80,10 @@ mod self_profile {
             });
         }
     }
+    /// The totals since the last report, which starts the next window.
     pub fn report() -> String {
         TOTALS.with(|t| {
-            let t = t.borrow();
+            let t = std::mem::take(&mut *t.borrow_mut());
             let mut out = String::from("self-profile (calls, mean us):");
             for (i, (ns, n)) in t.iter().enumerate() {
                 if *n > 0 {
@@ -640,6 +641,11 @@ impl RootContext for Root {
                 );
                 ctx.cache = None;
             }
+        }
+        // The profiling build reports from the tick, whatever the store.
+        #[cfg(feature = "self-profile")]
+        if matches!(ctx.store, Store::Redis(_)) {
+            let _ = unsafe { proxy_set_tick_period_milliseconds(TICK_MS) };
         }
         // Only the local store needs the tick: Redis expires records itself.
         if let Store::Local(table) = &ctx.store {

@@ -17,6 +17,10 @@ pub struct FakeShared {
     hook: RefCell<Option<Hook>>,
     cas_failures: Cell<u32>,
     fail_status: Cell<Option<u32>>,
+    /// Reads and writes so far: each one is a host call, which is where a
+    /// protected request spends its time in a real proxy.
+    pub gets: Cell<u32>,
+    pub sets: Cell<u32>,
 }
 
 impl FakeShared {
@@ -47,11 +51,13 @@ impl FakeShared {
 impl SharedData for FakeShared {
     fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
         self.check("get_shared_data")?;
+        self.gets.set(self.gets.get() + 1);
         Ok(self.map.borrow().get(key).cloned())
     }
 
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, HostError> {
         self.check("set_shared_data")?;
+        self.sets.set(self.sets.get() + 1);
         let hook = self.hook.borrow_mut().take();
         if let Some(hook) = hook {
             hook(self);

@@ -630,7 +630,7 @@ impl Filter {
                 };
                 let result = match response.status {
                     Some(status) => {
-                        redis.claim_answer(status, &response.body, &digest, &fingerprint, token)
+                        redis.claim_outcome(status, &response.body, &digest, &fingerprint, token)
                     }
                     None => Err(no_answer()),
                 };
@@ -1244,6 +1244,37 @@ mod tests {
             t.init(&host).unwrap();
         }
         (host, c)
+    }
+
+    /// Shared-data calls are the bulk of a protected request's host calls
+    /// (BENCHMARKS.md, "where the filter's time goes"); one more per request
+    /// is a measurable cost, so their number is pinned here.
+    #[test]
+    fn shared_data_calls_per_request_are_pinned() {
+        let (host, c) = setup("{}");
+        let calls = || (host.shared.gets.get(), host.shared.sets.get());
+        let before = calls();
+        let (mut f, _) = request(&host, &c, &post(Some("k1")), b"{}");
+        assert_eq!(
+            calls(),
+            (before.0 + 1, before.1 + 1),
+            "claim: read and CAS the bucket"
+        );
+        let before = calls();
+        respond(&host, &mut f, 201, b"{\"id\":1}");
+        assert_eq!(
+            calls(),
+            (before.0 + 2, before.1 + 2),
+            "complete: the slot's data (owner check) and its bucket"
+        );
+        let before = calls();
+        request(&host, &c, &post(Some("k1")), b"{}");
+        assert_eq!(sent_status(&host), Some(201));
+        assert_eq!(
+            calls(),
+            (before.0 + 2, before.1),
+            "replay: bucket and data, no write"
+        );
     }
 
     #[test]

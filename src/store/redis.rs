@@ -229,23 +229,10 @@ impl RedisStore {
         )
     }
 
-    /// What the claim script's answer means for this request.
+    /// What the claim script's answer means for this request, with how long
+    /// Redis keeps the record it returned (milliseconds; `None` unless a
+    /// completed record came back).
     pub fn claim_outcome(
-        &self,
-        status: u16,
-        body: &[u8],
-        digest: &Digest16,
-        fingerprint: &Digest16,
-        token: u64,
-    ) -> Result<ClaimOutcome, StoreError> {
-        Ok(self
-            .claim_answer(status, body, digest, fingerprint, token)?
-            .0)
-    }
-
-    /// [`Self::claim_outcome`], with how long Redis keeps the record it
-    /// returned (milliseconds; `None` unless a completed record came back).
-    pub fn claim_answer(
         &self,
         status: u16,
         body: &[u8],
@@ -438,7 +425,7 @@ mod tests {
     #[test]
     fn claim_replies_map_through_the_shared_decision() {
         let s = store();
-        let out = |body: &[u8]| s.claim_outcome(200, body, &D, &FP, 7);
+        let out = |body: &[u8]| s.claim_outcome(200, body, &D, &FP, 7).map(|(o, _)| o);
         assert_eq!(
             out(&json("\"claimed\"")).unwrap(),
             ClaimOutcome::Claimed(Claim {
@@ -474,12 +461,12 @@ mod tests {
         assert_eq!(out(&completed).unwrap(), ClaimOutcome::Replay(resp.clone()));
         // How long Redis keeps it comes along, for the gateway's cache.
         assert_eq!(
-            s.claim_answer(200, &completed, &D, &FP, 7).unwrap(),
+            s.claim_outcome(200, &completed, &D, &FP, 7).unwrap(),
             (ClaimOutcome::Replay(resp.clone()), Some(86_399_000))
         );
         let no_expiry = json(&serde_json::to_string(&format!("-1|{stored}")).unwrap());
         assert_eq!(
-            s.claim_answer(200, &no_expiry, &D, &FP, 7).unwrap(),
+            s.claim_outcome(200, &no_expiry, &D, &FP, 7).unwrap(),
             (ClaimOutcome::Replay(resp), None)
         );
         // A value without the PTTL prefix is not this filter's answer.
@@ -489,7 +476,8 @@ mod tests {
         assert_eq!(
             other
                 .claim_outcome(200, &completed, &D, &[3; 16], 7)
-                .unwrap(),
+                .unwrap()
+                .0,
             ClaimOutcome::Mismatch
         );
         // A record filed under another digest is refused, not replayed.
@@ -501,7 +489,8 @@ mod tests {
     #[test]
     fn failures_are_errors_never_panics() {
         let s = store();
-        let out = |status: u16, body: &[u8]| s.claim_outcome(status, body, &D, &FP, 7);
+        let out =
+            |status: u16, body: &[u8]| s.claim_outcome(status, body, &D, &FP, 7).map(|(o, _)| o);
         assert!(matches!(out(503, b""), Err(StoreError::Unavailable(_))));
         assert!(matches!(
             out(200, &json("[false,\"ERR oom\"]")),

@@ -2,6 +2,7 @@
 Webdis), and what happens when a gateway or the store fails. Every test
 asserts on what the counting upstream executed."""
 
+import contextlib
 import re
 import threading
 import time
@@ -34,6 +35,18 @@ class Fleet:
     def stop(self):
         self.a.stop()
         self.b.stop()
+
+
+@contextlib.contextmanager
+def own_fleet(upstream, tmp_path, **config):
+    """A fleet with a Redis of its own, for tests that stop parts of it."""
+    backend = RedisBackend(workdir=str(tmp_path)).start()
+    fleet = Fleet(upstream, backend, **config)
+    try:
+        yield fleet, backend
+    finally:
+        fleet.stop()
+        backend.stop()
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +156,7 @@ def test_a_gateway_killed_mid_request_leaves_a_claim_that_expires(upstream, shar
 
 
 def test_store_down_with_reject_answers_503_and_recovers(upstream, key, tmp_path):
-    backend = RedisBackend(workdir=str(tmp_path)).start()
-    fleet = Fleet(upstream, backend, store_extra={"timeout_ms": 300})
-    try:
+    with own_fleet(upstream, tmp_path, store_extra={"timeout_ms": 300}) as (fleet, backend):
         before = fleet.a.stats()
         backend.stop_webdis()
         resp = post(fleet.a, key)
@@ -161,15 +172,11 @@ def test_store_down_with_reject_answers_503_and_recovers(upstream, key, tmp_path
         s2, h2, b2 = post(fleet.b, key)
         assert (s2, h2.get("idempotent-replayed"), b2) == (201, "true", b1), "protection resumed"
         assert upstream.executions(key) == 1
-    finally:
-        fleet.stop()
-        backend.stop()
 
 
 def test_store_down_with_allow_forwards_unprotected_and_counts_it(upstream, key, tmp_path):
-    backend = RedisBackend(workdir=str(tmp_path)).start()
-    fleet = Fleet(upstream, backend, store_extra={"timeout_ms": 300, "on_unavailable": "allow"})
-    try:
+    config = {"store_extra": {"timeout_ms": 300, "on_unavailable": "allow"}}
+    with own_fleet(upstream, tmp_path, **config) as (fleet, backend):
         before = fleet.a.stats()["store_bypassed"]
         backend.stop_webdis()
         assert post(fleet.a, key)[0] == 201
@@ -181,9 +188,6 @@ def test_store_down_with_allow_forwards_unprotected_and_counts_it(upstream, key,
         assert post(fleet.a, key2)[0] == 201
         assert post(fleet.b, key2)[1].get("idempotent-replayed") == "true"
         assert upstream.executions(key2) == 1
-    finally:
-        fleet.stop()
-        backend.stop()
 
 
 def test_replays_come_from_the_gateway_cache_without_a_store_round_trip(fleet, upstream, key):
@@ -221,9 +225,7 @@ def test_the_cache_never_outlives_the_record_in_redis(upstream, shared_backend, 
 
 
 def test_cached_replays_survive_a_store_outage_and_nothing_else_does(upstream, key, tmp_path):
-    backend = RedisBackend(workdir=str(tmp_path)).start()
-    fleet = Fleet(upstream, backend, store_extra={"timeout_ms": 300})
-    try:
+    with own_fleet(upstream, tmp_path, store_extra={"timeout_ms": 300}) as (fleet, backend):
         s1, _, b1 = post(fleet.a, key)
         assert s1 == 201
         backend.stop_webdis()
@@ -233,9 +235,6 @@ def test_cached_replays_survive_a_store_outage_and_nothing_else_does(upstream, k
         assert post(fleet.a, key + "-new")[0] == 503, "new keys still need Redis"
         assert upstream.executions(key) == 1
         assert upstream.executions(key + "-new") == 0
-    finally:
-        fleet.stop()
-        backend.stop()
 
 
 def test_without_the_cache_every_replay_asks_redis(upstream, shared_backend, key):

@@ -2,7 +2,7 @@
 //! on missing keys, no delete), hooks to interleave a competing worker between
 //! a read and a write, and a recorded HTTP exchange.
 
-use crate::host::{HeaderList, Host, HostError, Level};
+use crate::host::{HeaderList, HeaderMap, Host, HostError, Level};
 use crate::metrics::Metric;
 use crate::store::SharedData;
 use std::cell::{Cell, RefCell};
@@ -149,8 +149,8 @@ impl SharedData for FakeHost {
 }
 
 impl Host for FakeHost {
-    fn request_headers(&self) -> Result<HeaderList, HostError> {
-        Ok(self.request_headers.borrow().clone())
+    fn request_headers(&self) -> Result<HeaderMap, HostError> {
+        Ok(HeaderMap::from_list(&self.request_headers.borrow()))
     }
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), HostError> {
         let mut h = self.request_headers.borrow_mut();
@@ -161,8 +161,8 @@ impl Host for FakeHost {
     fn request_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError> {
         Ok(slice(&self.request_body.borrow(), start, len))
     }
-    fn response_headers(&self) -> Result<HeaderList, HostError> {
-        Ok(self.response_headers.borrow().clone())
+    fn response_headers(&self) -> Result<HeaderMap, HostError> {
+        Ok(HeaderMap::from_list(&self.response_headers.borrow()))
     }
     fn response_code_details(&self) -> Option<String> {
         self.code_details.borrow().clone()

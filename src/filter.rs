@@ -15,7 +15,7 @@
 
 use crate::config::{Config, StoreConfig, LOCAL_WAYS};
 use crate::fingerprint::{key_digest, Digest16, Fingerprinter};
-use crate::host::{HeaderList, Host, HostError, Level};
+use crate::host::{HeaderList, HeaderMap, Host, HostError, Level};
 use crate::key::{parse_key_headers, KeyError};
 use crate::metrics::Metric;
 use crate::problem::Problem;
@@ -197,15 +197,12 @@ pub struct Filter {
     forward_request: Option<ForwardRequest>,
 }
 
-fn header<'a>(headers: &'a HeaderList, name: &str) -> Option<&'a [u8]> {
-    headers
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v.as_slice())
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+    headers.get(name)
 }
 
 /// A header holding a number (`:status`, `content-length`).
-fn header_number<T: std::str::FromStr>(headers: &HeaderList, name: &str) -> Option<T> {
+fn header_number<T: std::str::FromStr>(headers: &HeaderMap, name: &str) -> Option<T> {
     header(headers, name)
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.trim().parse::<T>().ok())
@@ -213,11 +210,11 @@ fn header_number<T: std::str::FromStr>(headers: &HeaderList, name: &str) -> Opti
 
 /// All values of a header joined as one list, the way RFC 9110 5.3 combines
 /// repeated fields, so a header split in two does not change the meaning.
-fn header_joined(headers: &HeaderList, name: &str) -> Option<Vec<u8>> {
+fn header_joined(headers: &HeaderMap, name: &str) -> Option<Vec<u8>> {
     let mut out: Option<Vec<u8>> = None;
-    for (_, v) in headers.iter().filter(|(n, _)| n == name) {
+    for v in headers.values(name) {
         match out.as_mut() {
-            None => out = Some(v.clone()),
+            None => out = Some(v.to_vec()),
             Some(o) => {
                 o.extend_from_slice(b", ");
                 o.extend_from_slice(v);
@@ -300,11 +297,7 @@ impl Filter {
             self.phase = Phase::Passthrough;
             return Verdict::Continue;
         }
-        let values: Vec<&[u8]> = headers
-            .iter()
-            .filter(|(n, _)| *n == cfg.header)
-            .map(|(_, v)| v.as_slice())
-            .collect();
+        let values: Vec<&[u8]> = headers.values(&cfg.header).collect();
         let key = match parse_key_headers(&values, cfg.max_key_length) {
             Ok(Some(k)) => k,
             Ok(None) if cfg.required => {
@@ -364,9 +357,9 @@ impl Filter {
         if cfg.forward.is_some() {
             let mut forwarded: Vec<(String, String)> = headers
                 .iter()
-                .filter(|(n, _)| !is_connection_header(n) && !NOT_FORWARDED.contains(&n.as_str()))
+                .filter(|(n, _)| !is_connection_header(n) && !NOT_FORWARDED.contains(&n.as_ref()))
                 .filter(|(n, _)| self.generated_key.is_none() || *n != cfg.header)
-                .map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).into_owned()))
+                .map(|(n, v)| (n.into_owned(), String::from_utf8_lossy(v).into_owned()))
                 .collect();
             if let Some(k) = &self.generated_key {
                 forwarded.push((cfg.header.clone(), k.clone()));
@@ -867,8 +860,9 @@ impl Filter {
             expected,
             status,
             headers: headers
-                .into_iter()
+                .iter()
                 .filter(|(n, _)| self.ctx.config.records_header(n))
+                .map(|(n, v)| (n.into_owned(), v.to_vec()))
                 .collect(),
             body: Vec::new(),
             omitted: false,

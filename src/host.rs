@@ -39,13 +39,14 @@ pub enum Level {
 }
 
 pub type HeaderList = Vec<(String, Vec<u8>)>;
+pub use crate::wire::HeaderMap;
 
 pub trait Host: SharedData {
-    fn request_headers(&self) -> Result<HeaderList, HostError>;
+    fn request_headers(&self) -> Result<HeaderMap, HostError>;
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), HostError>;
     /// Bytes `start..start+len` of the request body seen so far.
     fn request_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError>;
-    fn response_headers(&self) -> Result<HeaderList, HostError>;
+    fn response_headers(&self) -> Result<HeaderMap, HostError>;
     /// Why the proxy produced this response, where the host says
     /// (Envoy: `response.code_details`, "via_upstream" when the upstream
     /// answered). `None` when the host does not tell.

@@ -7,10 +7,10 @@
 
 use crate::config::{Config, Host as HostKind};
 use crate::filter::{CallResponse, Filter, FilterContext, Store, Verdict};
-use crate::host::{HeaderList, Host, HostError, Level};
+use crate::host::{HeaderMap, Host, HostError, Level};
 use crate::metrics::Metric;
 use crate::store::SharedData;
-use crate::wire::{decode_pairs, encode_pairs, Rng};
+use crate::wire::{encode_pairs, Rng};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::cell::{Cell, RefCell};
@@ -241,14 +241,15 @@ fn get_buffer(buffer_type: u32, start: usize, max: usize) -> Result<Vec<u8>, Hos
     }
 }
 
-fn get_pairs(map_type: u32) -> Result<HeaderList, HostError> {
+/// A header map, read in place in the bytes the host wrote into our memory.
+fn get_pairs(map_type: u32) -> Result<HeaderMap, HostError> {
     profile!(8);
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     check("get_header_map_pairs", unsafe {
         proxy_get_header_map_pairs(map_type, &mut data, &mut size)
     })?;
-    decode_pairs(&take_host_bytes(data, size)).ok_or(HostError {
+    HeaderMap::decode(take_host_bytes(data, size)).ok_or(HostError {
         call: "get_header_map_pairs (decode)",
         status: 3,
     })
@@ -439,7 +440,7 @@ impl SharedData for WasmHost {
 }
 
 impl Host for WasmHost {
-    fn request_headers(&self) -> Result<HeaderList, HostError> {
+    fn request_headers(&self) -> Result<HeaderMap, HostError> {
         get_pairs(MAP_REQUEST_HEADERS)
     }
 
@@ -459,7 +460,7 @@ impl Host for WasmHost {
         get_buffer(BUFFER_REQUEST_BODY, start, len)
     }
 
-    fn response_headers(&self) -> Result<HeaderList, HostError> {
+    fn response_headers(&self) -> Result<HeaderMap, HostError> {
         get_pairs(MAP_RESPONSE_HEADERS)
     }
 
@@ -777,9 +778,8 @@ impl Context for HttpFilter {
         // No headers at all: the call failed (timeout, connection refused).
         let headers = get_pairs(MAP_HTTP_CALL_RESPONSE_HEADERS).unwrap_or_default();
         let status = headers
-            .iter()
-            .find(|(n, _)| n == ":status")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
+            .get(":status")
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
         let body = if body_size > 0 {
             get_buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, 0, body_size).unwrap_or_default()
         } else {
@@ -790,7 +790,7 @@ impl Context for HttpFilter {
             token_id,
             &CallResponse {
                 status,
-                headers,
+                headers: headers.to_list(),
                 body,
             },
         );

@@ -68,7 +68,7 @@ soak: build ## Steady mixed traffic over both stores for SOAK_SECONDS (default 1
 	ENVOY_BIN=$(ENVOY) $(PY) bench/soak.py --seconds $(SOAK_SECONDS)
 
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := key_parser record_decoder config_parser store_reply
+FUZZ_TARGETS := key_parser record_decoder config_parser store_reply header_map
 fuzz: ## Fuzz each parser for FUZZ_SECONDS (cargo-fuzz, nightly; not part of make test)
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 	@rustup toolchain list | grep -q nightly || rustup toolchain install nightly --profile minimal

@@ -7,6 +7,7 @@ use crate::key::{parse_key, to_sf_string};
 use crate::record::{DataRecord, StoredResponse};
 use crate::store::local::LocalTable;
 use crate::store::{Claim, ClaimOutcome};
+use crate::wire::HeaderMap;
 use proptest::prelude::*;
 
 proptest! {
@@ -17,6 +18,25 @@ proptest! {
         prop_assert_eq!(parse_key(to_sf_string(&key).as_bytes(), 255).unwrap(), key.clone());
         if !key.contains(['"', '\\', ' ', ',', ';']) {
             prop_assert_eq!(parse_key(key.as_bytes(), 255).unwrap(), key);
+        }
+    }
+
+    /// Header maps read in place give back exactly the list the host
+    /// serialised (order, repeats, binary values), and any bytes at all are
+    /// either a map or an error, never a panic or a huge allocation.
+    #[test]
+    fn header_maps_round_trip_and_garbage_is_refused(
+        list in proptest::collection::vec(("[a-z:-]{0,20}", proptest::collection::vec(any::<u8>(), 0..40)), 0..12),
+        garbage in proptest::collection::vec(any::<u8>(), 0..200),
+    ) {
+        let map = HeaderMap::from_list(&list);
+        prop_assert_eq!(map.to_list(), list.clone());
+        for (name, value) in &list {
+            prop_assert_eq!(map.get(name), list.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice()));
+            prop_assert!(map.values(name).any(|v| v == value.as_slice()));
+        }
+        if let Some(m) = HeaderMap::decode(garbage) {
+            let _ = m.to_list();
         }
     }
 

@@ -111,7 +111,8 @@ enum Phase {
         digest: Digest16,
         fingerprint: Digest16,
         token: u64,
-        /// When the claim was sent: Redis's expiry counts from after it.
+        /// When the claim was sent: Redis's expiry counts from after it
+        /// (only read, and only set, when there is a replay cache).
         sent_ms: u64,
     },
     Forwarded {
@@ -475,7 +476,12 @@ impl Filter {
                 cfg.lock_timeout_ms,
             ),
             Store::Redis(redis) => {
-                let now = host.now_ms();
+                // Only the replay cache needs the time (a clock read is a host call).
+                let now = if ctx.cache.is_some() {
+                    host.now_ms()
+                } else {
+                    0
+                };
                 if let Some(cache) = &ctx.cache {
                     // Any failure to read the cache is a miss: Redis decides.
                     if let Ok(Some((stored, response))) = cache.lookup(host, &digest, now) {
@@ -1018,14 +1024,13 @@ impl Filter {
                 r
             }
             (Store::Redis(redis), _) => {
-                let now = host.now_ms();
                 let fill = match (&ctx.cache, write, &record) {
                     (Some(_), Write::Complete, Some(response)) => Some(CacheFill {
                         digest: *digest,
                         fingerprint: *fingerprint,
                         response: response.clone(),
                         // Redis sets PX = TTL after this moment.
-                        expires_ms: now.saturating_add(cfg.ttl_ms),
+                        expires_ms: host.now_ms().saturating_add(cfg.ttl_ms),
                     }),
                     _ => None,
                 };

@@ -37,7 +37,7 @@ const STREAM_RESPONSE: u32 = 1;
 #[cfg(feature = "self-profile")]
 mod self_profile {
     use std::cell::RefCell;
-    pub const NAMES: [&str; 16] = [
+    pub const NAMES: [&str; 15] = [
         "context_create",
         "request_headers",
         "request_body",
@@ -53,10 +53,9 @@ mod self_profile {
         "host:metric",
         "host:send_response",
         "host:clock",
-        "host:other",
     ];
     thread_local! {
-        static TOTALS: RefCell<[(u64, u64); 16]> = const { RefCell::new([(0, 0); 16]) };
+        static TOTALS: RefCell<[(u64, u64); 15]> = const { RefCell::new([(0, 0); 15]) };
     }
     fn now_ns() -> u64 {
         std::time::SystemTime::now()

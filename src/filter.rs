@@ -64,8 +64,10 @@ impl FilterContext {
             StoreConfig::Redis(redis) => Store::Redis(RedisStore::new(redis.clone())),
         };
         let cache = match &config.store {
+            // Named by the Redis namespace it mirrors: two configurations in
+            // one vm_id that use different Redis stores keep separate caches.
             StoreConfig::Redis(redis) if redis.cache_entries > 0 => Some(LocalTable::named(
-                "cache",
+                &format!("cache/{}/{}", redis.cluster, redis.key_prefix),
                 redis.cache_entries / LOCAL_WAYS,
                 LOCAL_WAYS,
             )),
@@ -1712,6 +1714,28 @@ mod tests {
         assert_eq!(host.metric(Metric::CacheHits), 2);
         assert_eq!(host.metric(Metric::Replays), 1);
         assert_eq!(host.metric(Metric::Mismatches), 1);
+    }
+
+    #[test]
+    fn configurations_with_other_redis_namespaces_do_not_share_a_cache() {
+        let host = FakeHost::default();
+        let redis = FakeRedis::default();
+        let a = cached_redis_ctx();
+        let mut f = redis_post(&host, &redis, &a, "k", 1);
+        complete_paid(&host, &redis, &mut f, 2);
+        assert_eq!(post_answered_locally(&host, &a, "k", b""), 201);
+        // Same shared data (same vm_id), another key_prefix: its own Redis
+        // namespace, where "k" was never used, so Redis is asked.
+        let b = ctx(
+            r#"{"store":{"type":"redis","cluster":"webdis","key_prefix":"other:","cache_entries":32}}"#,
+        );
+        redis_post(&host, &redis, &b, "k", 3);
+        assert_eq!(
+            host.calls.borrow().len(),
+            3,
+            "asked its own Redis namespace"
+        );
+        assert_eq!(host.resumed_requests.get(), 2, "and ran the request there");
     }
 
     #[test]

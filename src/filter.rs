@@ -200,13 +200,10 @@ pub struct Filter {
     forward_request: Option<ForwardRequest>,
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
-    headers.get(name)
-}
-
 /// A header holding a number (`:status`, `content-length`).
 fn header_number<T: std::str::FromStr>(headers: &HeaderMap, name: &str) -> Option<T> {
-    header(headers, name)
+    headers
+        .get(name)
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.trim().parse::<T>().ok())
 }
@@ -293,7 +290,8 @@ impl Filter {
         };
         let ctx = self.ctx.clone();
         let cfg = &ctx.config;
-        let method = header(&headers, ":method")
+        let method = headers
+            .get(":method")
             .and_then(|m| std::str::from_utf8(m).ok())
             .unwrap_or("");
         if !cfg.protects(method) {
@@ -353,7 +351,8 @@ impl Filter {
             .map(|h| header_joined(&headers, h))
             .collect();
         let fp_refs: Vec<Option<&[u8]>> = fp_values.iter().map(Option::as_deref).collect();
-        let path = header(&headers, ":path")
+        let path = headers
+            .get(":path")
             .and_then(|p| std::str::from_utf8(p).ok())
             .unwrap_or("");
         let fingerprint = Fingerprinter::new(cfg.fingerprint_hash, method, path, &fp_refs);
@@ -370,7 +369,8 @@ impl Filter {
             self.forward_request = Some(ForwardRequest {
                 method: method.to_string(),
                 path: path.to_string(),
-                authority: header(&headers, ":authority")
+                authority: headers
+                    .get(":authority")
                     .map(|a| String::from_utf8_lossy(a).into_owned())
                     .unwrap_or_default(),
                 headers: forwarded,

@@ -27,10 +27,6 @@ pub fn encode_pairs(pairs: &[(String, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-pub fn decode_pairs(bytes: &[u8]) -> Option<HeaderList> {
-    HeaderMap::decode(bytes.to_vec()).map(|m| m.to_list())
-}
-
 /// A header map as the host serialised it, read in place: one buffer and a
 /// table of offsets, not two allocations per header. Reading the request's
 /// and the response's headers is on every protected request's path, and in
@@ -135,6 +131,10 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn decode_pairs(bytes: &[u8]) -> Option<HeaderList> {
+        HeaderMap::decode(bytes.to_vec()).map(|m| m.to_list())
+    }
 
     #[test]
     fn pairs_round_trip_and_truncation_is_rejected() {

@@ -389,17 +389,23 @@ def main():
                     "--target-dir", PROFILE_TARGET, "--manifest-path", os.path.join(REPO, "Cargo.toml")], check=True)
     nginx = Nginx().start()
     backend = None
+
+    def store_backend():
+        """Redis and Webdis, started once and pinned with the load (core 0)."""
+        nonlocal backend
+        if backend is None:
+            backend = RedisBackend().start()
+            for proc in (backend.redis, backend.webdis):
+                subprocess.run(["taskset", "-pc", LOAD_CPUS, str(proc.pid)], capture_output=True)
+        return backend
+
     results = {}
     try:
         for name, store, mode, body in SCENARIOS:
             if args.only and args.only not in name:
                 continue
             needs_store = store.startswith("redis") or store == "ref:store-call"
-            if needs_store and backend is None:
-                backend = RedisBackend().start()
-                for proc in (backend.redis, backend.webdis):
-                    subprocess.run(["taskset", "-pc", LOAD_CPUS, str(proc.pid)], capture_output=True)
-            r = run_scenario(name, store, mode, body, args, nginx, backend if needs_store else None)
+            r = run_scenario(name, store, mode, body, args, nginx, store_backend() if needs_store else None)
             results[name] = r
             print(f"{name:40s} baseline {r['baseline']['rps']:9,.0f}/s  filter {r['filter']['rps']:9,.0f}/s"
                   f"  ratio {r['ratio']:.2f}  p99 {r['baseline']['p99_ms']:.2f} -> {r['filter']['p99_ms']:.2f} ms"
@@ -410,9 +416,8 @@ def main():
         for name, store, mode in PROFILED:
             if args.only and args.only not in name:
                 continue
-            if store == "redis" and backend is None:
-                backend = RedisBackend().start()
-            profiles[name] = self_profile(store, mode, args, nginx, backend)
+            profiles[name] = self_profile(store, mode, args, nginx,
+                                          store_backend() if store == "redis" else None)
             print(name, profiles[name], flush=True)
         memory = None if args.skip_memory else memory_scenario(args, nginx)
         if memory:

@@ -50,15 +50,8 @@ def own_fleet(upstream, tmp_path, **config):
 
 
 @pytest.fixture(scope="module")
-def shared_backend():
-    backend = RedisBackend().start()
-    yield backend
-    backend.stop()
-
-
-@pytest.fixture(scope="module")
-def fleet(upstream, shared_backend):
-    f = Fleet(upstream, shared_backend)
+def fleet(upstream, redis_backend):
+    f = Fleet(upstream, redis_backend)
     yield f
     f.stop()
 
@@ -133,8 +126,8 @@ def test_methods_not_protected_never_touch_the_store(fleet, upstream, key):
     assert eval_calls(fleet.backend) == before, "...but not for unprotected methods"
 
 
-def test_a_gateway_killed_mid_request_leaves_a_claim_that_expires(upstream, shared_backend, key):
-    fleet = Fleet(upstream, shared_backend, lock_timeout_seconds=3)
+def test_a_gateway_killed_mid_request_leaves_a_claim_that_expires(upstream, redis_backend, key):
+    fleet = Fleet(upstream, redis_backend, lock_timeout_seconds=3)
     try:
         pool = ThreadPoolExecutor(1)
         original = pool.submit(post, fleet.a, key, b'{"amount": 5}', {"x-demo-delay-ms": "1000"})
@@ -209,8 +202,8 @@ def test_replays_come_from_the_gateway_cache_without_a_store_round_trip(fleet, u
     assert upstream.executions(key) == 1
 
 
-def test_the_cache_never_outlives_the_record_in_redis(upstream, shared_backend, key):
-    fleet = Fleet(upstream, shared_backend, ttl_seconds=2, lock_timeout_seconds=1)
+def test_the_cache_never_outlives_the_record_in_redis(upstream, redis_backend, key):
+    fleet = Fleet(upstream, redis_backend, ttl_seconds=2, lock_timeout_seconds=1)
     try:
         assert post(fleet.a, key)[0] == 201
         assert post(fleet.a, key)[1].get("idempotent-replayed") == "true"
@@ -237,13 +230,13 @@ def test_cached_replays_survive_a_store_outage_and_nothing_else_does(upstream, k
         assert upstream.executions(key + "-new") == 0
 
 
-def test_without_the_cache_every_replay_asks_redis(upstream, shared_backend, key):
-    fleet = Fleet(upstream, shared_backend, store_extra={"cache_entries": 0})
+def test_without_the_cache_every_replay_asks_redis(upstream, redis_backend, key):
+    fleet = Fleet(upstream, redis_backend, store_extra={"cache_entries": 0})
     try:
         assert post(fleet.a, key)[0] == 201
-        before = eval_calls(shared_backend)
+        before = eval_calls(redis_backend)
         assert post(fleet.a, key)[1].get("idempotent-replayed") == "true"
-        assert eval_calls(shared_backend) == before + 1
+        assert eval_calls(redis_backend) == before + 1
         assert fleet.a.stats().get("cache_hits", 0) == 0
     finally:
         fleet.stop()

@@ -47,7 +47,10 @@ impl Feed for Sha256 {
 
 impl Feed for Hasher {
     fn feed(&mut self, bytes: &[u8]) {
-        self.update(bytes);
+        match self {
+            Hasher::Xxh3(h) => h.update(bytes),
+            Hasher::Sha256(h) => h.update(bytes),
+        }
     }
 }
 
@@ -84,15 +87,6 @@ enum Hasher {
     Sha256(Sha256),
 }
 
-impl Hasher {
-    fn update(&mut self, bytes: &[u8]) {
-        match self {
-            Hasher::Xxh3(h) => h.update(bytes),
-            Hasher::Sha256(h) => h.update(bytes),
-        }
-    }
-}
-
 /// Incremental request fingerprint: method, path with query, the configured
 /// fingerprint headers, then the body in whatever chunks it arrives.
 #[derive(Clone)]
@@ -107,10 +101,10 @@ impl Fingerprinter {
             FingerprintHash::Xxh3 => Hasher::Xxh3(Box::new(Xxh3::new())),
             FingerprintHash::Sha256 => Hasher::Sha256(Sha256::new()),
         };
-        hasher.update(b"idempotency-filter/fingerprint/v1");
+        hasher.feed(b"idempotency-filter/fingerprint/v1");
         feed_field(&mut hasher, method.as_bytes());
         feed_field(&mut hasher, path.as_bytes());
-        hasher.update(&(headers.len() as u64).to_le_bytes());
+        hasher.feed(&(headers.len() as u64).to_le_bytes());
         for value in headers {
             feed_optional(&mut hasher, *value);
         }
@@ -122,7 +116,7 @@ impl Fingerprinter {
 
     pub fn update(&mut self, chunk: &[u8]) {
         self.body_bytes += chunk.len() as u64;
-        self.hasher.update(chunk);
+        self.hasher.feed(chunk);
     }
 
     pub fn body_bytes(&self) -> u64 {
@@ -133,7 +127,7 @@ impl Fingerprinter {
         let mut h = self.hasher;
         // The body length closes the stream so the body cannot blur into
         // anything hashed after it in a later version.
-        h.update(&self.body_bytes.to_le_bytes());
+        h.feed(&self.body_bytes.to_le_bytes());
         match h {
             Hasher::Xxh3(x) => x.digest128().to_le_bytes(),
             Hasher::Sha256(s) => truncate(&s.finalize()),

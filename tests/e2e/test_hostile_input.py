@@ -106,16 +106,25 @@ def test_http2_clients_get_the_same_semantics(gw, upstream):
 
 def test_a_client_gone_mid_response(gw, gateways, upstream):
     key = "midresp-" + uuid.uuid4().hex
-    s = socket.create_connection(("127.0.0.1", gw.port))
+    # The answer must not fit in the socket buffers between upstream and
+    # client, or Envoy sees it end before the client leaves and records it
+    # (CI saw that once with 8 MB: Linux autotunes a receive buffer up to
+    # tcp_rmem's 32 MB). A small receive buffer set before connecting turns
+    # autotuning off; Envoy's send buffer (tcp_wmem max 4 MB) plus its 1 MiB
+    # connection buffer then hold well under the 24 MB sent.
+    size = 24_000_000
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    s.connect(("127.0.0.1", gw.port))
     s.sendall((f"POST /payments HTTP/1.1\r\nHost: x\r\nIdempotency-Key: {key}\r\n"
-               f"Content-Type: application/json\r\nX-Demo-Response-Bytes: 8000000\r\n"
+               f"Content-Type: application/json\r\nX-Demo-Response-Bytes: {size}\r\n"
                f"Content-Length: 2\r\n\r\n{{}}").encode())
     first = s.recv(4096)
     assert first.startswith(b"HTTP/1.1 201")
-    s.close()  # reads the start of an 8 MB answer, then leaves
+    s.close()  # reads the start of a 24 MB answer, then leaves
     time.sleep(0.5)
     assert upstream.executions(key) == 1
-    resp = post(gw, key, body=b"{}", headers={"x-demo-response-bytes": "8000000"})
+    resp = post(gw, key, body=b"{}", headers={"x-demo-response-bytes": str(size)})
     if gateways.kind == "apisix":
         # Forwarding mode recorded the whole answer before replying: replayed
         # (without its body: larger than max_response_body_bytes).

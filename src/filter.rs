@@ -21,7 +21,7 @@ use crate::metrics::Metric;
 use crate::problem::Problem;
 use crate::record::{is_connection_header, StoredResponse};
 use crate::store::local::LocalTable;
-use crate::store::redis::{OnUnavailable, RedisStore, StoreRequest};
+use crate::store::redis::{CancelOutcome, OnUnavailable, RedisStore, StoreRequest};
 use crate::store::{Claim, ClaimEffects, ClaimOutcome, StoreError};
 use std::rc::Rc;
 
@@ -135,6 +135,13 @@ enum Phase {
         reply: Option<Reply>,
         /// The record, for the replay cache once Redis has it.
         fill: Option<CacheFill>,
+    },
+    /// APISIX rules (store calls chained within the request): a timed-out
+    /// claim is being cancelled; `reply` (the 503) goes out once the store
+    /// has answered.
+    AwaitingCancel {
+        call: u32,
+        reply: Reply,
     },
     /// Forwarding mode: the upstream has the request (an HTTP call).
     AwaitingUpstream {
@@ -595,6 +602,67 @@ impl Filter {
         self.answer(host, &Problem::store_unavailable(name), None)
     }
 
+    /// A decision reached in a call's callback: the request was paused for
+    /// it, and goes on only if the decision is to continue.
+    fn resume_request_if(&self, host: &impl Host, verdict: Verdict) {
+        if verdict == Verdict::Continue {
+            if let Err(e) = host.resume_request() {
+                host.log(Level::Error, &format!("could not resume the request: {e}"));
+            }
+        }
+    }
+
+    /// The claim call timed out: the request is refused (or, with
+    /// `on_unavailable: allow`, forwarded), and Redis may still apply the
+    /// claim once it catches up, which would hold the key for the whole lock
+    /// timeout (409s) although the upstream never saw the request. Unless
+    /// the request goes on unprotected, the claim is cancelled.
+    ///
+    /// Envoy runs store calls on the root context, so the 503 goes out at
+    /// once and the cancel completes on its own (its answer reaches no one;
+    /// `claims_cancelled` counts cancels sent). APISIX allows a call only
+    /// while the request is handled: the 503 waits for the cancel's answer.
+    fn cancel_timed_out_claim(
+        &mut self,
+        host: &impl Host,
+        e: &StoreError,
+        digest: &Digest16,
+        token: u64,
+    ) -> Verdict {
+        let ctx = self.ctx.clone();
+        let Store::Redis(redis) = &ctx.store else {
+            return self.store_failed(host, e);
+        };
+        // Forwarded unprotected: a claim that lands late at least turns a
+        // quick retry into a 409 rather than a second run.
+        if redis.config.on_unavailable == OnUnavailable::Allow {
+            return self.store_failed(host, e);
+        }
+        let request = redis.cancel_request(digest, token, ctx.config.lock_timeout_ms);
+        let call = match dispatch(host, redis, &request) {
+            Ok(call) => call,
+            Err(cancel_error) => {
+                host.log(
+                    Level::Warn,
+                    &format!("could not cancel the timed-out claim: {cancel_error}"),
+                );
+                return self.store_failed(host, e);
+            }
+        };
+        host.metric_add(Metric::ClaimsCancelled, 1);
+        if !ctx.config.host.apisix_rules() {
+            return self.store_failed(host, e);
+        }
+        let name = ctx.store_name();
+        host.metric_add(Metric::StoreErrors, 1);
+        host.log(Level::Error, &format!("{name} store: {e}; request refused"));
+        self.phase = Phase::AwaitingCancel {
+            call,
+            reply: problem_reply(&Problem::store_unavailable(name)),
+        };
+        Verdict::Pause
+    }
+
     /// Convenience for a store answer without headers (tests).
     #[cfg(test)]
     pub fn on_store_response(
@@ -635,6 +703,14 @@ impl Filter {
                     }
                     None => Err(no_answer()),
                 };
+                // No answer, or Envoy's 504 for a call past its timeout: Redis
+                // may still run the claim. Any other failure (a refused
+                // connection, Webdis's own error) never reached Redis.
+                if let (Err(e), None | Some(504)) = (&result, response.status) {
+                    let verdict = self.cancel_timed_out_claim(host, e, &digest, token);
+                    self.resume_request_if(host, verdict);
+                    return;
+                }
                 // A record completed elsewhere (or before the cache had it):
                 // keep it, so the next retry of this key stays here.
                 if let Ok((ClaimOutcome::Replay(response), Some(remaining_ms))) = &result {
@@ -655,11 +731,21 @@ impl Filter {
                     digest,
                     fingerprint,
                 );
-                if verdict == Verdict::Continue {
-                    if let Err(e) = host.resume_request() {
-                        host.log(Level::Error, &format!("could not resume the request: {e}"));
-                    }
-                }
+                self.resume_request_if(host, verdict);
+            }
+            Phase::AwaitingCancel {
+                call: expected,
+                reply,
+            } if expected == call => {
+                let Store::Redis(redis) = &ctx.store else {
+                    return;
+                };
+                let result = match response.status {
+                    Some(status) => redis.cancel_outcome(status, &response.body),
+                    None => Err(no_answer()),
+                };
+                count_cancel(host, &result);
+                self.send_reply(host, reply);
             }
             Phase::AwaitingUpstream {
                 call: expected,
@@ -1143,6 +1229,16 @@ fn count_write(host: &impl Host, write: Write, result: &Result<bool, StoreError>
     }
 }
 
+fn count_cancel(host: &impl Host, result: &Result<CancelOutcome, StoreError>) {
+    if let Err(e) = result {
+        // The claim, if it landed, lapses after its lock timeout.
+        host.log(
+            Level::Warn,
+            &format!("cancelling the timed-out claim failed: {e}"),
+        );
+    }
+}
+
 /// Which responses become the key's record; every other one releases the key
 /// so that a retry runs again.
 ///
@@ -1606,7 +1702,9 @@ mod tests {
     impl FakeRedis {
         /// Answers call `n` (1-based) that `host` sent; returns the JSON body.
         fn answer(&self, host: &FakeHost, n: usize) -> Vec<u8> {
-            use crate::store::redis::{CLAIM_SCRIPT, COMPLETE_SCRIPT, RELEASE_SCRIPT};
+            use crate::store::redis::{
+                CANCEL_SCRIPT, CLAIM_SCRIPT, COMPLETE_SCRIPT, RELEASE_SCRIPT,
+            };
             let (_, headers, body) = host.calls.borrow()[n - 1].clone();
             let path = headers
                 .iter()
@@ -1618,13 +1716,31 @@ mod tests {
             let (script, key, args) = (&segs[0], &segs[2], &segs[3..]);
             let mut data = self.data.borrow_mut();
             let reply = if script == CLAIM_SCRIPT {
-                match data.get(key) {
+                let (marker, tombstone) = (&args[0], &args[2]);
+                match data.get(key).cloned() {
+                    Some(v) if &v == tombstone => {
+                        data.remove(key);
+                        serde_json::json!("cancelled")
+                    }
                     // Expiry is not modelled: every record has a minute left.
-                    Some(v) => serde_json::json!(format!("60000|{v}")),
-                    None => {
-                        data.insert(key.clone(), args[0].clone());
+                    Some(v) if !v.starts_with("X|") => serde_json::json!(format!("60000|{v}")),
+                    _ => {
+                        data.insert(key.clone(), marker.clone());
                         serde_json::json!("claimed")
                     }
+                }
+            } else if script == CANCEL_SCRIPT {
+                let (owner, tombstone) = (&args[0], &args[1]);
+                match data.get(key).cloned() {
+                    None => {
+                        data.insert(key.clone(), tombstone.clone());
+                        serde_json::json!(2)
+                    }
+                    Some(v) if v.starts_with(owner.as_str()) => {
+                        data.remove(key);
+                        serde_json::json!(1)
+                    }
+                    Some(_) => serde_json::json!(0),
                 }
             } else {
                 let owner = &args[0];
@@ -1941,6 +2057,178 @@ mod tests {
         // A late answer for another call is ignored.
         f.on_store_response(&host, 99, Some(200), b"{}");
         assert_eq!(host.resumed_requests.get(), 1);
+    }
+
+    fn is_cancel(host: &FakeHost, n: usize) -> bool {
+        let calls = host.calls.borrow();
+        let path = &calls[n - 1].1.iter().find(|(h, _)| h == ":path").unwrap().1;
+        pct_decode(path).contains(crate::store::redis::CANCEL_SCRIPT)
+    }
+
+    #[test]
+    fn a_timed_out_claim_is_cancelled_whichever_lands_first() {
+        let hs: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", "/p"),
+            ("idempotency-key", "k"),
+        ];
+        let host = FakeHost::default();
+        let redis = FakeRedis::default();
+        let c = redis_ctx("");
+        let start = |host: &FakeHost| {
+            host.reset_exchange(&hs, b"");
+            let mut f = Filter::new(c.clone());
+            assert_eq!(f.on_request_headers(host, true), Verdict::Pause);
+            f
+        };
+        // 1. The claim lands after the filter gave up (Envoy's 504 for a
+        //    call past its timeout), then the cancel deletes it.
+        let mut f = start(&host);
+        redis.answer(&host, 1);
+        f.on_store_response(&host, 1, Some(504), b"upstream request timeout");
+        assert_eq!(
+            host.sent.borrow().as_ref().unwrap().status,
+            503,
+            "Envoy: at once"
+        );
+        assert_eq!(host.resumed_requests.get(), 0);
+        assert_eq!(host.calls.borrow().len(), 2);
+        assert!(is_cancel(&host, 2));
+        assert_eq!(host.metric(Metric::ClaimsCancelled), 1);
+        assert_eq!(host.metric(Metric::StoreErrors), 1);
+        assert!(redis.answer(&host, 2).ends_with(b"1}"), "deleted");
+        assert!(redis.data.borrow().is_empty());
+        // The retry claims and runs.
+        let mut retry = start(&host);
+        retry.on_store_response(&host, 3, Some(200), &redis.answer(&host, 3));
+        assert_eq!(host.resumed_requests.get(), 1, "the retry runs");
+        complete_paid(&host, &redis, &mut retry, 4);
+
+        // 2. The cancel overtakes the claim (no answer at all this time): it
+        //    leaves a tombstone, and the claim deletes itself when it lands.
+        let mut f = Filter::new(c.clone());
+        let hs2: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", "/p"),
+            ("idempotency-key", "k2"),
+        ];
+        host.reset_exchange(&hs2, b"");
+        f.on_request_headers(&host, true);
+        f.on_store_response(&host, 5, None, b"");
+        assert_eq!(host.sent.borrow().as_ref().unwrap().status, 503);
+        assert!(is_cancel(&host, 6));
+        assert!(redis.answer(&host, 6).ends_with(b"2}"), "tombstoned");
+        assert_eq!(
+            redis.data.borrow().len(),
+            2,
+            "the record of k and k2's tombstone"
+        );
+        assert!(redis.answer(&host, 5).ends_with(b"\"cancelled\"}"));
+        assert_eq!(redis.data.borrow().len(), 1, "k2 is free");
+        assert_eq!(host.metric(Metric::ClaimsCancelled), 2);
+
+        // 3. A tombstone never blocks another request: a new claim takes the key.
+        let mut f = Filter::new(c.clone());
+        host.reset_exchange(&hs2, b"");
+        f.on_request_headers(&host, true);
+        f.on_store_response(&host, 7, None, b"");
+        redis.answer(&host, 8); // the cancel: a tombstone
+        let mut other = Filter::new(c.clone());
+        host.reset_exchange(&hs2, b"");
+        other.on_request_headers(&host, true);
+        other.on_store_response(&host, 9, Some(200), &redis.answer(&host, 9));
+        assert_eq!(host.resumed_requests.get(), 2, "claimed over the tombstone");
+        // The late claim then finds the other request's marker and sets nothing.
+        assert!(redis.answer(&host, 7).ends_with(b"\"}"));
+        complete_paid(&host, &redis, &mut other, 10);
+        assert_eq!(host.metric(Metric::Stored), 2);
+    }
+
+    #[test]
+    fn only_a_claim_of_unknown_fate_is_cancelled() {
+        let hs: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", "/p"),
+            ("idempotency-key", "k"),
+        ];
+        // A refused connection (Envoy's 503) or Webdis's own error never
+        // reached Redis: nothing to cancel.
+        for (status, body) in [
+            (Some(503), &b"no healthy upstream"[..]),
+            (Some(200), &b"{\"EVAL\":[false,\"ERR oom\"]}"[..]),
+        ] {
+            let host = FakeHost::default();
+            let mut f = Filter::new(redis_ctx(""));
+            host.reset_exchange(&hs, b"");
+            f.on_request_headers(&host, true);
+            f.on_store_response(&host, 1, status, body);
+            assert_eq!(host.sent.borrow().as_ref().unwrap().status, 503);
+            assert_eq!(host.calls.borrow().len(), 1, "{status:?}");
+            assert_eq!(host.metric(Metric::ClaimsCancelled), 0);
+        }
+        // With on_unavailable: allow the request goes on unprotected; a claim
+        // that lands late keeps a quick retry from running it again.
+        let host = FakeHost::default();
+        let mut f = Filter::new(redis_ctx(r#","on_unavailable":"allow""#));
+        host.reset_exchange(&hs, b"");
+        f.on_request_headers(&host, true);
+        f.on_store_response(&host, 1, None, b"");
+        assert_eq!(host.resumed_requests.get(), 1);
+        assert_eq!(host.calls.borrow().len(), 1);
+        // The cancel cannot be sent: still 503, nothing else.
+        let host = FakeHost::default();
+        let mut f = Filter::new(redis_ctx(""));
+        host.reset_exchange(&hs, b"");
+        f.on_request_headers(&host, true);
+        host.dispatch_fails.set(true);
+        f.on_store_response(&host, 1, None, b"");
+        assert_eq!(host.sent.borrow().as_ref().unwrap().status, 503);
+        assert_eq!(host.metric(Metric::ClaimsCancelled), 0);
+    }
+
+    #[test]
+    fn apisix_answers_a_timed_out_claim_after_its_cancel() {
+        let c = ctx(
+            r#"{"host":"apisix-profile","forward":{"upstream":"up"},"store":{"type":"redis","cluster":"webdis"}}"#,
+        );
+        let hs: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", "/p"),
+            (":authority", "a"),
+            ("idempotency-key", "k"),
+        ];
+        let host = FakeHost::default();
+        let redis = FakeRedis::default();
+        host.reset_exchange(&hs, b"{}");
+        let mut f = Filter::new(c);
+        f.on_request_headers(&host, false);
+        assert_eq!(f.on_request_body(&host, 2, true), Verdict::Pause);
+        redis.answer(&host, 1);
+        f.on_store_response(&host, 1, None, b"");
+        // Store calls are chained within the request: no answer until the
+        // cancel has its own.
+        assert!(host.sent.borrow().is_none());
+        assert!(is_cancel(&host, 2));
+        // Late answers to other calls change nothing.
+        f.on_store_response(&host, 1, Some(200), b"{}");
+        assert!(host.sent.borrow().is_none());
+        f.on_store_response(&host, 2, Some(200), &redis.answer(&host, 2));
+        assert_eq!(host.sent.borrow().as_ref().unwrap().status, 503);
+        assert!(redis.data.borrow().is_empty(), "the claim was deleted");
+        assert_eq!(host.metric(Metric::ClaimsCancelled), 1);
+        assert_eq!(host.metric(Metric::StoreErrors), 1);
+        // A cancel that gets no answer either still ends in the 503.
+        let host = FakeHost::default();
+        host.reset_exchange(&hs, b"{}");
+        let c = ctx(
+            r#"{"host":"apisix-profile","forward":{"upstream":"up"},"store":{"type":"redis","cluster":"webdis"}}"#,
+        );
+        let mut f = Filter::new(c);
+        f.on_request_headers(&host, false);
+        f.on_request_body(&host, 2, true);
+        f.on_store_response(&host, 1, None, b"");
+        f.on_store_response(&host, 2, None, b"");
+        assert_eq!(host.sent.borrow().as_ref().unwrap().status, 503);
     }
 
     #[test]

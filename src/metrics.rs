@@ -27,10 +27,13 @@ pub enum Metric {
     /// Redis store: answers (replays, 422s) the gateway's replay cache gave
     /// without asking Redis.
     CacheHits,
+    /// Redis store: claims whose call timed out, cancelled so that they do
+    /// not hold the key once Redis catches up (counted when sent).
+    ClaimsCancelled,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 17] = [
+    pub const ALL: [Metric; 18] = [
         Metric::Protected,
         Metric::Unkeyed,
         Metric::Replays,
@@ -48,6 +51,7 @@ impl Metric {
         Metric::ClaimsLost,
         Metric::Entries,
         Metric::CacheHits,
+        Metric::ClaimsCancelled,
     ];
 
     pub fn index(self) -> usize {
@@ -73,6 +77,7 @@ impl Metric {
             Metric::ClaimsLost => "idempotency.claims_lost",
             Metric::Entries => "idempotency.entries",
             Metric::CacheHits => "idempotency.cache_hits",
+            Metric::ClaimsCancelled => "idempotency.claims_cancelled",
         }
     }
 

@@ -11,6 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = store.claim_outcome(status, data, &[0xab; 16], &[1; 16], 7);
     let _ = store.complete_outcome(status, data);
     let _ = store.release_outcome(status, data);
+    let _ = store.cancel_outcome(status, data);
     if let Some(bytes) = base64_decode(data) {
         assert_eq!(base64_encode(&bytes).as_bytes(), data);
     }

@@ -6,11 +6,19 @@
 //!   marker with `PX` = lock timeout and answer `claimed`;
 //! * complete / release: only if the key still holds *this* claim's marker
 //!   (a claim that expired and was taken over is never overwritten or deleted
-//!   by the late original); complete sets the record with `PX` = TTL.
+//!   by the late original); complete sets the record with `PX` = TTL;
+//! * cancel: a claim whose call timed out (the request was refused, so the
+//!   upstream never saw it) may still be queued in Redis. Its marker is
+//!   deleted if it landed; if it has not, a tombstone naming its token is left
+//!   so that it deletes itself when it lands. Either order frees the key, which
+//!   matters because Webdis spreads calls over a pool of Redis connections and
+//!   the cancel can overtake the claim.
 //!
 //! Values (ASCII, so they survive JSON replies):
 //! * in flight: `I|<token, 16 hex>|<fingerprint, 32 hex>`
 //! * completed: `C|<fingerprint, 32 hex>|<base64 of the record bytes>`
+//! * cancelled before it landed: `X|<token, 16 hex>` (any other claim
+//!   overwrites it; it expires after the lock timeout)
 //!
 //! Redis keys are `key_prefix` + hex digest of (scope, key): nothing a client
 //! sends reaches a URL or a script unencoded.
@@ -24,10 +32,14 @@ use crate::fingerprint::{hex, Digest16};
 use crate::record::{DataRecord, StoredResponse};
 use crate::wire::{base64_decode, base64_encode, hex_decode, percent_encode_segment};
 
-/// An existing value comes back as `<PTTL ms>|<value>`: a gateway that
-/// caches a completed record must not keep it past Redis's own expiry.
+/// ARGV[1]: the in-flight marker, ARGV[2]: lock ms, ARGV[3]: this claim's
+/// tombstone. An existing value comes back as `<PTTL ms>|<value>`: a gateway
+/// that caches a completed record must not keep it past Redis's own expiry.
+/// A tombstone is no value: another claim's is overwritten, this claim's own
+/// (it was cancelled before it landed) is deleted and nothing is claimed.
 pub(crate) const CLAIM_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
-if v then return redis.call('PTTL', KEYS[1]) .. '|' .. v end \
+if v == ARGV[3] then redis.call('DEL', KEYS[1]) return 'cancelled' end \
+if v and string.sub(v, 1, 2) ~= 'X|' then return redis.call('PTTL', KEYS[1]) .. '|' .. v end \
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
 return 'claimed'";
 
@@ -35,6 +47,16 @@ return 'claimed'";
 pub(crate) const COMPLETE_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
 if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then \
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2]) return 1 end \
+return 0";
+
+/// ARGV[1]: the claim's marker prefix, ARGV[2]: its tombstone, ARGV[3]: how
+/// long the tombstone waits for the claim (ms). 1: the claim was deleted;
+/// 2: it had not landed, the tombstone waits for it; 0: the key holds
+/// something else (the claim found a value and set nothing).
+pub(crate) const CANCEL_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
+if not v then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 2 end \
+if string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then \
+redis.call('DEL', KEYS[1]) return 1 end \
 return 0";
 
 pub(crate) const RELEASE_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
@@ -181,6 +203,22 @@ fn marker_prefix(token: u64) -> String {
     format!("I|{token:016x}|")
 }
 
+fn tombstone(token: u64) -> String {
+    format!("X|{token:016x}")
+}
+
+/// What cancelling a timed-out claim found in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The claim had landed; its marker is gone.
+    Deleted,
+    /// The claim had not landed yet; it will delete itself when it does.
+    Tombstoned,
+    /// The key holds another request's claim or a record: the timed-out
+    /// claim set nothing.
+    NothingToCancel,
+}
+
 fn parse_fingerprint(hex_text: &str) -> Result<Digest16, StoreError> {
     let bytes = hex_decode(hex_text.as_bytes()).ok_or(StoreError::Corrupt("fingerprint"))?;
     let mut fp = [0u8; 16];
@@ -221,12 +259,39 @@ impl RedisStore {
     ) -> StoreRequest {
         let key = self.redis_key(digest);
         let marker = format!("{}{}", marker_prefix(token), hex(fingerprint));
+        // The tombstone last: it ends in hex digits, never a dot (Webdis).
         self.dialect.eval(
             CLAIM_SCRIPT,
             &[&key],
-            &[&marker, &lock_ms.max(1).to_string()],
+            &[&marker, &lock_ms.max(1).to_string(), &tombstone(token)],
             None,
         )
+    }
+
+    /// Cancels the claim `token` made, whose answer never came. The
+    /// tombstone waits as long as the claim would have held the key.
+    pub fn cancel_request(&self, digest: &Digest16, token: u64, lock_ms: u64) -> StoreRequest {
+        let key = self.redis_key(digest);
+        self.dialect.eval(
+            CANCEL_SCRIPT,
+            &[&key],
+            &[
+                &marker_prefix(token),
+                &tombstone(token),
+                &lock_ms.max(1).to_string(),
+            ],
+            None,
+        )
+    }
+
+    pub fn cancel_outcome(&self, status: u16, body: &[u8]) -> Result<CancelOutcome, StoreError> {
+        match self.dialect.parse(status, body)? {
+            RedisValue::Int(1) => Ok(CancelOutcome::Deleted),
+            RedisValue::Int(2) => Ok(CancelOutcome::Tombstoned),
+            RedisValue::Int(0) => Ok(CancelOutcome::NothingToCancel),
+            RedisValue::Error(e) => Err(StoreError::Unavailable(format!("redis: {e}"))),
+            _ => Err(StoreError::Corrupt("unexpected cancel result")),
+        }
     }
 
     /// What the claim script's answer means for this request, with how long
@@ -245,6 +310,11 @@ impl RedisStore {
             RedisValue::Error(e) => return Err(StoreError::Unavailable(format!("redis: {e}"))),
             _ => return Err(StoreError::Corrupt("unexpected claim result")),
         };
+        if value == "cancelled" {
+            // Only a claim that was cancelled before it landed gets this, and
+            // nobody waits for that answer any more.
+            return Err(StoreError::Corrupt("claim answered after its cancel"));
+        }
         if value == "claimed" {
             return Ok((
                 ClaimOutcome::Claimed(Claim {
@@ -372,7 +442,7 @@ mod tests {
         );
         assert!(
             r.path.ends_with(&format!(
-                "/1/idem%3A{}/I%7C0000000000001234%7C{}/30000",
+                "/1/idem%3A{}/I%7C0000000000001234%7C{}/30000/X%7C0000000000001234",
                 hex(&D),
                 hex(&FP)
             )),
@@ -413,6 +483,16 @@ mod tests {
             },
         );
         assert!(rel.path.ends_with("/I%7C0000000000001234%7C"));
+        let cancel = s.cancel_request(&D, 0x1234, 30_000);
+        assert_eq!(cancel.method, "GET");
+        assert!(
+            cancel.path.ends_with(&format!(
+                "/1/idem%3A{}/I%7C0000000000001234%7C/X%7C0000000000001234/30000",
+                hex(&D)
+            )),
+            "{}",
+            cancel.path
+        );
         // Only unreserved characters stay unencoded: a prefix cannot inject path segments.
         let mut odd = store();
         odd.config.key_prefix = "a/b.c:".into();
@@ -514,5 +594,32 @@ mod tests {
         assert_eq!(s.complete_outcome(200, &json("1")).unwrap(), true);
         assert_eq!(s.complete_outcome(200, &json("0")).unwrap(), false);
         assert!(s.release_outcome(200, &json("\"x\"")).is_err());
+        // The answer to a claim that was cancelled before it landed.
+        assert!(out(200, &json("\"cancelled\"")).is_err());
+    }
+
+    #[test]
+    fn cancel_replies() {
+        let s = store();
+        assert_eq!(
+            s.cancel_outcome(200, &json("1")).unwrap(),
+            CancelOutcome::Deleted
+        );
+        assert_eq!(
+            s.cancel_outcome(200, &json("2")).unwrap(),
+            CancelOutcome::Tombstoned
+        );
+        assert_eq!(
+            s.cancel_outcome(200, &json("0")).unwrap(),
+            CancelOutcome::NothingToCancel
+        );
+        for bad in ["3", "\"1\"", "null"] {
+            assert!(s.cancel_outcome(200, &json(bad)).is_err(), "{bad}");
+        }
+        assert!(matches!(
+            s.cancel_outcome(200, &json("[false,\"ERR busy\"]")),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(s.cancel_outcome(504, b"upstream request timeout").is_err());
     }
 }

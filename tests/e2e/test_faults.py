@@ -2,6 +2,7 @@
 is what the README says it is, nothing runs without protection when the
 store refuses, and nothing runs more than the documented number of times."""
 
+import socket
 import threading
 import time
 import uuid
@@ -136,19 +137,151 @@ def test_redis_slower_than_the_store_timeout(upstream, lone_backend):
         blocker.start()
         time.sleep(0.2)
         resp = post(fleet.a, key)
+        assert resp[0] == 503 and problem(resp)["type"].endswith("store-unavailable")
         blocker.join()
-        assert resp[0] == 503
         assert upstream.executions(key) == 0
-        # Redis ran the queued claim once it was free again: the key stays
-        # claimed until lock_timeout_seconds (409), and never runs twice.
-        second = post(fleet.a, key)
-        assert second[0] in (201, 409), second
-        if second[0] == 409:
-            assert upstream.executions(key) == 0
-        other = k("redis-fine")
-        assert post(fleet.a, other)[0] == 201, "the store is used again at once"
+        # Both the claim and its cancel were queued behind the script. Redis
+        # runs them once it is free, in whichever order Webdis's connections
+        # deliver them, and either order leaves the key free.
+        wait_for(lambda: fleet_keys(lone_backend, fleet) == {},
+                 what="the late claim and its cancel to leave the key free")
+        assert fleet.a.stats()["claims_cancelled"] == 1
+        assert post(fleet.a, key)[0] == 201, "the retry runs: the claim did not hold the key"
+        assert post(fleet.b, key)[1].get("idempotent-replayed") == "true"
+        assert upstream.executions(key) == 1
     finally:
         fleet.stop()
+
+
+def fleet_keys(backend, fleet):
+    """The fleet's Redis keys and their values."""
+    names = backend.command("KEYS", fleet.prefix + "*")["KEYS"]
+    return {n: backend.command("GET", n)["GET"] for n in names}
+
+
+class HoldingProxy:
+    """A TCP relay in front of Webdis that can hold the next claim for a
+    while, so that its cancel reaches Redis first. Once the gateway gives up
+    and closes its side, the held claim still goes to Webdis, as a request
+    stuck in a slow network would."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.hold_s = 0.0
+        self.held = threading.Event()
+        self.released = threading.Event()
+        self.lock = threading.Lock()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.webdis_port = self.sock.getsockname()[1]
+        self.conns = []
+        self.running = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold_next_claim(self, seconds):
+        self.held.clear()
+        self.released.clear()
+        self.hold_s = seconds
+
+    def _accept(self):
+        while self.running:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.conns += [client, server]
+            threading.Thread(target=self._upstream, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._downstream, args=(server, client), daemon=True).start()
+
+    def _upstream(self, client, server):
+        try:
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    return  # the gateway left; the server side stays for the answer
+                with self.lock:
+                    hold, self.hold_s = (self.hold_s, 0.0) if b"claimed" in data else (0.0, self.hold_s)
+                if hold:
+                    self.held.set()
+                    time.sleep(hold)
+                server.sendall(data)
+                if hold:
+                    self.released.set()
+        except OSError:
+            pass
+
+    def _downstream(self, server, client):
+        try:
+            while True:
+                data = server.recv(65536)
+                if not data:
+                    break
+                client.sendall(data)
+        except OSError:
+            pass
+        for s in (server, client):
+            s.close()
+
+    def stop(self):
+        self.running = False
+        self.sock.close()
+        with self.lock:
+            for c in self.conns:
+                try:
+                    c.close()
+                except OSError:
+                    pass
+
+
+# Envoy answers the 503 at once and lets the cancel run on its own; APISIX's
+# rules chain it within the request, so the 503 waits for the cancel.
+HOST_RULES = {
+    "envoy": {},
+    "apisix": {"host": "apisix-profile", "forward": {"upstream": "upstream"}},
+}
+
+
+@pytest.mark.parametrize("rules", sorted(HOST_RULES))
+def test_a_cancel_that_overtakes_its_claim_still_frees_the_key(upstream, lone_backend, rules):
+    proxy = HoldingProxy(lone_backend.webdis_port)
+    fleet = Fleet(upstream, proxy, store_extra={"timeout_ms": 300}, **HOST_RULES[rules])
+    try:
+        # 1. The claim arrives a second after its cancel: the cancel leaves a
+        #    tombstone, and the late claim removes it instead of claiming.
+        key = k("overtaken")
+        proxy.hold_next_claim(3.0)
+        assert post(fleet.a, key)[0] == 503
+        assert proxy.held.is_set()
+        # Envoy answers at once and sends the cancel on its own: it lands
+        # while the claim is still held.
+        def tombstoned():
+            values = fleet_keys(lone_backend, fleet).values()
+            return [v[:2] for v in values if not v.startswith("C|")] == ["X|"]
+        wait_for(tombstoned, timeout=2.5, what="the cancel's tombstone")
+        wait_for(lambda: proxy.released.is_set(), what="the held claim to reach Webdis")
+        wait_for(lambda: fleet_keys(lone_backend, fleet) == {},
+                 what="the late claim to remove its tombstone")
+        assert post(fleet.a, key)[0] == 201
+        assert upstream.executions(key) == 1
+        # 2. A retry while the tombstone waits takes the key at once; the late
+        #    claim then finds the retry's claim or record and sets nothing.
+        key = k("retried-early")
+        proxy.hold_next_claim(3.0)
+        assert post(fleet.a, key)[0] == 503
+        wait_for(tombstoned, timeout=2.5, what="the cancel's tombstone")
+        assert post(fleet.b, key)[0] == 201, "a tombstone never blocks a retry"
+        wait_for(lambda: proxy.released.is_set(), what="the held claim to reach Webdis")
+        time.sleep(0.3)  # Redis runs it; it must not disturb the record
+        resp = post(fleet.a, key)
+        assert resp[0] == 201 and resp[1].get("idempotent-replayed") == "true"
+        assert upstream.executions(key) == 1
+        assert fleet.a.stats()["claims_cancelled"] == 2
+    finally:
+        fleet.stop()
+        proxy.stop()
 
 
 def test_redis_flushed_forgets_records(upstream, lone_backend):

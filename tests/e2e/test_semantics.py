@@ -395,7 +395,8 @@ def test_every_counter_is_visible_in_envoy_stats(gw):
     names = set(gw.stats())
     expected = {"requests_protected", "requests_unkeyed", "replays", "conflicts", "mismatches",
                 "invalid_keys", "too_large", "stored", "released", "evicted", "expired",
-                "store_full", "store_errors", "store_bypassed", "claims_lost", "entries"}
+                "store_full", "store_errors", "store_bypassed", "claims_lost", "entries",
+                "cache_hits", "claims_cancelled"}
     assert expected <= names, expected - names
 
 

@@ -34,9 +34,12 @@ def free_port():
 
 def render(listen_port, admin_port, upstream_port, plugin_config, wasm_path=DEFAULT_WASM,
            vm_id="idempotency", buffer_limit=8 * 1024 * 1024, unreachable_port=None, webdis_port=None,
-           with_filter=True):
+           with_filter=True, access_log=None):
     with open(TEMPLATE) as f:
         text = f.read()
+    if access_log is None:
+        text = cut(text, "          # BEGIN access log", "          # END access log\n")
+    outcome = plugin_config.get("outcome_property") if isinstance(plugin_config, dict) else None
     if with_filter:
         methods = (plugin_config.get("methods") if isinstance(plugin_config, dict) else None) or ["POST", "PATCH"]
         # Inside a YAML double-quoted string: backslashes are doubled.
@@ -56,6 +59,9 @@ def render(listen_port, admin_port, upstream_port, plugin_config, wasm_path=DEFA
         "PLUGIN_CONFIG": json.dumps(json.dumps(plugin_config) if not isinstance(plugin_config, str) else plugin_config),
         "VM_ID": vm_id,
         "WASM_PATH": wasm_path,
+        "ACCESS_LOG": access_log or "",
+        # Envoy prints "-" for filter state that was never set.
+        "OUTCOME_FORMAT": f"%FILTER_STATE(wasm.{outcome}:PLAIN)%" if outcome else "-",
     }
     for k, v in fields.items():
         text = text.replace("{{" + k + "}}", v)
@@ -83,7 +89,7 @@ class Envoy:
 
     def __init__(self, plugin_config, upstream_port, concurrency=2, envoy_bin=None,
                  wasm_path=DEFAULT_WASM, listen_port=None, admin_port=None, workdir=None,
-                 webdis_port=None, with_filter=True, cpus=None):
+                 webdis_port=None, with_filter=True, cpus=None, access_log=False):
         self.plugin_config = plugin_config
         self.upstream_port = upstream_port
         self.concurrency = concurrency
@@ -99,17 +105,21 @@ class Envoy:
         self.workdir = workdir or tempfile.mkdtemp(prefix="idem-envoy-")
         self.config_path = os.path.join(self.workdir, "envoy.yaml")
         self.log_path = os.path.join(self.workdir, "envoy.log")
+        # An access log (one line per request), flushed every 100 ms.
+        self.access_log_path = os.path.join(self.workdir, "access.log") if access_log else None
         self.proc = None
 
     def start(self, timeout=60, expect_failure=False):
         with open(self.config_path, "w") as f:
             f.write(render(self.port, self.admin_port, self.upstream_port, self.plugin_config, self.wasm_path,
-                           webdis_port=self.webdis_port, with_filter=self.with_filter))
+                           webdis_port=self.webdis_port, with_filter=self.with_filter,
+                           access_log=self.access_log_path))
         log = open(self.log_path, "w")
         pin = ["taskset", "-c", self.cpus] if self.cpus else []
         self.proc = subprocess.Popen(
             pin + [self.envoy_bin, "-c", self.config_path, "--concurrency", str(self.concurrency),
-             "--disable-hot-restart", "--log-level", "warn", "--component-log-level", "wasm:info"],
+             "--disable-hot-restart", "--log-level", "warn", "--component-log-level", "wasm:info",
+             "--file-flush-interval-msec", "100"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         atexit.register(self.stop)
         if expect_failure:
@@ -142,6 +152,14 @@ class Envoy:
                 return f.read()
         except OSError:
             return ""
+
+    def access_lines(self):
+        """The access log so far (started with access_log=True)."""
+        try:
+            with open(self.access_log_path) as f:
+                return f.read().splitlines()
+        except (OSError, TypeError):
+            return []
 
     def stop(self, sig=signal.SIGTERM):
         self._terminate(sig)
@@ -212,6 +230,8 @@ curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "unterminated' -
 curl -s localhost:{admin}/stats?filter=idempotency
 # 7. What the upstream executed
 curl -s localhost:{upstream}/__executions
+# 8. What the filter did with each request (access log, outcome_property)
+cat {access_log}
 """
 
 
@@ -265,7 +285,8 @@ def demo(argv):
     ap.add_argument("--port", type=int, default=10000)
     ap.add_argument("--admin-port", type=int, default=9901)
     ap.add_argument("--upstream-port", type=int, default=8081)
-    ap.add_argument("--config", default='{"required": false}', help="plugin configuration JSON")
+    ap.add_argument("--config", default='{"outcome_property": "idempotency_outcome"}',
+                    help="plugin configuration JSON")
     ap.add_argument("--fleet", action="store_true", help="two gateways (--port, --port+1) sharing one Redis")
     ap.add_argument("--redis-port", type=int, default=6380)
     ap.add_argument("--webdis-port", type=int, default=7379)
@@ -277,8 +298,9 @@ def demo(argv):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     upstream = PaymentService(port=args.upstream_port).start()
     envoy = Envoy(json.loads(args.config), upstream.port, listen_port=args.port,
-                  admin_port=args.admin_port).start()
-    print(CURL_WALKTHROUGH.format(port=envoy.port, admin=envoy.admin_port, upstream=upstream.port), flush=True)
+                  admin_port=args.admin_port, access_log=True).start()
+    print(CURL_WALKTHROUGH.format(port=envoy.port, admin=envoy.admin_port, upstream=upstream.port,
+                                  access_log=envoy.access_log_path), flush=True)
     print(f"Envoy log: {envoy.log_path}\nCtrl-C stops everything.", flush=True)
     try:
         while envoy.proc.poll() is None:

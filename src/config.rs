@@ -59,6 +59,7 @@ struct RawConfig {
     never_record_headers: Vec<String>,
     host: RawHost,
     forward: Option<RawForward>,
+    outcome_property: String,
     /// Parsed in a second step ([`parse_store`]): the store's fields depend
     /// on its `type`, and errors must still name e.g. `store.timeout_ms`.
     store: serde_json::Value,
@@ -83,6 +84,7 @@ impl Default for RawConfig {
             never_record_headers: vec!["set-cookie".to_string()],
             host: RawHost::Envoy,
             forward: None,
+            outcome_property: String::new(),
             store: serde_json::json!({"type": "local"}),
         }
     }
@@ -202,6 +204,9 @@ pub struct Config {
     pub host: Host,
     /// Forwarding mode: the filter itself sends the request upstream.
     pub forward: Option<Forward>,
+    /// Where each protected request's outcome is written (`set_property`;
+    /// Envoy filter state `wasm.<name>`, for access logs). `None`: nowhere.
+    pub outcome_property: Option<String>,
 }
 
 /// Which proxy runs the filter. Chosen by configuration, not detected:
@@ -303,6 +308,7 @@ impl Default for Config {
             },
             host: Host::Envoy,
             forward: None,
+            outcome_property: None,
         })
     }
 }
@@ -633,6 +639,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     };
     let store = parse_store(raw.store, host)?;
     let forward = raw.forward.map(validate_forward).transpose()?;
+    let outcome_property = validate_outcome_property(raw.outcome_property, host)?;
     if host.apisix_rules() {
         if matches!(store, StoreConfig::Local { .. }) {
             return Err(err(
@@ -668,7 +675,37 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         store,
         host,
         forward,
+        outcome_property,
     })
+}
+
+const MAX_PROPERTY_NAME: usize = 64;
+
+fn validate_outcome_property(name: String, host: Host) -> Result<Option<String>, ConfigError> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    if host.apisix_rules() {
+        // wasm-nginx-module maps properties to nginx variables, which must be
+        // declared in nginx.conf; not supported here.
+        return Err(err(
+            "outcome_property",
+            "is Envoy only (APISIX has no filter state for it); leave it out and log APISIX's $status instead",
+        ));
+    }
+    let valid = name.len() <= MAX_PROPERTY_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(err(
+            "outcome_property",
+            format!(
+                "{name:?} is not a property name; use up to {MAX_PROPERTY_NAME} letters, digits, '_' or '-', e.g. \"idempotency_outcome\""
+            ),
+        ));
+    }
+    Ok(Some(name))
 }
 
 #[cfg(test)]
@@ -769,6 +806,24 @@ mod tests {
         assert_eq!(Config::parse(b"{}").unwrap().host, Host::Envoy);
     }
 
+    #[test]
+    fn outcome_property_is_off_unless_named() {
+        assert_eq!(Config::parse(b"{}").unwrap().outcome_property, None);
+        assert_eq!(
+            Config::parse(br#"{"outcome_property":""}"#)
+                .unwrap()
+                .outcome_property,
+            None
+        );
+        assert_eq!(
+            Config::parse(br#"{"outcome_property":"idempotency_outcome"}"#)
+                .unwrap()
+                .outcome_property
+                .as_deref(),
+            Some("idempotency_outcome")
+        );
+    }
+
     /// Table-driven: every rejected document and the exact line it logs.
     #[test]
     fn rejected_configurations_name_the_field_and_the_fix() {
@@ -788,7 +843,7 @@ mod tests {
             (r#"{"scope_headers":["x tenant"]}"#, "invalid configuration: scope_headers: \"x tenant\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"fingerprint_headers":[""]}"#, "invalid configuration: fingerprint_headers: \"\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"store":{"type":"local","max_entries":7}}"#, "invalid configuration: store.max_entries: must be between 16 and 10000000 (got 7)"),
-            (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `fingerprint_hash`, `record_server_errors`, `never_record_headers`, `host`, `forward`, `store`; remove it or fix its spelling"),
+            (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `fingerprint_hash`, `record_server_errors`, `never_record_headers`, `host`, `forward`, `outcome_property`, `store`; remove it or fix its spelling"),
             (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store.max_entry: unknown field `max_entry`, expected `max_entries`; remove it or fix its spelling"),
             (r#"{"ttl_seconds":"60"}"#, "invalid configuration: ttl_seconds: invalid type: string \"60\", expected u64; see the configuration table in README.md for each field's type"),
             (r#"{"required":"yes"}"#, "invalid configuration: required: invalid type: string \"yes\", expected a boolean; see the configuration table in README.md for each field's type"),
@@ -814,6 +869,8 @@ mod tests {
             (r#"[1]"#, "invalid configuration: (document): the configuration must be a JSON object, e.g. {\"required\": true}"),
             (r#""x""#, "invalid configuration: (document): the configuration must be a JSON object, e.g. {\"required\": true}"),
             (r#"{"#, "invalid configuration: (document): EOF while parsing an object"),
+            (r#"{"outcome_property":"wasm.outcome"}"#, "invalid configuration: outcome_property: \"wasm.outcome\" is not a property name; use up to 64 letters, digits, '_' or '-', e.g. \"idempotency_outcome\""),
+            (r#"{"host":"apisix","forward":{"upstream":"u:1"},"store":{"type":"redis","cluster":"w:1"},"outcome_property":"o"}"#, "invalid configuration: outcome_property: is Envoy only (APISIX has no filter state for it); leave it out and log APISIX's $status instead"),
         ];
         for (doc, expected) in cases {
             let got = Config::parse(doc.as_bytes()).expect_err(doc).to_string();

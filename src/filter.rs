@@ -259,7 +259,19 @@ impl Filter {
         if let Some(m) = metric {
             host.metric_add(m, 1);
         }
+        self.outcome(host, problem.slug());
         self.send_reply(host, problem_reply(problem))
+    }
+
+    /// Writes what became of a protected request where the operator asked
+    /// for it (`outcome_property`: Envoy filter state, for access logs).
+    /// Best effort: a proxy that refuses the property changes nothing else.
+    fn outcome(&self, host: &impl Host, outcome: &str) {
+        if let Some(name) = &self.cfg().outcome_property {
+            if let Err(e) = host.set_property(name, outcome.as_bytes()) {
+                host.log(Level::Debug, &format!("outcome_property not set: {e}"));
+            }
+        }
     }
 
     /// Every answer the filter gives itself goes out here, with the key the
@@ -325,6 +337,7 @@ impl Filter {
             }
             Ok(None) => {
                 host.metric_add(Metric::Unkeyed, 1);
+                self.outcome(host, "unkeyed");
                 self.phase = Phase::Passthrough;
                 return Verdict::Continue;
             }
@@ -568,6 +581,7 @@ impl Filter {
             }
             Ok((ClaimOutcome::Replay(response), _)) => {
                 host.metric_add(Metric::Replays, 1);
+                self.outcome(host, "replayed");
                 let headers = response.replay_headers();
                 self.send_reply(
                     host,
@@ -594,6 +608,7 @@ impl Filter {
                     &format!("{name} store: {e}; forwarded unprotected (on_unavailable: allow)"),
                 );
                 host.metric_add(Metric::StoreBypassed, 1);
+                self.outcome(host, "store-bypassed");
                 self.phase = Phase::Passthrough;
                 return Verdict::Continue;
             }
@@ -656,9 +671,11 @@ impl Filter {
         let name = ctx.store_name();
         host.metric_add(Metric::StoreErrors, 1);
         host.log(Level::Error, &format!("{name} store: {e}; request refused"));
+        let problem = Problem::store_unavailable(name);
+        self.outcome(host, problem.slug());
         self.phase = Phase::AwaitingCancel {
             call,
-            reply: problem_reply(&Problem::store_unavailable(name)),
+            reply: problem_reply(&problem),
         };
         Verdict::Pause
     }
@@ -771,7 +788,7 @@ impl Filter {
                     }
                     (Some(status), Write::Release) => redis.release_outcome(status, &response.body),
                 };
-                count_write(host, write, &result);
+                self.outcome(host, count_write(host, write, &result));
                 if let (Ok(true), Some(fill)) = (&result, fill) {
                     fill_cache(host, &ctx, fill);
                 }
@@ -1146,7 +1163,7 @@ impl Filter {
                 }
             }
         };
-        count_write(host, write, &result);
+        self.outcome(host, count_write(host, write, &result));
         match reply {
             Some(reply) => self.send_reply(host, reply),
             None => Verdict::Continue,
@@ -1208,15 +1225,26 @@ fn fill_cache(host: &impl Host, ctx: &FilterContext, fill: CacheFill) {
     }
 }
 
-fn count_write(host: &impl Host, write: Write, result: &Result<bool, StoreError>) {
+/// Counts a write's result and names the request's outcome.
+fn count_write(host: &impl Host, write: Write, result: &Result<bool, StoreError>) -> &'static str {
     match (write, result) {
-        (Write::Complete, Ok(true)) => host.metric_add(Metric::Stored, 1),
-        (Write::Release, Ok(true)) => host.metric_add(Metric::Released, 1),
+        (Write::Complete, Ok(true)) => {
+            host.metric_add(Metric::Stored, 1);
+            "stored"
+        }
+        (Write::Release, Ok(true)) => {
+            host.metric_add(Metric::Released, 1);
+            "released"
+        }
         (Write::Complete, Ok(false)) => {
             host.log(Level::Warn, "the claim expired before the response completed; response not recorded (raise lock_timeout_seconds above the upstream's response time)");
             host.metric_add(Metric::ClaimsLost, 1);
+            "claim-lost"
         }
-        (Write::Release, Ok(false)) => host.metric_add(Metric::ClaimsLost, 1),
+        (Write::Release, Ok(false)) => {
+            host.metric_add(Metric::ClaimsLost, 1);
+            "claim-lost"
+        }
         (_, Err(e)) => {
             let what = if write == Write::Complete {
                 "recording the response"
@@ -1225,6 +1253,8 @@ fn count_write(host: &impl Host, write: Write, result: &Result<bool, StoreError>
             };
             host.log(Level::Error, &format!("{what} failed: {e}"));
             host.metric_add(Metric::StoreErrors, 1);
+            // Recording failed: the claim lapses after its lock timeout.
+            "not-recorded"
         }
     }
 }
@@ -1372,6 +1402,111 @@ mod tests {
             (before.0 + 2, before.1),
             "replay: bucket and data, no write"
         );
+    }
+
+    #[test]
+    fn outcomes_are_written_to_the_named_property() {
+        let (host, c) = setup(r#"{"outcome_property":"idem_outcome"}"#);
+        let last = || {
+            let props = host.properties.borrow();
+            let (name, value) = props.last().cloned().unwrap_or_default();
+            assert!(name.is_empty() || name == "idem_outcome", "{name}");
+            String::from_utf8(value).unwrap()
+        };
+        let count = || host.properties.borrow().len();
+        let (mut f, _) = request(&host, &c, &post(Some("k1")), b"{}");
+        assert_eq!(count(), 0, "nothing is final while the request runs");
+        respond(&host, &mut f, 201, b"{}");
+        assert_eq!(last(), "stored");
+        request(&host, &c, &post(Some("k1")), b"{}");
+        assert_eq!(last(), "replayed");
+        request(&host, &c, &post(Some("k1")), b"{\"a\":1}");
+        assert_eq!(last(), "key-reused");
+        let (_running, _) = request(&host, &c, &post(Some("k2")), b"{}");
+        request(&host, &c, &post(Some("k2")), b"{}");
+        assert_eq!(last(), "request-in-progress");
+        let (mut f, _) = request(&host, &c, &post(Some("k3")), b"{}");
+        respond(&host, &mut f, 503, b"{}");
+        assert_eq!(last(), "released");
+        request(&host, &c, &post(None), b"{}");
+        assert_eq!(last(), "unkeyed");
+        request(&host, &c, &post(Some("")), b"{}");
+        assert_eq!(last(), "invalid-key");
+        let n = count();
+        let mut get = post(Some("k4"));
+        get[0].1 = "GET".into();
+        request(&host, &c, &get, b"");
+        assert_eq!(count(), n, "unprotected methods have no outcome");
+        // Off by default: no property call at all (each is a host call).
+        let (host, c) = setup("{}");
+        let (mut f, _) = request(&host, &c, &post(Some("k1")), b"{}");
+        respond(&host, &mut f, 201, b"{}");
+        request(&host, &c, &post(Some("k1")), b"{}");
+        assert!(host.properties.borrow().is_empty());
+    }
+
+    #[test]
+    fn redis_outcomes_follow_the_store_answers() {
+        let hs: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", "/p"),
+            ("idempotency-key", "k"),
+        ];
+        let last = |host: &FakeHost| {
+            let props = host.properties.borrow();
+            String::from_utf8(props.last().unwrap().1.clone()).unwrap()
+        };
+        let host = FakeHost::default();
+        let redis = FakeRedis::default();
+        let c = ctx(
+            r#"{"outcome_property":"o","store":{"type":"redis","cluster":"webdis","cache_entries":0}}"#,
+        );
+        host.reset_exchange(&hs, b"");
+        let mut f = Filter::new(c.clone());
+        f.on_request_headers(&host, true);
+        f.on_store_response(&host, 1, Some(200), &redis.answer(&host, 1));
+        complete_paid(&host, &redis, &mut f, 2);
+        assert_eq!(last(&host), "stored");
+        // The record write fails: the response still goes out, unrecorded.
+        host.reset_exchange(
+            &[
+                (":method", "POST"),
+                (":path", "/p"),
+                ("idempotency-key", "k2"),
+            ],
+            b"",
+        );
+        let mut f = Filter::new(c.clone());
+        f.on_request_headers(&host, true);
+        f.on_store_response(&host, 3, Some(200), &redis.answer(&host, 3));
+        *host.response_headers.borrow_mut() = vec![(":status".into(), b"201".to_vec())];
+        f.on_response_headers(&host, false);
+        *host.response_chunk.borrow_mut() = b"paid".to_vec();
+        f.on_response_body(&host, 4, true);
+        f.on_store_response(&host, 4, None, b"");
+        assert_eq!(last(&host), "not-recorded");
+        // A timed-out claim.
+        host.reset_exchange(
+            &[
+                (":method", "POST"),
+                (":path", "/p"),
+                ("idempotency-key", "k3"),
+            ],
+            b"",
+        );
+        let mut f = Filter::new(c.clone());
+        f.on_request_headers(&host, true);
+        f.on_store_response(&host, 5, None, b"");
+        assert_eq!(last(&host), "store-unavailable");
+        // Fail open.
+        let c = ctx(
+            r#"{"outcome_property":"o","store":{"type":"redis","cluster":"webdis","on_unavailable":"allow"}}"#,
+        );
+        let mut f = Filter::new(c);
+        host.reset_exchange(&hs, b"");
+        f.on_request_headers(&host, true);
+        f.on_store_response(&host, 7, Some(503), b"");
+        assert_eq!(last(&host), "store-bypassed");
     }
 
     #[test]

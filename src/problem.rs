@@ -123,6 +123,11 @@ impl Problem {
         Problem::new(500, "internal", "Idempotency filter error", detail)
     }
 
+    /// The problem type's last segment (`urn:idempotency-filter:problem:<slug>`).
+    pub fn slug(&self) -> &'static str {
+        self.slug
+    }
+
     pub fn body(&self) -> Vec<u8> {
         let body = Body {
             kind: format!("urn:idempotency-filter:problem:{}", self.slug),

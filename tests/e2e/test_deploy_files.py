@@ -95,6 +95,9 @@ def test_the_docker_envoy_config_points_at_compose_services(compose):
     assert matcher["invert_match"] is True
     methods = conf.get("methods", ["POST", "PATCH"])
     assert set(matcher["string_match"]["safe_regex"]["regex"].split("|")) == set(methods)
+    # The access log reads the filter state the configuration names.
+    log_format = hcm["access_log"][0]["typed_config"]["log_format"]["text_format_source"]["inline_string"]
+    assert f"%FILTER_STATE(wasm.{conf['outcome_property']}:PLAIN)%" in log_format
     code, out = check_configs([conf])
     assert code == 0, out
 
@@ -123,3 +126,17 @@ def test_a_local_store_on_apisix_is_refused_with_a_clear_line():
     code, out = check_configs([{"host": "apisix", "forward": {"upstream": "payments:8081"}}])
     assert code == 1
     assert "store.type: the local store needs shared data, which APISIX does not provide" in out
+
+
+def test_envoy_accepts_the_docker_config(tmp_path):
+    """Envoy's own validation mode (no sockets, no DNS) on the docker config,
+    with the module path pointed at the built filter."""
+    from gateway import DEFAULT_ENVOY, DEFAULT_WASM
+    text = open(os.path.join(REPO, "envoy", "envoy-docker.yaml")).read()
+    assert "/etc/envoy/idempotency_filter.wasm" in text
+    path = tmp_path / "envoy.yaml"
+    path.write_text(text.replace("/etc/envoy/idempotency_filter.wasm", DEFAULT_WASM))
+    envoy = os.environ.get("ENVOY_BIN") or DEFAULT_ENVOY
+    out = subprocess.run([envoy, "--mode", "validate", "-c", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "OK" in out.stdout + out.stderr, out.stdout + out.stderr

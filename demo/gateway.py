@@ -34,10 +34,10 @@ def free_port():
 
 def render(listen_port, admin_port, upstream_port, plugin_config, wasm_path=DEFAULT_WASM,
            vm_id="idempotency", buffer_limit=8 * 1024 * 1024, unreachable_port=None, webdis_port=None,
-           with_filter=True, access_log=None):
-    with open(TEMPLATE) as f:
+           with_filter=True, access_log=None, template=TEMPLATE):
+    with open(template) as f:
         text = f.read()
-    if access_log is None:
+    if access_log is None and "# BEGIN access log" in text:
         text = cut(text, "          # BEGIN access log", "          # END access log\n")
     outcome = plugin_config.get("outcome_property") if isinstance(plugin_config, dict) else None
     if with_filter:
@@ -89,7 +89,7 @@ class Envoy:
 
     def __init__(self, plugin_config, upstream_port, concurrency=2, envoy_bin=None,
                  wasm_path=DEFAULT_WASM, listen_port=None, admin_port=None, workdir=None,
-                 webdis_port=None, with_filter=True, cpus=None, access_log=False):
+                 webdis_port=None, with_filter=True, cpus=None, access_log=False, template=TEMPLATE):
         self.plugin_config = plugin_config
         self.upstream_port = upstream_port
         self.concurrency = concurrency
@@ -97,6 +97,7 @@ class Envoy:
         self.wasm_path = wasm_path
         self.webdis_port = webdis_port
         self.with_filter = with_filter
+        self.template = template
         # Benchmarks pin Envoy to its own core(s) (taskset -c CPUS).
         self.cpus = cpus
         self.port = listen_port or free_port()
@@ -113,7 +114,7 @@ class Envoy:
         with open(self.config_path, "w") as f:
             f.write(render(self.port, self.admin_port, self.upstream_port, self.plugin_config, self.wasm_path,
                            webdis_port=self.webdis_port, with_filter=self.with_filter,
-                           access_log=self.access_log_path))
+                           access_log=self.access_log_path, template=self.template))
         log = open(self.log_path, "w")
         pin = ["taskset", "-c", self.cpus] if self.cpus else []
         self.proc = subprocess.Popen(

@@ -88,6 +88,9 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def do_GET(self):
+        # A GET may carry a body too; left unread, it would be parsed as the
+        # next request on this keep-alive connection (a 400 for whoever is next).
+        self._read_body()
         if self.path == "/__executions":
             return self._send(200, json.dumps(self.ledger.snapshot()).encode())
         self._execute(b"")

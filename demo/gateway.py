@@ -98,6 +98,11 @@ class Envoy:
         self.webdis_port = webdis_port
         self.with_filter = with_filter
         self.template = template
+        # The `unreachable` cluster's port: bound here and never listened on,
+        # so connections to it are refused for as long as this gateway runs
+        # (a port merely picked free could be taken by the next server).
+        self._unreachable = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._unreachable.bind(("127.0.0.1", 0))
         # Benchmarks pin Envoy to its own core(s) (taskset -c CPUS).
         self.cpus = cpus
         self.port = listen_port or free_port()
@@ -114,6 +119,7 @@ class Envoy:
         with open(self.config_path, "w") as f:
             f.write(render(self.port, self.admin_port, self.upstream_port, self.plugin_config, self.wasm_path,
                            webdis_port=self.webdis_port, with_filter=self.with_filter,
+                           unreachable_port=self._unreachable.getsockname()[1],
                            access_log=self.access_log_path, template=self.template))
         log = open(self.log_path, "w")
         pin = ["taskset", "-c", self.cpus] if self.cpus else []

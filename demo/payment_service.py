@@ -8,6 +8,10 @@ Idempotency-Key, which the end-to-end tests read to prove exactly-once.
 Test hooks (request headers; harmless in the demo):
   x-demo-status: 503        answer with this status
   x-demo-delay-ms: 1500     work this long before answering
+  x-demo-hold: NAME         work until the test calls release(NAME) (tests only;
+                            at most 60 s), so "still running" is a fact, not a guess
+  x-demo-stall: NAME        answer the headers and half the body, then wait for
+                            release(NAME) before the rest
   x-demo-response-bytes: N  answer with an N-byte body instead of JSON
   x-demo-binary: 1          with x-demo-response-bytes, bytes 0..255 repeated
   x-demo-reset: 1           execute, then drop the connection without answering
@@ -31,6 +35,11 @@ class Ledger:
         self.by_key = {}
         self.started = {}
         self.next_id = 1
+        self.gates = {}
+
+    def gate(self, name):
+        with self.lock:
+            return self.gates.setdefault(name, threading.Event())
 
     def start(self, key):
         with self.lock:
@@ -69,8 +78,21 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in (extra or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        if self.command == "HEAD":
+            return
+        stall = self.headers.get("x-demo-stall")
+        if stall:
+            # Half the body, then nothing until the test says so: the
+            # response is unfinished for as long as the test needs.
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.ledger.gate(stall).wait(timeout=60)
+            try:
+                self.wfile.write(body[len(body) // 2:])
+            except OSError:
+                self.close_connection = True
+            return
+        self.wfile.write(body)
 
     def _read_body(self):
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
@@ -112,6 +134,9 @@ class Handler(BaseHTTPRequestHandler):
         delay = int(self.headers.get("x-demo-delay-ms") or 0)
         if delay:
             time.sleep(delay / 1000.0)
+        hold = self.headers.get("x-demo-hold")
+        if hold:
+            self.ledger.gate(hold).wait(timeout=60)
         pid = self.ledger.execute(key)
         if self.headers.get("x-demo-reset"):
             self.close_connection = True
@@ -177,6 +202,10 @@ class PaymentService:
 
     def started(self, key):
         return self.ledger.snapshot()["started"].get(key, 0)
+
+    def release(self, name):
+        """Lets every request held with `x-demo-hold: name` (now or later) finish."""
+        self.ledger.gate(name).set()
 
 
 def main():

@@ -69,6 +69,17 @@ class RedisBackend:
         self.webdis = subprocess.Popen(["webdis", conf], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL, start_new_session=True)
         _wait_port(self.webdis_port, self.webdis, "webdis")
+        # Webdis listens before its pool has reached Redis: wait until a
+        # command goes through, so that the next store call is served.
+        if self.redis is not None and self.redis.poll() is None:
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                try:
+                    if self.command("PING").get("PING") in ([True, "PONG"], "PONG"):
+                        break
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.05)
 
     @staticmethod
     def _stop(proc, sig=signal.SIGTERM):

@@ -7,7 +7,7 @@ import subprocess
 import time
 import uuid
 
-from conftest import post, problem, raw_request
+from conftest import post, problem, raw_request, wait_for
 
 
 def still_serving(gw, upstream):
@@ -106,25 +106,25 @@ def test_http2_clients_get_the_same_semantics(gw, upstream):
 
 def test_a_client_gone_mid_response(gw, gateways, upstream):
     key = "midresp-" + uuid.uuid4().hex
-    # The answer must not fit in the socket buffers between upstream and
-    # client, or Envoy sees it end before the client leaves and records it
-    # (CI saw that once with 8 MB: Linux autotunes a receive buffer up to
-    # tcp_rmem's 32 MB). A small receive buffer set before connecting turns
-    # autotuning off; Envoy's send buffer (tcp_wmem max 4 MB) plus its 1 MiB
-    # connection buffer then hold well under the 24 MB sent.
-    size = 24_000_000
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    s.connect(("127.0.0.1", gw.port))
-    s.sendall((f"POST /payments HTTP/1.1\r\nHost: x\r\nIdempotency-Key: {key}\r\n"
-               f"Content-Type: application/json\r\nX-Demo-Response-Bytes: {size}\r\n"
-               f"Content-Length: 2\r\n\r\n{{}}").encode())
-    first = s.recv(4096)
-    assert first.startswith(b"HTTP/1.1 201")
-    s.close()  # reads the start of a 24 MB answer, then leaves
-    time.sleep(0.5)
-    assert upstream.executions(key) == 1
-    resp = post(gw, key, body=b"{}", headers={"x-demo-response-bytes": str(size)})
+    # The upstream sends half the answer, then stalls until released, so the
+    # response cannot end before the client leaves, whatever the socket
+    # buffers hold. (Forwarding mode, the APISIX profile, waits for the whole
+    # answer before replying: there it is released at once.)
+    size = 2_000_000  # above max_response_body_bytes (1 MiB)
+    if gateways.kind == "apisix":
+        upstream.release(key)
+    s = socket.create_connection(("127.0.0.1", gw.port))
+    try:
+        s.sendall((f"POST /payments HTTP/1.1\r\nHost: x\r\nIdempotency-Key: {key}\r\n"
+                   f"Content-Type: application/json\r\nX-Demo-Response-Bytes: {size}\r\n"
+                   f"X-Demo-Stall: {key}\r\nContent-Length: 2\r\n\r\n{{}}").encode())
+        first = s.recv(4096)
+        assert first.startswith(b"HTTP/1.1 201")
+        s.close()  # reads the start of the answer, then leaves
+        wait_for(lambda: upstream.executions(key) == 1, what="the upstream to act")
+        resp = post(gw, key, body=b"{}", headers={"x-demo-response-bytes": str(size)})
+    finally:
+        upstream.release(key)
     if gateways.kind == "apisix":
         # Forwarding mode recorded the whole answer before replying: replayed
         # (without its body: larger than max_response_body_bytes).

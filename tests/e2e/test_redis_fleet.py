@@ -130,15 +130,19 @@ def test_a_gateway_killed_mid_request_leaves_a_claim_that_expires(upstream, redi
     fleet = Fleet(upstream, redis_backend, lock_timeout_seconds=3)
     try:
         pool = ThreadPoolExecutor(1)
-        original = pool.submit(post, fleet.a, key, b'{"amount": 5}', {"x-demo-delay-ms": "1000"})
-        wait_for(lambda: upstream.started(key) == 1, what="the original to reach the upstream")
-        claimed_at = time.time()
-        fleet.a.stop(sig=9)  # SIGKILL: no chance to release or record anything
-        with pytest.raises(Exception):
-            original.result()
-        resp = post(fleet.b, key, body=b'{"amount": 5}')
-        assert resp[0] == 409, resp
-        problem(resp)
+        # The original is still upstream when its gateway dies.
+        original = pool.submit(post, fleet.a, key, b'{"amount": 5}', {"x-demo-hold": key})
+        try:
+            wait_for(lambda: upstream.started(key) == 1, what="the original to reach the upstream")
+            claimed_at = time.time()
+            fleet.a.stop(sig=9)  # SIGKILL: no chance to release or record anything
+            with pytest.raises(Exception):
+                original.result()
+            resp = post(fleet.b, key, body=b'{"amount": 5}')
+            assert resp[0] == 409, resp
+            problem(resp)
+        finally:
+            upstream.release(key)
         time.sleep(max(0.0, claimed_at + 3.3 - time.time()))
         s, h, _ = post(fleet.b, key, body=b'{"amount": 5}')
         assert s == 201 and "idempotent-replayed" not in h, "after the lock timeout the retry runs"
@@ -203,12 +207,13 @@ def test_replays_come_from_the_gateway_cache_without_a_store_round_trip(fleet, u
 
 
 def test_the_cache_never_outlives_the_record_in_redis(upstream, redis_backend, key):
-    fleet = Fleet(upstream, redis_backend, ttl_seconds=2, lock_timeout_seconds=1)
+    fleet = Fleet(upstream, redis_backend, ttl_seconds=5, lock_timeout_seconds=1)
     try:
         assert post(fleet.a, key)[0] == 201
+        done_at = time.time()
         assert post(fleet.a, key)[1].get("idempotent-replayed") == "true"
         assert post(fleet.b, key)[1].get("idempotent-replayed") == "true"
-        time.sleep(2.3)  # past the TTL: Redis has dropped the record
+        time.sleep(max(0.0, done_at + 5.3 - time.time()))  # past the TTL: Redis has dropped the record
         s, h, _ = post(fleet.a, key)
         assert s == 201 and "idempotent-replayed" not in h, "A's cached copy expired with it"
         assert post(fleet.b, key)[1].get("idempotent-replayed") == "true", "B replays the new record"

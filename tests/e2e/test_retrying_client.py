@@ -29,7 +29,7 @@ def test_lost_responses_and_retries_still_execute_each_payment_once(gw, upstream
         n = 25
         out = subprocess.run(
             [client_binary, "--gateway", f"127.0.0.1:{proxy.port}", "--upstream", f"127.0.0.1:{upstream.port}",
-             "-n", str(n), "--seed", str(gw.port), "--base-ms", "10", "--cap-ms", "200", "--timeout-ms", "5000"],
+             "-n", str(n), "--seed", str(gw.port), "--base-ms", "10", "--cap-ms", "200", "--timeout-ms", "20000"],
             capture_output=True, text=True, timeout=300)
         report = dict(line.split(":", 1) for line in out.stdout.splitlines() if ":" in line)
         report = {k.strip(): v.strip() for k, v in report.items()}

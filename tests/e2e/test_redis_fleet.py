@@ -245,3 +245,32 @@ def test_without_the_cache_every_replay_asks_redis(upstream, redis_backend, key)
         assert fleet.a.stats().get("cache_hits", 0) == 0
     finally:
         fleet.stop()
+
+
+def test_an_operator_finds_and_deletes_a_record_by_its_key(fleet, upstream, key, tmp_path):
+    """examples/redis_key names the Redis key of a client's key and scope."""
+    import json
+    import subprocess
+    from conftest import REPO
+    conf = tmp_path / "conf.json"
+    conf.write_text(json.dumps(fleet.config))
+    header = f'"{key}"'
+    auth = "Bearer tenant-1"
+    s1, _, b1 = post(fleet.a, header, headers={"authorization": auth})
+    assert s1 == 201
+    out = subprocess.run(["cargo", "run", "-q", "--example", "redis_key", "--", str(conf), header, auth],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    redis_key = out.stdout.strip()
+    assert redis_key.startswith(fleet.prefix)
+    value = fleet.backend.command("GET", redis_key)["GET"]
+    assert value.startswith("C|"), value
+    # Another tenant's same key is another record.
+    other = subprocess.run(["cargo", "run", "-q", "--example", "redis_key", "--", str(conf), header, "Bearer tenant-2"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600).stdout.strip()
+    assert other != redis_key and fleet.backend.command("GET", other)["GET"] is None
+    # Deleted by hand: a gateway without a cached copy runs the retry again.
+    fleet.backend.command("DEL", redis_key)
+    s2, h2, _ = post(fleet.b, header, headers={"authorization": auth})
+    assert s2 == 201 and h2.get("idempotent-replayed") is None
+    assert upstream.executions(header) == 2

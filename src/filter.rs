@@ -1447,11 +1447,6 @@ mod tests {
 
     #[test]
     fn redis_outcomes_follow_the_store_answers() {
-        let hs: Vec<(&str, &str)> = vec![
-            (":method", "POST"),
-            (":path", "/p"),
-            ("idempotency-key", "k"),
-        ];
         let last = |host: &FakeHost| {
             let props = host.properties.borrow();
             String::from_utf8(props.last().unwrap().1.clone()).unwrap()
@@ -1461,23 +1456,25 @@ mod tests {
         let c = ctx(
             r#"{"outcome_property":"o","store":{"type":"redis","cluster":"webdis","cache_entries":0}}"#,
         );
-        host.reset_exchange(&hs, b"");
-        let mut f = Filter::new(c.clone());
-        f.on_request_headers(&host, true);
+        let start = |c: &Rc<FilterContext>, key: &str| {
+            host.reset_exchange(
+                &[
+                    (":method", "POST"),
+                    (":path", "/p"),
+                    ("idempotency-key", key),
+                ],
+                b"",
+            );
+            let mut f = Filter::new(c.clone());
+            f.on_request_headers(&host, true);
+            f
+        };
+        let mut f = start(&c, "k");
         f.on_store_response(&host, 1, Some(200), &redis.answer(&host, 1));
         complete_paid(&host, &redis, &mut f, 2);
         assert_eq!(last(&host), "stored");
         // The record write fails: the response still goes out, unrecorded.
-        host.reset_exchange(
-            &[
-                (":method", "POST"),
-                (":path", "/p"),
-                ("idempotency-key", "k2"),
-            ],
-            b"",
-        );
-        let mut f = Filter::new(c.clone());
-        f.on_request_headers(&host, true);
+        let mut f = start(&c, "k2");
         f.on_store_response(&host, 3, Some(200), &redis.answer(&host, 3));
         *host.response_headers.borrow_mut() = vec![(":status".into(), b"201".to_vec())];
         f.on_response_headers(&host, false);
@@ -1486,25 +1483,14 @@ mod tests {
         f.on_store_response(&host, 4, None, b"");
         assert_eq!(last(&host), "not-recorded");
         // A timed-out claim.
-        host.reset_exchange(
-            &[
-                (":method", "POST"),
-                (":path", "/p"),
-                ("idempotency-key", "k3"),
-            ],
-            b"",
-        );
-        let mut f = Filter::new(c.clone());
-        f.on_request_headers(&host, true);
+        let mut f = start(&c, "k3");
         f.on_store_response(&host, 5, None, b"");
         assert_eq!(last(&host), "store-unavailable");
         // Fail open.
         let c = ctx(
             r#"{"outcome_property":"o","store":{"type":"redis","cluster":"webdis","on_unavailable":"allow"}}"#,
         );
-        let mut f = Filter::new(c);
-        host.reset_exchange(&hs, b"");
-        f.on_request_headers(&host, true);
+        let mut f = start(&c, "k");
         f.on_store_response(&host, 7, Some(503), b"");
         assert_eq!(last(&host), "store-bypassed");
     }
@@ -2154,11 +2140,7 @@ mod tests {
 
     #[test]
     fn redis_unavailable_rejects_or_allows() {
-        let hs: Vec<(&str, &str)> = vec![
-            (":method", "POST"),
-            (":path", "/p"),
-            ("idempotency-key", "k"),
-        ];
+        let hs = keyed("k");
         // Reject: no answer (timeout) -> 503, nothing forwarded.
         let host = FakeHost::default();
         let mut f = Filter::new(redis_ctx(""));
@@ -2194,6 +2176,15 @@ mod tests {
         assert_eq!(host.resumed_requests.get(), 1);
     }
 
+    /// A keyed POST's headers, as `reset_exchange` takes them.
+    fn keyed(key: &str) -> [(&'static str, &str); 3] {
+        [
+            (":method", "POST"),
+            (":path", "/p"),
+            ("idempotency-key", key),
+        ]
+    }
+
     fn is_cancel(host: &FakeHost, n: usize) -> bool {
         let calls = host.calls.borrow();
         let path = &calls[n - 1].1.iter().find(|(h, _)| h == ":path").unwrap().1;
@@ -2202,11 +2193,7 @@ mod tests {
 
     #[test]
     fn a_timed_out_claim_is_cancelled_whichever_lands_first() {
-        let hs: Vec<(&str, &str)> = vec![
-            (":method", "POST"),
-            (":path", "/p"),
-            ("idempotency-key", "k"),
-        ];
+        let hs = keyed("k");
         let host = FakeHost::default();
         let redis = FakeRedis::default();
         let c = redis_ctx("");
@@ -2242,11 +2229,7 @@ mod tests {
         // 2. The cancel overtakes the claim (no answer at all this time): it
         //    leaves a tombstone, and the claim deletes itself when it lands.
         let mut f = Filter::new(c.clone());
-        let hs2: Vec<(&str, &str)> = vec![
-            (":method", "POST"),
-            (":path", "/p"),
-            ("idempotency-key", "k2"),
-        ];
+        let hs2 = keyed("k2");
         host.reset_exchange(&hs2, b"");
         f.on_request_headers(&host, true);
         f.on_store_response(&host, 5, None, b"");
@@ -2281,11 +2264,7 @@ mod tests {
 
     #[test]
     fn only_a_claim_of_unknown_fate_is_cancelled() {
-        let hs: Vec<(&str, &str)> = vec![
-            (":method", "POST"),
-            (":path", "/p"),
-            ("idempotency-key", "k"),
-        ];
+        let hs = keyed("k");
         // A refused connection (Envoy's 503) or Webdis's own error never
         // reached Redis: nothing to cancel.
         for (status, body) in [
@@ -2372,11 +2351,7 @@ mod tests {
         let c = ctx(
             r#"{"store":{"type":"redis","cluster":"127.0.0.1:7379","authority":"redis.internal","auth":{"username":"u","password":"p"}}}"#,
         );
-        let hs: Vec<(&str, &str)> = vec![
-            (":method", "POST"),
-            (":path", "/p"),
-            ("idempotency-key", "k"),
-        ];
+        let hs = keyed("k");
         host.reset_exchange(&hs, b"");
         Filter::new(c).on_request_headers(&host, true);
         let (upstream, headers, _) = host.calls.borrow()[0].clone();

@@ -105,19 +105,27 @@ class Envoy:
         self._unreachable.bind(("127.0.0.1", 0))
         # Benchmarks pin Envoy to its own core(s) (taskset -c CPUS).
         self.cpus = cpus
-        self.port = listen_port or free_port()
-        self.admin_port = admin_port or free_port()
+        # Ports not given are chosen by Envoy itself (port 0) and read back
+        # once it runs: a port merely found free beforehand can be taken by
+        # any outgoing connection before Envoy binds it.
+        self.port = listen_port
+        self.admin_port = admin_port
+        self._fixed_ports = (listen_port, admin_port)
         self.own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="idem-envoy-")
         self.config_path = os.path.join(self.workdir, "envoy.yaml")
         self.log_path = os.path.join(self.workdir, "envoy.log")
+        self.admin_address_path = os.path.join(self.workdir, "admin.address")
         # An access log (one line per request), flushed every 100 ms.
         self.access_log_path = os.path.join(self.workdir, "access.log") if access_log else None
         self.proc = None
 
     def start(self, timeout=60, expect_failure=False):
+        self.port, self.admin_port = self._fixed_ports
+        if os.path.exists(self.admin_address_path):
+            os.remove(self.admin_address_path)
         with open(self.config_path, "w") as f:
-            f.write(render(self.port, self.admin_port, self.upstream_port, self.plugin_config, self.wasm_path,
+            f.write(render(self.port or 0, self.admin_port or 0, self.upstream_port, self.plugin_config, self.wasm_path,
                            webdis_port=self.webdis_port, with_filter=self.with_filter,
                            unreachable_port=self._unreachable.getsockname()[1],
                            access_log=self.access_log_path, template=self.template))
@@ -126,7 +134,7 @@ class Envoy:
         self.proc = subprocess.Popen(
             pin + [self.envoy_bin, "-c", self.config_path, "--concurrency", str(self.concurrency),
              "--disable-hot-restart", "--log-level", "warn", "--component-log-level", "wasm:info",
-             "--file-flush-interval-msec", "100"],
+             "--file-flush-interval-msec", "100", "--admin-address-path", self.admin_address_path],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         atexit.register(self.stop)
         if expect_failure:
@@ -145,12 +153,22 @@ class Envoy:
 
     def _ready(self):
         try:
+            if self.admin_port is None:
+                with open(self.admin_address_path) as f:
+                    self.admin_port = int(f.read().strip().rpartition(":")[2])
+            if self.port is None:
+                doc = json.loads(self.admin("/listeners?format=json"))
+                ports = [l["local_address"]["socket_address"]["port_value"] for l in doc["listener_statuses"]]
+                if not ports or not ports[0]:
+                    return False
+                self.port = ports[0]
             with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
                 if r.status != 200:
                     return False
             with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                 return True
-        except OSError:
+        except (OSError, ValueError, KeyError, IndexError):
+            # Not up yet (or the address file half written): ask again.
             return False
 
     def log(self):

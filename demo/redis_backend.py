@@ -19,17 +19,25 @@ import urllib.request
 from gateway import free_port
 
 
-def _wait_port(port, proc, what, timeout=10):
+def _wait_port(port, proc, what, timeout=10, probe=None):
+    """Until `proc` serves on `port`. With `probe` (bytes to send, answer
+    prefix expected), the answer must come from the right server, not from
+    whatever else may hold the port."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                if probe is None:
+                    return
+                s.sendall(probe[0])
+                if s.recv(64).startswith(probe[1]):
+                    return
         except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} not listening on {port} after {timeout}s")
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} not serving on {port} after {timeout}s")
 
 
 class RedisBackend:
@@ -39,14 +47,34 @@ class RedisBackend:
                 raise RuntimeError(f"{tool} is not installed (make setup installs redis-server and webdis)")
         self.redis_port = redis_port or free_port()
         self.webdis_port = webdis_port or free_port()
+        # Ports picked free here can be taken before the servers bind them
+        # (neither server can bind port 0 and say which it got): the first
+        # start then moves to other ports. Ports asked for stay fixed.
+        self._ports_chosen = (redis_port is None, webdis_port is None)
         self.workdir = workdir or tempfile.mkdtemp(prefix="idem-redis-")
         self.redis = None
         self.webdis = None
         atexit.register(self.stop)
 
     def start(self):
-        self.start_redis()
-        self.start_webdis()
+        for attempt in range(3):
+            try:
+                self.start_redis()
+                break
+            except RuntimeError:
+                self._stop(self.redis)
+                if not self._ports_chosen[0] or attempt == 2:
+                    raise
+                self.redis_port = free_port()
+        for attempt in range(3):
+            try:
+                self.start_webdis()
+                break
+            except RuntimeError:
+                self._stop(self.webdis)
+                if not self._ports_chosen[1] or attempt == 2:
+                    raise
+                self.webdis_port = free_port()
         return self
 
     def start_redis(self):
@@ -55,7 +83,7 @@ class RedisBackend:
             ["redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", "",
              "--appendonly", "no", "--protected-mode", "yes", "--dir", self.workdir],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_port(self.redis_port, self.redis, "redis-server")
+        _wait_port(self.redis_port, self.redis, "redis-server", probe=(b"PING\r\n", b"+PONG"))
 
     def start_webdis(self):
         conf = os.path.join(self.workdir, "webdis.json")
@@ -73,12 +101,14 @@ class RedisBackend:
         # command goes through, so that the next store call is served.
         if self.redis is not None and self.redis.poll() is None:
             deadline = time.time() + 10
-            while time.time() < deadline:
+            while True:
                 try:
                     if self.command("PING").get("PING") in ([True, "PONG"], "PONG"):
                         break
-                except (OSError, ValueError):
+                except (OSError, ValueError, AttributeError):
                     pass
+                if time.time() > deadline:
+                    raise RuntimeError(f"webdis on {self.webdis_port} does not reach Redis")
                 time.sleep(0.05)
 
     @staticmethod

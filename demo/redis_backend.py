@@ -127,8 +127,8 @@ class RedisBackend:
     def stop_webdis(self):
         self._stop(self.webdis)
 
-    def stop_redis(self):
-        self._stop(self.redis)
+    def stop_redis(self, sig=signal.SIGTERM):
+        self._stop(self.redis, sig)
 
     def stop(self):
         self._stop(self.webdis)

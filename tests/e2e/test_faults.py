@@ -2,6 +2,7 @@
 is what the README says it is, nothing runs without protection when the
 store refuses, and nothing runs more than the documented number of times."""
 
+import signal
 import socket
 import threading
 import time
@@ -134,6 +135,47 @@ def test_redis_killed_then_restarted(upstream, lone_backend):
         assert until_not_503(fleet.a, again)[0] == 201
         assert until_not_503(fleet.b, again)[1].get("idempotent-replayed") == "true"
         assert upstream.executions(again) == 1
+    finally:
+        fleet.stop()
+
+
+def test_redis_killed_while_requests_run_upstream(upstream, lone_backend):
+    """Redis dies (SIGKILL, no persistence) while claimed requests are
+    upstream. Their answers still reach the clients, unrecorded; nothing runs
+    while Redis is gone; once it is back (empty), retries of those keys run
+    again: the documented cost of losing Redis's data."""
+    fleet = Fleet(upstream, lone_backend, store_extra={"timeout_ms": 400})
+    try:
+        keys = [k("inflight") for _ in range(10)]
+        gate = k("gate")
+        before = fleet.a.stats()["store_errors"]
+        with ThreadPoolExecutor(10) as pool:
+            running = [pool.submit(post, fleet.a, key, b"{}", {"x-demo-hold": gate}) for key in keys]
+            try:
+                wait_for(lambda: all(upstream.started(x) == 1 for x in keys), what="all ten upstream")
+                lone_backend.stop_redis(sig=signal.SIGKILL)
+            finally:
+                upstream.release(gate)
+            answers = [f.result()[0] for f in running]
+        assert answers == [201] * 10, "the upstream acted: its answers go out, unrecorded"
+        assert fleet.a.stats()["store_errors"] - before >= 10
+        assert [upstream.executions(x) for x in keys] == [1] * 10
+        # While Redis is gone: fail closed.
+        assert post(fleet.b, keys[0])[0] == 503
+        assert post(fleet.a, k("during"))[0] == 503
+        assert upstream.executions(keys[0]) == 1
+        lone_backend.start_redis()
+        wait_for(lambda: post(fleet.a, k("probe"))[0] == 201, timeout=30, what="Redis back in use")
+        for key in keys:
+            resp = post(fleet.b, key)
+            for _ in range(50):  # a pooled Webdis connection may still be reopening
+                if resp[0] != 503:
+                    break
+                time.sleep(0.1)
+                resp = post(fleet.b, key)
+            assert resp[0] == 201 and resp[1].get("idempotent-replayed") is None
+        assert [upstream.executions(x) for x in keys] == [2] * 10
+        assert post(fleet.a, keys[0])[1].get("idempotent-replayed") == "true", "recorded this time"
     finally:
         fleet.stop()
 

@@ -57,25 +57,19 @@ class RedisBackend:
         atexit.register(self.stop)
 
     def start(self):
-        for attempt in range(3):
-            try:
-                self.start_redis()
-                break
-            except RuntimeError:
-                self._stop(self.redis)
-                if not self._ports_chosen[0] or attempt == 2:
-                    raise
-                self.redis_port = free_port()
-        for attempt in range(3):
-            try:
-                self.start_webdis()
-                break
-            except RuntimeError:
-                self._stop(self.webdis)
-                if not self._ports_chosen[1] or attempt == 2:
-                    raise
-                self.webdis_port = free_port()
+        self._start_on_a_free_port("redis", self.start_redis, self._ports_chosen[0])
+        self._start_on_a_free_port("webdis", self.start_webdis, self._ports_chosen[1])
         return self
+
+    def _start_on_a_free_port(self, name, start, port_was_chosen, attempts=3):
+        for attempt in range(attempts):
+            try:
+                return start()
+            except RuntimeError:
+                self._stop(getattr(self, name))
+                if not port_was_chosen or attempt == attempts - 1:
+                    raise
+                setattr(self, f"{name}_port", free_port())
 
     def start_redis(self):
         log = open(os.path.join(self.workdir, "redis.log"), "a")

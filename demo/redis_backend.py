@@ -51,6 +51,7 @@ class RedisBackend:
         # (neither server can bind port 0 and say which it got): the first
         # start then moves to other ports. Ports asked for stay fixed.
         self._ports_chosen = (redis_port is None, webdis_port is None)
+        self.own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="idem-redis-")
         self.redis = None
         self.webdis = None
@@ -127,6 +128,9 @@ class RedisBackend:
     def stop(self):
         self._stop(self.webdis)
         self._stop(self.redis)
+        # Logs and config go with it, unless kept for a look (IDEM_KEEP_LOGS=1).
+        if self.own_workdir and not os.environ.get("IDEM_KEEP_LOGS"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def command(self, *parts):
         """One Redis command through Webdis, for tests: returns the JSON reply."""

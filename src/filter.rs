@@ -1457,25 +1457,16 @@ mod tests {
             r#"{"outcome_property":"o","store":{"type":"redis","cluster":"webdis","cache_entries":0}}"#,
         );
         let start = |c: &Rc<FilterContext>, key: &str| {
-            host.reset_exchange(
-                &[
-                    (":method", "POST"),
-                    (":path", "/p"),
-                    ("idempotency-key", key),
-                ],
-                b"",
-            );
+            host.reset_exchange(&keyed(key), b"");
             let mut f = Filter::new(c.clone());
             f.on_request_headers(&host, true);
             f
         };
-        let mut f = start(&c, "k");
-        f.on_store_response(&host, 1, Some(200), &redis.answer(&host, 1));
+        let mut f = redis_post(&host, &redis, &c, "k", 1);
         complete_paid(&host, &redis, &mut f, 2);
         assert_eq!(last(&host), "stored");
         // The record write fails: the response still goes out, unrecorded.
-        let mut f = start(&c, "k2");
-        f.on_store_response(&host, 3, Some(200), &redis.answer(&host, 3));
+        let mut f = redis_post(&host, &redis, &c, "k2", 3);
         *host.response_headers.borrow_mut() = vec![(":status".into(), b"201".to_vec())];
         f.on_response_headers(&host, false);
         *host.response_chunk.borrow_mut() = b"paid".to_vec();
@@ -1785,11 +1776,7 @@ mod tests {
     #[test]
     fn request_trailers_end_the_request() {
         let (host, c) = setup("{}");
-        let hs: Vec<(&str, &str)> = vec![
-            (":method", "POST"),
-            (":path", "/p"),
-            ("idempotency-key", "t"),
-        ];
+        let hs = keyed("t");
         host.reset_exchange(&hs, b"abc");
         let mut f = Filter::new(c.clone());
         assert_eq!(f.on_request_headers(&host, false), Verdict::AwaitBody);
@@ -1904,14 +1891,7 @@ mod tests {
         key: &str,
         body: &[u8],
     ) -> u16 {
-        host.reset_exchange(
-            &[
-                (":method", "POST"),
-                (":path", "/pay"),
-                ("idempotency-key", key),
-            ],
-            body,
-        );
+        host.reset_exchange(&keyed(key), body);
         let calls = host.calls.borrow().len();
         let mut f = Filter::new(c.clone());
         assert_eq!(
@@ -2033,12 +2013,7 @@ mod tests {
         key: &str,
         n: usize,
     ) -> Filter {
-        let hs: Vec<(&str, &str)> = vec![
-            (":method", "POST"),
-            (":path", "/pay"),
-            ("idempotency-key", key),
-        ];
-        host.reset_exchange(&hs, b"");
+        host.reset_exchange(&keyed(key), b"");
         let mut f = Filter::new(c.clone());
         assert_eq!(
             f.on_request_headers(host, true),
@@ -2111,11 +2086,7 @@ mod tests {
         let redis = FakeRedis::default();
         let c = redis_ctx("");
         let run = |key: &str, body: &[u8], n: usize| -> Filter {
-            let hs: Vec<(&str, &str)> = vec![
-                (":method", "POST"),
-                (":path", "/p"),
-                ("idempotency-key", key),
-            ];
+            let hs = keyed(key);
             host.reset_exchange(&hs, body);
             let mut f = Filter::new(c.clone());
             f.on_request_headers(&host, false);
@@ -2180,7 +2151,7 @@ mod tests {
     fn keyed(key: &str) -> [(&'static str, &str); 3] {
         [
             (":method", "POST"),
-            (":path", "/p"),
+            (":path", "/pay"),
             ("idempotency-key", key),
         ]
     }
@@ -2453,11 +2424,7 @@ mod tests {
     fn apisix_always_asks_for_the_body_and_decides_in_its_callback() {
         let host = FakeHost::default();
         // An HTTP/2 POST: no Content-Length, and APISIX says end of stream.
-        let hs: Vec<(&str, &str)> = vec![
-            (":method", "POST"),
-            (":path", "/p"),
-            ("idempotency-key", "h2"),
-        ];
+        let hs = keyed("h2");
         host.reset_exchange(&hs, b"{}");
         let mut f = Filter::new(ctx(APISIX));
         assert_eq!(f.on_request_headers(&host, true), Verdict::AwaitBody);

@@ -39,6 +39,29 @@ fn err(field: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// `value` must lie in `min..=max`.
+fn within(field: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(err(
+            field,
+            format!("must be between {min} and {max} (got {value})"),
+        ))
+    }
+}
+
+/// An `:authority` to send, when one is set.
+fn check_authority(field: &str, authority: Option<&str>) -> Result<(), ConfigError> {
+    match authority {
+        Some(a) if !is_visible(a) => Err(err(
+            field,
+            "must be a host name or host:port without spaces",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The JSON document exactly as operators write it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -408,15 +431,12 @@ fn parse_store(value: serde_json::Value, host: Host) -> Result<StoreConfig, Conf
     match kind.as_str() {
         "local" => {
             let local: RawLocalStore = typed(fields)?;
-            if local.max_entries < LOCAL_WAYS || local.max_entries > MAX_ENTRIES_LIMIT {
-                return Err(err(
-                    "store.max_entries",
-                    format!(
-                        "must be between {LOCAL_WAYS} and {MAX_ENTRIES_LIMIT} (got {})",
-                        local.max_entries
-                    ),
-                ));
-            }
+            within(
+                "store.max_entries",
+                u64::from(local.max_entries),
+                u64::from(LOCAL_WAYS),
+                u64::from(MAX_ENTRIES_LIMIT),
+            )?;
             Ok(StoreConfig::Local {
                 buckets: local.max_entries / LOCAL_WAYS,
                 ways: LOCAL_WAYS,
@@ -444,18 +464,8 @@ fn validate_forward(f: RawForward) -> Result<Forward, ConfigError> {
             "must name the upstream: an Envoy cluster name, or host:port on APISIX",
         ));
     }
-    if f.authority.as_deref().is_some_and(|a| !is_visible(a)) {
-        return Err(err(
-            "forward.authority",
-            "must be a host name or host:port without spaces",
-        ));
-    }
-    if f.timeout_ms == 0 || f.timeout_ms > 600_000 {
-        return Err(err(
-            "forward.timeout_ms",
-            format!("must be between 1 and 600000 (got {})", f.timeout_ms),
-        ));
-    }
+    check_authority("forward.authority", f.authority.as_deref())?;
+    within("forward.timeout_ms", f.timeout_ms, 1, 600_000)?;
     Ok(Forward {
         upstream: f.upstream,
         authority: f.authority,
@@ -488,20 +498,8 @@ fn validate_redis(raw: RawRedisStore, host: Host) -> Result<RedisConfig, ConfigE
             "must name where Webdis is reached: an Envoy cluster name (e.g. \"webdis\"), or host:port on APISIX",
         ));
     }
-    if let Some(a) = &raw.authority {
-        if !is_visible(a) {
-            return Err(err(
-                "store.authority",
-                "must be a host name or host:port without spaces",
-            ));
-        }
-    }
-    if raw.timeout_ms == 0 || raw.timeout_ms > 60_000 {
-        return Err(err(
-            "store.timeout_ms",
-            format!("must be between 1 and 60000 (got {})", raw.timeout_ms),
-        ));
-    }
+    check_authority("store.authority", raw.authority.as_deref())?;
+    within("store.timeout_ms", raw.timeout_ms, 1, 60_000)?;
     if raw.key_prefix.len() > 128 || !raw.key_prefix.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(err(
             "store.key_prefix",
@@ -572,30 +570,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             "cannot be true together with \"required\": a generated key means a missing key is never rejected; set one of them to false",
         ));
     }
-    if raw.max_key_length == 0 || raw.max_key_length > MAX_KEY_LENGTH_LIMIT {
-        return Err(err(
-            "max_key_length",
-            format!(
-                "must be between 1 and {MAX_KEY_LENGTH_LIMIT} (got {})",
-                raw.max_key_length
-            ),
-        ));
-    }
+    within(
+        "max_key_length",
+        raw.max_key_length as u64,
+        1,
+        MAX_KEY_LENGTH_LIMIT as u64,
+    )?;
     if raw.generate_missing && raw.max_key_length < 36 {
         return Err(err(
             "max_key_length",
             format!("must be at least 36 when generate_missing is true, the length of a generated UUID (got {})", raw.max_key_length),
         ));
     }
-    if raw.ttl_seconds == 0 || raw.ttl_seconds > MAX_TTL_SECONDS {
-        return Err(err(
-            "ttl_seconds",
-            format!(
-                "must be between 1 and {MAX_TTL_SECONDS} (got {})",
-                raw.ttl_seconds
-            ),
-        ));
-    }
+    within("ttl_seconds", raw.ttl_seconds, 1, MAX_TTL_SECONDS)?;
     if raw.lock_timeout_seconds == 0 {
         return Err(err(
             "lock_timeout_seconds",

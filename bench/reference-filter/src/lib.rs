@@ -30,7 +30,13 @@ thread_local! {
 
 #[link(wasm_import_module = "env")]
 extern "C" {
-    fn proxy_get_buffer_bytes(t: u32, start: usize, max: usize, d: *mut *mut u8, s: *mut usize) -> u32;
+    fn proxy_get_buffer_bytes(
+        t: u32,
+        start: usize,
+        max: usize,
+        d: *mut *mut u8,
+        s: *mut usize,
+    ) -> u32;
     fn proxy_send_local_response(
         code: u32,
         details: *const u8,
@@ -118,15 +124,16 @@ pub extern "C" fn proxy_on_context_create(_: u32, _: u32) {}
 
 #[no_mangle]
 pub extern "C" fn proxy_on_request_headers(context_id: u32, _: usize, end_of_stream: u32) -> u32 {
-    CURRENT.with(|c| *c.borrow_mut() = context_id);
-    if end_of_stream != 0 {
-        return act();
-    }
-    PAUSE
+    on_request(context_id, end_of_stream)
 }
 
 #[no_mangle]
 pub extern "C" fn proxy_on_request_body(context_id: u32, _: usize, end_of_stream: u32) -> u32 {
+    on_request(context_id, end_of_stream)
+}
+
+/// Headers and body alike: hold the request until it has all arrived, then act.
+fn on_request(context_id: u32, end_of_stream: u32) -> u32 {
     CURRENT.with(|c| *c.borrow_mut() = context_id);
     if end_of_stream != 0 {
         return act();
@@ -137,7 +144,10 @@ pub extern "C" fn proxy_on_request_body(context_id: u32, _: usize, end_of_stream
 fn act() -> u32 {
     match MODE.with(|m| *m.borrow()) {
         Mode::ReplyAfterBody => {
-            let h = pairs(&[("content-type", "application/json"), ("idempotent-replayed", "true")]);
+            let h = pairs(&[
+                ("content-type", "application/json"),
+                ("idempotent-replayed", "true"),
+            ]);
             let details = b"reference";
             unsafe {
                 proxy_send_local_response(
@@ -154,7 +164,11 @@ fn act() -> u32 {
             PAUSE
         }
         Mode::StoreCall => {
-            let h = pairs(&[(":method", "GET"), (":path", "/PING"), (":authority", "webdis")]);
+            let h = pairs(&[
+                (":method", "GET"),
+                (":path", "/PING"),
+                (":authority", "webdis"),
+            ]);
             let mut token = 0u32;
             let cluster = b"webdis";
             let status = unsafe {

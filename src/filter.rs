@@ -137,11 +137,10 @@ enum Phase {
         fill: Option<CacheFill>,
     },
     /// APISIX rules (store calls chained within the request): a timed-out
-    /// claim is being cancelled; `reply` (the 503) goes out once the store
-    /// has answered.
+    /// claim is being cancelled; the 503 goes out once the store has
+    /// answered.
     AwaitingCancel {
         call: u32,
-        reply: Reply,
     },
     /// Forwarding mode: the upstream has the request (an HTTP call).
     AwaitingUpstream {
@@ -499,12 +498,9 @@ impl Filter {
             ),
             Store::Redis(redis) => {
                 // Only the replay cache needs the time (a clock read is a host call).
-                let now = if ctx.cache.is_some() {
-                    host.now_ms()
-                } else {
-                    0
-                };
+                let mut now = 0;
                 if let Some(cache) = &ctx.cache {
+                    now = host.now_ms();
                     // Any failure to read the cache is a miss: Redis decides.
                     if let Ok(Some((stored, response))) = cache.lookup(host, &digest, now) {
                         host.metric_add(Metric::CacheHits, 1);
@@ -668,15 +664,13 @@ impl Filter {
         if !ctx.config.host.apisix_rules() {
             return self.store_failed(host, e);
         }
-        let name = ctx.store_name();
+        // Counted and logged now, as store_failed would; answered later.
         host.metric_add(Metric::StoreErrors, 1);
-        host.log(Level::Error, &format!("{name} store: {e}; request refused"));
-        let problem = Problem::store_unavailable(name);
-        self.outcome(host, problem.slug());
-        self.phase = Phase::AwaitingCancel {
-            call,
-            reply: problem_reply(&problem),
-        };
+        host.log(
+            Level::Error,
+            &format!("{} store: {e}; request refused", ctx.store_name()),
+        );
+        self.phase = Phase::AwaitingCancel { call };
         Verdict::Pause
     }
 
@@ -750,10 +744,7 @@ impl Filter {
                 );
                 self.resume_request_if(host, verdict);
             }
-            Phase::AwaitingCancel {
-                call: expected,
-                reply,
-            } if expected == call => {
+            Phase::AwaitingCancel { call: expected } if expected == call => {
                 let Store::Redis(redis) = &ctx.store else {
                     return;
                 };
@@ -762,7 +753,7 @@ impl Filter {
                     None => Err(no_answer()),
                 };
                 count_cancel(host, &result);
-                self.send_reply(host, reply);
+                self.answer(host, &Problem::store_unavailable(ctx.store_name()), None);
             }
             Phase::AwaitingUpstream {
                 call: expected,

@@ -180,10 +180,12 @@ class Envoy:
 
     def access_lines(self):
         """The access log so far (started with access_log=True)."""
+        if self.access_log_path is None:
+            return []
         try:
             with open(self.access_log_path) as f:
                 return f.read().splitlines()
-        except (OSError, TypeError):
+        except OSError:  # not written yet
             return []
 
     def stop(self, sig=signal.SIGTERM):

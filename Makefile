@@ -12,10 +12,10 @@ PYTEST_ARGS ?=
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build test unit e2e lint demo demo-fleet demo-client docker-demo bench fuzz soak check-config clean
+.PHONY: help setup build apisix-runtime test unit e2e lint demo demo-fleet demo-client docker-demo bench fuzz soak check-config clean
 
 help: ## List the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-15s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed ## Install the wasm target, Envoy 1.40, pytest, redis-server and webdis (idempotent)
 	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -32,6 +32,9 @@ build: setup ## Build the filter: target/wasm32-wasip1/release/idempotency_filte
 	cargo build --release --target $(WASM_TARGET)
 	@ls -l $(WASM) | awk '{print "built " $$NF " (" $$5 " bytes)"}'
 
+apisix-runtime: ## Build APISIX's Wasm runtime (wasm-nginx-module 0.7.0, wasmtime 0.38.1) into .cache/; no-op when current
+	bash apisix/runtime/build.sh
+
 unit: ## Native unit tests of the pure core
 	cargo test --lib
 
@@ -40,7 +43,7 @@ lint: setup ## Clippy (unwrap/expect/panic denied outside tests) on both targets
 	cargo clippy --lib --examples -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) -- -D warnings
 
-e2e: build ## End-to-end tests: real Envoy (2 workers) + counting upstream
+e2e: build apisix-runtime ## End-to-end tests: real Envoy (2 workers) and APISIX's runtime (2 workers) + counting upstream
 	ENVOY_BIN=$(ENVOY) $(PY) -m pytest tests/e2e -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test: setup lint unit e2e ## Everything CI runs: lint, unit and end-to-end tests

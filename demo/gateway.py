@@ -87,6 +87,9 @@ def protected_methods_regex(methods):
 class Envoy:
     """One Envoy process with the filter. start() waits until it serves."""
 
+    # Metrics made with define_metric show in /stats.
+    has_metrics = True
+
     def __init__(self, plugin_config, upstream_port, concurrency=2, envoy_bin=None,
                  wasm_path=DEFAULT_WASM, listen_port=None, admin_port=None, workdir=None,
                  webdis_port=None, with_filter=True, cpus=None, access_log=False, template=TEMPLATE):
@@ -170,6 +173,11 @@ class Envoy:
         except (OSError, ValueError, KeyError, IndexError):
             # Not up yet (or the address file half written): ask again.
             return False
+
+    @property
+    def h2c_port(self):
+        """Where HTTP/2 clients (prior knowledge) connect: the same listener."""
+        return self.port
 
     def log(self):
         try:

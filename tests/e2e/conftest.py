@@ -20,11 +20,17 @@ from fault_proxy import read_message  # noqa: E402
 from gateway import DEFAULT_WASM, Envoy  # noqa: E402
 from payment_service import PaymentService  # noqa: E402
 from redis_backend import RedisBackend  # noqa: E402
+from apisix_gateway import ApisixRuntime  # noqa: E402
 
-# Every test that takes a gateway runs once per store, and once more in the
-# APISIX profile: Redis store, the filter forwarding requests itself, and
-# APISIX's host rules enforced (a violation traps the VM and fails the test).
-STORES = ["local", "redis", "apisix"]
+# Every test that takes a gateway runs on each kind of gateway:
+# - local, redis: Envoy with the filter, each store;
+# - apisix-profile: Envoy imitating APISIX's rules (Redis store, the filter
+#   forwarding requests itself, a rule violation traps the VM);
+# - apisix: APISIX's own Wasm runtime (wasm-nginx-module 0.7.0 on wasmtime
+#   0.38.1, built by `make apisix-runtime`), driven as apisix/wasm.lua does.
+STORES = ["local", "redis", "apisix-profile", "apisix"]
+# Kinds where the filter forwards requests itself (APISIX's only mode).
+FORWARDING = {"apisix-profile", "apisix"}
 
 # One gateway per configuration; started on first use, shared by the tests.
 PROFILES = {
@@ -84,17 +90,32 @@ def gateways(upstream, store_kind, request):
                 if "store" in config:
                     pytest.skip(f"profile {profile!r} is about the local store")
                 config["store"] = redis_store(f"idem-{store_kind}-{profile}:")
-            if store_kind == "apisix":
+            if store_kind == "apisix-profile":
                 config["host"] = "apisix-profile"
                 config["forward"] = {"upstream": "upstream"}
-            started[profile] = Envoy(config, upstream.port, concurrency=2,
-                                     webdis_port=backend.webdis_port if backend else None).start()
+            if store_kind == "apisix":
+                started[profile] = ApisixRuntime(apisix_conf(config, upstream, backend), upstream.port).start()
+            else:
+                started[profile] = Envoy(config, upstream.port, concurrency=2,
+                                         webdis_port=backend.webdis_port if backend else None).start()
         return started[profile]
 
     get.kind = store_kind
+    get.forwarding = store_kind in FORWARDING
+    # APISIX keeps no metrics for Wasm filters (define_metric is a no-op).
+    get.metrics = store_kind != "apisix"
     yield get
     for envoy in started.values():
         envoy.stop()
+
+
+def apisix_conf(config, upstream, backend, **store_extra):
+    """A plugin configuration for APISIX: Redis through Webdis and the
+    upstream, both as host:port (APISIX calls addresses, not clusters)."""
+    config = dict(config, host="apisix")
+    config["store"] = dict(config["store"], cluster=f"127.0.0.1:{backend.webdis_port}", **store_extra)
+    config["forward"] = dict(config.get("forward", {}), upstream=f"127.0.0.1:{upstream.port}")
+    return config
 
 
 @pytest.fixture

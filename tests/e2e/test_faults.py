@@ -37,7 +37,7 @@ def test_upstream_reset_after_acting_releases_the_key(gw, gateways, upstream):
 
 
 def test_upstream_timeout_releases_the_key(gw, gateways, upstream):
-    if gateways.kind == "apisix":
+    if gateways.forwarding:
         pytest.skip("forwarding mode times out by forward.timeout_ms, not Envoy's route timeout")
     key = k("timeout")
     # /slow is routed with a 1 s timeout (envoy/envoy.template.yaml).
@@ -56,7 +56,7 @@ def test_a_response_cut_mid_body(gw, gateways, upstream):
         pass  # the client sees a broken response
     assert upstream.executions(key) == 1
     resp = post(gw, key)
-    if gateways.kind == "apisix":
+    if gateways.forwarding:
         # Forwarding mode never got a whole answer: released, the retry runs.
         assert resp[0] == 201 and upstream.executions(key) == 2
     else:
@@ -70,7 +70,7 @@ def test_a_response_cut_mid_body(gw, gateways, upstream):
 def test_a_response_slower_than_the_lock_timeout(gateways, upstream):
     lock = gateways("lock")  # lock_timeout_seconds 4
     key = k("slow")
-    before = lock.stats()["claims_lost"]
+    before = lock.stats()["claims_lost"] if lock.has_metrics else None
     with ThreadPoolExecutor(1) as pool:
         # The original runs upstream until the retry has been answered.
         original = pool.submit(post, lock, key, b"{}", {"x-demo-hold": key})
@@ -85,7 +85,8 @@ def test_a_response_slower_than_the_lock_timeout(gateways, upstream):
             upstream.release(key)
         assert original.result()[0] == 201
     # The late original does not overwrite the retry's record.
-    assert lock.stats()["claims_lost"] - before >= 1
+    if lock.has_metrics:
+        assert lock.stats()["claims_lost"] - before >= 1
     s, h, b = post(lock, key, body=b"{}")
     assert (s, h.get("idempotent-replayed"), b) == (201, "true", retry[2])
     assert upstream.executions(key) == 2

@@ -22,7 +22,7 @@ from conftest import Envoy, post, problem, raw_request, wait_for
 
 
 def test_first_request_executes_and_retry_replays_without_reaching_upstream(gw, upstream, key):
-    before = gw.stats()
+    before = gw.stats() if gw.has_metrics else None
     s1, h1, b1 = post(gw, key)
     assert s1 == 201
     assert "idempotent-replayed" not in h1
@@ -33,6 +33,8 @@ def test_first_request_executes_and_retry_replays_without_reaching_upstream(gw, 
     assert h2["x-payment-id"] == h1["x-payment-id"], "same payment, not a new one"
     assert "set-cookie" not in h2, "cookies are not recorded"
     assert upstream.executions(key) == 1
+    if not gw.has_metrics:
+        return
     after = gw.stats()
     assert after["replays"] - before["replays"] == 1
     assert after["stored"] - before["stored"] == 1
@@ -167,10 +169,13 @@ def test_missing_key_is_400_when_required(gateways, upstream):
 
 def test_missing_key_passes_unprotected_when_not_required(gw, upstream):
     marker = "unkeyed-" + uuid.uuid4().hex
-    before = gw.stats()["requests_unkeyed"]
+    before = gw.stats()["requests_unkeyed"] if gw.has_metrics else None
+    executed = upstream.executions()
     for _ in range(2):
         assert post(gw, None, headers={"x-marker": marker})[0] == 201
-    assert gw.stats()["requests_unkeyed"] - before == 2
+    assert upstream.executions() - executed == 2, "both ran: nothing to deduplicate them by"
+    if gw.has_metrics:
+        assert gw.stats()["requests_unkeyed"] - before == 2
 
 
 def test_invalid_keys_are_400_and_never_reach_the_upstream(gw, upstream):
@@ -193,13 +198,15 @@ def test_invalid_keys_are_400_and_never_reach_the_upstream(gw, upstream):
 
 def test_methods_not_protected_pass_through_untouched(gateways, upstream, key):
     strict = gateways("strict")
-    before = strict.stats()
+    before = strict.stats() if strict.has_metrics else None
     # GET without a key on a gateway that requires keys: passes.
     assert strict.request("GET", "/status", {})[0] == 200
     # PUT is not in the default method list: a key means nothing to it.
     assert post(strict, key, method="PUT")[0] == 200
     assert post(strict, key, method="PUT")[0] == 200
     assert upstream.executions(key) == 2
+    if not strict.has_metrics:
+        return
     after = strict.stats()
     assert after["requests_protected"] == before["requests_protected"]
     assert after["invalid_keys"] == before["invalid_keys"]
@@ -281,7 +288,7 @@ def test_large_response_passes_whole_then_replays_without_body(gateways, upstrea
 
 
 def test_server_errors_release_the_key_so_the_retry_runs(gw, upstream, key):
-    before = gw.stats()["released"]
+    before = gw.stats()["released"] if gw.has_metrics else None
     assert post(gw, key, headers={"x-demo-status": "503"})[0] == 503
     assert post(gw, key, headers={"x-demo-status": "500"})[0] == 500
     assert upstream.executions(key) == 2
@@ -290,7 +297,8 @@ def test_server_errors_release_the_key_so_the_retry_runs(gw, upstream, key):
     s2, h2, b2 = post(gw, key)
     assert (s2, h2.get("idempotent-replayed"), b2) == (201, "true", b1)
     assert upstream.executions(key) == 3
-    assert gw.stats()["released"] - before == 2
+    if gw.has_metrics:
+        assert gw.stats()["released"] - before == 2
 
 
 def test_record_server_errors_replays_5xx(gateways, upstream, key):
@@ -302,7 +310,7 @@ def test_record_server_errors_replays_5xx(gateways, upstream, key):
 
 
 def test_envoy_local_reply_for_an_unreachable_upstream_releases_the_key(gw, gateways, key):
-    if gateways.kind == "apisix":
+    if gateways.forwarding:
         pytest.skip("forwarding mode sends every request to its configured upstream")
     before = gw.stats()["released"]
     for _ in range(2):
@@ -329,6 +337,15 @@ def test_client_gone_mid_request_keeps_the_claim_until_the_lock_timeout(gateways
     finally:
         upstream.release(key)
     wait_for(lambda: upstream.executions(key) == 1, what="the original to finish upstream")
+    if gateways.kind == "apisix":
+        # nginx runs the access handler to its end after the client has gone
+        # (APISIX leaves lua_check_client_abort off): the forwarded call's
+        # answer is recorded, and the retry gets it. One execution.
+        wait_for(lambda: post(lock, key, body=body)[0] != 409, what="the original's record")
+        s2, h2, _ = post(lock, key, body=body)
+        assert (s2, h2.get("idempotent-replayed")) == (201, "true")
+        assert upstream.executions(key) == 1
+        return
     # The claim lapses 4 s after it was made (made after sent_at). A 409
     # changes nothing, so the retry is simply repeated until it runs.
     deadline = time.time() + 20
@@ -408,6 +425,8 @@ def test_a_table_full_of_running_requests_answers_503_and_recovers(gateways, ups
 
 
 def test_every_counter_is_visible_in_envoy_stats(gw):
+    if not gw.has_metrics:
+        pytest.skip("APISIX keeps no metrics for Wasm filters (define_metric is a no-op there)")
     names = set(gw.stats())
     expected = {"requests_protected", "requests_unkeyed", "replays", "conflicts", "mismatches",
                 "invalid_keys", "too_large", "stored", "released", "evicted", "expired",
@@ -417,6 +436,8 @@ def test_every_counter_is_visible_in_envoy_stats(gw):
 
 
 def test_counters_follow_the_decisions(gw, gateways, upstream, key):
+    if not gw.has_metrics:
+        pytest.skip("APISIX keeps no metrics for Wasm filters (define_metric is a no-op there)")
     before = gw.stats()
     post(gw, key)                                   # stored
     post(gw, key)                                   # replay
@@ -453,7 +474,7 @@ def test_invalid_configuration_refuses_to_start_with_one_clear_line(upstream, tm
 
 
 def test_record_server_errors_still_releases_envoys_own_replies(gateways, key):
-    if gateways.kind == "apisix":
+    if gateways.forwarding:
         pytest.skip("forwarding mode sends every request to its configured upstream")
     se = gateways("server_errors")
     before = se.stats()["released"]

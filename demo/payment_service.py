@@ -14,6 +14,7 @@ Test hooks (request headers; harmless in the demo):
                             release(NAME) before the rest
   x-demo-response-bytes: N  answer with an N-byte body instead of JSON
   x-demo-binary: 1          with x-demo-response-bytes, bytes 0..255 repeated
+  x-demo-echo: 1            answer with the request body itself (octet-stream)
   x-demo-reset: 1           execute, then drop the connection without answering
   x-demo-cut: 1             execute, answer the headers and half the body, drop
 
@@ -156,6 +157,8 @@ class Handler(BaseHTTPRequestHandler):
         status = int(self.headers.get("x-demo-status") or (201 if self.command == "POST" else 200))
         size = self.headers.get("x-demo-response-bytes")
         extra = {"x-payment-id": f"pay_{pid}", "set-cookie": f"session=s{pid}"}
+        if self.headers.get("x-demo-echo"):
+            return self._send(status, body or b"", "application/octet-stream", extra)
         if size is not None:
             n = int(size)
             if self.headers.get("x-demo-binary"):

@@ -181,8 +181,9 @@ def test_redis_killed_while_requests_run_upstream(upstream, lone_backend):
         fleet.stop()
 
 
-def test_redis_slower_than_the_store_timeout(upstream, lone_backend):
-    fleet = Fleet(upstream, lone_backend, store_extra={"timeout_ms": 300})
+@pytest.mark.parametrize("a_kind", ["envoy", "apisix"])
+def test_redis_slower_than_the_store_timeout(upstream, lone_backend, a_kind):
+    fleet = Fleet(upstream, lone_backend, (a_kind, "envoy"), store_extra={"timeout_ms": 300})
     try:
         key = k("redis-slow")
         # Redis 7 refuses DEBUG SLEEP by default: a script that busy-waits
@@ -203,7 +204,8 @@ def test_redis_slower_than_the_store_timeout(upstream, lone_backend):
         wait_for(lambda: eval_calls(lone_backend) >= evals + 3,
                  what="the script, the late claim and its cancel to run")
         assert fleet_keys(lone_backend, fleet) == {}, "the key is free"
-        assert fleet.a.stats()["claims_cancelled"] == 1
+        if fleet.a.has_metrics:
+            assert fleet.a.stats()["claims_cancelled"] == 1
         assert post(fleet.a, key)[0] == 201, "the retry runs: the claim did not hold the key"
         assert post(fleet.b, key)[1].get("idempotent-replayed") == "true"
         assert upstream.executions(key) == 1
@@ -315,15 +317,17 @@ class HoldingProxy:
 # Envoy answers the 503 at once and lets the cancel run on its own; APISIX's
 # rules chain it within the request, so the 503 waits for the cancel.
 HOST_RULES = {
-    "envoy": {},
-    "apisix": {"host": "apisix-profile", "forward": {"upstream": "upstream"}},
+    "envoy": ({}, ("envoy", "envoy")),
+    "apisix-profile": ({"host": "apisix-profile", "forward": {"upstream": "upstream"}}, ("envoy", "envoy")),
+    "apisix": ({}, ("apisix", "envoy")),
 }
 
 
 @pytest.mark.parametrize("rules", sorted(HOST_RULES))
 def test_a_cancel_that_overtakes_its_claim_still_frees_the_key(upstream, lone_backend, rules):
     proxy = HoldingProxy(lone_backend.webdis_port)
-    fleet = Fleet(upstream, proxy, store_extra={"timeout_ms": 300}, **HOST_RULES[rules])
+    config, kinds = HOST_RULES[rules]
+    fleet = Fleet(upstream, proxy, kinds, store_extra={"timeout_ms": 300}, **config)
     try:
         # 1. The claim arrives a second after its cancel: the cancel leaves a
         #    tombstone, and the late claim removes it instead of claiming.
@@ -357,7 +361,8 @@ def test_a_cancel_that_overtakes_its_claim_still_frees_the_key(upstream, lone_ba
         resp = post(fleet.a, key)
         assert resp[0] == 201 and resp[1].get("idempotent-replayed") == "true"
         assert upstream.executions(key) == 1
-        assert fleet.a.stats()["claims_cancelled"] == 2
+        if fleet.a.has_metrics:
+            assert fleet.a.stats()["claims_cancelled"] == 2
     finally:
         proxy.let_claim_through()
         fleet.stop()

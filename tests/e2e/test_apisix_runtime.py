@@ -1,0 +1,142 @@
+"""APISIX's own Wasm runtime (wasm-nginx-module 0.7.0 on wasmtime 0.38.1):
+what only this host has. A fleet that mixes it with Envoy on one Redis, a
+reload with keys in flight, and routes with their own configurations,
+including a bad one. The semantics shared with Envoy run in the other files,
+on the `apisix` gateway kind."""
+
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import ApisixRuntime, apisix_conf, post, problem, redis_store, wait_for
+from test_redis_fleet import Fleet
+
+
+@pytest.fixture(scope="module")
+def mixed(upstream, redis_backend):
+    """Gateway A is an Envoy, gateway B APISIX's runtime: one Redis."""
+    f = Fleet(upstream, redis_backend, ("envoy", "apisix"))
+    yield f
+    f.stop()
+
+
+def test_a_mixed_fleet_replays_in_both_directions(mixed, upstream, key):
+    for first, second, k in ((mixed.a, mixed.b, key + "-e2a"), (mixed.b, mixed.a, key + "-a2e")):
+        s1, h1, b1 = post(first, k)
+        assert s1 == 201
+        s2, h2, b2 = post(second, k)
+        assert (s2, h2.get("idempotent-replayed"), b2) == (201, "true", b1)
+        assert h2["x-payment-id"] == h1["x-payment-id"]
+        assert post(second, k, body=b'{"amount": 7}')[0] == 422, "the fingerprint is the same on both hosts"
+        assert upstream.executions(k) == 1
+
+
+def test_a_key_running_on_one_host_is_409_on_the_other(mixed, upstream, key):
+    for running, other, k in ((mixed.a, mixed.b, key + "-on-envoy"), (mixed.b, mixed.a, key + "-on-apisix")):
+        with ThreadPoolExecutor(1) as pool:
+            original = pool.submit(post, running, k, b"{}", {"x-demo-hold": k})
+            try:
+                wait_for(lambda: upstream.started(k) == 1, what="the original to reach the upstream")
+                resp = post(other, k, body=b"{}")
+                assert resp[0] == 409, resp
+                problem(resp)
+            finally:
+                upstream.release(k)
+            assert original.result()[0] == 201
+        s, h, _ = post(other, k, body=b"{}")
+        assert (s, h.get("idempotent-replayed")) == (201, "true")
+        assert upstream.executions(k) == 1
+
+
+def test_concurrent_duplicates_spread_over_both_hosts_run_once(mixed, upstream, key):
+    n = 24
+    barrier = threading.Barrier(n)
+
+    def one(i):
+        barrier.wait()
+        return post(mixed.a if i % 2 else mixed.b, key, headers={"x-demo-delay-ms": "300"})
+
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(one, range(n)))
+    assert upstream.executions(key) == 1
+    assert {r[0] for r in results} <= {201, 409}, [r[0] for r in results]
+    originals = [r for r in results if r[0] == 201 and "idempotent-replayed" not in r[1]]
+    assert len(originals) == 1
+
+
+def routes(upstream, backend, prefix, **default):
+    """Two routes as APISIX would have them: /strict requires keys."""
+    base = {"store": redis_store(prefix)}
+    return [
+        {"id": "strict", "prefix": "/strict", "conf": apisix_conf({**base, "required": True}, upstream, backend)},
+        {"id": "default", "prefix": "/", "conf": apisix_conf({**base, **default}, upstream, backend)},
+    ]
+
+
+def test_each_route_has_its_own_configuration(upstream, redis_backend, key):
+    gw = ApisixRuntime(routes=routes(upstream, redis_backend, "routes-" + uuid.uuid4().hex[:8] + ":"),
+                       upstream_port=upstream.port).start()
+    try:
+        assert post(gw, None, path="/payments")[0] == 201, "keys optional on the default route"
+        resp = post(gw, None, path="/strict/payments")
+        assert resp[0] == 400 and problem(resp)["type"].endswith("missing-key")
+        assert post(gw, key, path="/strict/payments")[0] == 201
+    finally:
+        gw.stop()
+
+
+def test_a_reload_with_keys_in_flight_loses_nothing(upstream, redis_backend, key):
+    """`nginx -s reload`: new workers (new VMs) take new requests while the
+    old ones finish theirs, forwarded call and record included."""
+    prefix = "reload-" + uuid.uuid4().hex[:8] + ":"
+    gw = ApisixRuntime(routes=routes(upstream, redis_backend, prefix), upstream_port=upstream.port).start()
+    try:
+        done = key + "-done"
+        s1, _, b1 = post(gw, done)
+        assert s1 == 201
+        running = key + "-running"
+        with ThreadPoolExecutor(1) as pool:
+            original = pool.submit(post, gw, running, b"{}", {"x-demo-hold": running})
+            try:
+                wait_for(lambda: upstream.started(running) == 1, what="the original to reach the upstream")
+                old_workers = set(gw.worker_pids())
+                # The reload also changes the default route: keys now required.
+                gw.reload(routes(upstream, redis_backend, prefix, required=True))
+                assert set(gw.worker_pids()) - old_workers, "new workers serve"
+                resp = post(gw, running, body=b"{}")
+                assert resp[0] == 409, "the new VM sees the old one's claim (Redis)"
+            finally:
+                upstream.release(running)
+            assert original.result()[0] == 201, "the old worker finished its request"
+        s, h, _ = post(gw, running, body=b"{}")
+        assert (s, h.get("idempotent-replayed")) == (201, "true"), "and recorded it"
+        s, h, b = post(gw, done)
+        assert (s, h.get("idempotent-replayed"), b) == (201, "true", b1)
+        assert post(gw, None)[0] == 400, "the new configuration is in force"
+        assert upstream.executions(running) == 1 and upstream.executions(done) == 1
+    finally:
+        gw.stop()
+
+
+def test_a_bad_conf_shows_at_the_routes_first_request_as_503_and_one_log_line(upstream, redis_backend):
+    """APISIX runs on_configure when a route's first request arrives, not when
+    the route is created: a bad conf is a 503 for that route (every time,
+    since nothing is cached), and the filter's one line in the error log."""
+    good = apisix_conf({"store": redis_store("bad-conf:")}, upstream, redis_backend)
+    bad = dict(good, ttl_seconds=0)
+    gw = ApisixRuntime(routes=[{"id": "bad", "prefix": "/bad", "conf": bad},
+                               {"id": "good", "prefix": "/", "conf": good}],
+                       upstream_port=upstream.port).start()
+    try:
+        before = upstream.executions()
+        for _ in range(2):
+            assert post(gw, "k-" + uuid.uuid4().hex, path="/bad/payments")[0] == 503
+        assert upstream.executions() == before, "nothing ran on the broken route"
+        assert post(gw, "k-" + uuid.uuid4().hex, path="/payments")[0] == 201, "other routes serve"
+        lines = [l for l in gw.log().splitlines() if "ttl_seconds" in l]
+        assert lines, gw.log()[-2000:]
+        assert any("failed to fetch wasm plugin ctx" in l for l in gw.log().splitlines())
+    finally:
+        gw.stop()

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The routes of apisix.yaml through the Admin API (APISIX in traditional
-# mode with etcd). Usage: ADMIN=http://127.0.0.1:9180 KEY=<admin key> ./admin-api.sh
+# The routes of apisix.yaml through the Admin API: APISIX in traditional mode
+# with etcd (config-traditional.yaml). Usage:
+#   ADMIN=http://127.0.0.1:9180 KEY=<deployment.admin.admin_key[0].key> ./admin-api.sh
+# The configurations are the same as apisix.yaml's (a test holds them equal),
+# and those run on APISIX's Wasm runtime in the tests.
 set -euo pipefail
 ADMIN=${ADMIN:-http://127.0.0.1:9180}
 KEY=${KEY:?set KEY to the admin API key (deployment.admin.admin_key in config.yaml)}

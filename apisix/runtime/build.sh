@@ -138,6 +138,11 @@ rm -rf "$CACHE/wasmtime" && mkdir -p "$CACHE/wasmtime/lib"
 cp -r "$capi/include" "$CACHE/wasmtime/include"
 cp "$capi/wasm-c-api/include/"*.h "$CACHE/wasmtime/include/"
 cp "$CACHE/cargo-target/release/libwasmtime.so" "$CACHE/wasmtime/lib/"
+# A library whose memory.grow is not seen would break every filter with a
+# body of more than a few hundred bytes: refuse it here, not in a test.
+gcc -O1 -o "$work/memory_grow_check" "$here/memory_grow_check.c" -I"$CACHE/wasmtime/include" \
+    -L"$CACHE/wasmtime/lib" -lwasmtime -Wl,-rpath,"$CACHE/wasmtime/lib"
+"$work/memory_grow_check"
 echo "$wasmtime_stamp" >"$CACHE/wasmtime/stamp"
 fi
 

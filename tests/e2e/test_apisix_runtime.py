@@ -140,3 +140,40 @@ def test_a_bad_conf_shows_at_the_routes_first_request_as_503_and_one_log_line(up
         assert any("failed to fetch wasm plugin ctx" in l for l in gw.log().splitlines())
     finally:
         gw.stop()
+
+
+def shipped_routes(upstream, backend):
+    """apisix/apisix.yaml's routes as they are, but for the Docker host names
+    (webdis:7379, payments:8081), which become this machine's ports."""
+    import json
+    import os
+    import yaml
+    from conftest import REPO
+    with open(os.path.join(REPO, "apisix", "apisix.yaml")) as f:
+        text = f.read()
+    text = text.replace("webdis:7379", f"127.0.0.1:{backend.webdis_port}")
+    text = text.replace("payments:8081", f"127.0.0.1:{upstream.port}")
+    return [{"id": r["id"], "prefix": r["uri"].rstrip("*"), "conf": r["plugins"]["idempotency"]["conf"]}
+            for r in yaml.safe_load(text)["routes"]]
+
+
+def test_the_shipped_standalone_routes_run_as_documented(upstream, redis_backend, key):
+    """The route configurations users copy from apisix/apisix.yaml (and
+    admin-api.sh, which test_deploy_files holds equal to it) on the runtime."""
+    gw = ApisixRuntime(routes=shipped_routes(upstream, redis_backend), upstream_port=upstream.port).start()
+    try:
+        # payments: a key is required; replays come from Redis.
+        resp = post(gw, None, path="/payments")
+        assert resp[0] == 400 and problem(resp)["type"].endswith("missing-key")
+        s1, _, b1 = post(gw, key, path="/payments")
+        s2, h2, b2 = post(gw, key, path="/payments")
+        assert (s1, s2, h2.get("idempotent-replayed"), b2) == (201, 201, "true", b1)
+        # orders: the gateway assigns a key when none was sent, and returns it.
+        s, h, _ = post(gw, None, path="/orders")
+        generated = h.get("idempotency-key")
+        assert s == 201 and generated, h
+        s, h, _ = post(gw, generated, path="/orders")
+        assert (s, h.get("idempotent-replayed")) == (201, "true")
+        assert upstream.executions(key) == 1
+    finally:
+        gw.stop()

@@ -140,3 +140,13 @@ def test_envoy_accepts_the_docker_config(tmp_path):
     out = subprocess.run([envoy, "--mode", "validate", "-c", str(path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "OK" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_the_admin_api_config_has_what_admin_api_sh_needs():
+    config = load("apisix/config-traditional.yaml")
+    deployment = config["deployment"]
+    assert deployment["role"] == "traditional"
+    assert deployment["role_traditional"]["config_provider"] == "etcd"
+    assert deployment["admin"]["admin_key"][0]["key"], "admin-api.sh sends it as X-API-KEY"
+    assert config["apisix"].get("enable_admin", True) is True
+    assert config["wasm"] == load("apisix/config.yaml")["wasm"], "the same plugin declaration"

@@ -32,6 +32,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "demo"))
+from apisix_gateway import ApisixRuntime, runtime_built  # noqa: E402
 from gateway import DEFAULT_WASM, Envoy, free_port  # noqa: E402
 from redis_backend import RedisBackend  # noqa: E402
 
@@ -99,21 +100,30 @@ http {{
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def cpu_seconds(pid):
-    """User + system CPU time of a process (all its threads) so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids):
+    """User + system CPU time of processes (all their threads) so far."""
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
-def wrk(port, mode, body_bytes, duration, connections, key="bench-replay", envoy_pid=None):
+def gateway_pids(gateway):
+    """The processes that serve: Envoy itself, or nginx's workers."""
+    return gateway.worker_pids() if isinstance(gateway, ApisixRuntime) else [gateway.proc.pid]
+
+
+def wrk(port, mode, body_bytes, duration, connections, key="bench-replay", pids=None):
     env = dict(os.environ, IDEM_MODE=mode, IDEM_BODY=str(body_bytes), IDEM_KEY=key)
-    cpu0 = cpu_seconds(envoy_pid) if envoy_pid else 0.0
+    pids = pids or []
+    cpu0 = cpu_seconds(pids) if pids else 0.0
     out = subprocess.run(
         ["taskset", "-c", LOAD_CPUS, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", os.path.join(HERE, "wrk_keys.lua"),
          f"http://127.0.0.1:{port}/payments"],
         capture_output=True, text=True, env=env, timeout=duration + 60)
-    cpu = cpu_seconds(envoy_pid) - cpu0 if envoy_pid else 0.0
+    cpu = cpu_seconds(pids) - cpu0 if pids else 0.0
     text = out.stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
     requests = int(re.search(r"(\d+) requests in", text).group(1))
@@ -160,7 +170,28 @@ SCENARIOS = [
     ("5 fresh key, Redis store, 1 KiB", "redis", "fresh", KIB),
     ("6 replay, Redis store", "redis", "replay", KIB),
     ("6b replay, Redis store without the replay cache", "redis-nocache", "replay", KIB),
+    # APISIX's Wasm runtime (make apisix-runtime): nginx with one worker, the
+    # filter driven as APISIX drives it, against the same nginx proxying
+    # without it. Redis store, forwarding mode (APISIX's only mode).
+    ("A0 reference: APISIX runtime, a no-op Wasm filter", "apisix-noop", "fresh", KIB),
+    ("A1 fresh key, APISIX runtime (Redis, forwarding)", "apisix", "fresh", KIB),
+    ("A2 replay, APISIX runtime (Redis, forwarding)", "apisix", "replay", KIB),
 ]
+
+
+def apisix_pair(store, nginx, backend):
+    """APISIX's runtime without and with a filter, one worker, pinned like Envoy."""
+    baseline = ApisixRuntime(upstream_port=nginx.port, workers=1, cpus=ENVOY_CPUS, with_filter=False,
+                             routes=[]).start()
+    if store == "apisix-noop":
+        filtered = ApisixRuntime({"noop": True}, nginx.port, workers=1, cpus=ENVOY_CPUS, wasm_path=NOOP_WASM)
+    else:
+        conf = {"host": "apisix", "max_request_body_bytes": 1 << 20,
+                "store": {"type": "redis", "cluster": f"127.0.0.1:{backend.webdis_port}",
+                          "key_prefix": f"bench-{time.time_ns()}:"},
+                "forward": {"upstream": f"127.0.0.1:{nginx.port}"}}
+        filtered = ApisixRuntime(conf, nginx.port, workers=1, cpus=ENVOY_CPUS)
+    return baseline, filtered.start()
 
 
 def run_scenario(name, store, mode, body, args, nginx, backend):
@@ -175,9 +206,12 @@ def run_scenario(name, store, mode, body, args, nginx, backend):
         config["store"] = {"type": "redis", "cluster": "webdis", "key_prefix": f"bench-{time.time_ns()}:"}
         if store == "redis-nocache":
             config["store"]["cache_entries"] = 0
-    baseline = Envoy({}, nginx.port, concurrency=1, with_filter=False, cpus=ENVOY_CPUS).start()
-    filtered = Envoy(config, nginx.port, concurrency=1, webdis_port=backend.webdis_port if backend else None,
-                     cpus=ENVOY_CPUS, **wasm).start()
+    if store.startswith("apisix"):
+        baseline, filtered = apisix_pair(store, nginx, backend)
+    else:
+        baseline = Envoy({}, nginx.port, concurrency=1, with_filter=False, cpus=ENVOY_CPUS).start()
+        filtered = Envoy(config, nginx.port, concurrency=1, webdis_port=backend.webdis_port if backend else None,
+                         cpus=ENVOY_CPUS, **wasm).start()
     try:
         if mode == "replay":
             # One completed key that every request of the run replays.
@@ -192,14 +226,16 @@ def run_scenario(name, store, mode, body, args, nginx, backend):
         for _ in range(args.runs):
             for label, target in (("baseline", baseline), ("filter", filtered)):
                 results[label].append(wrk(target.port, mode, body, args.duration, args.connections,
-                                          envoy_pid=target.proc.pid))
+                                          pids=gateway_pids(target)))
         summary = {}
         for label, runs in results.items():
             summary[label] = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "p99_ms", "cpu_us", "busy")}
             summary[label]["non2xx"] = sum(r["non2xx"] for r in runs)
         summary["ratio"] = summary["filter"]["rps"] / summary["baseline"]["rps"]
-        stats = filtered.stats()
-        summary["filter_stats"] = {} if store == "noop" or store.startswith("ref:") else {
+        # APISIX has no metrics for Wasm filters; the references are not the filter.
+        counted = filtered.has_metrics and store != "noop" and not store.startswith("ref:")
+        stats = filtered.stats() if counted else {}
+        summary["filter_stats"] = {} if not counted else {
             k: stats.get(k, 0) for k in ("requests_protected", "stored", "replays", "cache_hits", "store_errors",
                                          "conflicts", "evicted")}
         return summary
@@ -308,10 +344,13 @@ def write_markdown(results, profiles, memory, args, path):
         "",
         f"Filter module: `idempotency_filter.wasm`, {wasm_size:,} bytes.",
         "",
-        "Ratio: requests per second with the filter over without it. Envoy CPU: the gateway's own CPU time per"
-        " request (user + system, all threads), which is what the filter adds whatever else limits throughput.",
+        "Ratio: requests per second with the filter over without it. Gateway CPU: the gateway's own CPU time per"
+        " request (user + system, all threads; Envoy, or nginx's worker for the APISIX rows), which is what the"
+        " filter adds whatever else limits throughput. The APISIX rows (A…) compare APISIX's Wasm runtime (nginx,"
+        " one worker, pinned like Envoy) with and without the filter; there the filter forwards protected requests"
+        " itself (forwarding mode).",
         "",
-        "| scenario | baseline req/s | filter req/s | ratio | Envoy CPU per request, baseline → filter | baseline p50 / p99 ms | filter p50 / p99 ms |",
+        "| scenario | baseline req/s | filter req/s | ratio | gateway CPU per request, baseline → filter | baseline p50 / p99 ms | filter p50 / p99 ms |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
@@ -404,7 +443,10 @@ def main():
         for name, store, mode, body in SCENARIOS:
             if args.only and args.only not in name:
                 continue
-            needs_store = store.startswith("redis") or store == "ref:store-call"
+            if store.startswith("apisix") and not runtime_built():
+                print(f"{name}: skipped (make apisix-runtime first)", flush=True)
+                continue
+            needs_store = store.startswith("redis") or store in ("ref:store-call", "apisix")
             r = run_scenario(name, store, mode, body, args, nginx, store_backend() if needs_store else None)
             results[name] = r
             print(f"{name:40s} baseline {r['baseline']['rps']:9,.0f}/s  filter {r['filter']['rps']:9,.0f}/s"

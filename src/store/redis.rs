@@ -44,9 +44,15 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
 return 'claimed'";
 
 /// ARGV[1]: the owner's marker prefix, ARGV[2]: TTL ms, ARGV[3]: the record.
+/// 1: recorded; 0: the claim was no longer ours. 2: Redis refused the record
+/// (over `maxmemory` with `noeviction`, which refuses SET but not PEXPIRE):
+/// the in-flight marker is kept for the TTL instead, so retries get 409 and
+/// the request, which ran, never runs again.
 pub(crate) const COMPLETE_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
 if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then \
-redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2]) return 1 end \
+local ok = redis.pcall('SET', KEYS[1], ARGV[3], 'PX', ARGV[2]) \
+if type(ok) == 'table' and ok.err then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 2 end \
+return 1 end \
 return 0";
 
 /// ARGV[1]: the claim's marker prefix, ARGV[2]: its tombstone, ARGV[3]: how
@@ -404,7 +410,13 @@ impl RedisStore {
 
     /// `Ok(false)`: the claim was no longer ours (expired, maybe taken over).
     pub fn complete_outcome(&self, status: u16, body: &[u8]) -> Result<bool, StoreError> {
-        expect_flag(self.dialect.parse(status, body))
+        match self.dialect.parse(status, body) {
+            Ok(RedisValue::Int(2)) => Err(StoreError::Unavailable(
+                "redis refused the record (maxmemory reached); the key stays in progress until its TTL"
+                    .to_string(),
+            )),
+            other => expect_flag(other),
+        }
     }
 
     pub fn release_request(&self, digest: &Digest16, claim: &Claim) -> StoreRequest {
@@ -475,6 +487,17 @@ mod tests {
 
     const D: Digest16 = [0xab; 16];
     const FP: Digest16 = [0x01; 16];
+
+    #[test]
+    fn a_record_redis_refuses_is_an_error_not_a_lost_claim() {
+        let s = store();
+        assert_eq!(s.complete_outcome(200, &json("1")), Ok(true));
+        assert_eq!(s.complete_outcome(200, &json("0")), Ok(false));
+        assert!(matches!(
+            s.complete_outcome(200, &json("2")),
+            Err(StoreError::Unavailable(m)) if m.contains("maxmemory")
+        ));
+    }
 
     #[test]
     fn one_renew_call_carries_every_claim_and_answers_each() {

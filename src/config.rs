@@ -176,6 +176,16 @@ enum RawHost {
     ApisixProfile,
 }
 
+impl RawHost {
+    fn platform(self) -> Platform {
+        match self {
+            RawHost::Envoy => Platform::Envoy,
+            RawHost::Apisix => Platform::Apisix,
+            RawHost::ApisixProfile => Platform::ApisixProfile,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawForward {
@@ -224,7 +234,7 @@ pub struct Config {
     /// Response headers never recorded, so never replayed (lower-case).
     pub never_record_headers: Vec<String>,
     pub store: StoreConfig,
-    pub host: Host,
+    pub platform: Platform,
     /// Forwarding mode: the filter itself sends the request upstream.
     pub forward: Option<Forward>,
     /// Where each protected request's outcome is written (`set_property`;
@@ -233,9 +243,10 @@ pub struct Config {
 }
 
 /// Which proxy runs the filter. Chosen by configuration, not detected:
-/// detecting APISIX would mean probing calls it answers UNIMPLEMENTED.
+/// detecting APISIX would mean probing calls it answers UNIMPLEMENTED. The
+/// filter asks a platform what it can do, never which one it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Host {
+pub enum Platform {
     Envoy,
     /// Apache APISIX (wasm-nginx-module): no shared data, no tick, HTTP calls
     /// only in request phases, the body only when asked for.
@@ -245,10 +256,60 @@ pub enum Host {
     ApisixProfile,
 }
 
-impl Host {
+impl Platform {
     /// APISIX's rules apply (on APISIX itself or in its profile on Envoy).
-    pub fn apisix_rules(self) -> bool {
-        matches!(self, Host::Apisix | Host::ApisixProfile)
+    fn apisix_rules(self) -> bool {
+        matches!(self, Platform::Apisix | Platform::ApisixProfile)
+    }
+
+    /// The body callback comes only if the filter asks for it (APISIX:
+    /// the `wasm_process_req_body` property).
+    pub fn solicits_body(self) -> bool {
+        self.apisix_rules()
+    }
+
+    /// The end of stream given with the request headers means "no body".
+    /// APISIX signals it even when a body follows (it reads the body only if
+    /// asked); in Envoy, the APISIX profile included, it is the truth.
+    pub fn headers_end_of_stream_is_final(self) -> bool {
+        self != Platform::Apisix
+    }
+
+    /// Waiting for the body means pausing the request. APISIX calls the
+    /// body callback because the property is set, and a pause there with
+    /// nothing pending would stall its driver.
+    pub fn pauses_for_body(self) -> bool {
+        self != Platform::Apisix
+    }
+
+    /// HTTP calls are allowed only while the request is handled, one at a
+    /// time (so store calls are chained within the request, and the
+    /// response phases cannot reach the store).
+    pub fn calls_only_in_request_phases(self) -> bool {
+        self.apisix_rules()
+    }
+
+    /// A refusal that follows a cancel waits for the cancel's answer (calls
+    /// cannot outlive the request's handling). Elsewhere the cancel runs on
+    /// its own and the refusal goes out at once.
+    pub fn answers_after_cancel(self) -> bool {
+        self.apisix_rules()
+    }
+
+    /// Proxy shared data exists (the local store, the replay cache).
+    pub fn has_shared_data(self) -> bool {
+        !self.apisix_rules()
+    }
+
+    /// Properties land in filter state that access logs can read.
+    pub fn has_filter_state(self) -> bool {
+        !self.apisix_rules()
+    }
+
+    /// Testing aid: every host call is checked against APISIX's rules, and
+    /// a violation traps.
+    pub fn checks_apisix_rules(self) -> bool {
+        self == Platform::ApisixProfile
     }
 }
 
@@ -308,30 +369,19 @@ impl Config {
 }
 
 impl Default for Config {
+    /// The documented defaults: [`RawConfig::default()`], validated (the
+    /// unit tests prove them valid). Should a default ever fail its checks,
+    /// that test fails; this still returns the same defaults, unchecked,
+    /// rather than panic.
     fn default() -> Self {
-        // The defaults are valid by construction; the unit tests prove it.
-        validate(RawConfig::default()).unwrap_or(Config {
-            header: "idempotency-key".into(),
-            methods: vec!["POST".into(), "PATCH".into()],
-            required: false,
-            generate_missing: false,
-            max_key_length: 255,
-            ttl_ms: 86_400_000,
-            lock_timeout_ms: 30_000,
-            max_request_body_bytes: 1_048_576,
-            max_response_body_bytes: 1_048_576,
-            scope_headers: vec!["authorization".into()],
-            fingerprint_headers: vec!["content-type".into()],
-            fingerprint_hash: FingerprintHash::Xxh3,
-            record_server_errors: false,
-            never_record_headers: vec!["set-cookie".into()],
-            store: StoreConfig::Local {
-                buckets: 6_250,
-                ways: LOCAL_WAYS,
-            },
-            host: Host::Envoy,
-            forward: None,
-            outcome_property: None,
+        validate(RawConfig::default()).unwrap_or_else(|_| {
+            let raw = RawConfig::default();
+            assemble(
+                raw,
+                local_store(RawLocalStore::default().max_entries),
+                None,
+                None,
+            )
         })
     }
 }
@@ -385,25 +435,43 @@ pub fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn header_list(field: &str, names: Vec<String>) -> Result<Vec<String>, ConfigError> {
-    let mut out: Vec<String> = Vec::with_capacity(names.len());
+fn check_header_names(field: &str, names: &[String]) -> Result<(), ConfigError> {
+    match names.iter().find(|name| !is_token(name)) {
+        Some(name) => Err(err(
+            field,
+            format!(
+                "{name:?} is not a header name; use token characters only, e.g. \"x-tenant-id\""
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Each name once, in their first order.
+fn unique(names: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
     for name in names {
-        if !is_token(&name) {
-            return Err(err(
-                field,
-                format!("{name:?} is not a header name; use token characters only, e.g. \"x-tenant-id\""),
-            ));
-        }
-        let lower = name.to_ascii_lowercase();
-        if !out.contains(&lower) {
-            out.push(lower);
+        if !out.contains(&name) {
+            out.push(name);
         }
     }
-    Ok(out)
+    out
+}
+
+/// Header names lower-cased, each once.
+fn lower_unique(names: Vec<String>) -> Vec<String> {
+    unique(names.iter().map(|n| n.to_ascii_lowercase()))
+}
+
+fn local_store(max_entries: u32) -> StoreConfig {
+    StoreConfig::Local {
+        buckets: max_entries / LOCAL_WAYS,
+        ways: LOCAL_WAYS,
+    }
 }
 
 /// Reads `store` by its `type`, with error paths under `store.`.
-fn parse_store(value: serde_json::Value, host: Host) -> Result<StoreConfig, ConfigError> {
+fn parse_store(value: serde_json::Value, platform: Platform) -> Result<StoreConfig, ConfigError> {
     let serde_json::Value::Object(mut fields) = value else {
         return Err(err(
             "store",
@@ -437,12 +505,12 @@ fn parse_store(value: serde_json::Value, host: Host) -> Result<StoreConfig, Conf
                 u64::from(LOCAL_WAYS),
                 u64::from(MAX_ENTRIES_LIMIT),
             )?;
-            Ok(StoreConfig::Local {
-                buckets: local.max_entries / LOCAL_WAYS,
-                ways: LOCAL_WAYS,
-            })
+            Ok(local_store(local.max_entries))
         }
-        "redis" => Ok(StoreConfig::Redis(validate_redis(typed(fields)?, host)?)),
+        "redis" => Ok(StoreConfig::Redis(validate_redis(
+            typed(fields)?,
+            platform,
+        )?)),
         other => Err(err(
             "store.type",
             format!(
@@ -473,24 +541,24 @@ fn validate_forward(f: RawForward) -> Result<Forward, ConfigError> {
     })
 }
 
-fn validate_redis(raw: RawRedisStore, host: Host) -> Result<RedisConfig, ConfigError> {
-    let cache_entries = match (raw.cache_entries, host.apisix_rules()) {
-        (None, true) | (Some(0), _) => 0,
-        (None, false) => DEFAULT_CACHE_ENTRIES,
-        (Some(_), true) => {
+fn validate_redis(raw: RawRedisStore, platform: Platform) -> Result<RedisConfig, ConfigError> {
+    let cache_entries = match (raw.cache_entries, platform.has_shared_data()) {
+        (None, false) | (Some(0), _) => 0,
+        (None, true) => DEFAULT_CACHE_ENTRIES,
+        (Some(_), false) => {
             return Err(err(
                 "store.cache_entries",
                 "the replay cache needs shared data, which APISIX does not provide; set it to 0 or leave it out",
             ))
         }
-        (Some(n), false) if !(LOCAL_WAYS..=MAX_ENTRIES_LIMIT).contains(&n) => {
+        (Some(n), true) if !(LOCAL_WAYS..=MAX_ENTRIES_LIMIT).contains(&n) => {
             return Err(err(
                 "store.cache_entries",
                 format!("must be 0 (no cache) or between {LOCAL_WAYS} and {MAX_ENTRIES_LIMIT} (got {n})"),
             ))
         }
         // Whole buckets, never more than asked for.
-        (Some(n), false) => n / LOCAL_WAYS * LOCAL_WAYS,
+        (Some(n), true) => n / LOCAL_WAYS * LOCAL_WAYS,
     };
     if !is_visible(&raw.cluster) {
         return Err(err(
@@ -535,7 +603,7 @@ fn validate_redis(raw: RawRedisStore, host: Host) -> Result<RedisConfig, ConfigE
     })
 }
 
-fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
     if !is_token(&raw.header) {
         return Err(err(
             "header",
@@ -551,18 +619,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             "must list at least one method, e.g. [\"POST\", \"PATCH\"]",
         ));
     }
-    let mut methods: Vec<String> = Vec::with_capacity(raw.methods.len());
-    for m in &raw.methods {
-        if !is_token(m) {
-            return Err(err(
-                "methods",
-                format!("{m:?} is not an HTTP method; use a token such as \"POST\""),
-            ));
-        }
-        let upper = m.to_ascii_uppercase();
-        if !methods.contains(&upper) {
-            methods.push(upper);
-        }
+    if let Some(m) = raw.methods.iter().find(|m| !is_token(m)) {
+        return Err(err(
+            "methods",
+            format!("{m:?} is not an HTTP method; use a token such as \"POST\""),
+        ));
     }
     if raw.required && raw.generate_missing {
         return Err(err(
@@ -616,34 +677,40 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ),
         ));
     }
-    let scope_headers = header_list("scope_headers", raw.scope_headers)?;
-    let fingerprint_headers = header_list("fingerprint_headers", raw.fingerprint_headers)?;
-    let never_record_headers = header_list("never_record_headers", raw.never_record_headers)?;
-    let host = match raw.host {
-        RawHost::Envoy => Host::Envoy,
-        RawHost::Apisix => Host::Apisix,
-        RawHost::ApisixProfile => Host::ApisixProfile,
-    };
-    let store = parse_store(raw.store, host)?;
-    let forward = raw.forward.map(validate_forward).transpose()?;
-    let outcome_property = validate_outcome_property(raw.outcome_property, host)?;
-    if host.apisix_rules() {
-        if matches!(store, StoreConfig::Local { .. }) {
-            return Err(err(
+    check_header_names("scope_headers", &raw.scope_headers)?;
+    check_header_names("fingerprint_headers", &raw.fingerprint_headers)?;
+    check_header_names("never_record_headers", &raw.never_record_headers)?;
+    let platform = raw.host.platform();
+    let store = parse_store(std::mem::take(&mut raw.store), platform)?;
+    let forward = raw.forward.take().map(validate_forward).transpose()?;
+    let outcome_property =
+        validate_outcome_property(std::mem::take(&mut raw.outcome_property), platform)?;
+    if !platform.has_shared_data() && matches!(store, StoreConfig::Local { .. }) {
+        return Err(err(
                 "store.type",
                 "the local store needs shared data, which APISIX does not provide; use {\"type\": \"redis\", \"cluster\": \"host:port\"}",
             ));
-        }
-        if forward.is_none() {
-            return Err(err(
-                "forward",
-                "is required on APISIX, which allows store calls only while handling the request: set {\"upstream\": \"host:port\"} so the filter forwards the request itself and records the answer",
-            ));
-        }
     }
-    Ok(Config {
+    if platform.calls_only_in_request_phases() && forward.is_none() {
+        return Err(err(
+            "forward",
+            "is required on APISIX, which allows store calls only while handling the request: set {\"upstream\": \"host:port\"} so the filter forwards the request itself and records the answer",
+        ));
+    }
+    Ok(assemble(raw, store, forward, outcome_property))
+}
+
+/// The configuration `raw` describes, once its checks have passed (the
+/// parts checked separately come in checked).
+fn assemble(
+    raw: RawConfig,
+    store: StoreConfig,
+    forward: Option<Forward>,
+    outcome_property: Option<String>,
+) -> Config {
+    Config {
         header: raw.header.to_ascii_lowercase(),
-        methods,
+        methods: unique(raw.methods.iter().map(|m| m.to_ascii_uppercase())),
         required: raw.required,
         generate_missing: raw.generate_missing,
         max_key_length: raw.max_key_length,
@@ -651,28 +718,31 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         lock_timeout_ms: raw.lock_timeout_seconds * 1000,
         max_request_body_bytes: raw.max_request_body_bytes,
         max_response_body_bytes: raw.max_response_body_bytes,
-        scope_headers,
-        fingerprint_headers,
+        scope_headers: lower_unique(raw.scope_headers),
+        fingerprint_headers: lower_unique(raw.fingerprint_headers),
         fingerprint_hash: match raw.fingerprint_hash {
             RawFingerprintHash::Xxh3 => FingerprintHash::Xxh3,
             RawFingerprintHash::Sha256 => FingerprintHash::Sha256,
         },
         record_server_errors: raw.record_server_errors,
-        never_record_headers,
+        never_record_headers: lower_unique(raw.never_record_headers),
         store,
-        host,
+        platform: raw.host.platform(),
         forward,
         outcome_property,
-    })
+    }
 }
 
 const MAX_PROPERTY_NAME: usize = 64;
 
-fn validate_outcome_property(name: String, host: Host) -> Result<Option<String>, ConfigError> {
+fn validate_outcome_property(
+    name: String,
+    platform: Platform,
+) -> Result<Option<String>, ConfigError> {
     if name.is_empty() {
         return Ok(None);
     }
-    if host.apisix_rules() {
+    if !platform.has_filter_state() {
         // wasm-nginx-module maps properties to nginx variables, which must be
         // declared in nginx.conf; not supported here.
         return Err(err(
@@ -781,7 +851,7 @@ mod tests {
     #[test]
     fn apisix_needs_redis_and_forwarding() {
         let ok = Config::parse(br#"{"host":"apisix","store":{"type":"redis","cluster":"127.0.0.1:7379"},"forward":{"upstream":"127.0.0.1:8081"}}"#).unwrap();
-        assert_eq!(ok.host, Host::Apisix);
+        assert_eq!(ok.platform, Platform::Apisix);
         assert_eq!(
             ok.forward,
             Some(Forward {
@@ -790,7 +860,7 @@ mod tests {
                 timeout_ms: 30_000
             })
         );
-        assert_eq!(Config::parse(b"{}").unwrap().host, Host::Envoy);
+        assert_eq!(Config::parse(b"{}").unwrap().platform, Platform::Envoy);
     }
 
     #[test]

@@ -402,11 +402,11 @@ impl Filter {
         // and decides in the body callback, which then comes, empty or not.
         // Elsewhere (Envoy, and the APISIX profile running in Envoy) the
         // host's end of stream is the truth.
-        let expects_body = cfg.host == crate::config::Host::Apisix || !end_of_stream;
+        let expects_body = !cfg.platform.headers_end_of_stream_is_final() || !end_of_stream;
         if !expects_body {
             return self.decide(host, digest, fingerprint.finish());
         }
-        if cfg.host.apisix_rules() {
+        if cfg.platform.solicits_body() {
             if let Err(e) = host.set_property("wasm_process_req_body", b"true") {
                 return self.host_failure(host, e);
             }
@@ -661,7 +661,7 @@ impl Filter {
             }
         };
         host.metric_add(Metric::ClaimsCancelled, 1);
-        if !ctx.config.host.apisix_rules() {
+        if !ctx.config.platform.answers_after_cancel() {
             return self.store_failed(host, e);
         }
         // Counted and logged now, as store_failed would; answered later.

@@ -5,7 +5,7 @@
 //! that the filter turns into a decision. The SDK is used only for its
 //! context dispatcher.
 
-use crate::config::{Config, Host as HostKind};
+use crate::config::{Config, Platform};
 use crate::filter::{CallResponse, Filter, FilterContext, Store, Verdict};
 use crate::host::{HeaderMap, Host, HostError, Level};
 use crate::metrics::Metric;
@@ -332,8 +332,8 @@ impl MetricIds {
 /// context the host made current for the callback being run.
 struct WasmHost {
     metrics: Rc<MetricIds>,
-    /// The filter runs in APISIX itself (its mechanics, not Envoy's).
-    on_apisix: bool,
+    /// Waiting for the request body pauses the request (not on APISIX).
+    pauses_for_body: bool,
     /// `host: "apisix-profile"`: APISIX's rules, enforced while in Envoy.
     rules: Option<ApisixRules>,
 }
@@ -353,11 +353,11 @@ struct ApisixRules {
 }
 
 impl WasmHost {
-    fn new(metrics: Rc<MetricIds>, host: HostKind) -> WasmHost {
+    fn new(metrics: Rc<MetricIds>, platform: Platform) -> WasmHost {
         WasmHost {
             metrics,
-            on_apisix: host == HostKind::Apisix,
-            rules: (host == HostKind::ApisixProfile).then(ApisixRules::default),
+            pauses_for_body: platform.pauses_for_body(),
+            rules: platform.checks_apisix_rules().then(ApisixRules::default),
         }
     }
 
@@ -385,8 +385,8 @@ impl WasmHost {
             Verdict::Pause => Action::Pause,
             // APISIX calls the body callback because the property is set; a
             // Pause there with nothing pending would stall its driver.
-            Verdict::AwaitBody if self.on_apisix => Action::Continue,
-            Verdict::AwaitBody => Action::Pause,
+            Verdict::AwaitBody if self.pauses_for_body => Action::Pause,
+            Verdict::AwaitBody => Action::Continue,
         }
     }
 
@@ -631,7 +631,7 @@ impl RootContext for Root {
         };
         self.metrics.define();
         let mut ctx = FilterContext::new(config);
-        let host = WasmHost::new(self.metrics.clone(), HostKind::Envoy);
+        let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
         if let Some(cache) = &ctx.cache {
             // Without its table the cache is off; Redis still decides everything.
             if let Err(e) = cache.init(&host) {
@@ -687,7 +687,7 @@ impl RootContext for Root {
         host_log(Level::Warn, &self_profile::report());
         profile!(7);
         let Some(ctx) = &self.ctx else { return };
-        let host = WasmHost::new(self.metrics.clone(), HostKind::Envoy);
+        let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
         match &ctx.store {
             // Redis expires records itself.
             Store::Redis(_) => {}
@@ -733,7 +733,9 @@ impl RootContext for Root {
             filter: self.ctx.clone().map(Filter::new),
             host: WasmHost::new(
                 self.metrics.clone(),
-                self.ctx.as_ref().map_or(HostKind::Envoy, |c| c.config.host),
+                self.ctx
+                    .as_ref()
+                    .map_or(Platform::Envoy, |c| c.config.platform),
             ),
         }))
     }

@@ -6,7 +6,7 @@
 //! context dispatcher.
 
 use crate::config::{Config, Platform};
-use crate::filter::{CallResponse, Filter, FilterContext, Store, Verdict};
+use crate::filter::{CallResponse, Filter, FilterContext, Verdict};
 use crate::host::{HeaderMap, Host, HostError, Level};
 use crate::metrics::Metric;
 use crate::store::SharedData;
@@ -106,8 +106,6 @@ macro_rules! profile {
     };
 }
 
-/// Sweeping the whole table takes this many ticks; each VM sweeps its share.
-const SWEEP_TICKS_PER_PASS: u32 = 30;
 const TICK_MS: u32 = 1000;
 
 #[link(wasm_import_module = "env")]
@@ -603,9 +601,6 @@ impl Host for WasmHost {
 struct Root {
     ctx: Option<Rc<FilterContext>>,
     metrics: Rc<MetricIds>,
-    sweep_cursor: Cell<u32>,
-    /// Buckets swept and occupied slots seen in the current full pass.
-    sweep_pass: Cell<(u32, u64)>,
 }
 
 impl Context for Root {}
@@ -632,47 +627,19 @@ impl RootContext for Root {
         self.metrics.define();
         let mut ctx = FilterContext::new(config);
         let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
-        if let Some(cache) = &ctx.cache {
-            // Without its table the cache is off; Redis still decides everything.
-            if let Err(e) = cache.init(&host) {
-                host_log(
-                    Level::Warn,
-                    &format!("replay cache disabled: cannot create it in shared data: {e}"),
-                );
-                ctx.cache = None;
+        let ticks = match ctx.store.init(&host) {
+            Ok(ticks) => ticks,
+            Err(e) => {
+                host_log(Level::Error, &e);
+                return false;
             }
-        }
+        };
         // The profiling build reports from the tick, whatever the store.
         #[cfg(feature = "self-profile")]
-        if matches!(ctx.store, Store::Redis(_)) {
+        if !ticks {
             let _ = unsafe { proxy_set_tick_period_milliseconds(TICK_MS) };
         }
-        // Only the local store needs the tick: Redis expires records itself.
-        if let Store::Local(table) = &ctx.store {
-            match table.init(&host) {
-                Ok(created) => {
-                    if created > 0 {
-                        host_log(
-                            Level::Info,
-                            &format!(
-                                "local store ready, {} slots in {} buckets",
-                                table.capacity(),
-                                table.buckets()
-                            ),
-                        );
-                    }
-                }
-                Err(e) => {
-                    host_log(
-                        Level::Error,
-                        &format!("cannot create the local store in shared data: {e}"),
-                    );
-                    return false;
-                }
-            }
-            // Start each VM's sweep somewhere else so several VMs spread out.
-            let start = (host.random_u64() % u64::from(table.buckets().max(1))) as u32;
-            self.sweep_cursor.set(start);
+        if ticks {
             let status = unsafe { proxy_set_tick_period_milliseconds(TICK_MS) };
             if status != OK {
                 host_log(Level::Warn, &format!("no tick (status {status}): expired records are reclaimed only when their slot is reused"));
@@ -688,40 +655,8 @@ impl RootContext for Root {
         profile!(7);
         let Some(ctx) = &self.ctx else { return };
         let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
-        match &ctx.store {
-            // Redis expires records itself.
-            Store::Redis(_) => {}
-            Store::Local(table) => {
-                let buckets = table.buckets().max(1);
-                let per_tick = buckets.div_ceil(SWEEP_TICKS_PER_PASS).max(1);
-                let first = self.sweep_cursor.get();
-                self.sweep_cursor
-                    .set(first.wrapping_add(per_tick) % buckets);
-                let stats = table.sweep(&host, first, per_tick, now_ms());
-                if stats.freed > 0 {
-                    host.metric_add(Metric::Expired, i64::from(stats.freed));
-                    host.metric_add(Metric::Entries, -i64::from(stats.freed));
-                }
-                if stats.errors > 0 {
-                    host.metric_add(Metric::StoreErrors, i64::from(stats.errors));
-                    host_log(
-                        Level::Warn,
-                        &format!("sweep: {} buckets could not be swept", stats.errors),
-                    );
-                }
-                // The entries gauge moves by +1/-1 steps as requests run; once
-                // per full pass it is reset to the occupancy this pass saw, so
-                // lost steps cannot accumulate. That count is gathered over
-                // the pass (30 s), so it is approximate while the table changes.
-                let (swept, occupied) = self.sweep_pass.get();
-                let (swept, occupied) = (swept + per_tick, occupied + stats.occupied);
-                if swept >= buckets {
-                    self.metrics.set(Metric::Entries, occupied);
-                    self.sweep_pass.set((0, 0));
-                } else {
-                    self.sweep_pass.set((swept, occupied));
-                }
-            }
+        if let Some(occupied) = ctx.store.tick(&host, now_ms()) {
+            self.metrics.set(Metric::Entries, occupied);
         }
     }
 
@@ -891,8 +826,6 @@ proxy_wasm::main! {{
         Box::new(Root {
             ctx: None,
             metrics: Rc::new(MetricIds::default()),
-            sweep_cursor: Cell::new(0),
-            sweep_pass: Cell::new((0, 0)),
         })
     });
 }}

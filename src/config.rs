@@ -6,8 +6,17 @@ use crate::fingerprint::FingerprintHash;
 use crate::record::is_recorded_header;
 use crate::store::redis::{OnUnavailable, RedisConfig};
 use crate::wire::base64_encode;
-use serde::Deserialize;
 use std::fmt;
+
+mod platform;
+mod raw;
+
+pub use platform::Platform;
+
+pub use raw::DEFAULT_CACHE_ENTRIES;
+use raw::{
+    RawConfig, RawFingerprintHash, RawForward, RawLocalStore, RawOnUnavailable, RawRedisStore,
+};
 
 /// Ways per bucket of the local slot table; `max_entries` is rounded down to a
 /// multiple of this so the table never holds more than `max_entries` records.
@@ -62,158 +71,6 @@ fn check_authority(field: &str, authority: Option<&str>) -> Result<(), ConfigErr
     }
 }
 
-/// The JSON document exactly as operators write it.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawConfig {
-    header: String,
-    methods: Vec<String>,
-    required: bool,
-    generate_missing: bool,
-    max_key_length: usize,
-    ttl_seconds: u64,
-    lock_timeout_seconds: u64,
-    max_request_body_bytes: u64,
-    max_response_body_bytes: u64,
-    scope_headers: Vec<String>,
-    fingerprint_headers: Vec<String>,
-    fingerprint_hash: RawFingerprintHash,
-    record_server_errors: bool,
-    never_record_headers: Vec<String>,
-    host: RawHost,
-    forward: Option<RawForward>,
-    outcome_property: String,
-    /// Parsed in a second step ([`parse_store`]): the store's fields depend
-    /// on its `type`, and errors must still name e.g. `store.timeout_ms`.
-    store: serde_json::Value,
-}
-
-impl Default for RawConfig {
-    fn default() -> Self {
-        RawConfig {
-            header: "Idempotency-Key".to_string(),
-            methods: vec!["POST".to_string(), "PATCH".to_string()],
-            required: false,
-            generate_missing: false,
-            max_key_length: 255,
-            ttl_seconds: 86_400,
-            lock_timeout_seconds: 30,
-            max_request_body_bytes: 1_048_576,
-            max_response_body_bytes: 1_048_576,
-            scope_headers: vec!["authorization".to_string()],
-            fingerprint_headers: vec!["content-type".to_string()],
-            fingerprint_hash: RawFingerprintHash::Xxh3,
-            record_server_errors: false,
-            never_record_headers: vec!["set-cookie".to_string()],
-            host: RawHost::Envoy,
-            forward: None,
-            outcome_property: String::new(),
-            store: serde_json::json!({"type": "local"}),
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRedisStore {
-    cluster: String,
-    #[serde(default)]
-    authority: Option<String>,
-    #[serde(default = "default_timeout_ms")]
-    timeout_ms: u64,
-    #[serde(default = "default_key_prefix")]
-    key_prefix: String,
-    #[serde(default)]
-    on_unavailable: RawOnUnavailable,
-    #[serde(default)]
-    auth: Option<RawAuth>,
-    /// Unset: [`DEFAULT_CACHE_ENTRIES`] on Envoy, 0 (off) on APISIX.
-    #[serde(default)]
-    cache_entries: Option<u32>,
-}
-
-/// Completed records a gateway keeps in its own shared data in front of
-/// Redis, so that replays need no store round trip (Envoy only).
-pub const DEFAULT_CACHE_ENTRIES: u32 = 10_000;
-
-fn default_timeout_ms() -> u64 {
-    500
-}
-
-fn default_key_prefix() -> String {
-    "idem:".to_string()
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum RawOnUnavailable {
-    #[default]
-    Reject,
-    Allow,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAuth {
-    username: String,
-    password: String,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum RawFingerprintHash {
-    #[default]
-    Xxh3,
-    Sha256,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum RawHost {
-    #[default]
-    Envoy,
-    Apisix,
-    ApisixProfile,
-}
-
-impl RawHost {
-    fn platform(self) -> Platform {
-        match self {
-            RawHost::Envoy => Platform::Envoy,
-            RawHost::Apisix => Platform::Apisix,
-            RawHost::ApisixProfile => Platform::ApisixProfile,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawForward {
-    upstream: String,
-    #[serde(default)]
-    authority: Option<String>,
-    #[serde(default = "default_forward_timeout_ms")]
-    timeout_ms: u64,
-}
-
-fn default_forward_timeout_ms() -> u64 {
-    30_000
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawLocalStore {
-    max_entries: u32,
-}
-
-impl Default for RawLocalStore {
-    fn default() -> Self {
-        RawLocalStore {
-            max_entries: 100_000,
-        }
-    }
-}
-
 /// Validated configuration. Header names are lower-case (both hosts hand
 /// header names to the filter lower-cased), methods upper-case.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,77 +97,6 @@ pub struct Config {
     /// Where each protected request's outcome is written (`set_property`;
     /// Envoy filter state `wasm.<name>`, for access logs). `None`: nowhere.
     pub outcome_property: Option<String>,
-}
-
-/// Which proxy runs the filter. Chosen by configuration, not detected:
-/// detecting APISIX would mean probing calls it answers UNIMPLEMENTED. The
-/// filter asks a platform what it can do, never which one it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Platform {
-    Envoy,
-    /// Apache APISIX (wasm-nginx-module): no shared data, no tick, HTTP calls
-    /// only in request phases, the body only when asked for.
-    Apisix,
-    /// Testing aid: runs in Envoy, behaves exactly as on APISIX, and traps
-    /// on any call APISIX would not allow, so that a test fails.
-    ApisixProfile,
-}
-
-impl Platform {
-    /// APISIX's rules apply (on APISIX itself or in its profile on Envoy).
-    fn apisix_rules(self) -> bool {
-        matches!(self, Platform::Apisix | Platform::ApisixProfile)
-    }
-
-    /// The body callback comes only if the filter asks for it (APISIX:
-    /// the `wasm_process_req_body` property).
-    pub fn solicits_body(self) -> bool {
-        self.apisix_rules()
-    }
-
-    /// The end of stream given with the request headers means "no body".
-    /// APISIX signals it even when a body follows (it reads the body only if
-    /// asked); in Envoy, the APISIX profile included, it is the truth.
-    pub fn headers_end_of_stream_is_final(self) -> bool {
-        self != Platform::Apisix
-    }
-
-    /// Waiting for the body means pausing the request. APISIX calls the
-    /// body callback because the property is set, and a pause there with
-    /// nothing pending would stall its driver.
-    pub fn pauses_for_body(self) -> bool {
-        self != Platform::Apisix
-    }
-
-    /// HTTP calls are allowed only while the request is handled, one at a
-    /// time (so store calls are chained within the request, and the
-    /// response phases cannot reach the store).
-    pub fn calls_only_in_request_phases(self) -> bool {
-        self.apisix_rules()
-    }
-
-    /// A refusal that follows a cancel waits for the cancel's answer (calls
-    /// cannot outlive the request's handling). Elsewhere the cancel runs on
-    /// its own and the refusal goes out at once.
-    pub fn answers_after_cancel(self) -> bool {
-        self.apisix_rules()
-    }
-
-    /// Proxy shared data exists (the local store, the replay cache).
-    pub fn has_shared_data(self) -> bool {
-        !self.apisix_rules()
-    }
-
-    /// Properties land in filter state that access logs can read.
-    pub fn has_filter_state(self) -> bool {
-        !self.apisix_rules()
-    }
-
-    /// Testing aid: every host call is checked against APISIX's rules, and
-    /// a violation traps.
-    pub fn checks_apisix_rules(self) -> bool {
-        self == Platform::ApisixProfile
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

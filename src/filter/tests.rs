@@ -1,7 +1,8 @@
 //! The filter's unit tests: every path runs against the in-memory host.
 
 use super::*;
-use crate::fake_host::FakeHost;
+use crate::fake_host::{Call, FakeHost};
+use crate::fake_redis::{last_call, op, FakeRedis, Op};
 
 fn ctx(json: &str) -> Rc<FilterContext> {
     Rc::new(FilterContext::new(Config::parse(json.as_bytes()).unwrap()))
@@ -43,29 +44,29 @@ fn request(
 }
 
 fn respond(host: &FakeHost, f: &mut Filter, status: u16, body: &[u8]) {
-    *host.response_headers.borrow_mut() = vec![
-        (":status".into(), status.to_string().into_bytes()),
-        ("content-type".into(), b"application/json".to_vec()),
-        ("content-length".into(), body.len().to_string().into_bytes()),
-        ("set-cookie".into(), b"s=1".to_vec()),
-    ];
+    host.set_response(&[
+        (":status", &status.to_string()),
+        ("content-type", "application/json"),
+        ("content-length", &body.len().to_string()),
+        ("set-cookie", "s=1"),
+    ]);
     f.on_response_headers(host, false);
     for chunk in body.chunks(3) {
-        *host.response_chunk.borrow_mut() = chunk.to_vec();
+        host.set_response_chunk(chunk);
         f.on_response_body(host, chunk.len(), false);
     }
-    host.response_chunk.borrow_mut().clear();
+    host.set_response_chunk(b"");
     f.on_response_body(host, 0, true);
     f.on_done(host);
 }
 
 fn sent_status(host: &FakeHost) -> Option<u16> {
-    host.sent.borrow().as_ref().map(|s| s.status)
+    host.sent_status()
 }
 
 fn setup(json: &str) -> (FakeHost, Rc<FilterContext>) {
     let host = FakeHost::default();
-    host.now.set(1_000_000);
+    host.set_clock(1_000_000);
     let mut c = FilterContext::new(Config::parse(json.as_bytes()).unwrap());
     c.store.init(&host).unwrap();
     (host, Rc::new(c))
@@ -160,27 +161,27 @@ fn redis_outcomes_follow_the_store_answers() {
         f.on_request_headers(&host, true);
         f
     };
-    let mut f = redis_post(&host, &redis, &c, "k", 1);
-    complete_paid(&host, &redis, &mut f, 2);
+    let mut f = redis_post(&host, &redis, &c, "k");
+    complete_paid(&host, &redis, &mut f);
     assert_eq!(last(&host), "stored");
     // The record write fails: the response still goes out, unrecorded.
-    let mut f = redis_post(&host, &redis, &c, "k2", 3);
-    *host.response_headers.borrow_mut() = vec![(":status".into(), b"201".to_vec())];
+    let mut f = redis_post(&host, &redis, &c, "k2");
+    host.set_response(&[(":status", "201")]);
     f.on_response_headers(&host, false);
-    *host.response_chunk.borrow_mut() = b"paid".to_vec();
+    host.set_response_chunk(b"paid");
     f.on_response_body(&host, 4, true);
-    f.on_store_response(&host, 4, None, b"");
+    store_answers(&host, &mut f, Op::Complete, None, b"");
     assert_eq!(last(&host), "not-recorded");
     // A timed-out claim.
     let mut f = start(&c, "k3");
-    f.on_store_response(&host, 5, None, b"");
+    store_answers(&host, &mut f, Op::Claim, None, b"");
     assert_eq!(last(&host), "store-unavailable");
     // Fail open.
     let c = ctx(
         r#"{"outcome_property":"o","store":{"type":"redis","cluster":"webdis","on_unavailable":"allow"}}"#,
     );
     let mut f = start(&c, "k");
-    f.on_store_response(&host, 7, Some(503), b"");
+    store_answers(&host, &mut f, Op::Claim, Some(503), b"");
     assert_eq!(last(&host), "store-bypassed");
 }
 
@@ -193,7 +194,7 @@ fn first_request_forwards_and_retry_replays() {
     assert_eq!(host.metric(Metric::Stored), 1);
     let (_, forwarded) = request(&host, &c, &post(Some("\"k1\"")), b"{\"amount\":10}");
     assert!(!forwarded, "the replay must not reach the upstream");
-    let sent = host.sent.borrow().clone().unwrap();
+    let sent = host.sent().unwrap();
     assert_eq!(sent.status, 201);
     assert_eq!(sent.body, b"{\"id\":1}");
     assert_eq!(sent.header("idempotent-replayed").as_deref(), Some("true"));
@@ -214,7 +215,7 @@ fn retry_while_in_flight_is_409_and_other_payload_is_422() {
     let (_, fwd) = request(&host, &c, &post(Some("k")), b"a");
     assert!(!fwd);
     assert_eq!(sent_status(&host), Some(409));
-    let sent = host.sent.borrow().clone().unwrap();
+    let sent = host.sent().unwrap();
     assert_eq!(sent.header("retry-after").as_deref(), Some("1"));
     assert_eq!(
         sent.header("content-type").as_deref(),
@@ -233,7 +234,7 @@ fn retry_while_in_flight_is_409_and_other_payload_is_422() {
     );
     let (_, fwd) = request(&host, &c, &post(Some("k")), b"a");
     assert!(!fwd);
-    assert_eq!(host.sent.borrow().as_ref().unwrap().body, b"done");
+    assert_eq!(host.sent().unwrap().body, b"done");
 }
 
 #[test]
@@ -290,7 +291,7 @@ fn only_the_upstreams_own_answers_are_recorded() {
 fn a_local_reply_of_another_filter_releases_the_key() {
     let (host, c) = setup("{}");
     let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
-    *host.code_details.borrow_mut() = Some("request_rate_limited".into());
+    host.set_code_details("request_rate_limited");
     respond(&host, &mut f, 429, b"slow down");
     assert_eq!(host.metric(Metric::Released), 1);
     let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
@@ -301,18 +302,11 @@ fn a_local_reply_of_another_filter_releases_the_key() {
 fn never_recorded_headers_are_configurable() {
     let (host, c) = setup(r#"{"never_record_headers":["x-trace"]}"#);
     let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
-    host.response_headers
-        .borrow_mut()
-        .push(("x-trace".into(), b"t1".to_vec()));
-    *host.response_headers.borrow_mut() = vec![
-        (":status".into(), b"200".to_vec()),
-        ("set-cookie".into(), b"s=1".to_vec()),
-        ("x-trace".into(), b"t1".to_vec()),
-    ];
+    host.set_response(&[(":status", "200"), ("set-cookie", "s=1"), ("x-trace", "t1")]);
     f.on_response_headers(&host, true);
     let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
     assert!(!forwarded);
-    let sent = host.sent.borrow().clone().unwrap();
+    let sent = host.sent().unwrap();
     assert_eq!(
         sent.header("set-cookie").as_deref(),
         Some("s=1"),
@@ -339,7 +333,7 @@ fn abandoned_exchange_keeps_the_claim_until_the_lock_times_out() {
     let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
     assert!(!forwarded);
     assert_eq!(sent_status(&host), Some(409));
-    host.now.set(host.now.get() + 5_000);
+    host.advance_clock(5_000);
     let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
     assert!(forwarded, "after lock_timeout_seconds the retry may run");
 }
@@ -365,8 +359,7 @@ fn keys_missing_invalid_or_repeated() {
     let (_, forwarded) = request(&host, &c, &post(None), b"x");
     assert!(!forwarded);
     assert_eq!(sent_status(&host), Some(400));
-    let body: serde_json::Value =
-        serde_json::from_slice(&host.sent.borrow().as_ref().unwrap().body).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&host.sent().unwrap().body).unwrap();
     assert_eq!(body["type"], "urn:idempotency-filter:problem:missing-key");
 }
 
@@ -385,7 +378,7 @@ fn unprotected_methods_pass_untouched() {
     );
     let (_, forwarded) = request(&host, &c, &get, b"");
     assert!(forwarded);
-    assert!(host.sent.borrow().is_none());
+    assert!(host.sent().is_none());
     let after = (
         host.shared.key_count(),
         host.shared.total_bytes(),
@@ -399,13 +392,7 @@ fn generated_keys_are_forwarded_and_returned() {
     let (host, c) = setup(r#"{"generate_missing":true}"#);
     let (mut f, forwarded) = request(&host, &c, &post(None), b"x");
     assert!(forwarded);
-    let sent_key = host
-        .request_headers
-        .borrow()
-        .iter()
-        .find(|(n, _)| n == "idempotency-key")
-        .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
-        .unwrap();
+    let sent_key = host.request_header("idempotency-key").unwrap();
     assert_eq!(sent_key.len(), 36);
     assert_eq!(&sent_key[14..15], "4", "UUID version 4");
     respond(&host, &mut f, 201, b"ok");
@@ -439,7 +426,7 @@ fn body_limits() {
     respond(&host, &mut f, 200, b"0123456789");
     let (_, forwarded) = request(&host, &c, &post(Some("c")), b"1234");
     assert!(!forwarded);
-    let sent = host.sent.borrow().clone().unwrap();
+    let sent = host.sent().unwrap();
     assert_eq!((sent.status, sent.body.len()), (200, 0));
     assert_eq!(
         sent.header("idempotent-replay-body").as_deref(),
@@ -482,84 +469,6 @@ fn request_trailers_end_the_request() {
     assert_eq!(f.on_request_trailers(&host), Verdict::Continue);
 }
 
-/// Webdis + Redis in memory: decodes a dispatched call and runs the
-/// script's semantics (expiry is not modelled).
-#[derive(Default)]
-struct FakeRedis {
-    data: std::cell::RefCell<std::collections::HashMap<String, String>>,
-}
-
-fn pct_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).unwrap()
-}
-
-impl FakeRedis {
-    /// Answers call `n` (1-based) that `host` sent; returns the JSON body.
-    fn answer(&self, host: &FakeHost, n: usize) -> Vec<u8> {
-        use crate::store::redis::{CANCEL_SCRIPT, CLAIM_SCRIPT, COMPLETE_SCRIPT, RELEASE_SCRIPT};
-        let (_, headers, body) = host.calls.borrow()[n - 1].clone();
-        let path = headers
-            .iter()
-            .find(|(h, _)| h == ":path")
-            .unwrap()
-            .1
-            .clone();
-        let segs: Vec<String> = path.split('/').skip(2).map(pct_decode).collect();
-        let (script, key, args) = (&segs[0], &segs[2], &segs[3..]);
-        let mut data = self.data.borrow_mut();
-        let reply = if script == CLAIM_SCRIPT {
-            let (marker, tombstone) = (&args[0], &args[2]);
-            match data.get(key).cloned() {
-                Some(v) if &v == tombstone => {
-                    data.remove(key);
-                    serde_json::json!("cancelled")
-                }
-                // Expiry is not modelled: every record has a minute left.
-                Some(v) if !v.starts_with("X|") => serde_json::json!(format!("60000|{v}")),
-                _ => {
-                    data.insert(key.clone(), marker.clone());
-                    serde_json::json!("claimed")
-                }
-            }
-        } else if script == CANCEL_SCRIPT {
-            let (owner, tombstone) = (&args[0], &args[1]);
-            match data.get(key).cloned() {
-                None => {
-                    data.insert(key.clone(), tombstone.clone());
-                    serde_json::json!(2)
-                }
-                Some(v) if v.starts_with(owner.as_str()) => {
-                    data.remove(key);
-                    serde_json::json!(1)
-                }
-                Some(_) => serde_json::json!(0),
-            }
-        } else {
-            let owner = &args[0];
-            let owned = data.get(key).is_some_and(|v| v.starts_with(owner.as_str()));
-            if owned && script == COMPLETE_SCRIPT {
-                data.insert(key.clone(), String::from_utf8(body.unwrap()).unwrap());
-            } else if owned && script == RELEASE_SCRIPT {
-                data.remove(key);
-            }
-            serde_json::json!(i32::from(owned))
-        };
-        serde_json::to_vec(&serde_json::json!({ "EVAL": reply })).unwrap()
-    }
-}
-
 /// The Redis store without the replay cache: every decision is Redis's.
 fn redis_ctx(extra: &str) -> Rc<FilterContext> {
     ctx(&format!(
@@ -572,18 +481,18 @@ fn cached_redis_ctx() -> Rc<FilterContext> {
 }
 
 /// Runs a claimed request to completion: 201 "paid", recorded by call `n`.
-fn complete_paid(host: &FakeHost, redis: &FakeRedis, f: &mut Filter, n: usize) {
-    *host.response_headers.borrow_mut() = vec![(":status".into(), b"201".to_vec())];
+fn complete_paid(host: &FakeHost, redis: &FakeRedis, f: &mut Filter) {
+    host.set_response(&[(":status", "201")]);
     assert_eq!(f.on_response_headers(host, false), Verdict::Continue);
-    *host.response_chunk.borrow_mut() = b"paid".to_vec();
+    host.set_response_chunk(b"paid");
     assert_eq!(f.on_response_body(host, 4, true), Verdict::Pause);
-    f.on_store_response(host, n as u32, Some(200), &redis.answer(host, n));
+    redis_answers(host, redis, f, Op::Complete);
 }
 
 /// A keyed POST that the filter answers without calling Redis.
 fn post_answered_locally(host: &FakeHost, c: &Rc<FilterContext>, key: &str, body: &[u8]) -> u16 {
     host.reset_exchange(&keyed(key), body);
-    let calls = host.calls.borrow().len();
+    let calls = host.call_count();
     let mut f = Filter::new(c.clone());
     assert_eq!(
         f.on_request_headers(host, body.is_empty()),
@@ -596,12 +505,8 @@ fn post_answered_locally(host: &FakeHost, c: &Rc<FilterContext>, key: &str, body
     if !body.is_empty() {
         assert_eq!(f.on_request_body(host, body.len(), true), Verdict::Pause);
     }
-    assert_eq!(
-        host.calls.borrow().len(),
-        calls,
-        "answered without a store call"
-    );
-    host.sent.borrow().as_ref().map_or(0, |s| s.status)
+    assert_eq!(host.call_count(), calls, "answered without a store call");
+    host.sent_status().unwrap_or(0)
 }
 
 #[test]
@@ -609,12 +514,12 @@ fn the_replay_cache_answers_retries_of_what_this_gateway_recorded() {
     let host = FakeHost::default();
     let redis = FakeRedis::default();
     let c = cached_redis_ctx();
-    let mut f = redis_post(&host, &redis, &c, "k", 1);
-    complete_paid(&host, &redis, &mut f, 2);
+    let mut f = redis_post(&host, &redis, &c, "k");
+    complete_paid(&host, &redis, &mut f);
     assert_eq!(host.metric(Metric::Stored), 1);
     // The retry is replayed from the cache: no third call.
     assert_eq!(post_answered_locally(&host, &c, "k", b""), 201);
-    let sent = host.sent.borrow().clone().unwrap();
+    let sent = host.sent().unwrap();
     assert_eq!(sent.body, b"paid");
     assert_eq!(sent.header("idempotent-replayed").as_deref(), Some("true"));
     // Another payload under the key: 422, also without Redis.
@@ -629,20 +534,16 @@ fn configurations_with_other_redis_namespaces_do_not_share_a_cache() {
     let host = FakeHost::default();
     let redis = FakeRedis::default();
     let a = cached_redis_ctx();
-    let mut f = redis_post(&host, &redis, &a, "k", 1);
-    complete_paid(&host, &redis, &mut f, 2);
+    let mut f = redis_post(&host, &redis, &a, "k");
+    complete_paid(&host, &redis, &mut f);
     assert_eq!(post_answered_locally(&host, &a, "k", b""), 201);
     // Same shared data (same vm_id), another key_prefix: its own Redis
     // namespace, where "k" was never used, so Redis is asked.
     let b = ctx(
         r#"{"store":{"type":"redis","cluster":"webdis","key_prefix":"other:","cache_entries":32}}"#,
     );
-    redis_post(&host, &redis, &b, "k", 3);
-    assert_eq!(
-        host.calls.borrow().len(),
-        3,
-        "asked its own Redis namespace"
-    );
+    redis_post(&host, &redis, &b, "k");
+    assert_eq!(host.call_count(), 3, "asked its own Redis namespace");
     assert_eq!(host.resumed_requests.get(), 2, "and ran the request there");
 }
 
@@ -651,23 +552,23 @@ fn records_from_other_gateways_are_cached_until_redis_expires_them() {
     let redis = FakeRedis::default();
     let c = cached_redis_ctx();
     let a = FakeHost::default();
-    let mut f = redis_post(&a, &redis, &c, "k", 1);
-    complete_paid(&a, &redis, &mut f, 2);
+    let mut f = redis_post(&a, &redis, &c, "k");
+    complete_paid(&a, &redis, &mut f);
     // Gateway B (its own shared data) asks Redis once, which answers
     // with the record and "60 s left"...
     let b = FakeHost::default();
-    b.now.set(1_000);
-    redis_post(&b, &redis, &c, "k", 1);
-    assert_eq!(b.sent.borrow().as_ref().unwrap().status, 201);
+    b.set_clock(1_000);
+    redis_post(&b, &redis, &c, "k");
+    assert_eq!(b.sent().unwrap().status, 201);
     assert_eq!(b.metric(Metric::CacheHits), 0);
     // ...then answers the key itself while Redis still has it...
-    b.now.set(60_999);
+    b.set_clock(60_999);
     assert_eq!(post_answered_locally(&b, &c, "k", b""), 201);
     assert_eq!(b.metric(Metric::CacheHits), 1);
     // ...and never past Redis's expiry (60 s after the claim was sent).
-    b.now.set(61_000);
-    redis_post(&b, &redis, &c, "k", 2);
-    assert_eq!(b.calls.borrow().len(), 2, "asked Redis again");
+    b.set_clock(61_000);
+    redis_post(&b, &redis, &c, "k");
+    assert_eq!(b.call_count(), 2, "asked Redis again");
     assert_eq!(b.metric(Metric::CacheHits), 1);
 }
 
@@ -677,33 +578,27 @@ fn released_and_failed_writes_are_not_cached() {
     let redis = FakeRedis::default();
     let c = cached_redis_ctx();
     // A 5xx releases the key: nothing to cache, the retry asks Redis.
-    let mut f = redis_post(&host, &redis, &c, "k", 1);
-    *host.response_headers.borrow_mut() = vec![(":status".into(), b"503".to_vec())];
+    let mut f = redis_post(&host, &redis, &c, "k");
+    host.set_response(&[(":status", "503")]);
     assert_eq!(f.on_response_headers(&host, true), Verdict::Pause);
-    f.on_store_response(&host, 2, Some(200), &redis.answer(&host, 2));
+    redis_answers(&host, &redis, &mut f, Op::Release);
     assert_eq!(host.metric(Metric::Released), 1);
     // The retry executes (Redis says claimed); its record write fails.
-    let mut f = redis_post(&host, &redis, &c, "k", 3);
+    let mut f = redis_post(&host, &redis, &c, "k");
     assert_eq!(host.resumed_requests.get(), 2);
-    *host.response_headers.borrow_mut() = vec![(":status".into(), b"201".to_vec())];
+    host.set_response(&[(":status", "201")]);
     assert_eq!(f.on_response_headers(&host, true), Verdict::Pause);
-    f.on_store_response(&host, 4, Some(503), b"");
+    store_answers(&host, &mut f, Op::Complete, Some(503), b"");
     assert_eq!(host.metric(Metric::StoreErrors), 1);
     // Not recorded in Redis, so not in the cache either: Redis is asked.
-    redis_post(&host, &redis, &c, "k", 5);
-    assert_eq!(host.calls.borrow().len(), 5);
+    redis_post(&host, &redis, &c, "k");
+    assert_eq!(host.call_count(), 5);
     assert_eq!(host.metric(Metric::CacheHits), 0);
 }
 
 /// A bodiless keyed POST: headers in, claim sent, the fake Redis answers
 /// (call `n`). Returns the filter.
-fn redis_post(
-    host: &FakeHost,
-    redis: &FakeRedis,
-    c: &Rc<FilterContext>,
-    key: &str,
-    n: usize,
-) -> Filter {
+fn redis_post(host: &FakeHost, redis: &FakeRedis, c: &Rc<FilterContext>, key: &str) -> Filter {
     host.reset_exchange(&keyed(key), b"");
     let mut f = Filter::new(c.clone());
     assert_eq!(
@@ -711,7 +606,7 @@ fn redis_post(
         Verdict::Pause,
         "held while the store decides"
     );
-    f.on_store_response(host, n as u32, Some(200), &redis.answer(host, n));
+    redis_answers(host, redis, &mut f, Op::Claim);
     f
 }
 
@@ -720,23 +615,23 @@ fn redis_flow_claim_forward_record_replay() {
     let host = FakeHost::default();
     let redis = FakeRedis::default();
     let c = redis_ctx("");
-    let mut f = redis_post(&host, &redis, &c, "k", 1);
-    assert_eq!(host.calls.borrow()[0].0, "webdis");
+    let mut f = redis_post(&host, &redis, &c, "k");
+    assert_eq!(host.call(redis.last(&host, Op::Claim)).upstream, "webdis");
     assert_eq!(host.resumed_requests.get(), 1, "claimed: forwarded");
-    *host.response_headers.borrow_mut() = vec![(":status".into(), b"201".to_vec())];
+    host.set_response(&[(":status", "201")]);
     assert_eq!(f.on_response_headers(&host, false), Verdict::Continue);
-    *host.response_chunk.borrow_mut() = b"paid".to_vec();
+    host.set_response_chunk(b"paid");
     assert_eq!(
         f.on_response_body(&host, 4, true),
         Verdict::Pause,
         "last chunk held until recorded"
     );
-    f.on_store_response(&host, 2, Some(200), &redis.answer(&host, 2));
+    redis_answers(&host, &redis, &mut f, Op::Complete);
     assert_eq!(host.resumed_responses.get(), 1);
     assert_eq!(host.metric(Metric::Stored), 1);
     // The retry, on any gateway sharing this Redis, replays.
-    redis_post(&host, &redis, &c, "k", 3);
-    let sent = host.sent.borrow().clone().unwrap();
+    redis_post(&host, &redis, &c, "k");
+    let sent = host.sent().unwrap();
     assert_eq!((sent.status, sent.body.as_slice()), (201, &b"paid"[..]));
     assert_eq!(sent.header("idempotent-replayed").as_deref(), Some("true"));
     assert_eq!(
@@ -750,24 +645,21 @@ fn redis_flow_claim_forward_record_replay() {
 fn a_content_length_response_completes_at_its_last_byte() {
     let host = FakeHost::default();
     let redis = FakeRedis::default();
-    let mut f = redis_post(&host, &redis, &redis_ctx(""), "cl", 1);
-    *host.response_headers.borrow_mut() = vec![
-        (":status".into(), b"200".to_vec()),
-        ("content-length".into(), b"6".to_vec()),
-    ];
+    let mut f = redis_post(&host, &redis, &redis_ctx(""), "cl");
+    host.set_response(&[(":status", "200"), ("content-length", "6")]);
     assert_eq!(f.on_response_headers(&host, false), Verdict::Continue);
-    *host.response_chunk.borrow_mut() = b"abc".to_vec();
+    host.set_response_chunk(b"abc");
     assert_eq!(f.on_response_body(&host, 3, false), Verdict::Continue);
-    *host.response_chunk.borrow_mut() = b"def".to_vec();
+    host.set_response_chunk(b"def");
     // Not end_of_stream yet, but every byte is here: held until recorded.
     assert_eq!(f.on_response_body(&host, 3, false), Verdict::Pause);
-    assert_eq!(host.calls.borrow().len(), 2);
+    assert_eq!(host.call_count(), 2);
     // Envoy hands the buffered chunk back with the end of stream: still held.
     assert_eq!(f.on_response_body(&host, 3, true), Verdict::Pause);
-    f.on_store_response(&host, 2, Some(200), &redis.answer(&host, 2));
+    redis_answers(&host, &redis, &mut f, Op::Complete);
     assert_eq!(host.metric(Metric::Stored), 1);
     // Envoy's empty end-of-stream frame afterwards passes.
-    host.response_chunk.borrow_mut().clear();
+    host.set_response_chunk(b"");
     assert_eq!(f.on_response_body(&host, 0, true), Verdict::Continue);
 }
 
@@ -776,27 +668,27 @@ fn redis_in_flight_mismatch_and_release() {
     let host = FakeHost::default();
     let redis = FakeRedis::default();
     let c = redis_ctx("");
-    let run = |key: &str, body: &[u8], n: usize| -> Filter {
+    let run = |key: &str, body: &[u8]| -> Filter {
         let hs = keyed(key);
         host.reset_exchange(&hs, body);
         let mut f = Filter::new(c.clone());
         f.on_request_headers(&host, false);
         f.on_request_body(&host, body.len(), true);
-        f.on_store_response(&host, n as u32, Some(200), &redis.answer(&host, n));
+        redis_answers(&host, &redis, &mut f, Op::Claim);
         f
     };
-    let mut first = run("k", b"a", 1);
-    run("k", b"a", 2);
-    assert_eq!(host.sent.borrow().as_ref().unwrap().status, 409);
-    run("k", b"b", 3);
-    assert_eq!(host.sent.borrow().as_ref().unwrap().status, 422);
+    let mut first = run("k", b"a");
+    run("k", b"a");
+    assert_eq!(host.sent().unwrap().status, 409);
+    run("k", b"b");
+    assert_eq!(host.sent().unwrap().status, 422);
     // The original fails with a 5xx: the release is owner-checked and frees the key.
-    *host.response_headers.borrow_mut() = vec![(":status".into(), b"502".to_vec())];
+    host.set_response(&[(":status", "502")]);
     assert_eq!(first.on_response_headers(&host, true), Verdict::Pause);
-    first.on_store_response(&host, 4, Some(200), &redis.answer(&host, 4));
+    redis_answers(&host, &redis, &mut first, Op::Release);
     assert_eq!(host.metric(Metric::Released), 1);
     assert_eq!(host.resumed_responses.get(), 1);
-    run("k", b"a", 5);
+    run("k", b"a");
     assert_eq!(host.resumed_requests.get(), 2, "the retry runs again");
 }
 
@@ -808,8 +700,8 @@ fn redis_unavailable_rejects_or_allows() {
     let mut f = Filter::new(redis_ctx(""));
     host.reset_exchange(&hs, b"");
     f.on_request_headers(&host, true);
-    f.on_store_response(&host, 1, None, b"");
-    let sent = host.sent.borrow().clone().unwrap();
+    store_answers(&host, &mut f, Op::Claim, None, b"");
+    let sent = host.sent().unwrap();
     assert_eq!(sent.status, 503);
     let doc: serde_json::Value = serde_json::from_slice(&sent.body).unwrap();
     assert!(doc["detail"].as_str().unwrap().contains("redis"));
@@ -817,25 +709,38 @@ fn redis_unavailable_rejects_or_allows() {
     assert_eq!(host.metric(Metric::StoreErrors), 1);
     // Reject also when the call cannot be sent at all.
     let host = FakeHost::default();
-    host.dispatch_fails.set(true);
+    host.refuse_calls();
     host.reset_exchange(&hs, b"");
     assert_eq!(
         Filter::new(redis_ctx("")).on_request_headers(&host, true),
         Verdict::Pause
     );
-    assert_eq!(host.sent.borrow().as_ref().unwrap().status, 503);
+    assert_eq!(host.sent().unwrap().status, 503);
     // Allow: forwarded unprotected and counted.
     let host = FakeHost::default();
     let mut f = Filter::new(redis_ctx(r#","on_unavailable":"allow""#));
     host.reset_exchange(&hs, b"");
     f.on_request_headers(&host, true);
-    f.on_store_response(&host, 1, Some(503), b"");
+    store_answers(&host, &mut f, Op::Claim, Some(503), b"");
     assert_eq!(host.resumed_requests.get(), 1);
-    assert!(host.sent.borrow().is_none());
+    assert!(host.sent().is_none());
     assert_eq!(host.metric(Metric::StoreBypassed), 1);
     // A late answer for another call is ignored.
     f.on_store_response(&host, 99, Some(200), b"{}");
     assert_eq!(host.resumed_requests.get(), 1);
+}
+
+/// Redis runs the last `op` call the filter sent, and the filter gets its
+/// answer.
+fn redis_answers(host: &FakeHost, redis: &FakeRedis, f: &mut Filter, op: Op) {
+    let id = redis.last(host, op);
+    f.on_store_response(host, id, Some(200), &redis.answer(host, id));
+}
+
+/// The last `op` call gets `status` and `body` instead of Redis's answer
+/// (`None`: no answer at all).
+fn store_answers(host: &FakeHost, f: &mut Filter, op: Op, status: Option<u16>, body: &[u8]) {
+    f.on_store_response(host, last_call(host, op), status, body);
 }
 
 /// A keyed POST's headers, as `reset_exchange` takes them.
@@ -845,12 +750,6 @@ fn keyed(key: &str) -> [(&'static str, &str); 3] {
         (":path", "/pay"),
         ("idempotency-key", key),
     ]
-}
-
-fn is_cancel(host: &FakeHost, n: usize) -> bool {
-    let calls = host.calls.borrow();
-    let path = &calls[n - 1].1.iter().find(|(h, _)| h == ":path").unwrap().1;
-    pct_decode(path).contains(crate::store::redis::CANCEL_SCRIPT)
 }
 
 #[test]
@@ -868,25 +767,23 @@ fn a_timed_out_claim_is_cancelled_whichever_lands_first() {
     // 1. The claim lands after the filter gave up (Envoy's 504 for a
     //    call past its timeout), then the cancel deletes it.
     let mut f = start(&host);
-    redis.answer(&host, 1);
-    f.on_store_response(&host, 1, Some(504), b"upstream request timeout");
-    assert_eq!(
-        host.sent.borrow().as_ref().unwrap().status,
-        503,
-        "Envoy: at once"
-    );
+    let claim = redis.last(&host, Op::Claim);
+    redis.answer(&host, claim);
+    f.on_store_response(&host, claim, Some(504), b"upstream request timeout");
+    assert_eq!(host.sent().unwrap().status, 503, "Envoy: at once");
     assert_eq!(host.resumed_requests.get(), 0);
-    assert_eq!(host.calls.borrow().len(), 2);
-    assert!(is_cancel(&host, 2));
+    assert_eq!(host.call_count(), 2);
+    let cancel = redis.last(&host, Op::Cancel);
+    assert_eq!(cancel, claim + 1, "the cancel follows the claim");
     assert_eq!(host.metric(Metric::ClaimsCancelled), 1);
     assert_eq!(host.metric(Metric::StoreErrors), 1);
-    assert!(redis.answer(&host, 2).ends_with(b"1}"), "deleted");
+    assert!(redis.answer(&host, cancel).ends_with(b"1}"), "deleted");
     assert!(redis.data.borrow().is_empty());
     // The retry claims and runs.
     let mut retry = start(&host);
-    retry.on_store_response(&host, 3, Some(200), &redis.answer(&host, 3));
+    redis_answers(&host, &redis, &mut retry, Op::Claim);
     assert_eq!(host.resumed_requests.get(), 1, "the retry runs");
-    complete_paid(&host, &redis, &mut retry, 4);
+    complete_paid(&host, &redis, &mut retry);
 
     // 2. The cancel overtakes the claim (no answer at all this time): it
     //    leaves a tombstone, and the claim deletes itself when it lands.
@@ -894,16 +791,18 @@ fn a_timed_out_claim_is_cancelled_whichever_lands_first() {
     let hs2 = keyed("k2");
     host.reset_exchange(&hs2, b"");
     f.on_request_headers(&host, true);
-    f.on_store_response(&host, 5, None, b"");
-    assert_eq!(host.sent.borrow().as_ref().unwrap().status, 503);
-    assert!(is_cancel(&host, 6));
-    assert!(redis.answer(&host, 6).ends_with(b"2}"), "tombstoned");
+    let claim = redis.last(&host, Op::Claim);
+    f.on_store_response(&host, claim, None, b"");
+    assert_eq!(host.sent().unwrap().status, 503);
+    let cancel = redis.last(&host, Op::Cancel);
+    assert_eq!(cancel, claim + 1, "the cancel follows the claim");
+    assert!(redis.answer(&host, cancel).ends_with(b"2}"), "tombstoned");
     assert_eq!(
         redis.data.borrow().len(),
         2,
         "the record of k and k2's tombstone"
     );
-    assert!(redis.answer(&host, 5).ends_with(b"\"cancelled\"}"));
+    assert!(redis.answer(&host, claim).ends_with(b"\"cancelled\"}"));
     assert_eq!(redis.data.borrow().len(), 1, "k2 is free");
     assert_eq!(host.metric(Metric::ClaimsCancelled), 2);
 
@@ -911,16 +810,17 @@ fn a_timed_out_claim_is_cancelled_whichever_lands_first() {
     let mut f = Filter::new(c.clone());
     host.reset_exchange(&hs2, b"");
     f.on_request_headers(&host, true);
-    f.on_store_response(&host, 7, None, b"");
-    redis.answer(&host, 8); // the cancel: a tombstone
+    let late = redis.last(&host, Op::Claim);
+    f.on_store_response(&host, late, None, b"");
+    redis.answer(&host, redis.last(&host, Op::Cancel)); // a tombstone
     let mut other = Filter::new(c.clone());
     host.reset_exchange(&hs2, b"");
     other.on_request_headers(&host, true);
-    other.on_store_response(&host, 9, Some(200), &redis.answer(&host, 9));
+    redis_answers(&host, &redis, &mut other, Op::Claim);
     assert_eq!(host.resumed_requests.get(), 2, "claimed over the tombstone");
     // The late claim then finds the other request's marker and sets nothing.
-    assert!(redis.answer(&host, 7).ends_with(b"\"}"));
-    complete_paid(&host, &redis, &mut other, 10);
+    assert!(redis.answer(&host, late).ends_with(b"\"}"));
+    complete_paid(&host, &redis, &mut other);
     assert_eq!(host.metric(Metric::Stored), 2);
 }
 
@@ -937,9 +837,9 @@ fn only_a_claim_of_unknown_fate_is_cancelled() {
         let mut f = Filter::new(redis_ctx(""));
         host.reset_exchange(&hs, b"");
         f.on_request_headers(&host, true);
-        f.on_store_response(&host, 1, status, body);
-        assert_eq!(host.sent.borrow().as_ref().unwrap().status, 503);
-        assert_eq!(host.calls.borrow().len(), 1, "{status:?}");
+        store_answers(&host, &mut f, Op::Claim, status, body);
+        assert_eq!(host.sent().unwrap().status, 503);
+        assert_eq!(host.call_count(), 1, "{status:?}");
         assert_eq!(host.metric(Metric::ClaimsCancelled), 0);
     }
     // With on_unavailable: allow the request goes on unprotected; a claim
@@ -948,17 +848,17 @@ fn only_a_claim_of_unknown_fate_is_cancelled() {
     let mut f = Filter::new(redis_ctx(r#","on_unavailable":"allow""#));
     host.reset_exchange(&hs, b"");
     f.on_request_headers(&host, true);
-    f.on_store_response(&host, 1, None, b"");
+    store_answers(&host, &mut f, Op::Claim, None, b"");
     assert_eq!(host.resumed_requests.get(), 1);
-    assert_eq!(host.calls.borrow().len(), 1);
+    assert_eq!(host.call_count(), 1);
     // The cancel cannot be sent: still 503, nothing else.
     let host = FakeHost::default();
     let mut f = Filter::new(redis_ctx(""));
     host.reset_exchange(&hs, b"");
     f.on_request_headers(&host, true);
-    host.dispatch_fails.set(true);
-    f.on_store_response(&host, 1, None, b"");
-    assert_eq!(host.sent.borrow().as_ref().unwrap().status, 503);
+    host.refuse_calls();
+    store_answers(&host, &mut f, Op::Claim, None, b"");
+    assert_eq!(host.sent().unwrap().status, 503);
     assert_eq!(host.metric(Metric::ClaimsCancelled), 0);
 }
 
@@ -979,17 +879,22 @@ fn apisix_answers_a_timed_out_claim_after_its_cancel() {
     let mut f = Filter::new(c);
     f.on_request_headers(&host, false);
     assert_eq!(f.on_request_body(&host, 2, true), Verdict::Pause);
-    redis.answer(&host, 1);
-    f.on_store_response(&host, 1, None, b"");
+    let claim = redis.last(&host, Op::Claim);
+    redis.answer(&host, claim);
+    f.on_store_response(&host, claim, None, b"");
     // Store calls are chained within the request: no answer until the
     // cancel has its own.
-    assert!(host.sent.borrow().is_none());
-    assert!(is_cancel(&host, 2));
+    assert!(host.sent().is_none());
+    assert_eq!(
+        redis.last(&host, Op::Cancel),
+        claim + 1,
+        "the cancel is sent"
+    );
     // Late answers to other calls change nothing.
-    f.on_store_response(&host, 1, Some(200), b"{}");
-    assert!(host.sent.borrow().is_none());
-    f.on_store_response(&host, 2, Some(200), &redis.answer(&host, 2));
-    assert_eq!(host.sent.borrow().as_ref().unwrap().status, 503);
+    f.on_store_response(&host, claim, Some(200), b"{}");
+    assert!(host.sent().is_none());
+    redis_answers(&host, &redis, &mut f, Op::Cancel);
+    assert_eq!(host.sent().unwrap().status, 503);
     assert!(redis.data.borrow().is_empty(), "the claim was deleted");
     assert_eq!(host.metric(Metric::ClaimsCancelled), 1);
     assert_eq!(host.metric(Metric::StoreErrors), 1);
@@ -1002,9 +907,9 @@ fn apisix_answers_a_timed_out_claim_after_its_cancel() {
     let mut f = Filter::new(c);
     f.on_request_headers(&host, false);
     f.on_request_body(&host, 2, true);
-    f.on_store_response(&host, 1, None, b"");
-    f.on_store_response(&host, 2, None, b"");
-    assert_eq!(host.sent.borrow().as_ref().unwrap().status, 503);
+    store_answers(&host, &mut f, Op::Claim, None, b"");
+    store_answers(&host, &mut f, Op::Cancel, None, b"");
+    assert_eq!(host.sent().unwrap().status, 503);
 }
 
 #[test]
@@ -1016,17 +921,16 @@ fn redis_calls_carry_authority_and_basic_auth() {
     let hs = keyed("k");
     host.reset_exchange(&hs, b"");
     Filter::new(c).on_request_headers(&host, true);
-    let (upstream, headers, _) = host.calls.borrow()[0].clone();
+    let claim = host.calls().into_iter().find(|c| op(c) == Some(Op::Claim));
+    let Call {
+        upstream, headers, ..
+    } = claim.unwrap();
     assert_eq!(upstream, "127.0.0.1:7379");
     assert!(headers.contains(&(":authority".into(), "redis.internal".into())));
     assert!(headers.contains(&("authorization".into(), "Basic dTpw".into())));
 }
 
 const APISIX: &str = r#"{"host":"apisix","store":{"type":"redis","cluster":"127.0.0.1:7379"},"forward":{"upstream":"127.0.0.1:8081"}}"#;
-
-fn call_path(host: &FakeHost, n: usize) -> (String, Vec<(String, String)>, Option<Vec<u8>>) {
-    host.calls.borrow()[n - 1].clone()
-}
 
 #[test]
 fn apisix_forwarding_claims_forwards_records_then_answers() {
@@ -1051,10 +955,15 @@ fn apisix_forwarding_claims_forwards_records_then_answers() {
         &[("wasm_process_req_body".to_string(), b"true".to_vec())]
     );
     assert_eq!(f.on_request_body(&host, 5, true), Verdict::Pause);
-    assert_eq!(host.calls.borrow().len(), 1, "the claim");
-    f.on_store_response(&host, 1, Some(200), &redis.answer(&host, 1));
+    assert_eq!(host.call_count(), 1, "the claim");
+    redis_answers(&host, &redis, &mut f, Op::Claim);
     // Claimed: the filter sends the request upstream itself.
-    let (target, headers, body) = call_path(&host, 2);
+    let Call {
+        upstream: target,
+        headers,
+        body,
+        ..
+    } = host.calls().last().cloned().unwrap();
     assert_eq!(target, "127.0.0.1:8081");
     assert!(headers.contains(&(":method".into(), "POST".into())));
     assert!(headers.contains(&(":path".into(), "/pay?x=1".into())));
@@ -1075,10 +984,11 @@ fn apisix_forwarding_claims_forwards_records_then_answers() {
         body: b"{\"id\":7}".to_vec(),
     };
     f.on_call_response(&host, 2, &upstream);
-    assert!(host.sent.borrow().is_none(), "answered only once recorded");
-    assert_eq!(call_path(&host, 3).2.is_some(), true, "the record (PUT)");
-    f.on_store_response(&host, 3, Some(200), &redis.answer(&host, 3));
-    let sent = host.sent.borrow().clone().unwrap();
+    assert!(host.sent().is_none(), "answered only once recorded");
+    let record = host.call(redis.last(&host, Op::Complete));
+    assert_eq!(record.body.is_some(), true, "the record (PUT)");
+    redis_answers(&host, &redis, &mut f, Op::Complete);
+    let sent = host.sent().unwrap();
     assert_eq!(
         (sent.status, sent.body.as_slice()),
         (201, &b"{\"id\":7}"[..])
@@ -1100,15 +1010,11 @@ fn apisix_forwarding_claims_forwards_records_then_answers() {
     let mut g = Filter::new(c);
     g.on_request_headers(&host, true);
     g.on_request_body(&host, 5, true);
-    g.on_store_response(&host, 4, Some(200), &redis.answer(&host, 4));
-    let sent = host.sent.borrow().clone().unwrap();
+    redis_answers(&host, &redis, &mut g, Op::Claim);
+    let sent = host.sent().unwrap();
     assert_eq!(sent.header("idempotent-replayed").as_deref(), Some("true"));
     assert_eq!(sent.header("set-cookie"), None);
-    assert_eq!(
-        host.calls.borrow().len(),
-        4,
-        "no upstream call for the replay"
-    );
+    assert_eq!(host.call_count(), 4, "no upstream call for the replay");
 }
 
 #[test]
@@ -1124,22 +1030,15 @@ fn apisix_always_asks_for_the_body_and_decides_in_its_callback() {
         1,
         "wasm_process_req_body is set"
     );
-    assert!(
-        host.calls.borrow().is_empty(),
-        "nothing decided before the body"
-    );
+    assert!(host.calls().is_empty(), "nothing decided before the body");
     assert_eq!(f.on_request_body(&host, 2, true), Verdict::Pause);
-    assert_eq!(
-        host.calls.borrow().len(),
-        1,
-        "the claim, after the whole body"
-    );
+    assert_eq!(host.call_count(), 1, "the claim, after the whole body");
     // A request that really has no body: APISIX calls back with none.
     host.reset_exchange(&hs, b"");
     let mut g = Filter::new(ctx(APISIX));
     assert_eq!(g.on_request_headers(&host, true), Verdict::AwaitBody);
     assert_eq!(g.on_request_body(&host, 0, true), Verdict::Pause);
-    assert_eq!(host.calls.borrow().len(), 2);
+    assert_eq!(host.call_count(), 2);
 }
 
 #[test]
@@ -1156,11 +1055,11 @@ fn forwarding_to_a_silent_upstream_releases_and_answers_502() {
     let mut f = Filter::new(c.clone());
     f.on_request_headers(&host, true);
     f.on_request_body(&host, 0, true);
-    f.on_store_response(&host, 1, Some(200), &redis.answer(&host, 1));
+    redis_answers(&host, &redis, &mut f, Op::Claim);
     f.on_call_response(&host, 2, &CallResponse::default());
-    assert!(host.sent.borrow().is_none());
-    f.on_store_response(&host, 3, Some(200), &redis.answer(&host, 3));
-    let sent = host.sent.borrow().clone().unwrap();
+    assert!(host.sent().is_none());
+    redis_answers(&host, &redis, &mut f, Op::Release);
+    let sent = host.sent().unwrap();
     assert_eq!(sent.status, 502);
     assert_eq!(host.metric(Metric::Released), 1);
     // Released: the retry runs again.
@@ -1168,6 +1067,11 @@ fn forwarding_to_a_silent_upstream_releases_and_answers_502() {
     let mut g = Filter::new(c);
     g.on_request_headers(&host, true);
     g.on_request_body(&host, 0, true);
-    g.on_store_response(&host, 4, Some(200), &redis.answer(&host, 4));
-    assert_eq!(call_path(&host, 5).0, "127.0.0.1:8081");
+    redis_answers(&host, &redis, &mut g, Op::Claim);
+    assert_eq!(host.call_count(), 5);
+    let retry = host.calls().last().cloned().unwrap();
+    assert_eq!(
+        retry.upstream, "127.0.0.1:8081",
+        "the retry is forwarded again"
+    );
 }

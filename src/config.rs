@@ -155,7 +155,7 @@ impl Config {
 }
 
 impl Default for Config {
-    /// The documented defaults: [`RawConfig::default()`], validated (the
+    /// The documented defaults: `RawConfig::default()`, validated (the
     /// unit tests prove them valid). Should a default ever fail its checks,
     /// that test fails; this still returns the same defaults, unchecked,
     /// rather than panic.

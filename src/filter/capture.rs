@@ -3,7 +3,7 @@
 //! shared by the streaming path (chunk by chunk, as the response goes to the
 //! client) and forwarding mode (the upstream's whole answer at once).
 
-use super::Filter;
+use super::{Filter, Phase, Verdict};
 use crate::config::Config;
 use crate::host::{HeaderList, HeaderMap, Host, HostError, Level};
 use crate::metrics::Metric;
@@ -115,14 +115,84 @@ impl Capture {
 }
 
 impl Filter {
+    /// The response's headers: capture it, or release the key when it is
+    /// not to be recorded.
+    pub(super) fn response_started(&mut self, host: &impl Host, end_of_stream: bool) -> Verdict {
+        let Phase::Forwarded { held, .. } = &self.phase else {
+            return Verdict::Continue;
+        };
+        let held = *held;
+        if let Some(k) = &self.generated_key {
+            if let Err(e) = host.add_response_header(&self.ctx.config.header, k) {
+                host.log(
+                    Level::Warn,
+                    &format!("could not return the generated key: {e}"),
+                );
+            }
+        }
+        let headers = match host.response_headers() {
+            Ok(h) => h,
+            Err(e) => return self.capture_failed(host, e),
+        };
+        match Capture::of_response(&self.ctx.config, host, &headers) {
+            None => {
+                self.phase = Phase::Done;
+                self.release(host, held)
+            }
+            Some(capture) => {
+                self.phase = Phase::Forwarded {
+                    held,
+                    capture: Some(capture),
+                };
+                if end_of_stream {
+                    return self.complete(host);
+                }
+                Verdict::Continue
+            }
+        }
+    }
+
+    /// A response body chunk, copied as it streams to the client.
+    pub(super) fn response_chunk(
+        &mut self,
+        host: &impl Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Verdict {
+        // Envoy calls again with what it buffered (and the end of stream)
+        // while a write is pending: keep holding until the store answers.
+        if self.writing() {
+            return Verdict::Pause;
+        }
+        let limit = self.ctx.config.max_response_body_bytes;
+        let Phase::Forwarded {
+            capture: Some(capture),
+            ..
+        } = &mut self.phase
+        else {
+            return Verdict::Continue;
+        };
+        if let Err(e) = capture.take(body_size, limit, || host.response_body(0, body_size)) {
+            return self.capture_failed(host, e);
+        }
+        // The response is complete when its last byte is here. With a
+        // Content-Length that is before Envoy's (separate, empty) end-of-stream
+        // frame, and only holding this chunk keeps the client waiting until
+        // the record is written.
+        if end_of_stream || capture.complete() {
+            return self.complete(host);
+        }
+        Verdict::Continue
+    }
+
     /// The response could not be read: it goes out anyway, unrecorded. The
     /// claim stays until its lock times out, so a retry gets 409 rather
     /// than a rerun.
-    pub(super) fn capture_failed(&mut self, host: &impl Host, e: HostError) -> super::Verdict {
+    pub(super) fn capture_failed(&mut self, host: &impl Host, e: HostError) -> Verdict {
         host.log(Level::Error, &format!("{e}; response not recorded"));
         host.metric_add(Metric::StoreErrors, 1);
-        self.phase = super::Phase::Done;
-        super::Verdict::Continue
+        self.phase = Phase::Done;
+        Verdict::Continue
     }
 }
 

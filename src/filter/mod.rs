@@ -13,18 +13,26 @@
 //! Forwarded (we own the claim) ──response──▶ record, or release on 5xx
 //! ```
 //! Whenever the store (Redis) or the upstream (forwarding mode) has a call
-//! out, the request waits in one phase, [`Phase::Waiting`], which carries
-//! what the answer is for ([`Then`]); `on_call_response` checks the call
+//! out, the request waits in one phase, `Phase::Waiting`, which carries
+//! what the answer is for (`Then`); `on_call_response` checks the call
 //! once and hands the answer on.
 //!
-//! Where each job lives: `inspect` (is the request protected, its digest and
-//! fingerprint), `claim` (the claim, its answer, cancelling a timed-out one),
-//! `capture` (what of a response is recorded, for streaming and forwarding
-//! alike), `write` (recording or releasing the key), `forward` (forwarding
-//! mode's upstream call), `reply` (answers the filter gives itself, and the
-//! outcome of each protected request). The stores are behind
-//! [`crate::store::Store`].
+//! Where each job lives:
+//! * `inspect`: is the request protected; its key digest and fingerprint
+//!   (a pure function of headers and configuration);
+//! * `buffer`: holding the request while its body is hashed;
+//! * `claim`: the claim, its answer, and cancelling a claim that timed out;
+//! * `capture`: which responses are recorded ([`should_record`]) and their
+//!   capture, shared by the streaming path and forwarding mode;
+//! * `write`: recording the response, or releasing the key;
+//! * `forward`: forwarding mode's upstream call;
+//! * `reply`: answers the filter gives itself, and each request's outcome.
+//!
+//! The stores (local, Redis, the replay cache) are behind
+//! [`crate::store::Store`], whose every operation finishes now or asks for
+//! one call; the platform's abilities are [`crate::config::Platform`]'s.
 
+mod buffer;
 mod capture;
 mod claim;
 mod forward;
@@ -43,7 +51,6 @@ use crate::config::Config;
 use crate::fingerprint::{Digest16, Fingerprinter};
 use crate::host::{Host, Level};
 use crate::metrics::Metric;
-use crate::problem::Problem;
 use crate::store::{Held, PendingClaim, PendingWrite, Store, StoreError, StoreStep};
 use capture::Capture;
 use forward::ForwardRequest;
@@ -194,36 +201,7 @@ impl Filter {
             }
             Inspection::Protect(p) => p,
         };
-        if let Some(k) = protected.generated_key {
-            if let Err(e) = host.set_request_header(&cfg.header, &k) {
-                return self.host_failure(host, e);
-            }
-            self.generated_key = Some(k);
-        }
-        host.metric_add(Metric::Protected, 1);
-        if protected.declared_too_large {
-            return self.answer(
-                host,
-                &Problem::too_large(cfg.max_request_body_bytes),
-                Some(Metric::TooLarge),
-            );
-        }
-        self.forward_request = protected.forward;
-        let expects_body = !cfg.platform.headers_end_of_stream_is_final() || !end_of_stream;
-        if !expects_body {
-            return self.claim(host, protected.digest, protected.fingerprint.finish());
-        }
-        if cfg.platform.solicits_body() {
-            if let Err(e) = host.set_property("wasm_process_req_body", b"true") {
-                return self.host_failure(host, e);
-            }
-        }
-        self.phase = Phase::Buffering {
-            digest: protected.digest,
-            fingerprint: protected.fingerprint,
-            hashed: 0,
-        };
-        Verdict::AwaitBody
+        self.protect(host, protected, end_of_stream)
     }
 
     /// `body_size` is everything buffered so far; only the new bytes are read.
@@ -233,37 +211,7 @@ impl Filter {
         body_size: usize,
         end_of_stream: bool,
     ) -> Verdict {
-        let limit = self.cfg().max_request_body_bytes;
-        let Phase::Buffering {
-            fingerprint,
-            hashed,
-            ..
-        } = &mut self.phase
-        else {
-            return match self.phase {
-                Phase::Answered => Verdict::Pause,
-                _ => Verdict::Continue,
-            };
-        };
-        if body_size as u64 > limit {
-            return self.answer(host, &Problem::too_large(limit), Some(Metric::TooLarge));
-        }
-        if body_size > *hashed {
-            match host.request_body(*hashed, body_size - *hashed) {
-                Ok(chunk) => {
-                    fingerprint.update(&chunk);
-                    *hashed += chunk.len();
-                    if let Some(fwd) = self.forward_request.as_mut() {
-                        fwd.body.extend_from_slice(&chunk);
-                    }
-                }
-                Err(e) => return self.host_failure(host, e),
-            }
-        }
-        if end_of_stream {
-            return self.finish_request(host);
-        }
-        Verdict::AwaitBody
+        self.buffer(host, body_size, end_of_stream)
     }
 
     /// Trailers end the request when the body did not.
@@ -275,53 +223,8 @@ impl Filter {
         }
     }
 
-    fn finish_request(&mut self, host: &impl Host) -> Verdict {
-        match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Buffering {
-                digest,
-                fingerprint,
-                ..
-            } => self.claim(host, digest, fingerprint.finish()),
-            other => {
-                self.phase = other;
-                Verdict::Continue
-            }
-        }
-    }
-
     pub fn on_response_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Verdict {
-        let Phase::Forwarded { held, .. } = &self.phase else {
-            return Verdict::Continue;
-        };
-        let held = *held;
-        if let Some(k) = &self.generated_key {
-            if let Err(e) = host.add_response_header(&self.ctx.config.header, k) {
-                host.log(
-                    Level::Warn,
-                    &format!("could not return the generated key: {e}"),
-                );
-            }
-        }
-        let headers = match host.response_headers() {
-            Ok(h) => h,
-            Err(e) => return self.capture_failed(host, e),
-        };
-        match Capture::of_response(&self.ctx.config, host, &headers) {
-            None => {
-                self.phase = Phase::Done;
-                self.release(host, held)
-            }
-            Some(capture) => {
-                self.phase = Phase::Forwarded {
-                    held,
-                    capture: Some(capture),
-                };
-                if end_of_stream {
-                    return self.complete(host);
-                }
-                Verdict::Continue
-            }
-        }
+        self.response_started(host, end_of_stream)
     }
 
     /// Chunks are copied as they stream to the client; nothing is held back.
@@ -331,30 +234,7 @@ impl Filter {
         body_size: usize,
         end_of_stream: bool,
     ) -> Verdict {
-        // Envoy calls again with what it buffered (and the end of stream)
-        // while a write is pending: keep holding until the store answers.
-        if self.writing() {
-            return Verdict::Pause;
-        }
-        let limit = self.ctx.config.max_response_body_bytes;
-        let Phase::Forwarded {
-            capture: Some(capture),
-            ..
-        } = &mut self.phase
-        else {
-            return Verdict::Continue;
-        };
-        if let Err(e) = capture.take(body_size, limit, || host.response_body(0, body_size)) {
-            return self.capture_failed(host, e);
-        }
-        // The response is complete when its last byte is here. With a
-        // Content-Length that is before Envoy's (separate, empty) end-of-stream
-        // frame, and only holding this chunk keeps the client waiting until
-        // the record is written.
-        if end_of_stream || capture.complete() {
-            return self.complete(host);
-        }
-        Verdict::Continue
+        self.response_chunk(host, body_size, end_of_stream)
     }
 
     pub fn on_response_trailers(&mut self, host: &impl Host) -> Verdict {

@@ -85,6 +85,10 @@ impl Filter {
                     digest,
                     fingerprint,
                 };
+                // Nobody is left to run the request for: free the key.
+                if self.client_gone {
+                    return self.release(host, held);
+                }
                 if self.ctx.config.forward.is_some() {
                     return self.forward_upstream(host, held);
                 }
@@ -114,7 +118,7 @@ impl Filter {
 
     /// The store could not decide. Fail closed (503), or, for a store
     /// configured with `on_unavailable: allow`, forward unprotected.
-    fn store_failed(&mut self, host: &impl Host, e: &StoreError) -> Verdict {
+    pub(super) fn store_failed(&mut self, host: &impl Host, e: &StoreError) -> Verdict {
         let name = self.ctx.store.name();
         host.metric_add(Metric::StoreErrors, 1);
         if self.ctx.store.fails_open() {

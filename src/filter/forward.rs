@@ -11,7 +11,7 @@ use super::capture::Capture;
 use super::reply::{problem_reply, Reply};
 use super::{Filter, Phase, Then, Verdict};
 use crate::config::Config;
-use crate::host::{CallResponse, HeaderList, HeaderMap, Host, Level};
+use crate::host::{CallResponse, HeaderList, HeaderMap, Host, HostError, Level};
 use crate::problem::Problem;
 use crate::record::is_connection_header;
 use crate::store::Held;
@@ -93,13 +93,22 @@ impl Filter {
                 Verdict::Pause
             }
             Err(e) => {
-                host.log(
-                    Level::Error,
-                    &format!("forwarding to {} failed: {e}", fwd.upstream),
-                );
+                self.forward_failed(host, &e);
                 self.upstream_answered(host, held, &CallResponse::default())
             }
         }
+    }
+
+    pub(super) fn forward_failed(&self, host: &impl Host, e: &HostError) {
+        let upstream = self
+            .cfg()
+            .forward
+            .as_ref()
+            .map_or("", |f| f.upstream.as_str());
+        host.log(
+            Level::Error,
+            &format!("forwarding to {upstream} failed: {e}"),
+        );
     }
 
     /// Forwarding mode: the upstream answered (or did not). Record or

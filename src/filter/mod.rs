@@ -49,7 +49,7 @@ pub use inspect::{inspect, Inspection, Protected};
 
 use crate::config::Config;
 use crate::fingerprint::{Digest16, Fingerprinter};
-use crate::host::{Host, Level};
+use crate::host::{Host, HostError, Level};
 use crate::metrics::Metric;
 use crate::store::{Held, PendingClaim, PendingWrite, Store, StoreError, StoreStep};
 use capture::Capture;
@@ -144,6 +144,10 @@ pub struct Filter {
     phase: Phase,
     generated_key: Option<String>,
     forward_request: Option<ForwardRequest>,
+    /// The exchange ended while a call was out. On a host whose calls
+    /// outlive their stream, the answer still comes: the filter records,
+    /// releases or cancels as it requires, and answers no one.
+    client_gone: bool,
 }
 
 impl Filter {
@@ -153,6 +157,7 @@ impl Filter {
             phase: Phase::Start,
             generated_key: None,
             forward_request: None,
+            client_gone: false,
         }
     }
 
@@ -309,7 +314,14 @@ impl Filter {
     /// completed (the client left, or the upstream reset mid-body): the
     /// upstream may have acted, so the claim stays until its lock timeout and
     /// an immediate retry gets 409, never a second execution.
+    ///
+    /// A call still out keeps its phase: where the host routes its answer to
+    /// a filter whose stream has gone, the answer is still applied.
     pub fn on_done(&mut self, host: &impl Host) {
+        if matches!(self.phase, Phase::Waiting { .. }) {
+            self.client_gone = true;
+            return;
+        }
         if matches!(self.phase, Phase::Forwarded { .. }) {
             host.log(
                 Level::Debug,
@@ -317,5 +329,41 @@ impl Filter {
             );
         }
         self.phase = Phase::Done;
+    }
+
+    /// Whether a call is still out (its answer would be applied).
+    pub fn waiting(&self) -> bool {
+        matches!(self.phase, Phase::Waiting { .. })
+    }
+
+    /// A call this request made could not be sent after all (a host that
+    /// sends calls after the callback that made them): the same decision
+    /// as when sending fails at once.
+    pub fn on_call_failed(&mut self, host: &impl Host, call: u32, error: HostError) {
+        let then = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Waiting {
+                call: expected,
+                then,
+            } if expected == call => then,
+            other => {
+                self.phase = other;
+                return;
+            }
+        };
+        let e = StoreError::Unavailable(error.to_string());
+        match then {
+            Then::Claim(_) => {
+                let verdict = self.store_failed(host, &e);
+                self.resume_request_if(host, verdict);
+            }
+            Then::Write { pending, reply } => {
+                self.write_answered_with(host, pending.write, Err(e), reply)
+            }
+            Then::Cancel => self.cancel_answered(host, &CallResponse::default()),
+            Then::Upstream(held) => {
+                self.forward_failed(host, &error);
+                self.upstream_answered(host, held, &CallResponse::default());
+            }
+        }
     }
 }

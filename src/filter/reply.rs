@@ -67,6 +67,10 @@ impl Filter {
                 .headers
                 .push((self.cfg().header.clone(), k.clone().into_bytes()));
         }
+        if self.client_gone {
+            self.phase = Phase::Answered;
+            return Verdict::Pause;
+        }
         if let Err(e) = host.send_response(reply.status, &reply.headers, &reply.body) {
             host.log(
                 Level::Error,
@@ -90,7 +94,7 @@ impl Filter {
     /// A decision reached in a call's callback: the request was paused for
     /// it, and goes on only if the decision is to continue.
     pub(super) fn resume_request_if(&self, host: &impl Host, verdict: Verdict) {
-        if verdict == Verdict::Continue {
+        if verdict == Verdict::Continue && !self.client_gone {
             if let Err(e) = host.resume_request() {
                 host.log(Level::Error, &format!("could not resume the request: {e}"));
             }

@@ -85,11 +85,24 @@ impl Filter {
         let ctx = self.ctx.clone();
         let write = pending.write;
         let result = ctx.store.write_answered(host, pending, response);
+        self.write_answered_with(host, write, result, reply);
+    }
+
+    /// A write's result arrived in a call's callback: the held response (or
+    /// forwarding mode's answer) goes on, unless the client has gone.
+    pub(super) fn write_answered_with(
+        &mut self,
+        host: &impl Host,
+        write: Write,
+        result: Result<bool, StoreError>,
+        reply: Option<Reply>,
+    ) {
         self.outcome(host, count_write(host, write, &result));
         match reply {
             Some(reply) => {
                 self.send_reply(host, reply);
             }
+            None if self.client_gone => {}
             None => {
                 if let Err(e) = host.resume_response() {
                     host.log(Level::Error, &format!("could not resume the response: {e}"));

@@ -148,3 +148,76 @@ fn forwarding_to_a_silent_upstream_releases_and_answers_502() {
         "the retry is forwarded again"
     );
 }
+
+/// Envoy, forwarding mode: the filter's own calls outlive the client's
+/// stream, and their answers still reach the filter.
+const ENVOY_FORWARD: &str = r#"{"forward":{"upstream":"up"},"store":{"type":"redis","cluster":"webdis","cache_entries":0}}"#;
+
+#[test]
+fn a_client_that_left_still_gets_its_answer_recorded() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let c = ctx(ENVOY_FORWARD);
+    let mut f = redis_post(&host, &redis, &c, "gone");
+    let upstream = host.last_call_to("up").unwrap();
+    // The client times out and goes; the upstream answers later.
+    f.on_done(&host);
+    assert!(f.waiting(), "the call's answer is still awaited");
+    let answer = CallResponse {
+        status: Some(201),
+        headers: vec![(":status".into(), b"201".to_vec())],
+        body: b"paid".to_vec(),
+    };
+    f.on_call_response(&host, upstream.id, &answer);
+    redis_answers(&host, &redis, &mut f, Op::Complete);
+    assert_eq!(host.metric(Metric::Stored), 1, "recorded");
+    assert!(host.sent().is_none(), "no one to answer");
+    assert!(!f.waiting());
+    // The retry is replayed: one execution.
+    redis_post(&host, &redis, &c, "gone");
+    let sent = host.sent().unwrap();
+    assert_eq!((sent.status, sent.body.as_slice()), (201, &b"paid"[..]));
+    assert_eq!(
+        host.calls().iter().filter(|c| c.upstream == "up").count(),
+        1
+    );
+}
+
+#[test]
+fn a_claim_that_lands_after_its_client_left_is_released() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let c = ctx(ENVOY_FORWARD);
+    host.reset_exchange(&keyed("late"), b"");
+    let mut f = Filter::new(c.clone());
+    assert_eq!(f.on_request_headers(&host, true), Verdict::Pause);
+    f.on_done(&host);
+    redis_answers(&host, &redis, &mut f, Op::Claim);
+    assert!(host.last_call_to("up").is_none(), "nothing forwarded");
+    redis_answers(&host, &redis, &mut f, Op::Release);
+    assert_eq!(host.metric(Metric::Released), 1);
+    assert!(redis.data.borrow().is_empty(), "the key is free");
+    assert_eq!(host.resumed_requests.get(), 0);
+    assert!(host.sent().is_none());
+}
+
+#[test]
+fn a_call_that_could_not_be_sent_later_is_decided_as_if_at_once() {
+    let c = redis_ctx("");
+    let host = FakeHost::default();
+    host.reset_exchange(&keyed("k"), b"");
+    let mut f = Filter::new(c.clone());
+    assert_eq!(f.on_request_headers(&host, true), Verdict::Pause);
+    let claim = last_call(&host, Op::Claim);
+    f.on_call_failed(
+        &host,
+        claim,
+        crate::host::HostError {
+            call: "http_call",
+            status: 10,
+        },
+    );
+    assert_eq!(host.sent_status(), Some(503));
+    assert_eq!(host.metric(Metric::StoreErrors), 1);
+    assert_eq!(host.metric(Metric::ClaimsCancelled), 0, "nothing to cancel");
+}

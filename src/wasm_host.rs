@@ -6,7 +6,7 @@
 //! context dispatcher.
 
 use crate::config::Platform;
-use crate::filter::Verdict;
+use crate::filter::{CallResponse, Verdict};
 use crate::host::{HeaderMap, Host, HostError, Level};
 use crate::metrics::Metric;
 use crate::store::SharedData;
@@ -116,6 +116,18 @@ extern "C" {
         return_data: *mut *mut u8,
         return_size: *mut usize,
     ) -> u32;
+    fn proxy_register_shared_queue(
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
+    fn proxy_enqueue_shared_queue(queue_id: u32, value_data: *const u8, value_size: usize) -> u32;
+    fn proxy_dequeue_shared_queue(
+        queue_id: u32,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
 }
 
 #[link(wasm_import_module = "wasi_snapshot_preview1")]
@@ -258,6 +270,85 @@ impl MetricIds {
     }
 }
 
+/// Sends an HTTP call for the context the SDK is running a callback of.
+/// Through the SDK, not a raw import: its dispatcher routes the answer back
+/// to that context only for calls it registered. It panics on statuses other
+/// than Ok, BadArgument and InternalFailure; Envoy's and APISIX's http_call
+/// return only those (APISIX: BadArgument outside request phases).
+fn sdk_dispatch(
+    upstream: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    timeout_ms: u64,
+) -> Result<u32, HostError> {
+    proxy_wasm::hostcalls::dispatch_http_call(
+        upstream,
+        headers.to_vec(),
+        body,
+        vec![],
+        std::time::Duration::from_millis(timeout_ms),
+    )
+    .map_err(|status| HostError {
+        call: "http_call",
+        status: status as u32,
+    })
+}
+
+/// The answer to an HTTP call, read in its callback (before any switch of
+/// the effective context: the answer belongs to the context that made the
+/// call). No headers at all: the call failed (timeout, connection refused).
+fn read_call_response(body_size: usize) -> CallResponse {
+    let headers = get_pairs(MAP_HTTP_CALL_RESPONSE_HEADERS).unwrap_or_default();
+    let status = headers
+        .get(":status")
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
+    let body = if body_size > 0 {
+        get_buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, 0, body_size).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    CallResponse {
+        status,
+        headers: headers.to_list(),
+        body,
+    }
+}
+
+/// Registers a shared queue of this VM under `name`.
+fn register_queue(name: &str) -> Result<u32, HostError> {
+    let mut id = 0u32;
+    check("register_shared_queue", unsafe {
+        proxy_register_shared_queue(name.as_ptr(), name.len(), &mut id)
+    })?;
+    Ok(id)
+}
+
+/// Wakes the queue's owner (its `on_queue_ready`).
+fn enqueue(queue: u32) -> Result<(), HostError> {
+    let item = [1u8];
+    check("enqueue_shared_queue", unsafe {
+        proxy_enqueue_shared_queue(queue, item.as_ptr(), item.len())
+    })
+}
+
+/// Empties the queue (its items only signal; the work is in the owner).
+fn drain_queue(queue: u32) {
+    for _ in 0..1024 {
+        let mut data: *mut u8 = null_mut();
+        let mut size: usize = 0;
+        let status = unsafe { proxy_dequeue_shared_queue(queue, &mut data, &mut size) };
+        if status != OK || data.is_null() {
+            return;
+        }
+        drop(take_host_bytes(data, size));
+    }
+}
+
+/// Makes `context_id` the context that request-scoped host calls act on.
+fn set_effective_context(context_id: u32) -> bool {
+    unsafe { proxy_set_effective_context(context_id) == OK }
+}
+
 /// [`Host`] over proxy-wasm host calls. Request-scoped calls act on the
 /// context the host made current for the callback being run.
 struct WasmHost {
@@ -266,6 +357,9 @@ struct WasmHost {
     pauses_for_body: bool,
     /// `host: "apisix-profile"`: APISIX's rules, enforced while in Envoy.
     rules: Option<ApisixRules>,
+    /// Calls owned by the worker's root context (Envoy): made for this
+    /// request, answered through the root.
+    route: Option<owner::Route>,
 }
 
 /// What APISIX (wasm-nginx-module 0.7.0) allows, checked on every call while
@@ -288,7 +382,13 @@ impl WasmHost {
             metrics,
             pauses_for_body: platform.pauses_for_body(),
             rules: platform.checks_apisix_rules().then(ApisixRules::default),
+            route: None,
         }
+    }
+
+    fn routed(mut self, route: Option<owner::Route>) -> WasmHost {
+        self.route = route;
+        self
     }
 
     fn violation(&self, rule: &str) -> ! {
@@ -469,22 +569,12 @@ impl Host for WasmHost {
                 );
             }
         }
-        // Through the SDK, not a raw import: its dispatcher routes the answer
-        // back to this context only for calls it registered. It panics on
-        // statuses other than Ok, BadArgument and InternalFailure; Envoy's and
-        // APISIX's http_call return only those (APISIX: BadArgument outside
-        // request phases).
-        let result = proxy_wasm::hostcalls::dispatch_http_call(
-            upstream,
-            headers.to_vec(),
-            body,
-            vec![],
-            std::time::Duration::from_millis(timeout_ms),
-        )
-        .map_err(|status| HostError {
-            call: "http_call",
-            status: status as u32,
-        });
+        // Envoy: the worker's root context owns the call, so that its answer
+        // is handled even if this request has gone by then.
+        if let Some(route) = &self.route {
+            return route.dispatch(upstream, headers, body, timeout_ms);
+        }
+        let result = sdk_dispatch(upstream, headers, body, timeout_ms);
         if let (Some(rules), Ok(_)) = (&self.rules, &result) {
             rules.pending.set(rules.pending.get() + 1);
         }
@@ -536,3 +626,4 @@ fn set_tick_period(period_ms: u32) -> u32 {
 }
 
 mod contexts;
+mod owner;

@@ -55,6 +55,14 @@ impl Platform {
         self.apisix_rules()
     }
 
+    /// Outbound calls can be owned by the worker (the VM's root context)
+    /// rather than by the request that makes them, so that an answer is
+    /// still handled after its request has gone (Envoy). APISIX runs calls
+    /// only within the request.
+    pub fn calls_outlive_streams(self) -> bool {
+        self == Platform::Envoy
+    }
+
     /// Proxy shared data exists (the local store, the replay cache).
     pub fn has_shared_data(self) -> bool {
         !self.apisix_rules()

@@ -2,29 +2,86 @@
 //! context per request, which hands each callback to the [`Filter`] with a
 //! [`WasmHost`] and maps its verdict to the host's action.
 
+use super::owner::Owner;
 #[cfg(feature = "self-profile")]
 use super::self_profile;
 use super::{
-    get_buffer, get_pairs, host_log, now_ms, set_tick_period, MetricIds, WasmHost,
-    BUFFER_HTTP_CALL_RESPONSE_BODY, BUFFER_PLUGIN_CONFIGURATION, MAP_HTTP_CALL_RESPONSE_HEADERS,
-    OK,
+    get_buffer, host_log, now_ms, read_call_response, register_queue, set_tick_period, MetricIds,
+    WasmHost, BUFFER_PLUGIN_CONFIGURATION, OK,
 };
 use crate::config::{Config, Platform};
-use crate::filter::{CallResponse, Filter, FilterContext};
+use crate::filter::{Filter, FilterContext};
 use crate::host::{Host, Level};
 use crate::metrics::Metric;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
+use std::cell::RefCell;
 use std::rc::Rc;
 
 const TICK_MS: u32 = 1000;
 
 struct Root {
+    id: u32,
     ctx: Option<Rc<FilterContext>>,
     metrics: Rc<MetricIds>,
+    /// The requests' calls, where the platform lets the worker own them.
+    owner: Option<Rc<Owner>>,
 }
 
-impl Context for Root {}
+impl Root {
+    fn platform(&self) -> Platform {
+        self.ctx
+            .as_ref()
+            .map_or(Platform::Envoy, |c| c.config.platform)
+    }
+
+    /// A host for the filter of `stream`, run from the root.
+    fn stream_host(&self, owner: &Rc<Owner>, stream: u32) -> WasmHost {
+        WasmHost::new(self.metrics.clone(), self.platform()).routed(Some(owner.route(stream)))
+    }
+
+    /// Takes the worker's ownership of the requests' calls: a queue of this
+    /// VM, under a name no other VM uses, wakes the root to send them.
+    fn own_calls(&mut self, host: &WasmHost) {
+        if self.owner.is_some() {
+            return;
+        }
+        let name = format!(
+            "idempotency-filter/calls/{:016x}{:016x}",
+            host.random_u64(),
+            host.random_u64()
+        );
+        match register_queue(&name) {
+            Ok(queue) => self.owner = Some(Rc::new(Owner::new(self.id, queue))),
+            Err(e) => host_log(
+                Level::Warn,
+                &format!("calls stay with their requests (an answer after a client has gone is lost): {e}"),
+            ),
+        }
+    }
+}
+
+impl Context for Root {
+    /// An answer to a call the root made for a request.
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        profile!(5);
+        let Some(owner) = self.owner.clone() else {
+            return;
+        };
+        let Some((stream, call)) = owner.answered(token_id) else {
+            return;
+        };
+        let response = read_call_response(body_size);
+        let host = self.stream_host(&owner, stream);
+        owner.deliver(stream, |f| f.on_call_response(&host, call, &response));
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
@@ -55,6 +112,9 @@ impl RootContext for Root {
                 return false;
             }
         };
+        if ctx.config.platform.calls_outlive_streams() {
+            self.own_calls(&host);
+        }
         // The profiling build reports from the tick, whatever the store.
         #[cfg(feature = "self-profile")]
         if !ticks {
@@ -81,18 +141,40 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        let Some(owner) = self.owner.clone() else {
+            return;
+        };
+        if owner.queue() != queue_id {
+            return;
+        }
+        owner.send_queued(|stream, call, e| {
+            let host = self.stream_host(&owner, stream);
+            owner.deliver(stream, |f| f.on_call_failed(&host, call, e));
+        });
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         profile!(0);
         // Always Some: the SDK panics on None. Without a configuration (the
         // host would not normally create contexts then) the filter fails closed.
+        let filter = self
+            .ctx
+            .clone()
+            .map(|c| Rc::new(RefCell::new(Filter::new(c))));
+        let owner = self
+            .owner
+            .clone()
+            .filter(|_| filter.is_some() && self.platform().calls_outlive_streams());
+        if let (Some(owner), Some(filter)) = (&owner, &filter) {
+            owner.add_stream(context_id, filter.clone());
+        }
         Some(Box::new(HttpFilter {
-            filter: self.ctx.clone().map(Filter::new),
-            host: WasmHost::new(
-                self.metrics.clone(),
-                self.ctx
-                    .as_ref()
-                    .map_or(Platform::Envoy, |c| c.config.platform),
-            ),
+            host: WasmHost::new(self.metrics.clone(), self.platform())
+                .routed(owner.as_ref().map(|o| o.route(context_id))),
+            filter,
+            stream: context_id,
+            owner,
         }))
     }
 
@@ -102,11 +184,35 @@ impl RootContext for Root {
 }
 
 struct HttpFilter {
-    filter: Option<Filter>,
+    filter: Option<Rc<RefCell<Filter>>>,
     host: WasmHost,
+    stream: u32,
+    owner: Option<Rc<Owner>>,
+}
+
+impl Drop for HttpFilter {
+    fn drop(&mut self) {
+        if let Some(owner) = &self.owner {
+            owner.stream_gone(self.stream);
+        }
+    }
 }
 
 impl HttpFilter {
+    /// Runs a callback on the filter; `otherwise` when there is none (no
+    /// valid configuration) or it is busy (never expected: the host does
+    /// not re-enter a context from within a callback).
+    fn with<R>(&self, otherwise: R, run: impl FnOnce(&mut Filter, &WasmHost) -> R) -> R {
+        match self.filter.as_ref().map(|f| f.try_borrow_mut()) {
+            Some(Ok(mut f)) => run(&mut f, &self.host),
+            Some(Err(_)) => {
+                host_log(Level::Error, "filter busy: callback skipped");
+                otherwise
+            }
+            None => otherwise,
+        }
+    }
+
     fn unconfigured(&self) -> Action {
         let problem =
             crate::problem::Problem::internal("The idempotency filter has no valid configuration.");
@@ -126,31 +232,14 @@ impl Context for HttpFilter {
         _num_trailers: usize,
     ) {
         profile!(5);
-        let Some(f) = self.filter.as_mut() else {
+        if self.filter.is_none() {
             return;
-        };
+        }
         if let Some(rules) = &self.host.rules {
             rules.pending.set(rules.pending.get().saturating_sub(1));
         }
-        // No headers at all: the call failed (timeout, connection refused).
-        let headers = get_pairs(MAP_HTTP_CALL_RESPONSE_HEADERS).unwrap_or_default();
-        let status = headers
-            .get(":status")
-            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
-        let body = if body_size > 0 {
-            get_buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, 0, body_size).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        f.on_call_response(
-            &self.host,
-            token_id,
-            &CallResponse {
-                status,
-                headers: headers.to_list(),
-                body,
-            },
-        );
+        let response = read_call_response(body_size);
+        self.with((), |f, host| f.on_call_response(host, token_id, &response));
         // Under APISIX's rules a callback must leave the request either
         // waiting on a new call or settled (answered or let go on).
         if let Some(rules) = &self.host.rules {
@@ -163,9 +252,7 @@ impl Context for HttpFilter {
 
     fn on_done(&mut self) -> bool {
         profile!(6);
-        if let Some(f) = self.filter.as_mut() {
-            f.on_done(&self.host);
-        }
+        self.with((), |f, host| f.on_done(host));
         true
     }
 }
@@ -174,11 +261,10 @@ impl HttpContext for HttpFilter {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         profile!(1);
         self.host.enter(false);
-        match self.filter.as_mut() {
-            Some(f) => {
-                let v = f.on_request_headers(&self.host, end_of_stream);
-                self.host.action(v, true)
-            }
+        match self.with(None, |f, host| {
+            Some(f.on_request_headers(host, end_of_stream))
+        }) {
+            Some(v) => self.host.action(v, true),
             None => self.unconfigured(),
         }
     }
@@ -186,22 +272,18 @@ impl HttpContext for HttpFilter {
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         profile!(2);
         self.host.enter(false);
-        match self.filter.as_mut() {
-            Some(f) => {
-                let v = f.on_request_body(&self.host, body_size, end_of_stream);
-                self.host.action(v, true)
-            }
+        match self.with(None, |f, host| {
+            Some(f.on_request_body(host, body_size, end_of_stream))
+        }) {
+            Some(v) => self.host.action(v, true),
             None => Action::Pause,
         }
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         self.host.enter(false);
-        match self.filter.as_mut() {
-            Some(f) => {
-                let v = f.on_request_trailers(&self.host);
-                self.host.action(v, true)
-            }
+        match self.with(None, |f, host| Some(f.on_request_trailers(host))) {
+            Some(v) => self.host.action(v, true),
             None => Action::Pause,
         }
     }
@@ -209,11 +291,10 @@ impl HttpContext for HttpFilter {
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         profile!(3);
         self.host.enter(true);
-        match self.filter.as_mut() {
-            Some(f) => {
-                let v = f.on_response_headers(&self.host, end_of_stream);
-                self.host.action(v, false)
-            }
+        match self.with(None, |f, host| {
+            Some(f.on_response_headers(host, end_of_stream))
+        }) {
+            Some(v) => self.host.action(v, false),
             None => Action::Continue,
         }
     }
@@ -221,32 +302,30 @@ impl HttpContext for HttpFilter {
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         profile!(4);
         self.host.enter(true);
-        match self.filter.as_mut() {
-            Some(f) => {
-                let v = f.on_response_body(&self.host, body_size, end_of_stream);
-                self.host.action(v, false)
-            }
+        match self.with(None, |f, host| {
+            Some(f.on_response_body(host, body_size, end_of_stream))
+        }) {
+            Some(v) => self.host.action(v, false),
             None => Action::Continue,
         }
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
         self.host.enter(true);
-        match self.filter.as_mut() {
-            Some(f) => {
-                let v = f.on_response_trailers(&self.host);
-                self.host.action(v, false)
-            }
+        match self.with(None, |f, host| Some(f.on_response_trailers(host))) {
+            Some(v) => self.host.action(v, false),
             None => Action::Continue,
         }
     }
 }
 
 proxy_wasm::main! {{
-    proxy_wasm::set_root_context(|_context_id| -> Box<dyn RootContext> {
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
         Box::new(Root {
+            id: context_id,
             ctx: None,
             metrics: Rc::new(MetricIds::default()),
+            owner: None,
         })
     });
 }}

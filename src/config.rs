@@ -3,6 +3,7 @@
 //! line, because that line is all an operator sees in the proxy's log.
 
 use crate::fingerprint::FingerprintHash;
+pub use crate::key::KeySyntax;
 use crate::record::is_recorded_header;
 use crate::store::redis::{OnUnavailable, RedisConfig};
 use crate::wire::base64_encode;
@@ -80,6 +81,7 @@ pub struct Config {
     pub required: bool,
     pub generate_missing: bool,
     pub max_key_length: usize,
+    pub key_syntax: KeySyntax,
     pub ttl_ms: u64,
     pub lock_timeout_ms: u64,
     pub max_request_body_bytes: u64,
@@ -88,6 +90,9 @@ pub struct Config {
     pub fingerprint_headers: Vec<String>,
     pub fingerprint_hash: FingerprintHash,
     pub record_server_errors: bool,
+    /// What a key records when the gateway cannot know whether the upstream
+    /// acted (the exchange ended mid-response, an upstream reset).
+    pub unknown_outcome: UnknownOutcome,
     /// Response headers never recorded, so never replayed (lower-case).
     pub never_record_headers: Vec<String>,
     pub store: StoreConfig,
@@ -97,6 +102,21 @@ pub struct Config {
     /// Where each protected request's outcome is written (`set_property`;
     /// Envoy filter state `wasm.<name>`, for access logs). `None`: nowhere.
     pub outcome_property: Option<String>,
+}
+
+/// When the gateway cannot know whether the upstream acted: the client left
+/// (Envoy then resets the upstream request), the upstream reset the
+/// connection before answering, or the response was cut mid-body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownOutcome {
+    /// Record a `502` problem (`outcome-unknown`) as the key's outcome for
+    /// its TTL: retries get it replayed and never run the operation again.
+    #[default]
+    Record,
+    /// Keep the claim until `lock_timeout_seconds`; the next retry after
+    /// that runs again (it may be a second execution).
+    ReleaseAfterLock,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -500,6 +520,7 @@ fn assemble(
         required: raw.required,
         generate_missing: raw.generate_missing,
         max_key_length: raw.max_key_length,
+        key_syntax: raw.key_syntax,
         ttl_ms: raw.ttl_seconds * 1000,
         lock_timeout_ms: raw.lock_timeout_seconds * 1000,
         max_request_body_bytes: raw.max_request_body_bytes,
@@ -511,6 +532,7 @@ fn assemble(
             RawFingerprintHash::Sha256 => FingerprintHash::Sha256,
         },
         record_server_errors: raw.record_server_errors,
+        unknown_outcome: raw.unknown_outcome,
         never_record_headers: lower_unique(raw.never_record_headers),
         store,
         platform: raw.host.platform(),
@@ -686,7 +708,7 @@ mod tests {
             (r#"{"scope_headers":["x tenant"]}"#, "invalid configuration: scope_headers: \"x tenant\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"fingerprint_headers":[""]}"#, "invalid configuration: fingerprint_headers: \"\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"store":{"type":"local","max_entries":7}}"#, "invalid configuration: store.max_entries: must be between 16 and 10000000 (got 7)"),
-            (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `fingerprint_hash`, `record_server_errors`, `never_record_headers`, `host`, `forward`, `outcome_property`, `store`; remove it or fix its spelling"),
+            (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `key_syntax`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `fingerprint_hash`, `record_server_errors`, `unknown_outcome`, `never_record_headers`, `host`, `forward`, `outcome_property`, `store`; remove it or fix its spelling"),
             (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store.max_entry: unknown field `max_entry`, expected `max_entries`; remove it or fix its spelling"),
             (r#"{"ttl_seconds":"60"}"#, "invalid configuration: ttl_seconds: invalid type: string \"60\", expected u64; see the configuration table in README.md for each field's type"),
             (r#"{"required":"yes"}"#, "invalid configuration: required: invalid type: string \"yes\", expected a boolean; see the configuration table in README.md for each field's type"),

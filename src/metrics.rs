@@ -30,10 +30,13 @@ pub enum Metric {
     /// Redis store: claims whose call timed out, cancelled so that they do
     /// not hold the key once Redis catches up (counted when sent).
     ClaimsCancelled,
+    /// Keys whose outcome was unknowable (the exchange ended mid-response, an
+    /// upstream reset), recorded as the `outcome-unknown` problem.
+    OutcomesUnknown,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 18] = [
+    pub const ALL: [Metric; 19] = [
         Metric::Protected,
         Metric::Unkeyed,
         Metric::Replays,
@@ -52,6 +55,7 @@ impl Metric {
         Metric::Entries,
         Metric::CacheHits,
         Metric::ClaimsCancelled,
+        Metric::OutcomesUnknown,
     ];
 
     pub fn index(self) -> usize {
@@ -78,6 +82,7 @@ impl Metric {
             Metric::Entries => "idempotency.entries",
             Metric::CacheHits => "idempotency.cache_hits",
             Metric::ClaimsCancelled => "idempotency.claims_cancelled",
+            Metric::OutcomesUnknown => "idempotency.outcomes_unknown",
         }
     }
 

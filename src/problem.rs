@@ -1,5 +1,6 @@
 //! RFC 9457 problem details, the body of every error the filter returns.
 
+use crate::record::StoredResponse;
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +118,27 @@ impl Problem {
             "The upstream did not answer. The request may be retried with the same key.",
         )
         .retry_after(1)
+    }
+
+    /// The key's outcome when the gateway cannot know whether the upstream
+    /// acted (`unknown_outcome: record`): retries get it replayed.
+    pub fn outcome_unknown() -> Self {
+        Problem::new(
+            502,
+            "outcome-unknown",
+            "Outcome of the original request unknown",
+            "The original request reached the upstream, but its response never completed, so whether it took effect is unknown. It will not run again with this key: check the state of the resource before repeating the operation with a new key.",
+        )
+    }
+
+    /// This problem as a key's record (what its retries are replayed).
+    pub fn as_record(&self) -> StoredResponse {
+        StoredResponse {
+            status: self.status,
+            headers: self.headers(),
+            body: self.body(),
+            body_omitted: false,
+        }
     }
 
     pub fn internal(detail: &str) -> Self {

@@ -2,7 +2,8 @@
 //! defaults: the one place they live ([`super::Config::default()`] is these,
 //! validated).
 
-use super::Platform;
+use super::{Platform, UnknownOutcome};
+use crate::key::KeySyntax;
 use serde::Deserialize;
 
 /// The JSON document exactly as operators write it.
@@ -14,6 +15,7 @@ pub(super) struct RawConfig {
     pub(super) required: bool,
     pub(super) generate_missing: bool,
     pub(super) max_key_length: usize,
+    pub(super) key_syntax: KeySyntax,
     pub(super) ttl_seconds: u64,
     pub(super) lock_timeout_seconds: u64,
     pub(super) max_request_body_bytes: u64,
@@ -22,6 +24,7 @@ pub(super) struct RawConfig {
     pub(super) fingerprint_headers: Vec<String>,
     pub(super) fingerprint_hash: RawFingerprintHash,
     pub(super) record_server_errors: bool,
+    pub(super) unknown_outcome: UnknownOutcome,
     pub(super) never_record_headers: Vec<String>,
     pub(super) host: RawHost,
     pub(super) forward: Option<RawForward>,
@@ -39,6 +42,7 @@ impl Default for RawConfig {
             required: false,
             generate_missing: false,
             max_key_length: 255,
+            key_syntax: KeySyntax::Structured,
             ttl_seconds: 86_400,
             lock_timeout_seconds: 30,
             max_request_body_bytes: 1_048_576,
@@ -47,6 +51,7 @@ impl Default for RawConfig {
             fingerprint_headers: vec!["content-type".to_string()],
             fingerprint_hash: RawFingerprintHash::Xxh3,
             record_server_errors: false,
+            unknown_outcome: UnknownOutcome::Record,
             never_record_headers: vec!["set-cookie".to_string()],
             host: RawHost::Envoy,
             forward: None,

@@ -21,6 +21,16 @@ pub(super) struct Capture {
     expected: Option<u64>,
 }
 
+/// What becomes of a streamed response's key.
+pub(super) enum Fate {
+    /// Captured as it streams, then recorded.
+    Record(Capture),
+    /// Not the outcome of the request: the key is freed, a retry runs.
+    Release,
+    /// Nobody can know whether the upstream acted: as `unknown_outcome` says.
+    Unknown,
+}
+
 /// A header holding a number (`:status`, `content-length`).
 pub(super) fn header_number<T: std::str::FromStr>(headers: &HeaderMap, name: &str) -> Option<T> {
     headers
@@ -55,12 +65,9 @@ impl Capture {
         })
     }
 
-    /// The streamed response whose headers the host has just given.
-    pub(super) fn of_response(
-        cfg: &Config,
-        host: &impl Host,
-        headers: &HeaderMap,
-    ) -> Option<Capture> {
+    /// What becomes of the key of the streamed response whose headers the
+    /// host has just given.
+    pub(super) fn of_response(cfg: &Config, host: &impl Host, headers: &HeaderMap) -> Fate {
         let status: u16 = header_number(headers, ":status").unwrap_or(0);
         // Who answered matters only for errors (a rate limiter's 429, Envoy's
         // 503): a property lookup saved on every successful response.
@@ -69,13 +76,17 @@ impl Capture {
         } else {
             None
         };
-        Capture::start(
+        match Capture::start(
             cfg,
             status,
             details.as_deref(),
             headers.iter(),
             header_number(headers, "content-length"),
-        )
+        ) {
+            Some(capture) => Fate::Record(capture),
+            None if outcome_unknowable(details.as_deref()) => Fate::Unknown,
+            None => Fate::Release,
+        }
     }
 
     /// Takes `len` more body bytes, read with `read` only while the body
@@ -135,11 +146,12 @@ impl Filter {
             Err(e) => return self.capture_failed(host, e),
         };
         match Capture::of_response(&self.ctx.config, host, &headers) {
-            None => {
+            Fate::Release => {
                 self.phase = Phase::Done;
                 self.release(host, held)
             }
-            Some(capture) => {
+            Fate::Unknown => self.outcome_unknown(host, held),
+            Fate::Record(capture) => {
                 self.phase = Phase::Forwarded {
                     held,
                     capture: Some(capture),
@@ -196,6 +208,35 @@ impl Filter {
     }
 }
 
+/// Envoy's own answer for an upstream that may have acted but never answered:
+/// a reset after the request was sent, or the route's timeout. Not a
+/// connection that never opened, nor a request a circuit breaker held back:
+/// those never reached the upstream.
+pub fn outcome_unknowable(code_details: Option<&str>) -> bool {
+    let Some(d) = code_details else {
+        return false;
+    };
+    let reset = d.starts_with("upstream_reset_before_response_started")
+        && !d.contains("connection_failure")
+        && !d.contains("overflow");
+    reset || envoy_timed_out(d)
+}
+
+/// Envoy stopped waiting for the upstream's answer (the route's, a try's or
+/// the stream's timeout): the request was sent, so the upstream may have
+/// acted or may still act. Envoy 1.40 says `response_timeout` for the route
+/// timeout (checked on 1.40); older versions said `upstream_response_timeout`.
+fn envoy_timed_out(code_details: &str) -> bool {
+    matches!(
+        code_details,
+        "response_timeout"
+            | "upstream_response_timeout"
+            | "upstream_per_try_timeout"
+            | "upstream_per_try_idle_timeout"
+            | "upstream_max_stream_duration_reached"
+    )
+}
+
 /// Which responses become the key's record; every other one releases the key
 /// so that a retry runs again.
 ///
@@ -214,9 +255,7 @@ pub fn should_record(status: u16, code_details: Option<&str>, record_server_erro
     }
     let from_upstream = code_details.is_none_or(|d| d == "via_upstream");
     if !from_upstream {
-        return record_server_errors
-            && status >= 500
-            && code_details == Some("upstream_response_timeout");
+        return record_server_errors && status >= 500 && code_details.is_some_and(envoy_timed_out);
     }
     status < 500 || record_server_errors
 }

@@ -16,7 +16,7 @@ use super::forward::ForwardRequest;
 use crate::config::Config;
 use crate::fingerprint::{key_digest, Digest16, Fingerprinter};
 use crate::host::{HeaderMap, Host};
-use crate::key::{parse_key_headers, KeyError};
+use crate::key::KeyError;
 use crate::problem::Problem;
 
 /// What the filter does with a request, by its headers. Returned once per
@@ -58,7 +58,7 @@ pub fn inspect(cfg: &Config, headers: &HeaderMap, new_key: impl FnOnce() -> Stri
         return Inspection::Pass;
     }
     let values: Vec<&[u8]> = headers.values(&cfg.header).collect();
-    let (key, generated_key) = match parse_key_headers(&values, cfg.max_key_length) {
+    let (key, generated_key) = match cfg.key_syntax.parse_headers(&values, cfg.max_key_length) {
         Ok(Some(k)) => (k, None),
         Ok(None) if cfg.required => return Inspection::Refuse(Problem::missing_key(&cfg.header)),
         Ok(None) if cfg.generate_missing => {

@@ -49,7 +49,7 @@ pub use inspect::{inspect, Inspection, Protected};
 
 use crate::config::Config;
 use crate::fingerprint::{Digest16, Fingerprinter};
-use crate::host::{Host, HostError, Level};
+use crate::host::{Host, HostError};
 use crate::metrics::Metric;
 use crate::store::{Held, PendingClaim, PendingWrite, Store, StoreError, StoreStep};
 use capture::Capture;
@@ -311,22 +311,22 @@ impl Filter {
     }
 
     /// The exchange ended. A claim still held here means the response never
-    /// completed (the client left, or the upstream reset mid-body): the
-    /// upstream may have acted, so the claim stays until its lock timeout and
-    /// an immediate retry gets 409, never a second execution.
+    /// completed (the client left, so Envoy reset the upstream request, or
+    /// the upstream reset mid-body): the upstream may have acted. Per
+    /// `unknown_outcome`, the key records the `outcome-unknown` problem for
+    /// its TTL, or keeps the claim until its lock timeout (a retry gets 409
+    /// until then, and runs after).
     ///
     /// A call still out keeps its phase: where the host routes its answer to
     /// a filter whose stream has gone, the answer is still applied.
     pub fn on_done(&mut self, host: &impl Host) {
+        if let Phase::Forwarded { held, .. } = self.phase {
+            self.client_gone = true;
+            self.outcome_unknown(host, held);
+        }
         if matches!(self.phase, Phase::Waiting { .. }) {
             self.client_gone = true;
             return;
-        }
-        if matches!(self.phase, Phase::Forwarded { .. }) {
-            host.log(
-                Level::Debug,
-                "exchange ended before the response completed; claim kept until its lock timeout",
-            );
         }
         self.phase = Phase::Done;
     }

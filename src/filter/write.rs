@@ -7,8 +7,10 @@
 
 use super::reply::Reply;
 use super::{Filter, Phase, Sent, Then, Verdict};
+use crate::config::UnknownOutcome;
 use crate::host::{CallResponse, Host, Level};
 use crate::metrics::Metric;
+use crate::problem::Problem;
 use crate::record::StoredResponse;
 use crate::store::{Held, PendingWrite, StoreError, StoreStep, Write};
 
@@ -23,6 +25,33 @@ impl Filter {
             return Verdict::Continue;
         };
         self.write_complete(host, held, capture.into_record(), None)
+    }
+
+    /// Nobody can know whether the upstream acted: the exchange ended before
+    /// the response completed, or Envoy answered for an upstream that reset
+    /// or timed out after the request was sent. `unknown_outcome: record`:
+    /// the `outcome-unknown` problem becomes the key's record, so its retries
+    /// get that instead of running the operation again. `release-after-lock`:
+    /// the claim stays until its lock timeout (409 meanwhile), then lapses.
+    pub(super) fn outcome_unknown(&mut self, host: &impl Host, held: Held) -> Verdict {
+        self.phase = Phase::Done;
+        match self.cfg().unknown_outcome {
+            UnknownOutcome::Record => {
+                host.metric_add(Metric::OutcomesUnknown, 1);
+                let verdict =
+                    self.write_complete(host, held, Problem::outcome_unknown().as_record(), None);
+                self.outcome(host, "outcome-unknown");
+                verdict
+            }
+            UnknownOutcome::ReleaseAfterLock => {
+                host.log(
+                    Level::Debug,
+                    "the upstream's outcome is unknown; claim kept until its lock timeout",
+                );
+                self.outcome(host, "claim-kept");
+                Verdict::Continue
+            }
+        }
     }
 
     /// The streamed response is not to be recorded: free the key.

@@ -40,6 +40,9 @@ PROFILES = {
     "limits": {"max_request_body_bytes": 1024, "max_response_body_bytes": 1024},
     "short_ttl": {"ttl_seconds": 5, "lock_timeout_seconds": 2},
     "lock": {"lock_timeout_seconds": 4, "ttl_seconds": 60},
+    # The other choice where the upstream's outcome is unknowable (the
+    # default, "record", records the outcome-unknown problem).
+    "release_after_lock": {"unknown_outcome": "release-after-lock", "lock_timeout_seconds": 4, "ttl_seconds": 60},
     "server_errors": {"record_server_errors": True},
     "small_table": {"store": {"type": "local", "max_entries": 64}, "max_response_body_bytes": 65536},
     "one_bucket": {"store": {"type": "local", "max_entries": 16}},
@@ -155,6 +158,23 @@ def problem(resp):
     assert doc["type"].startswith("urn:idempotency-filter:problem:")
     assert doc["title"] and doc["detail"]
     return doc
+
+
+def settled(gw, key, body=b'{"amount": 42}', headers=None, path="/payments", timeout=10.0):
+    """The answer to a retry once the original's fate has been written: a
+    409 may come first while the gateway is still ending the original."""
+    deadline = time.time() + timeout
+    while True:
+        resp = post(gw, key, body=body, headers=headers, path=path)
+        if resp[0] != 409 or time.time() > deadline:
+            return resp
+        time.sleep(0.05)
+
+
+def assert_outcome_unknown(resp):
+    """The replayed record of a key whose outcome nobody could know."""
+    assert resp[0] == 502 and resp[1].get("idempotent-replayed") == "true", resp
+    assert problem(resp)["type"].endswith("outcome-unknown")
 
 
 def raw_request(port, data, timeout=10):

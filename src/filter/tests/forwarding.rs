@@ -59,7 +59,7 @@ fn apisix_forwarding_claims_forwards_records_then_answers() {
     f.on_call_response(&host, 2, &upstream);
     assert!(host.sent().is_none(), "answered only once recorded");
     let record = host.call(redis.last(&host, Op::Complete));
-    assert_eq!(record.body.is_some(), true, "the record (PUT)");
+    assert!(record.body.is_some(), "the record (PUT)");
     redis_answers(&host, &redis, &mut f, Op::Complete);
     let sent = host.sent().unwrap();
     assert_eq!(

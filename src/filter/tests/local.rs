@@ -168,12 +168,11 @@ fn only_the_upstreams_own_answers_are_recorded() {
         Some("upstream_reset_before_response_started{connection_failure}"),
         true
     ));
+    // Envoy 1.40's route timeout, and the name older versions used.
+    assert!(should_record(504, Some("response_timeout"), true));
     assert!(should_record(504, Some("upstream_response_timeout"), true));
-    assert!(!should_record(
-        504,
-        Some("upstream_response_timeout"),
-        false
-    ));
+    assert!(should_record(504, Some("upstream_per_try_timeout"), true));
+    assert!(!should_record(504, Some("response_timeout"), false));
 }
 
 #[test]
@@ -214,9 +213,80 @@ fn client_errors_are_recorded() {
     assert_eq!(sent_status(&host), Some(402));
 }
 
+/// A retry's answer: the problem type of a replayed problem, or "" if none.
+fn replayed_problem(host: &FakeHost) -> (Option<u16>, String) {
+    let sent = host.sent();
+    let kind = sent
+        .as_ref()
+        .and_then(|s| serde_json::from_slice::<serde_json::Value>(&s.body).ok())
+        .and_then(|v| v["type"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    (sent.map(|s| s.status), kind)
+}
+
 #[test]
-fn abandoned_exchange_keeps_the_claim_until_the_lock_times_out() {
+fn an_abandoned_exchange_records_outcome_unknown_by_default() {
     let (host, c) = setup(r#"{"lock_timeout_seconds":5}"#);
+    let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
+    f.on_done(&host); // the client left before the response: Envoy reset upstream
+    assert_eq!(host.metric(Metric::OutcomesUnknown), 1);
+    // Past the lock timeout, and for the whole TTL: the retry gets the
+    // problem replayed and never runs again.
+    host.advance_clock(60_000);
+    let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+    assert!(!forwarded);
+    assert_eq!(
+        replayed_problem(&host),
+        (
+            Some(502),
+            "urn:idempotency-filter:problem:outcome-unknown".into()
+        )
+    );
+}
+
+#[test]
+fn an_upstream_reset_after_sending_is_an_unknown_outcome_a_refused_connection_is_not() {
+    let (host, c) = setup("{}");
+    let (mut f, _) = request(&host, &c, &post(Some("reset")), b"x");
+    host.set_code_details("upstream_reset_before_response_started{connection_termination}");
+    respond(&host, &mut f, 503, b"reset");
+    let (_, forwarded) = request(&host, &c, &post(Some("reset")), b"x");
+    assert!(!forwarded, "the upstream may have acted");
+    assert_eq!(replayed_problem(&host).0, Some(502));
+
+    let (mut f, _) = request(&host, &c, &post(Some("refused")), b"x");
+    host.set_code_details(
+        "upstream_reset_before_response_started{remote_connection_failure,delayed_connect_error:_Connection_refused}",
+    );
+    respond(&host, &mut f, 503, b"refused");
+    let (_, forwarded) = request(&host, &c, &post(Some("refused")), b"x");
+    assert!(forwarded, "the request never reached the upstream");
+
+    let (mut f, _) = request(&host, &c, &post(Some("timeout")), b"x");
+    host.set_code_details("response_timeout");
+    respond(&host, &mut f, 504, b"timeout");
+    let (_, forwarded) = request(&host, &c, &post(Some("timeout")), b"x");
+    assert!(!forwarded, "the upstream may still act after Envoy gave up");
+    assert_eq!(host.metric(Metric::OutcomesUnknown), 2);
+
+    // release-after-lock: the same reset keeps the claim until the lock
+    // timeout (409 meanwhile), then the next retry runs.
+    let (host, c) = setup(r#"{"lock_timeout_seconds":5,"unknown_outcome":"release-after-lock"}"#);
+    let (mut f, _) = request(&host, &c, &post(Some("reset")), b"x");
+    host.set_code_details("upstream_reset_before_response_started{connection_termination}");
+    respond(&host, &mut f, 503, b"reset");
+    let (_, forwarded) = request(&host, &c, &post(Some("reset")), b"x");
+    assert!(!forwarded);
+    assert_eq!(host.sent_status(), Some(409));
+    host.advance_clock(5_000);
+    let (_, forwarded) = request(&host, &c, &post(Some("reset")), b"x");
+    assert!(forwarded);
+    assert_eq!(host.metric(Metric::OutcomesUnknown), 0);
+}
+
+#[test]
+fn release_after_lock_keeps_the_claim_until_the_lock_times_out() {
+    let (host, c) = setup(r#"{"lock_timeout_seconds":5,"unknown_outcome":"release-after-lock"}"#);
     let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
     f.on_done(&host); // client disconnected before the response
     let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");

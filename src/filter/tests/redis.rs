@@ -341,3 +341,25 @@ fn redis_calls_carry_authority_and_basic_auth() {
     assert!(headers.contains(&(":authority".into(), "redis.internal".into())));
     assert!(headers.contains(&("authorization".into(), "Basic dTpw".into())));
 }
+
+#[test]
+fn an_exchange_that_ends_mid_response_records_outcome_unknown_in_redis() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let c = redis_ctx("");
+    let mut f = redis_post(&host, &redis, &c, "k");
+    host.set_response(&[(":status", "201")]);
+    f.on_response_headers(&host, false);
+    // The client leaves mid-response: the record call goes out for nobody.
+    f.on_done(&host);
+    assert!(f.waiting(), "the filter waits for the record's answer");
+    let sent_before = host.sent();
+    redis_answers(&host, &redis, &mut f, Op::Complete);
+    assert_eq!(host.sent(), sent_before, "nobody is answered");
+    assert_eq!(host.metric(Metric::OutcomesUnknown), 1);
+    assert_eq!(host.metric(Metric::Stored), 1);
+    // Another gateway's retry reads the problem from Redis.
+    let retry = redis_post(&host, &redis, &redis_ctx(""), "k");
+    assert!(!retry.waiting());
+    assert_eq!(host.sent_status(), Some(502));
+}

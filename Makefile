@@ -48,14 +48,14 @@ e2e: build apisix-runtime ## End-to-end tests: real Envoy (2 workers) and APISIX
 
 test: setup lint unit e2e ## Everything CI runs: lint, unit and end-to-end tests
 
-demo: build ## Envoy + filter (local store) in front of the demo payment service; prints curl commands
-	$(PY) demo/gateway.py
+demo: build ## Envoy + filter (local store) in front of the demo payment service; prints curl commands (ARGS="--port 10100 ...": see --help)
+	$(PY) demo/gateway.py $(ARGS)
 
-demo-fleet: build ## Two Envoys sharing one Redis (via Webdis): a retry on the other gateway is replayed
-	$(PY) demo/gateway.py --fleet
+demo-fleet: build ## Two Envoys sharing one Redis (via Webdis): a retry on the other gateway is replayed (ARGS= as for demo)
+	$(PY) demo/gateway.py --fleet $(ARGS)
 
-demo-client: build ## A retrying client over a path that loses 30% of responses: exactly N executions
-	$(PY) demo/client_story.py
+demo-client: build ## A retrying client over a path that loses 30% of responses: exactly N executions (ARGS="-n 100 --drop 0.5")
+	$(PY) demo/client_story.py $(ARGS)
 
 docker-demo: build ## Redis, Webdis, payments, two Envoys and APISIX with Docker (needs a Docker engine)
 	docker compose up -d --wait
@@ -78,8 +78,8 @@ fuzz: ## Fuzz each parser for FUZZ_SECONDS (cargo-fuzz, nightly; not part of mak
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
 		cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; done
 
-check-config: ## Validate plugin configurations: make check-config FILES="a.json b.json"
-	cargo run -q --example check_config -- $(FILES)
+check-config: ## Validate plugin configurations: make check-config FILES="a.json envoy.yaml"
+	@cargo run -q --example check_config -- $(FILES)
 
 clean: ## Remove build output and the venv
 	cargo clean

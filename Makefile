@@ -31,6 +31,7 @@ $(VENV)/.installed: tests/requirements.txt
 build: setup ## Build the filter: target/wasm32-wasip1/release/idempotency_filter.wasm
 	cargo build --release --target $(WASM_TARGET)
 	@ls -l $(WASM) | awk '{print "built " $$NF " (" $$5 " bytes)"}'
+	@sha256sum $(WASM) | awk '{print "sha256 " $$1 "  (the digest for a remote module: envoy/envoy-local.yaml)"}'
 
 apisix-runtime: ## Build APISIX's Wasm runtime (wasm-nginx-module 0.7.0, wasmtime 0.38.1) into .cache/; no-op when current
 	bash apisix/runtime/build.sh

@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build apisix-runtime test unit e2e lint demo demo-fleet demo-client docker-demo bench fuzz soak check-config clean
+.PHONY: help setup build oci apisix-runtime test unit e2e lint demo demo-fleet demo-client docker-demo bench fuzz soak check-config clean
 
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-15s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ build: setup ## Build the filter: target/wasm32-wasip1/release/idempotency_filte
 	cargo build --release --target $(WASM_TARGET)
 	@ls -l $(WASM) | awk '{print "built " $$NF " (" $$5 " bytes)"}'
 	@sha256sum $(WASM) | awk '{print "sha256 " $$1 "  (the digest for a remote module: envoy/envoy-local.yaml)"}'
+
+oci: build ## The module as a Wasm OCI image (Istio, Envoy Gateway): an OCI layout in target/oci/, no Docker
+	$(PY) deploy/wasm_oci.py
 
 apisix-runtime: ## Build APISIX's Wasm runtime (wasm-nginx-module 0.7.0, wasmtime 0.38.1) into .cache/; no-op when current
 	bash apisix/runtime/build.sh

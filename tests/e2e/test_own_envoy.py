@@ -147,3 +147,9 @@ def test_the_copyable_config_serves_a_keyed_request_and_its_replay(tmp_path, req
         assert envoy.request("GET", "/__executions")[0] == 200
     finally:
         envoy.stop()
+
+
+def test_make_build_prints_the_modules_sha256():
+    out = subprocess.run(["make", "-o", "setup", "build"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert f"sha256 {module_sha256()}" in out.stdout, out.stdout

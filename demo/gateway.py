@@ -256,17 +256,17 @@ curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1001"' -H
 curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1001"' -H 'content-type: application/json' -d '{{"amount": 42}}'
 # 3. Same key, another amount: 422
 curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1001"' -H 'content-type: application/json' -d '{{"amount": 99}}'
-# 4. A retry while the original is still running: 409 with Retry-After (the upstream takes 5 s here)
-curl -s -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1002"' -H 'x-demo-delay-ms: 5000' -d '{{}}' & sleep 0.5; \\
-curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1002"' -H 'x-demo-delay-ms: 5000' -d '{{}}'; wait
+# 4. A retry while the original is still running (the upstream takes 5 s here): 409 with Retry-After
+curl -s -o /dev/null -w 'original: %{{http_code}}\\n' -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1002"' -H 'x-demo-delay-ms: 5000' -d '{{}}' & sleep 0.5; \\
+curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1002"' -H 'x-demo-delay-ms: 5000' -d '{{}}'; echo; wait
 # 5. A malformed key: 400
 curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "unterminated' -d '{{}}'
 # 6. The counters
 curl -s localhost:{admin}/stats?filter=idempotency
 # 7. What the upstream executed
 curl -s localhost:{upstream}/__executions
-# 8. What the filter did with each request (access log, outcome_property)
-cat {access_log}
+# 8. What the filter did with each request (access log, outcome_property; Envoy writes it every 100 ms)
+sleep 0.5; cat {access_log}
 """
 
 
@@ -279,7 +279,7 @@ curl -si -X POST localhost:{a}/payments -H 'Idempotency-Key: "order-2001"' -H 'c
 # 2. The client's retry lands on gateway B: replayed from Redis, same payment id
 curl -si -X POST localhost:{b}/payments -H 'Idempotency-Key: "order-2001"' -H 'content-type: application/json' -d '{{"amount": 42}}'
 # 3. What Redis holds (prefix + hex digest of scope and key; expires by itself)
-curl -s localhost:{webdis}/KEYS/idem:*
+curl -s 'localhost:{webdis}/KEYS/idem:*'
 # 4. What the upstream executed
 curl -s localhost:{upstream}/__executions
 """

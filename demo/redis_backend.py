@@ -41,7 +41,7 @@ def _wait_port(port, proc, what, timeout=10, probe=None):
 
 
 class RedisBackend:
-    def __init__(self, redis_port=None, webdis_port=None, workdir=None):
+    def __init__(self, redis_port=None, webdis_port=None, workdir=None, redis_args=()):
         for tool in ("redis-server", "webdis"):
             if not shutil.which(tool):
                 raise RuntimeError(f"{tool} is not installed (make setup installs redis-server and webdis)")
@@ -51,6 +51,8 @@ class RedisBackend:
         # (neither server can bind port 0 and say which it got): the first
         # start then moves to other ports. Ports asked for stay fixed.
         self._ports_chosen = (redis_port is None, webdis_port is None)
+        # Extra redis-server arguments (tests: maxmemory and its policy).
+        self.redis_args = list(redis_args)
         self.own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="idem-redis-")
         self.redis = None
@@ -76,7 +78,7 @@ class RedisBackend:
         log = open(os.path.join(self.workdir, "redis.log"), "a")
         self.redis = subprocess.Popen(
             ["redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", "",
-             "--appendonly", "no", "--protected-mode", "yes", "--dir", self.workdir],
+             "--appendonly", "no", "--protected-mode", "yes", "--dir", self.workdir, *self.redis_args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         _wait_port(self.redis_port, self.redis, "redis-server", probe=(b"PING\r\n", b"+PONG"))
 

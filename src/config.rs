@@ -6,8 +6,17 @@ use crate::fingerprint::FingerprintHash;
 use crate::record::is_recorded_header;
 use crate::store::redis::{OnUnavailable, RedisConfig};
 use crate::wire::base64_encode;
-use serde::Deserialize;
 use std::fmt;
+
+mod platform;
+mod raw;
+
+pub use platform::Platform;
+
+pub use raw::DEFAULT_CACHE_ENTRIES;
+use raw::{
+    RawConfig, RawFingerprintHash, RawForward, RawLocalStore, RawOnUnavailable, RawRedisStore,
+};
 
 /// Ways per bucket of the local slot table; `max_entries` is rounded down to a
 /// multiple of this so the table never holds more than `max_entries` records.
@@ -62,148 +71,6 @@ fn check_authority(field: &str, authority: Option<&str>) -> Result<(), ConfigErr
     }
 }
 
-/// The JSON document exactly as operators write it.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawConfig {
-    header: String,
-    methods: Vec<String>,
-    required: bool,
-    generate_missing: bool,
-    max_key_length: usize,
-    ttl_seconds: u64,
-    lock_timeout_seconds: u64,
-    max_request_body_bytes: u64,
-    max_response_body_bytes: u64,
-    scope_headers: Vec<String>,
-    fingerprint_headers: Vec<String>,
-    fingerprint_hash: RawFingerprintHash,
-    record_server_errors: bool,
-    never_record_headers: Vec<String>,
-    host: RawHost,
-    forward: Option<RawForward>,
-    outcome_property: String,
-    /// Parsed in a second step ([`parse_store`]): the store's fields depend
-    /// on its `type`, and errors must still name e.g. `store.timeout_ms`.
-    store: serde_json::Value,
-}
-
-impl Default for RawConfig {
-    fn default() -> Self {
-        RawConfig {
-            header: "Idempotency-Key".to_string(),
-            methods: vec!["POST".to_string(), "PATCH".to_string()],
-            required: false,
-            generate_missing: false,
-            max_key_length: 255,
-            ttl_seconds: 86_400,
-            lock_timeout_seconds: 30,
-            max_request_body_bytes: 1_048_576,
-            max_response_body_bytes: 1_048_576,
-            scope_headers: vec!["authorization".to_string()],
-            fingerprint_headers: vec!["content-type".to_string()],
-            fingerprint_hash: RawFingerprintHash::Xxh3,
-            record_server_errors: false,
-            never_record_headers: vec!["set-cookie".to_string()],
-            host: RawHost::Envoy,
-            forward: None,
-            outcome_property: String::new(),
-            store: serde_json::json!({"type": "local"}),
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRedisStore {
-    cluster: String,
-    #[serde(default)]
-    authority: Option<String>,
-    #[serde(default = "default_timeout_ms")]
-    timeout_ms: u64,
-    #[serde(default = "default_key_prefix")]
-    key_prefix: String,
-    #[serde(default)]
-    on_unavailable: RawOnUnavailable,
-    #[serde(default)]
-    auth: Option<RawAuth>,
-    /// Unset: [`DEFAULT_CACHE_ENTRIES`] on Envoy, 0 (off) on APISIX.
-    #[serde(default)]
-    cache_entries: Option<u32>,
-}
-
-/// Completed records a gateway keeps in its own shared data in front of
-/// Redis, so that replays need no store round trip (Envoy only).
-pub const DEFAULT_CACHE_ENTRIES: u32 = 10_000;
-
-fn default_timeout_ms() -> u64 {
-    500
-}
-
-fn default_key_prefix() -> String {
-    "idem:".to_string()
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum RawOnUnavailable {
-    #[default]
-    Reject,
-    Allow,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAuth {
-    username: String,
-    password: String,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum RawFingerprintHash {
-    #[default]
-    Xxh3,
-    Sha256,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum RawHost {
-    #[default]
-    Envoy,
-    Apisix,
-    ApisixProfile,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawForward {
-    upstream: String,
-    #[serde(default)]
-    authority: Option<String>,
-    #[serde(default = "default_forward_timeout_ms")]
-    timeout_ms: u64,
-}
-
-fn default_forward_timeout_ms() -> u64 {
-    30_000
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawLocalStore {
-    max_entries: u32,
-}
-
-impl Default for RawLocalStore {
-    fn default() -> Self {
-        RawLocalStore {
-            max_entries: 100_000,
-        }
-    }
-}
-
 /// Validated configuration. Header names are lower-case (both hosts hand
 /// header names to the filter lower-cased), methods upper-case.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,32 +91,12 @@ pub struct Config {
     /// Response headers never recorded, so never replayed (lower-case).
     pub never_record_headers: Vec<String>,
     pub store: StoreConfig,
-    pub host: Host,
+    pub platform: Platform,
     /// Forwarding mode: the filter itself sends the request upstream.
     pub forward: Option<Forward>,
     /// Where each protected request's outcome is written (`set_property`;
     /// Envoy filter state `wasm.<name>`, for access logs). `None`: nowhere.
     pub outcome_property: Option<String>,
-}
-
-/// Which proxy runs the filter. Chosen by configuration, not detected:
-/// detecting APISIX would mean probing calls it answers UNIMPLEMENTED.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Host {
-    Envoy,
-    /// Apache APISIX (wasm-nginx-module): no shared data, no tick, HTTP calls
-    /// only in request phases, the body only when asked for.
-    Apisix,
-    /// Testing aid: runs in Envoy, behaves exactly as on APISIX, and traps
-    /// on any call APISIX would not allow, so that a test fails.
-    ApisixProfile,
-}
-
-impl Host {
-    /// APISIX's rules apply (on APISIX itself or in its profile on Envoy).
-    pub fn apisix_rules(self) -> bool {
-        matches!(self, Host::Apisix | Host::ApisixProfile)
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,30 +155,19 @@ impl Config {
 }
 
 impl Default for Config {
+    /// The documented defaults: `RawConfig::default()`, validated (the
+    /// unit tests prove them valid). Should a default ever fail its checks,
+    /// that test fails; this still returns the same defaults, unchecked,
+    /// rather than panic.
     fn default() -> Self {
-        // The defaults are valid by construction; the unit tests prove it.
-        validate(RawConfig::default()).unwrap_or(Config {
-            header: "idempotency-key".into(),
-            methods: vec!["POST".into(), "PATCH".into()],
-            required: false,
-            generate_missing: false,
-            max_key_length: 255,
-            ttl_ms: 86_400_000,
-            lock_timeout_ms: 30_000,
-            max_request_body_bytes: 1_048_576,
-            max_response_body_bytes: 1_048_576,
-            scope_headers: vec!["authorization".into()],
-            fingerprint_headers: vec!["content-type".into()],
-            fingerprint_hash: FingerprintHash::Xxh3,
-            record_server_errors: false,
-            never_record_headers: vec!["set-cookie".into()],
-            store: StoreConfig::Local {
-                buckets: 6_250,
-                ways: LOCAL_WAYS,
-            },
-            host: Host::Envoy,
-            forward: None,
-            outcome_property: None,
+        validate(RawConfig::default()).unwrap_or_else(|_| {
+            let raw = RawConfig::default();
+            assemble(
+                raw,
+                local_store(RawLocalStore::default().max_entries),
+                None,
+                None,
+            )
         })
     }
 }
@@ -385,25 +221,43 @@ pub fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn header_list(field: &str, names: Vec<String>) -> Result<Vec<String>, ConfigError> {
-    let mut out: Vec<String> = Vec::with_capacity(names.len());
+fn check_header_names(field: &str, names: &[String]) -> Result<(), ConfigError> {
+    match names.iter().find(|name| !is_token(name)) {
+        Some(name) => Err(err(
+            field,
+            format!(
+                "{name:?} is not a header name; use token characters only, e.g. \"x-tenant-id\""
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Each name once, in their first order.
+fn unique(names: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
     for name in names {
-        if !is_token(&name) {
-            return Err(err(
-                field,
-                format!("{name:?} is not a header name; use token characters only, e.g. \"x-tenant-id\""),
-            ));
-        }
-        let lower = name.to_ascii_lowercase();
-        if !out.contains(&lower) {
-            out.push(lower);
+        if !out.contains(&name) {
+            out.push(name);
         }
     }
-    Ok(out)
+    out
+}
+
+/// Header names lower-cased, each once.
+fn lower_unique(names: Vec<String>) -> Vec<String> {
+    unique(names.iter().map(|n| n.to_ascii_lowercase()))
+}
+
+fn local_store(max_entries: u32) -> StoreConfig {
+    StoreConfig::Local {
+        buckets: max_entries / LOCAL_WAYS,
+        ways: LOCAL_WAYS,
+    }
 }
 
 /// Reads `store` by its `type`, with error paths under `store.`.
-fn parse_store(value: serde_json::Value, host: Host) -> Result<StoreConfig, ConfigError> {
+fn parse_store(value: serde_json::Value, platform: Platform) -> Result<StoreConfig, ConfigError> {
     let serde_json::Value::Object(mut fields) = value else {
         return Err(err(
             "store",
@@ -437,12 +291,12 @@ fn parse_store(value: serde_json::Value, host: Host) -> Result<StoreConfig, Conf
                 u64::from(LOCAL_WAYS),
                 u64::from(MAX_ENTRIES_LIMIT),
             )?;
-            Ok(StoreConfig::Local {
-                buckets: local.max_entries / LOCAL_WAYS,
-                ways: LOCAL_WAYS,
-            })
+            Ok(local_store(local.max_entries))
         }
-        "redis" => Ok(StoreConfig::Redis(validate_redis(typed(fields)?, host)?)),
+        "redis" => Ok(StoreConfig::Redis(validate_redis(
+            typed(fields)?,
+            platform,
+        )?)),
         other => Err(err(
             "store.type",
             format!(
@@ -473,24 +327,24 @@ fn validate_forward(f: RawForward) -> Result<Forward, ConfigError> {
     })
 }
 
-fn validate_redis(raw: RawRedisStore, host: Host) -> Result<RedisConfig, ConfigError> {
-    let cache_entries = match (raw.cache_entries, host.apisix_rules()) {
-        (None, true) | (Some(0), _) => 0,
-        (None, false) => DEFAULT_CACHE_ENTRIES,
-        (Some(_), true) => {
+fn validate_redis(raw: RawRedisStore, platform: Platform) -> Result<RedisConfig, ConfigError> {
+    let cache_entries = match (raw.cache_entries, platform.has_shared_data()) {
+        (None, false) | (Some(0), _) => 0,
+        (None, true) => DEFAULT_CACHE_ENTRIES,
+        (Some(_), false) => {
             return Err(err(
                 "store.cache_entries",
                 "the replay cache needs shared data, which APISIX does not provide; set it to 0 or leave it out",
             ))
         }
-        (Some(n), false) if !(LOCAL_WAYS..=MAX_ENTRIES_LIMIT).contains(&n) => {
+        (Some(n), true) if !(LOCAL_WAYS..=MAX_ENTRIES_LIMIT).contains(&n) => {
             return Err(err(
                 "store.cache_entries",
                 format!("must be 0 (no cache) or between {LOCAL_WAYS} and {MAX_ENTRIES_LIMIT} (got {n})"),
             ))
         }
         // Whole buckets, never more than asked for.
-        (Some(n), false) => n / LOCAL_WAYS * LOCAL_WAYS,
+        (Some(n), true) => n / LOCAL_WAYS * LOCAL_WAYS,
     };
     if !is_visible(&raw.cluster) {
         return Err(err(
@@ -535,7 +389,7 @@ fn validate_redis(raw: RawRedisStore, host: Host) -> Result<RedisConfig, ConfigE
     })
 }
 
-fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
     if !is_token(&raw.header) {
         return Err(err(
             "header",
@@ -551,18 +405,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             "must list at least one method, e.g. [\"POST\", \"PATCH\"]",
         ));
     }
-    let mut methods: Vec<String> = Vec::with_capacity(raw.methods.len());
-    for m in &raw.methods {
-        if !is_token(m) {
-            return Err(err(
-                "methods",
-                format!("{m:?} is not an HTTP method; use a token such as \"POST\""),
-            ));
-        }
-        let upper = m.to_ascii_uppercase();
-        if !methods.contains(&upper) {
-            methods.push(upper);
-        }
+    if let Some(m) = raw.methods.iter().find(|m| !is_token(m)) {
+        return Err(err(
+            "methods",
+            format!("{m:?} is not an HTTP method; use a token such as \"POST\""),
+        ));
     }
     if raw.required && raw.generate_missing {
         return Err(err(
@@ -616,34 +463,40 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ),
         ));
     }
-    let scope_headers = header_list("scope_headers", raw.scope_headers)?;
-    let fingerprint_headers = header_list("fingerprint_headers", raw.fingerprint_headers)?;
-    let never_record_headers = header_list("never_record_headers", raw.never_record_headers)?;
-    let host = match raw.host {
-        RawHost::Envoy => Host::Envoy,
-        RawHost::Apisix => Host::Apisix,
-        RawHost::ApisixProfile => Host::ApisixProfile,
-    };
-    let store = parse_store(raw.store, host)?;
-    let forward = raw.forward.map(validate_forward).transpose()?;
-    let outcome_property = validate_outcome_property(raw.outcome_property, host)?;
-    if host.apisix_rules() {
-        if matches!(store, StoreConfig::Local { .. }) {
-            return Err(err(
+    check_header_names("scope_headers", &raw.scope_headers)?;
+    check_header_names("fingerprint_headers", &raw.fingerprint_headers)?;
+    check_header_names("never_record_headers", &raw.never_record_headers)?;
+    let platform = raw.host.platform();
+    let store = parse_store(std::mem::take(&mut raw.store), platform)?;
+    let forward = raw.forward.take().map(validate_forward).transpose()?;
+    let outcome_property =
+        validate_outcome_property(std::mem::take(&mut raw.outcome_property), platform)?;
+    if !platform.has_shared_data() && matches!(store, StoreConfig::Local { .. }) {
+        return Err(err(
                 "store.type",
                 "the local store needs shared data, which APISIX does not provide; use {\"type\": \"redis\", \"cluster\": \"host:port\"}",
             ));
-        }
-        if forward.is_none() {
-            return Err(err(
-                "forward",
-                "is required on APISIX, which allows store calls only while handling the request: set {\"upstream\": \"host:port\"} so the filter forwards the request itself and records the answer",
-            ));
-        }
     }
-    Ok(Config {
+    if platform.calls_only_in_request_phases() && forward.is_none() {
+        return Err(err(
+            "forward",
+            "is required on APISIX, which allows store calls only while handling the request: set {\"upstream\": \"host:port\"} so the filter forwards the request itself and records the answer",
+        ));
+    }
+    Ok(assemble(raw, store, forward, outcome_property))
+}
+
+/// The configuration `raw` describes, once its checks have passed (the
+/// parts checked separately come in checked).
+fn assemble(
+    raw: RawConfig,
+    store: StoreConfig,
+    forward: Option<Forward>,
+    outcome_property: Option<String>,
+) -> Config {
+    Config {
         header: raw.header.to_ascii_lowercase(),
-        methods,
+        methods: unique(raw.methods.iter().map(|m| m.to_ascii_uppercase())),
         required: raw.required,
         generate_missing: raw.generate_missing,
         max_key_length: raw.max_key_length,
@@ -651,28 +504,31 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         lock_timeout_ms: raw.lock_timeout_seconds * 1000,
         max_request_body_bytes: raw.max_request_body_bytes,
         max_response_body_bytes: raw.max_response_body_bytes,
-        scope_headers,
-        fingerprint_headers,
+        scope_headers: lower_unique(raw.scope_headers),
+        fingerprint_headers: lower_unique(raw.fingerprint_headers),
         fingerprint_hash: match raw.fingerprint_hash {
             RawFingerprintHash::Xxh3 => FingerprintHash::Xxh3,
             RawFingerprintHash::Sha256 => FingerprintHash::Sha256,
         },
         record_server_errors: raw.record_server_errors,
-        never_record_headers,
+        never_record_headers: lower_unique(raw.never_record_headers),
         store,
-        host,
+        platform: raw.host.platform(),
         forward,
         outcome_property,
-    })
+    }
 }
 
 const MAX_PROPERTY_NAME: usize = 64;
 
-fn validate_outcome_property(name: String, host: Host) -> Result<Option<String>, ConfigError> {
+fn validate_outcome_property(
+    name: String,
+    platform: Platform,
+) -> Result<Option<String>, ConfigError> {
     if name.is_empty() {
         return Ok(None);
     }
-    if host.apisix_rules() {
+    if !platform.has_filter_state() {
         // wasm-nginx-module maps properties to nginx variables, which must be
         // declared in nginx.conf; not supported here.
         return Err(err(
@@ -781,7 +637,7 @@ mod tests {
     #[test]
     fn apisix_needs_redis_and_forwarding() {
         let ok = Config::parse(br#"{"host":"apisix","store":{"type":"redis","cluster":"127.0.0.1:7379"},"forward":{"upstream":"127.0.0.1:8081"}}"#).unwrap();
-        assert_eq!(ok.host, Host::Apisix);
+        assert_eq!(ok.platform, Platform::Apisix);
         assert_eq!(
             ok.forward,
             Some(Forward {
@@ -790,7 +646,7 @@ mod tests {
                 timeout_ms: 30_000
             })
         );
-        assert_eq!(Config::parse(b"{}").unwrap().host, Host::Envoy);
+        assert_eq!(Config::parse(b"{}").unwrap().platform, Platform::Envoy);
     }
 
     #[test]

@@ -92,7 +92,34 @@ impl SentResponse {
     }
 }
 
-/// One HTTP exchange as the proxy would present it to the filter.
+/// An HTTP call the filter dispatched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// The id the host returned (its answer comes back with it).
+    pub id: u32,
+    pub upstream: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+}
+
+impl Call {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn header_list(headers: &[(&str, &str)]) -> HeaderList {
+    headers
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+/// One HTTP exchange as the proxy would present it to the filter. Set up
+/// with the builder and setter methods; read back with the query methods.
 #[derive(Default)]
 pub struct FakeHost {
     pub shared: FakeShared,
@@ -107,8 +134,8 @@ pub struct FakeHost {
     pub rng: Cell<u64>,
     pub metrics: RefCell<HashMap<&'static str, i64>>,
     pub logs: RefCell<Vec<(Level, String)>>,
-    /// Store calls sent: (upstream, headers, body).
-    pub calls: RefCell<Vec<(String, Vec<(String, String)>, Option<Vec<u8>>)>>,
+    /// HTTP calls sent (store and upstream), in order.
+    calls: RefCell<Vec<Call>>,
     pub resumed_requests: Cell<u32>,
     pub resumed_responses: Cell<u32>,
     pub dispatch_fails: Cell<bool>,
@@ -116,15 +143,113 @@ pub struct FakeHost {
 }
 
 impl FakeHost {
+    // Builders.
+
+    /// The host's clock starts at `now_ms`.
+    pub fn at(self, now_ms: u64) -> Self {
+        self.now.set(now_ms);
+        self
+    }
+
+    /// Every HTTP call fails to be sent.
+    pub fn refusing_calls(self) -> Self {
+        self.dispatch_fails.set(true);
+        self
+    }
+
+    // Setters, for what changes during a test.
+
+    pub fn set_clock(&self, now_ms: u64) {
+        self.now.set(now_ms);
+    }
+
+    pub fn advance_clock(&self, ms: u64) {
+        self.now.set(self.now.get() + ms);
+    }
+
+    /// From now on every HTTP call fails to be sent.
+    pub fn refuse_calls(&self) {
+        self.dispatch_fails.set(true);
+    }
+
+    /// The upstream's response headers (`:status` included).
+    pub fn set_response(&self, headers: &[(&str, &str)]) {
+        *self.response_headers.borrow_mut() = header_list(headers);
+    }
+
+    /// The response body chunk the next body callback sees.
+    pub fn set_response_chunk(&self, chunk: &[u8]) {
+        *self.response_chunk.borrow_mut() = chunk.to_vec();
+    }
+
+    /// Who made the response (Envoy's `response.code_details`).
+    pub fn set_code_details(&self, details: &str) {
+        *self.code_details.borrow_mut() = Some(details.to_string());
+    }
+
+    // Queries.
+
     pub fn metric(&self, m: Metric) -> i64 {
         self.metrics.borrow().get(m.name()).copied().unwrap_or(0)
     }
+
+    /// The answer the filter sent itself, if it sent one.
+    pub fn sent(&self) -> Option<SentResponse> {
+        self.sent.borrow().clone()
+    }
+
+    pub fn sent_status(&self) -> Option<u16> {
+        self.sent.borrow().as_ref().map(|s| s.status)
+    }
+
+    /// Every HTTP call sent so far, in order.
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.borrow().clone()
+    }
+
+    pub fn call_count(&self) -> usize {
+        self.calls.borrow().len()
+    }
+
+    /// The call with id `id`.
+    pub fn call(&self, id: u32) -> Call {
+        self.calls
+            .borrow()
+            .iter()
+            .find(|c| c.id == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no call {id}"))
+    }
+
+    /// The last call sent to `upstream`.
+    pub fn last_call_to(&self, upstream: &str) -> Option<Call> {
+        self.calls
+            .borrow()
+            .iter()
+            .rev()
+            .find(|c| c.upstream == upstream)
+            .cloned()
+    }
+
+    /// The value of request header `name` (as the filter left it).
+    pub fn request_header(&self, name: &str) -> Option<String> {
+        self.request_headers
+            .borrow()
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// The last property the filter set, as text.
+    pub fn last_property(&self) -> Option<(String, String)> {
+        self.properties
+            .borrow()
+            .last()
+            .map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).into_owned()))
+    }
     /// Starts a new exchange on the same store, clock and metrics.
     pub fn reset_exchange(&self, headers: &[(&str, &str)], body: &[u8]) {
-        *self.request_headers.borrow_mut() = headers
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-            .collect();
+        *self.request_headers.borrow_mut() = header_list(headers);
         *self.request_body.borrow_mut() = body.to_vec();
         self.response_headers.borrow_mut().clear();
         self.response_chunk.borrow_mut().clear();
@@ -203,15 +328,17 @@ impl Host for FakeHost {
             });
         }
         let mut calls = self.calls.borrow_mut();
-        calls.push((
-            upstream.to_string(),
-            headers
+        let id = calls.len() as u32 + 1;
+        calls.push(Call {
+            id,
+            upstream: upstream.to_string(),
+            headers: headers
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
-            body.map(<[u8]>::to_vec),
-        ));
-        Ok(calls.len() as u32)
+            body: body.map(<[u8]>::to_vec),
+        });
+        Ok(id)
     }
     fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError> {
         self.properties

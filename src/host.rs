@@ -41,6 +41,25 @@ pub enum Level {
 pub type HeaderList = Vec<(String, Vec<u8>)>;
 pub use crate::wire::HeaderMap;
 
+/// What an HTTP call (store or upstream) brought back. `status` is `None`
+/// when there was no HTTP answer at all (timeout, connection failure).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallResponse {
+    pub status: Option<u16>,
+    pub headers: HeaderList,
+    pub body: Vec<u8>,
+}
+
+impl CallResponse {
+    /// Whether the request may have reached its destination although no
+    /// usable answer came: no answer at all, or Envoy's 504 for a call past
+    /// its timeout. Any other answer (a refused connection's 503, the far
+    /// end's own error) means it was handled, or never arrived.
+    pub fn fate_unknown(&self) -> bool {
+        matches!(self.status, None | Some(504))
+    }
+}
+
 pub trait Host: SharedData {
     fn request_headers(&self) -> Result<HeaderMap, HostError>;
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), HostError>;

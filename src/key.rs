@@ -1,8 +1,41 @@
 //! The `Idempotency-Key` header: an RFC 9651 sf-string (`"abc"`, with `\"` and
 //! `\\` escapes), as draft-ietf-httpapi-idempotency-key-header-07 specifies.
 //! A bare value (`abc`, as most clients send UUIDs) is accepted as the same key.
+//!
+//! Opt-in, [`KeySyntax::Opaque`] takes the value as sent (Stripe's rule: any
+//! string up to its length limit), for applications whose own keys have
+//! spaces or punctuation (`order 1001`).
 
+use serde::Deserialize;
 use std::fmt;
+
+/// How the key header's value is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeySyntax {
+    /// RFC 9651 sf-string, or a bare token (the draft's syntax).
+    #[default]
+    Structured,
+    /// The value as sent, trimmed: visible ASCII and spaces; quotes are part
+    /// of the key (`"a"` and `a` are two keys).
+    Opaque,
+}
+
+impl KeySyntax {
+    /// Every value the client sent for the key header; `Ok(None)` means none.
+    pub fn parse_headers(
+        self,
+        values: &[&[u8]],
+        max_len: usize,
+    ) -> Result<Option<String>, KeyError> {
+        match (self, values) {
+            (KeySyntax::Structured, _) => parse_key_headers(values, max_len),
+            (KeySyntax::Opaque, []) => Ok(None),
+            (KeySyntax::Opaque, [one]) => parse_opaque_key(one, max_len).map(Some),
+            (KeySyntax::Opaque, _) => Err(KeyError::Repeated),
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyError {
@@ -44,15 +77,20 @@ fn is_sp(b: u8) -> bool {
     b == b' ' || b == b'\t'
 }
 
-/// Parses one header value into the key it carries.
-pub fn parse_key(raw: &[u8], max_len: usize) -> Result<String, KeyError> {
-    // RFC 9651 4.2: leading and trailing spaces are discarded before parsing.
+/// The value without leading and trailing spaces and tabs.
+fn trimmed(raw: &[u8]) -> &[u8] {
     let start = raw.iter().position(|&b| !is_sp(b)).unwrap_or(raw.len());
     let end = raw
         .iter()
         .rposition(|&b| !is_sp(b))
         .map_or(start, |p| p + 1);
-    let value = raw.get(start..end).unwrap_or(&[]);
+    raw.get(start..end).unwrap_or(&[])
+}
+
+/// Parses one header value into the key it carries.
+pub fn parse_key(raw: &[u8], max_len: usize) -> Result<String, KeyError> {
+    // RFC 9651 4.2: leading and trailing spaces are discarded before parsing.
+    let value = trimmed(raw);
     if value.is_empty() {
         return Err(KeyError::Empty);
     }
@@ -131,6 +169,23 @@ fn parse_bare(value: &[u8]) -> Result<String, KeyError> {
         }
     }
     Ok(out)
+}
+
+/// One header value as an opaque key: trimmed, then visible ASCII and spaces.
+pub fn parse_opaque_key(raw: &[u8], max_len: usize) -> Result<String, KeyError> {
+    let value = trimmed(raw);
+    if value.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if !value.iter().all(|c| (0x20..=0x7e).contains(c)) {
+        return Err(KeyError::Malformed(
+            "only printable ASCII characters and spaces are allowed",
+        ));
+    }
+    if value.len() > max_len {
+        return Err(KeyError::TooLong { max: max_len });
+    }
+    Ok(value.iter().map(|&c| char::from(c)).collect())
 }
 
 /// Serialises a key as an sf-string (used for the generated key and tests).
@@ -255,6 +310,48 @@ mod tests {
         assert_eq!(
             parse_key_headers(&[b"a", b"a"], 255),
             Err(KeyError::Repeated)
+        );
+    }
+
+    #[test]
+    fn opaque_keys_are_the_value_as_sent() {
+        let o = |v: &str| KeySyntax::Opaque.parse_headers(&[v.as_bytes()], 255);
+        assert_eq!(o("order 1001"), Ok(Some("order 1001".into())));
+        assert_eq!(o("  a,b;c \\ \"q\"  "), Ok(Some("a,b;c \\ \"q\"".into())));
+        // Quotes are part of an opaque key: "a" and a are two keys.
+        assert_eq!(o("\"a\""), Ok(Some("\"a\"".into())));
+        assert_eq!(o(" \t "), Err(KeyError::Empty));
+        assert_eq!(
+            o("tab\tinside"),
+            Err(KeyError::Malformed(
+                "only printable ASCII characters and spaces are allowed"
+            ))
+        );
+        assert_eq!(
+            o("caf\u{e9}"),
+            Err(KeyError::Malformed(
+                "only printable ASCII characters and spaces are allowed"
+            ))
+        );
+        assert_eq!(
+            KeySyntax::Opaque.parse_headers(&["k".repeat(11).as_bytes()], 10),
+            Err(KeyError::TooLong { max: 10 })
+        );
+        assert_eq!(
+            KeySyntax::Opaque.parse_headers(&[b"a", b"b"], 255),
+            Err(KeyError::Repeated)
+        );
+        assert_eq!(KeySyntax::Opaque.parse_headers(&[], 255), Ok(None));
+    }
+
+    #[test]
+    fn the_structured_syntax_is_the_default_and_refuses_spaces() {
+        assert_eq!(KeySyntax::default(), KeySyntax::Structured);
+        assert_eq!(
+            KeySyntax::Structured.parse_headers(&[b"order 1001"], 255),
+            Err(KeyError::Malformed(
+                "spaces are only allowed inside a quoted key"
+            ))
         );
     }
 

@@ -24,6 +24,8 @@ pub mod wire;
 #[cfg(test)]
 pub mod fake_host;
 #[cfg(test)]
+pub mod fake_redis;
+#[cfg(test)]
 mod properties;
 
 #[cfg(target_arch = "wasm32")]

@@ -5,14 +5,13 @@
 //! that the filter turns into a decision. The SDK is used only for its
 //! context dispatcher.
 
-use crate::config::{Config, Host as HostKind};
-use crate::filter::{CallResponse, Filter, FilterContext, Store, Verdict};
+use crate::config::Platform;
+use crate::filter::{CallResponse, Verdict};
 use crate::host::{HeaderMap, Host, HostError, Level};
 use crate::metrics::Metric;
 use crate::store::SharedData;
 use crate::wire::{encode_pairs, Rng};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
+use proxy_wasm::types::Action;
 use std::cell::{Cell, RefCell};
 use std::ptr::{null, null_mut};
 use std::rc::Rc;
@@ -31,73 +30,8 @@ const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 const STREAM_REQUEST: u32 = 0;
 const STREAM_RESPONSE: u32 = 1;
 
-/// `--features self-profile`: time spent inside each callback (host calls
-/// made from it included), logged every tick. A profiling build only: the
-/// clock reads add two host calls per callback.
 #[cfg(feature = "self-profile")]
-mod self_profile {
-    use std::cell::RefCell;
-    pub const NAMES: [&str; 15] = [
-        "context_create",
-        "request_headers",
-        "request_body",
-        "response_headers",
-        "response_body",
-        "call_response",
-        "done",
-        "tick",
-        "host:get_pairs",
-        "host:get_body",
-        "host:shared_get",
-        "host:shared_set",
-        "host:metric",
-        "host:send_response",
-        "host:clock",
-    ];
-    thread_local! {
-        static TOTALS: RefCell<[(u64, u64); 15]> = const { RefCell::new([(0, 0); 15]) };
-    }
-    fn now_ns() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-    }
-    pub struct Span(usize, u64);
-    pub fn span(i: usize) -> Span {
-        Span(i, now_ns())
-    }
-    impl Drop for Span {
-        fn drop(&mut self) {
-            let dt = now_ns().saturating_sub(self.1);
-            TOTALS.with(|t| {
-                let mut t = t.borrow_mut();
-                if let Some(e) = t.get_mut(self.0) {
-                    e.0 += dt;
-                    e.1 += 1;
-                }
-            });
-        }
-    }
-    /// The totals since the last report, which starts the next window.
-    pub fn report() -> String {
-        TOTALS.with(|t| {
-            let t = std::mem::take(&mut *t.borrow_mut());
-            let mut out = String::from("self-profile (calls, mean us):");
-            for (i, (ns, n)) in t.iter().enumerate() {
-                if *n > 0 {
-                    out.push_str(&format!(
-                        " {}={} {:.2}",
-                        NAMES[i],
-                        n,
-                        *ns as f64 / *n as f64 / 1000.0
-                    ));
-                }
-            }
-            out
-        })
-    }
-}
+mod self_profile;
 
 macro_rules! profile {
     ($i:expr) => {
@@ -105,10 +39,6 @@ macro_rules! profile {
         let _span = self_profile::span($i);
     };
 }
-
-/// Sweeping the whole table takes this many ticks; each VM sweeps its share.
-const SWEEP_TICKS_PER_PASS: u32 = 30;
-const TICK_MS: u32 = 1000;
 
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -186,6 +116,18 @@ extern "C" {
         return_data: *mut *mut u8,
         return_size: *mut usize,
     ) -> u32;
+    fn proxy_register_shared_queue(
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
+    fn proxy_enqueue_shared_queue(queue_id: u32, value_data: *const u8, value_size: usize) -> u32;
+    fn proxy_dequeue_shared_queue(
+        queue_id: u32,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
 }
 
 #[link(wasm_import_module = "wasi_snapshot_preview1")]
@@ -328,14 +270,96 @@ impl MetricIds {
     }
 }
 
+/// Sends an HTTP call for the context the SDK is running a callback of.
+/// Through the SDK, not a raw import: its dispatcher routes the answer back
+/// to that context only for calls it registered. It panics on statuses other
+/// than Ok, BadArgument and InternalFailure; Envoy's and APISIX's http_call
+/// return only those (APISIX: BadArgument outside request phases).
+fn sdk_dispatch(
+    upstream: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    timeout_ms: u64,
+) -> Result<u32, HostError> {
+    proxy_wasm::hostcalls::dispatch_http_call(
+        upstream,
+        headers.to_vec(),
+        body,
+        vec![],
+        std::time::Duration::from_millis(timeout_ms),
+    )
+    .map_err(|status| HostError {
+        call: "http_call",
+        status: status as u32,
+    })
+}
+
+/// The answer to an HTTP call, read in its callback (before any switch of
+/// the effective context: the answer belongs to the context that made the
+/// call). No headers at all: the call failed (timeout, connection refused).
+fn read_call_response(body_size: usize) -> CallResponse {
+    let headers = get_pairs(MAP_HTTP_CALL_RESPONSE_HEADERS).unwrap_or_default();
+    let status = headers
+        .get(":status")
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
+    let body = if body_size > 0 {
+        get_buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, 0, body_size).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    CallResponse {
+        status,
+        headers: headers.to_list(),
+        body,
+    }
+}
+
+/// Registers a shared queue of this VM under `name`.
+fn register_queue(name: &str) -> Result<u32, HostError> {
+    let mut id = 0u32;
+    check("register_shared_queue", unsafe {
+        proxy_register_shared_queue(name.as_ptr(), name.len(), &mut id)
+    })?;
+    Ok(id)
+}
+
+/// Wakes the queue's owner (its `on_queue_ready`).
+fn enqueue(queue: u32) -> Result<(), HostError> {
+    let item = [1u8];
+    check("enqueue_shared_queue", unsafe {
+        proxy_enqueue_shared_queue(queue, item.as_ptr(), item.len())
+    })
+}
+
+/// Empties the queue (its items only signal; the work is in the owner).
+fn drain_queue(queue: u32) {
+    for _ in 0..1024 {
+        let mut data: *mut u8 = null_mut();
+        let mut size: usize = 0;
+        let status = unsafe { proxy_dequeue_shared_queue(queue, &mut data, &mut size) };
+        if status != OK || data.is_null() {
+            return;
+        }
+        drop(take_host_bytes(data, size));
+    }
+}
+
+/// Makes `context_id` the context that request-scoped host calls act on.
+fn set_effective_context(context_id: u32) -> bool {
+    unsafe { proxy_set_effective_context(context_id) == OK }
+}
+
 /// [`Host`] over proxy-wasm host calls. Request-scoped calls act on the
 /// context the host made current for the callback being run.
 struct WasmHost {
     metrics: Rc<MetricIds>,
-    /// The filter runs in APISIX itself (its mechanics, not Envoy's).
-    on_apisix: bool,
+    /// Waiting for the request body pauses the request (not on APISIX).
+    pauses_for_body: bool,
     /// `host: "apisix-profile"`: APISIX's rules, enforced while in Envoy.
     rules: Option<ApisixRules>,
+    /// Calls owned by the worker's root context (Envoy): made for this
+    /// request, answered through the root.
+    route: Option<owner::Route>,
 }
 
 /// What APISIX (wasm-nginx-module 0.7.0) allows, checked on every call while
@@ -353,12 +377,18 @@ struct ApisixRules {
 }
 
 impl WasmHost {
-    fn new(metrics: Rc<MetricIds>, host: HostKind) -> WasmHost {
+    fn new(metrics: Rc<MetricIds>, platform: Platform) -> WasmHost {
         WasmHost {
             metrics,
-            on_apisix: host == HostKind::Apisix,
-            rules: (host == HostKind::ApisixProfile).then(ApisixRules::default),
+            pauses_for_body: platform.pauses_for_body(),
+            rules: platform.checks_apisix_rules().then(ApisixRules::default),
+            route: None,
         }
+    }
+
+    fn routed(mut self, route: Option<owner::Route>) -> WasmHost {
+        self.route = route;
+        self
     }
 
     fn violation(&self, rule: &str) -> ! {
@@ -385,8 +415,8 @@ impl WasmHost {
             Verdict::Pause => Action::Pause,
             // APISIX calls the body callback because the property is set; a
             // Pause there with nothing pending would stall its driver.
-            Verdict::AwaitBody if self.on_apisix => Action::Continue,
-            Verdict::AwaitBody => Action::Pause,
+            Verdict::AwaitBody if self.pauses_for_body => Action::Pause,
+            Verdict::AwaitBody => Action::Continue,
         }
     }
 
@@ -539,22 +569,12 @@ impl Host for WasmHost {
                 );
             }
         }
-        // Through the SDK, not a raw import: its dispatcher routes the answer
-        // back to this context only for calls it registered. It panics on
-        // statuses other than Ok, BadArgument and InternalFailure; Envoy's and
-        // APISIX's http_call return only those (APISIX: BadArgument outside
-        // request phases).
-        let result = proxy_wasm::hostcalls::dispatch_http_call(
-            upstream,
-            headers.to_vec(),
-            body,
-            vec![],
-            std::time::Duration::from_millis(timeout_ms),
-        )
-        .map_err(|status| HostError {
-            call: "http_call",
-            status: status as u32,
-        });
+        // Envoy: the worker's root context owns the call, so that its answer
+        // is handled even if this request has gone by then.
+        if let Some(route) = &self.route {
+            return route.dispatch(upstream, headers, body, timeout_ms);
+        }
+        let result = sdk_dispatch(upstream, headers, body, timeout_ms);
         if let (Some(rules), Ok(_)) = (&self.rules, &result) {
             rules.pending.set(rules.pending.get() + 1);
         }
@@ -600,297 +620,10 @@ impl Host for WasmHost {
     }
 }
 
-struct Root {
-    ctx: Option<Rc<FilterContext>>,
-    metrics: Rc<MetricIds>,
-    sweep_cursor: Cell<u32>,
-    /// Buckets swept and occupied slots seen in the current full pass.
-    sweep_pass: Cell<(u32, u64)>,
+/// Asks for `on_tick` every `period_ms`; the host's status.
+fn set_tick_period(period_ms: u32) -> u32 {
+    unsafe { proxy_set_tick_period_milliseconds(period_ms) }
 }
 
-impl Context for Root {}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
-        let bytes = match get_buffer(BUFFER_PLUGIN_CONFIGURATION, 0, plugin_configuration_size) {
-            Ok(b) => b,
-            Err(e) => {
-                host_log(
-                    Level::Error,
-                    &format!("cannot read the plugin configuration: {e}"),
-                );
-                return false;
-            }
-        };
-        let config = match Config::parse(&bytes) {
-            Ok(c) => c,
-            Err(e) => {
-                host_log(Level::Error, &format!("{e}"));
-                return false;
-            }
-        };
-        self.metrics.define();
-        let mut ctx = FilterContext::new(config);
-        let host = WasmHost::new(self.metrics.clone(), HostKind::Envoy);
-        if let Some(cache) = &ctx.cache {
-            // Without its table the cache is off; Redis still decides everything.
-            if let Err(e) = cache.init(&host) {
-                host_log(
-                    Level::Warn,
-                    &format!("replay cache disabled: cannot create it in shared data: {e}"),
-                );
-                ctx.cache = None;
-            }
-        }
-        // The profiling build reports from the tick, whatever the store.
-        #[cfg(feature = "self-profile")]
-        if matches!(ctx.store, Store::Redis(_)) {
-            let _ = unsafe { proxy_set_tick_period_milliseconds(TICK_MS) };
-        }
-        // Only the local store needs the tick: Redis expires records itself.
-        if let Store::Local(table) = &ctx.store {
-            match table.init(&host) {
-                Ok(created) => {
-                    if created > 0 {
-                        host_log(
-                            Level::Info,
-                            &format!(
-                                "local store ready, {} slots in {} buckets",
-                                table.capacity(),
-                                table.buckets()
-                            ),
-                        );
-                    }
-                }
-                Err(e) => {
-                    host_log(
-                        Level::Error,
-                        &format!("cannot create the local store in shared data: {e}"),
-                    );
-                    return false;
-                }
-            }
-            // Start each VM's sweep somewhere else so several VMs spread out.
-            let start = (host.random_u64() % u64::from(table.buckets().max(1))) as u32;
-            self.sweep_cursor.set(start);
-            let status = unsafe { proxy_set_tick_period_milliseconds(TICK_MS) };
-            if status != OK {
-                host_log(Level::Warn, &format!("no tick (status {status}): expired records are reclaimed only when their slot is reused"));
-            }
-        }
-        self.ctx = Some(Rc::new(ctx));
-        true
-    }
-
-    fn on_tick(&mut self) {
-        #[cfg(feature = "self-profile")]
-        host_log(Level::Warn, &self_profile::report());
-        profile!(7);
-        let Some(ctx) = &self.ctx else { return };
-        let host = WasmHost::new(self.metrics.clone(), HostKind::Envoy);
-        match &ctx.store {
-            // Redis expires records itself.
-            Store::Redis(_) => {}
-            Store::Local(table) => {
-                let buckets = table.buckets().max(1);
-                let per_tick = buckets.div_ceil(SWEEP_TICKS_PER_PASS).max(1);
-                let first = self.sweep_cursor.get();
-                self.sweep_cursor
-                    .set(first.wrapping_add(per_tick) % buckets);
-                let stats = table.sweep(&host, first, per_tick, now_ms());
-                if stats.freed > 0 {
-                    host.metric_add(Metric::Expired, i64::from(stats.freed));
-                    host.metric_add(Metric::Entries, -i64::from(stats.freed));
-                }
-                if stats.errors > 0 {
-                    host.metric_add(Metric::StoreErrors, i64::from(stats.errors));
-                    host_log(
-                        Level::Warn,
-                        &format!("sweep: {} buckets could not be swept", stats.errors),
-                    );
-                }
-                // The entries gauge moves by +1/-1 steps as requests run; once
-                // per full pass it is reset to the occupancy this pass saw, so
-                // lost steps cannot accumulate. That count is gathered over
-                // the pass (30 s), so it is approximate while the table changes.
-                let (swept, occupied) = self.sweep_pass.get();
-                let (swept, occupied) = (swept + per_tick, occupied + stats.occupied);
-                if swept >= buckets {
-                    self.metrics.set(Metric::Entries, occupied);
-                    self.sweep_pass.set((0, 0));
-                } else {
-                    self.sweep_pass.set((swept, occupied));
-                }
-            }
-        }
-    }
-
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        profile!(0);
-        // Always Some: the SDK panics on None. Without a configuration (the
-        // host would not normally create contexts then) the filter fails closed.
-        Some(Box::new(HttpFilter {
-            filter: self.ctx.clone().map(Filter::new),
-            host: WasmHost::new(
-                self.metrics.clone(),
-                self.ctx.as_ref().map_or(HostKind::Envoy, |c| c.config.host),
-            ),
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
-
-struct HttpFilter {
-    filter: Option<Filter>,
-    host: WasmHost,
-}
-
-impl HttpFilter {
-    fn unconfigured(&self) -> Action {
-        let problem =
-            crate::problem::Problem::internal("The idempotency filter has no valid configuration.");
-        let _ = self
-            .host
-            .send_response(problem.status, &problem.headers(), &problem.body());
-        Action::Pause
-    }
-}
-
-impl Context for HttpFilter {
-    fn on_http_call_response(
-        &mut self,
-        token_id: u32,
-        _num_headers: usize,
-        body_size: usize,
-        _num_trailers: usize,
-    ) {
-        profile!(5);
-        let Some(f) = self.filter.as_mut() else {
-            return;
-        };
-        if let Some(rules) = &self.host.rules {
-            rules.pending.set(rules.pending.get().saturating_sub(1));
-        }
-        // No headers at all: the call failed (timeout, connection refused).
-        let headers = get_pairs(MAP_HTTP_CALL_RESPONSE_HEADERS).unwrap_or_default();
-        let status = headers
-            .get(":status")
-            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
-        let body = if body_size > 0 {
-            get_buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, 0, body_size).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        f.on_call_response(
-            &self.host,
-            token_id,
-            &CallResponse {
-                status,
-                headers: headers.to_list(),
-                body,
-            },
-        );
-        // Under APISIX's rules a callback must leave the request either
-        // waiting on a new call or settled (answered or let go on).
-        if let Some(rules) = &self.host.rules {
-            if !rules.in_response.get() && rules.pending.get() == 0 && !rules.settled.get() {
-                self.host
-                    .violation("an HTTP call answer left the request held with nothing pending");
-            }
-        }
-    }
-
-    fn on_done(&mut self) -> bool {
-        profile!(6);
-        if let Some(f) = self.filter.as_mut() {
-            f.on_done(&self.host);
-        }
-        true
-    }
-}
-
-impl HttpContext for HttpFilter {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        profile!(1);
-        self.host.enter(false);
-        match self.filter.as_mut() {
-            Some(f) => {
-                let v = f.on_request_headers(&self.host, end_of_stream);
-                self.host.action(v, true)
-            }
-            None => self.unconfigured(),
-        }
-    }
-
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        profile!(2);
-        self.host.enter(false);
-        match self.filter.as_mut() {
-            Some(f) => {
-                let v = f.on_request_body(&self.host, body_size, end_of_stream);
-                self.host.action(v, true)
-            }
-            None => Action::Pause,
-        }
-    }
-
-    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        self.host.enter(false);
-        match self.filter.as_mut() {
-            Some(f) => {
-                let v = f.on_request_trailers(&self.host);
-                self.host.action(v, true)
-            }
-            None => Action::Pause,
-        }
-    }
-
-    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        profile!(3);
-        self.host.enter(true);
-        match self.filter.as_mut() {
-            Some(f) => {
-                let v = f.on_response_headers(&self.host, end_of_stream);
-                self.host.action(v, false)
-            }
-            None => Action::Continue,
-        }
-    }
-
-    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        profile!(4);
-        self.host.enter(true);
-        match self.filter.as_mut() {
-            Some(f) => {
-                let v = f.on_response_body(&self.host, body_size, end_of_stream);
-                self.host.action(v, false)
-            }
-            None => Action::Continue,
-        }
-    }
-
-    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
-        self.host.enter(true);
-        match self.filter.as_mut() {
-            Some(f) => {
-                let v = f.on_response_trailers(&self.host);
-                self.host.action(v, false)
-            }
-            None => Action::Continue,
-        }
-    }
-}
-
-proxy_wasm::main! {{
-    proxy_wasm::set_root_context(|_context_id| -> Box<dyn RootContext> {
-        Box::new(Root {
-            ctx: None,
-            metrics: Rc::new(MetricIds::default()),
-            sweep_cursor: Cell::new(0),
-            sweep_pass: Cell::new((0, 0)),
-        })
-    });
-}}
+mod contexts;
+mod owner;

@@ -521,6 +521,31 @@ impl LocalTable {
         Err(StoreError::Contention)
     }
 
+    /// Extends a claim its request still holds to `lock_ms` from now, so that
+    /// the lock timeout bounds only a gateway that died, not a slow upstream.
+    /// `Ok(false)`: the claim was no longer ours (it lapsed and was taken
+    /// over, or was completed or released).
+    pub fn renew<S: SharedData>(
+        &self,
+        shared: &S,
+        claim: &Claim,
+        now_ms: u64,
+        lock_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let (b, way) = self.split(claim.slot);
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (mut bucket, cas) = self.load(shared, b)?;
+            let Some(entry) = bucket.entries.get_mut(way).filter(|e| e.owned_by(claim)) else {
+                return Ok(false);
+            };
+            entry.deadline_ms = now_ms.saturating_add(lock_ms);
+            if self.store(shared, b, &bucket, cas)? {
+                return Ok(true);
+            }
+        }
+        Err(StoreError::Contention)
+    }
+
     /// Frees a claim so that a retry executes again (5xx responses).
     /// `Ok(false)`: the claim was no longer ours.
     pub fn release<S: SharedData>(&self, shared: &S, claim: &Claim) -> Result<bool, StoreError> {
@@ -794,6 +819,32 @@ mod tests {
             t.claim(&s, &d(1), &FP, 3, 1003, 1000).unwrap().0,
             ClaimOutcome::Replay(resp("new"))
         );
+    }
+
+    #[test]
+    fn a_renewed_claim_outlives_its_lock_timeout_and_a_lost_one_is_said() {
+        let s = FakeShared::default();
+        let t = LocalTable::new(1, 8);
+        t.init(&s).unwrap();
+        let c1 = claimed(t.claim(&s, &d(1), &FP, 1, 0, 1000).unwrap());
+        // Renewed at 900 to 1900: still held at 1500 (its first lock was 1000).
+        assert!(t.renew(&s, &c1, 900, 1000).unwrap());
+        assert_eq!(
+            t.claim(&s, &d(1), &FP, 2, 1500, 1000).unwrap().0,
+            ClaimOutcome::InFlight
+        );
+        // Not renewed again: taken over at 1900; the original learns it lost.
+        let c2 = claimed(t.claim(&s, &d(1), &FP, 2, 1900, 1000).unwrap());
+        assert!(!t.renew(&s, &c1, 1901, 1000).unwrap());
+        assert!(t.renew(&s, &c2, 1901, 1000).unwrap());
+        // A completed or released claim is not renewed.
+        assert!(t
+            .complete(&s, &c2, &d(1), resp("done"), 1902, 60_000)
+            .unwrap());
+        assert!(!t.renew(&s, &c2, 1903, 1000).unwrap());
+        let c3 = claimed(t.claim(&s, &d(2), &FP, 3, 0, 1000).unwrap());
+        assert!(t.release(&s, &c3).unwrap());
+        assert!(!t.renew(&s, &c3, 1, 1000).unwrap());
     }
 
     /// Two workers race for one key: the loser's CAS fails, it re-reads, and

@@ -1,13 +1,271 @@
 //! Where key state lives. The local store keeps it in the proxy's shared data
 //! through the [`SharedData`] seam; every store hands its records to
 //! [`crate::decision::decide`], so they agree on semantics.
+//!
+//! Every operation (claim, complete, release, cancel) answers in one shape,
+//! a [`StoreStep`]: done now (the local store), or one HTTP call to make,
+//! whose answer goes back to the store with what the call was for (Redis):
+//! ```text
+//! filter ──op──▶ Store ──▶ Done(result) ──────────────────────────▶ apply
+//!                      └─▶ Call(request, pending) ──send──▶ … answer
+//!                            filter ──pending + answer──▶ Store ──▶ apply
+//! ```
+//! A backend is one file and one [`Store`] variant.
 
+pub mod cached;
 pub mod local;
 pub mod redis;
+pub mod sweep;
 
-use crate::host::HostError;
+use crate::config::StoreConfig;
+use crate::fingerprint::Digest16;
+use crate::host::{CallResponse, Host, HostError, Level};
+use crate::metrics::Metric;
 use crate::record::StoredResponse;
+use cached::CachedRedis;
+use local::LocalTable;
+use redis::{CancelOutcome, OnUnavailable, StoreRequest};
 use std::fmt;
+use sweep::Sweep;
+
+/// What a store operation did: finished (`Done`), or needs `request` sent;
+/// its answer then goes to the store's `*_answered` with `P`.
+#[derive(Debug)]
+pub enum StoreStep<T, P> {
+    Done(Result<T, StoreError>),
+    Call(StoreRequest, P),
+}
+
+/// A claim's outcome with its side effects (for metrics).
+pub type Claimed = (ClaimOutcome, ClaimEffects);
+
+/// A claim this request holds: what completing or releasing it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub claim: Claim,
+    pub digest: Digest16,
+    pub fingerprint: Digest16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// Record the response: the key's outcome.
+    Complete,
+    /// Free the key so that a retry runs again.
+    Release,
+}
+
+/// A claim sent to the store, for reading its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingClaim {
+    pub digest: Digest16,
+    pub fingerprint: Digest16,
+    pub token: u64,
+    /// When the claim was sent: Redis's expiry counts from after it
+    /// (only read, and only set, when there is a replay cache).
+    pub sent_ms: u64,
+}
+
+/// A write sent to the store, for reading its answer.
+#[derive(Debug)]
+pub struct PendingWrite {
+    pub write: Write,
+    /// The record, for the replay cache once Redis has it.
+    pub fill: Option<cached::CacheFill>,
+}
+
+/// The store a configuration names.
+#[derive(Debug)]
+pub enum Store {
+    /// This gateway's shared data, swept on the tick.
+    Local { table: LocalTable, sweep: Sweep },
+    /// Redis over HTTP, behind this gateway's replay cache (if any).
+    Redis(CachedRedis),
+}
+
+fn no_answer() -> StoreError {
+    StoreError::Unavailable("no answer (timeout or connection failure)".to_string())
+}
+
+impl Store {
+    pub fn new(config: &StoreConfig) -> Store {
+        match config {
+            StoreConfig::Local { buckets, ways } => Store::Local {
+                table: LocalTable::new(*buckets, *ways),
+                sweep: Sweep::default(),
+            },
+            StoreConfig::Redis(redis) => Store::Redis(CachedRedis::new(redis.clone())),
+        }
+    }
+
+    /// Prepares the store in the proxy (once per configuration). `Ok(true)`
+    /// when it needs the tick; `Err` carries the line to log, and the
+    /// configuration is then refused.
+    pub fn init(&mut self, host: &impl Host) -> Result<bool, String> {
+        match self {
+            Store::Local { table, sweep } => {
+                sweep.start(host, table)?;
+                Ok(true)
+            }
+            Store::Redis(redis) => {
+                redis.init(host);
+                // Redis expires records itself.
+                Ok(false)
+            }
+        }
+    }
+
+    /// Once per tick. Returns the entries gauge's value when a full sweep
+    /// pass has just ended.
+    pub fn tick(&self, host: &impl Host, now_ms: u64) -> Option<u64> {
+        match self {
+            Store::Local { table, sweep } => sweep.tick(host, table, now_ms),
+            Store::Redis(_) => None,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Store::Local { .. } => "local",
+            Store::Redis(_) => "redis",
+        }
+    }
+
+    /// When the store cannot decide, the request goes on unprotected
+    /// (`on_unavailable: allow`) instead of being refused.
+    pub fn fails_open(&self) -> bool {
+        match self {
+            Store::Local { .. } => false,
+            Store::Redis(redis) => redis.redis.config.on_unavailable == OnUnavailable::Allow,
+        }
+    }
+
+    /// Sends a step's call; its answer comes back with the returned id.
+    pub fn send(&self, host: &impl Host, request: &StoreRequest) -> Result<u32, StoreError> {
+        match self {
+            Store::Local { .. } => Err(StoreError::Unavailable(
+                "the local store makes no calls".to_string(),
+            )),
+            Store::Redis(redis) => redis.send(host, request),
+        }
+    }
+
+    /// The one atomic step of a request: claim the key, or learn what holds it.
+    pub fn claim(
+        &self,
+        host: &impl Host,
+        digest: &Digest16,
+        fingerprint: &Digest16,
+        token: u64,
+        lock_ms: u64,
+    ) -> StoreStep<Claimed, PendingClaim> {
+        match self {
+            Store::Local { table, .. } => StoreStep::Done(table.claim(
+                host,
+                digest,
+                fingerprint,
+                token,
+                host.now_ms(),
+                lock_ms,
+            )),
+            Store::Redis(redis) => redis.claim(host, digest, fingerprint, token, lock_ms),
+        }
+    }
+
+    pub fn claim_answered(
+        &self,
+        host: &impl Host,
+        pending: &PendingClaim,
+        answer: &CallResponse,
+    ) -> Result<Claimed, StoreError> {
+        match self {
+            Store::Local { .. } => Err(no_answer()),
+            Store::Redis(redis) => redis.claim_answered(host, pending, answer),
+        }
+    }
+
+    /// Records `response` as the outcome of the claim `held`.
+    pub fn complete(
+        &self,
+        host: &impl Host,
+        held: &Held,
+        response: StoredResponse,
+        ttl_ms: u64,
+    ) -> StoreStep<bool, PendingWrite> {
+        match self {
+            Store::Local { table, .. } => StoreStep::Done(table.complete(
+                host,
+                &held.claim,
+                &held.digest,
+                response,
+                host.now_ms(),
+                ttl_ms,
+            )),
+            Store::Redis(redis) => redis.complete(host, held, response, ttl_ms),
+        }
+    }
+
+    /// Frees the key of the claim `held`.
+    pub fn release(&self, host: &impl Host, held: &Held) -> StoreStep<bool, PendingWrite> {
+        match self {
+            Store::Local { table, .. } => {
+                let r = table.release(host, &held.claim);
+                if r == Ok(true) {
+                    host.metric_add(Metric::Entries, -1);
+                }
+                StoreStep::Done(r)
+            }
+            Store::Redis(redis) => redis.release(held),
+        }
+    }
+
+    pub fn write_answered(
+        &self,
+        host: &impl Host,
+        pending: PendingWrite,
+        answer: &CallResponse,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Local { .. } => Err(no_answer()),
+            Store::Redis(redis) => redis.write_answered(host, pending, answer),
+        }
+    }
+
+    /// Cancels a claim whose answer never came. A store that answers at
+    /// once has nothing to cancel.
+    pub fn cancel(
+        &self,
+        digest: &Digest16,
+        token: u64,
+        lock_ms: u64,
+    ) -> StoreStep<CancelOutcome, ()> {
+        match self {
+            Store::Local { .. } => StoreStep::Done(Ok(CancelOutcome::NothingToCancel)),
+            Store::Redis(redis) => {
+                StoreStep::Call(redis.redis.cancel_request(digest, token, lock_ms), ())
+            }
+        }
+    }
+
+    pub fn cancel_answered(
+        &self,
+        host: &impl Host,
+        answer: &CallResponse,
+    ) -> Result<CancelOutcome, StoreError> {
+        let result = match (self, answer.status) {
+            (Store::Redis(redis), Some(status)) => redis.redis.cancel_outcome(status, &answer.body),
+            _ => Err(no_answer()),
+        };
+        if let Err(e) = &result {
+            // The claim, if it landed, lapses after its lock timeout.
+            host.log(
+                Level::Warn,
+                &format!("cancelling the timed-out claim failed: {e}"),
+            );
+        }
+        result
+    }
+}
 
 /// Proxy shared data with Envoy's semantics: values carry a CAS token; a set
 /// with a stale CAS fails; a set on a missing key succeeds whatever CAS is

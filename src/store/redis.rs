@@ -44,9 +44,15 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
 return 'claimed'";
 
 /// ARGV[1]: the owner's marker prefix, ARGV[2]: TTL ms, ARGV[3]: the record.
+/// 1: recorded; 0: the claim was no longer ours. 2: Redis refused the record
+/// (over `maxmemory` with `noeviction`, which refuses SET but not PEXPIRE):
+/// the in-flight marker is kept for the TTL instead, so retries get 409 and
+/// the request, which ran, never runs again.
 pub(crate) const COMPLETE_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
 if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then \
-redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2]) return 1 end \
+local ok = redis.pcall('SET', KEYS[1], ARGV[3], 'PX', ARGV[2]) \
+if type(ok) == 'table' and ok.err then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 2 end \
+return 1 end \
 return 0";
 
 /// ARGV[1]: the claim's marker prefix, ARGV[2]: its tombstone, ARGV[3]: how
@@ -58,6 +64,15 @@ if not v then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 2 end \
 if string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then \
 redis.call('DEL', KEYS[1]) return 1 end \
 return 0";
+
+/// KEYS: claims' keys; ARGV[1]: lock ms; ARGV[i + 1]: claim i's marker
+/// prefix. Extends every claim its owner still holds; one digit per key
+/// (`1` renewed, `0` lost), as text: one call renews a worker's claims.
+pub(crate) const RENEW_SCRIPT: &str = "local out = {} \
+for i, k in ipairs(KEYS) do local v = redis.call('GET', k) local p = ARGV[i + 1] \
+if v and string.sub(v, 1, string.len(p)) == p then redis.call('PEXPIRE', k, ARGV[1]) out[i] = '1' \
+else out[i] = '0' end end \
+return table.concat(out)";
 
 pub(crate) const RELEASE_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
 if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then \
@@ -395,7 +410,13 @@ impl RedisStore {
 
     /// `Ok(false)`: the claim was no longer ours (expired, maybe taken over).
     pub fn complete_outcome(&self, status: u16, body: &[u8]) -> Result<bool, StoreError> {
-        expect_flag(self.dialect.parse(status, body))
+        match self.dialect.parse(status, body) {
+            Ok(RedisValue::Int(2)) => Err(StoreError::Unavailable(
+                "redis refused the record (maxmemory reached); the key stays in progress until its TTL"
+                    .to_string(),
+            )),
+            other => expect_flag(other),
+        }
     }
 
     pub fn release_request(&self, digest: &Digest16, claim: &Claim) -> StoreRequest {
@@ -411,6 +432,44 @@ impl RedisStore {
 
     pub fn release_outcome(&self, status: u16, body: &[u8]) -> Result<bool, StoreError> {
         expect_flag(self.dialect.parse(status, body))
+    }
+
+    /// Renews the claims `(key digest, token)` still held, in one call.
+    pub fn renew_request(&self, claims: &[(Digest16, u64)], lock_ms: u64) -> StoreRequest {
+        let keys: Vec<String> = claims.iter().map(|(d, _)| self.redis_key(d)).collect();
+        let mut args = vec![lock_ms.max(1).to_string()];
+        // Marker prefixes end in '|': the last segment has no dot (Webdis).
+        args.extend(claims.iter().map(|(_, token)| marker_prefix(*token)));
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.dialect.eval(RENEW_SCRIPT, &keys, &args, None)
+    }
+
+    /// Which of `count` claims were renewed (the others were lost).
+    pub fn renew_outcome(
+        &self,
+        status: u16,
+        body: &[u8],
+        count: usize,
+    ) -> Result<Vec<bool>, StoreError> {
+        let digits = match self.dialect.parse(status, body)? {
+            RedisValue::Text(t) => t,
+            // Redis turns an empty Lua string into an empty bulk string.
+            RedisValue::Nil if count == 0 => String::new(),
+            RedisValue::Error(e) => return Err(StoreError::Unavailable(format!("redis: {e}"))),
+            _ => return Err(StoreError::Corrupt("unexpected renew result")),
+        };
+        if digits.len() != count {
+            return Err(StoreError::Corrupt("renew result of the wrong length"));
+        }
+        digits
+            .bytes()
+            .map(|c| match c {
+                b'1' => Ok(true),
+                b'0' => Ok(false),
+                _ => Err(StoreError::Corrupt("renew result")),
+            })
+            .collect()
     }
 }
 
@@ -428,6 +487,45 @@ mod tests {
 
     const D: Digest16 = [0xab; 16];
     const FP: Digest16 = [0x01; 16];
+
+    #[test]
+    fn a_record_redis_refuses_is_an_error_not_a_lost_claim() {
+        let s = store();
+        assert_eq!(s.complete_outcome(200, &json("1")), Ok(true));
+        assert_eq!(s.complete_outcome(200, &json("0")), Ok(false));
+        assert!(matches!(
+            s.complete_outcome(200, &json("2")),
+            Err(StoreError::Unavailable(m)) if m.contains("maxmemory")
+        ));
+    }
+
+    #[test]
+    fn one_renew_call_carries_every_claim_and_answers_each() {
+        let s = store();
+        let other: Digest16 = [0xcd; 16];
+        let r = s.renew_request(&[(D, 0x1), (other, 0x2)], 30_000);
+        assert_eq!(r.method, "GET");
+        assert!(
+            r.path.ends_with(&format!(
+                "/2/idem%3A{}/idem%3A{}/30000/I%7C0000000000000001%7C/I%7C0000000000000002%7C",
+                hex(&D),
+                hex(&other)
+            )),
+            "{}",
+            r.path
+        );
+        assert_eq!(
+            s.renew_outcome(200, &json("\"10\""), 2),
+            Ok(vec![true, false])
+        );
+        assert_eq!(s.renew_outcome(200, &json("null"), 0), Ok(vec![]));
+        assert!(s.renew_outcome(200, &json("\"1\""), 2).is_err());
+        assert!(s.renew_outcome(200, &json("\"1x\""), 2).is_err());
+        assert!(matches!(
+            s.renew_outcome(200, &json("[false,\"OOM\"]"), 1),
+            Err(StoreError::Unavailable(_))
+        ));
+    }
 
     #[test]
     fn requests_encode_everything_and_put_records_in_the_body() {

@@ -81,7 +81,7 @@ def test_the_docker_envoy_config_points_at_compose_services(compose):
         host = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"]
         assert host in compose["services"], f"cluster {name} points at {host}"
     wasm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0]["typed_config"]["config"]
-    assert wasm["failure_policy"] == "FAIL_CLOSED"
+    assert wasm["failure_policy"] == "FAIL_RELOAD"
     assert wasm["allow_on_headers_stop_iteration"] is True
     conf = json.loads(wasm["configuration"]["value"])
     assert conf["store"]["cluster"] in clusters

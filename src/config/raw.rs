@@ -1,0 +1,158 @@
+//! The configuration document exactly as operators write it, with its
+//! defaults: the one place they live ([`super::Config::default()`] is these,
+//! validated).
+
+use super::Platform;
+use serde::Deserialize;
+
+/// The JSON document exactly as operators write it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawConfig {
+    pub(super) header: String,
+    pub(super) methods: Vec<String>,
+    pub(super) required: bool,
+    pub(super) generate_missing: bool,
+    pub(super) max_key_length: usize,
+    pub(super) ttl_seconds: u64,
+    pub(super) lock_timeout_seconds: u64,
+    pub(super) max_request_body_bytes: u64,
+    pub(super) max_response_body_bytes: u64,
+    pub(super) scope_headers: Vec<String>,
+    pub(super) fingerprint_headers: Vec<String>,
+    pub(super) fingerprint_hash: RawFingerprintHash,
+    pub(super) record_server_errors: bool,
+    pub(super) never_record_headers: Vec<String>,
+    pub(super) host: RawHost,
+    pub(super) forward: Option<RawForward>,
+    pub(super) outcome_property: String,
+    /// Parsed in a second step ([`parse_store`]): the store's fields depend
+    /// on its `type`, and errors must still name e.g. `store.timeout_ms`.
+    pub(super) store: serde_json::Value,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            header: "Idempotency-Key".to_string(),
+            methods: vec!["POST".to_string(), "PATCH".to_string()],
+            required: false,
+            generate_missing: false,
+            max_key_length: 255,
+            ttl_seconds: 86_400,
+            lock_timeout_seconds: 30,
+            max_request_body_bytes: 1_048_576,
+            max_response_body_bytes: 1_048_576,
+            scope_headers: vec!["authorization".to_string()],
+            fingerprint_headers: vec!["content-type".to_string()],
+            fingerprint_hash: RawFingerprintHash::Xxh3,
+            record_server_errors: false,
+            never_record_headers: vec!["set-cookie".to_string()],
+            host: RawHost::Envoy,
+            forward: None,
+            outcome_property: String::new(),
+            store: serde_json::json!({"type": "local"}),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRedisStore {
+    pub(super) cluster: String,
+    #[serde(default)]
+    pub(super) authority: Option<String>,
+    #[serde(default = "default_timeout_ms")]
+    pub(super) timeout_ms: u64,
+    #[serde(default = "default_key_prefix")]
+    pub(super) key_prefix: String,
+    #[serde(default)]
+    pub(super) on_unavailable: RawOnUnavailable,
+    #[serde(default)]
+    pub(super) auth: Option<RawAuth>,
+    /// Unset: [`DEFAULT_CACHE_ENTRIES`] on Envoy, 0 (off) on APISIX.
+    #[serde(default)]
+    pub(super) cache_entries: Option<u32>,
+}
+
+/// Completed records a gateway keeps in its own shared data in front of
+/// Redis, so that replays need no store round trip (Envoy only).
+pub const DEFAULT_CACHE_ENTRIES: u32 = 10_000;
+
+fn default_timeout_ms() -> u64 {
+    500
+}
+
+fn default_key_prefix() -> String {
+    "idem:".to_string()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawOnUnavailable {
+    #[default]
+    Reject,
+    Allow,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuth {
+    pub(super) username: String,
+    pub(super) password: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawFingerprintHash {
+    #[default]
+    Xxh3,
+    Sha256,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(super) enum RawHost {
+    #[default]
+    Envoy,
+    Apisix,
+    ApisixProfile,
+}
+
+impl RawHost {
+    pub(super) fn platform(self) -> Platform {
+        match self {
+            RawHost::Envoy => Platform::Envoy,
+            RawHost::Apisix => Platform::Apisix,
+            RawHost::ApisixProfile => Platform::ApisixProfile,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawForward {
+    pub(super) upstream: String,
+    #[serde(default)]
+    pub(super) authority: Option<String>,
+    #[serde(default = "default_forward_timeout_ms")]
+    pub(super) timeout_ms: u64,
+}
+
+fn default_forward_timeout_ms() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawLocalStore {
+    pub(super) max_entries: u32,
+}
+
+impl Default for RawLocalStore {
+    fn default() -> Self {
+        RawLocalStore {
+            max_entries: 100_000,
+        }
+    }
+}

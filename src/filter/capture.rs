@@ -1,0 +1,222 @@
+//! What of a response becomes the key's record: which responses are
+//! recorded at all ([`should_record`]), and the capture of the recorded ones,
+//! shared by the streaming path (chunk by chunk, as the response goes to the
+//! client) and forwarding mode (the upstream's whole answer at once).
+
+use super::{Filter, Phase, Verdict};
+use crate::config::Config;
+use crate::host::{HeaderList, HeaderMap, Host, HostError, Level};
+use crate::metrics::Metric;
+use crate::record::StoredResponse;
+
+/// A response on its way into the record.
+pub(super) struct Capture {
+    status: u16,
+    headers: HeaderList,
+    body: Vec<u8>,
+    omitted: bool,
+    /// Body bytes seen so far, captured or not.
+    seen: u64,
+    /// The response's Content-Length, when it has one.
+    expected: Option<u64>,
+}
+
+/// A header holding a number (`:status`, `content-length`).
+pub(super) fn header_number<T: std::str::FromStr>(headers: &HeaderMap, name: &str) -> Option<T> {
+    headers
+        .get(name)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.trim().parse::<T>().ok())
+}
+
+impl Capture {
+    /// Starts capturing a response the upstream sent (`status`, `headers`),
+    /// or `None` when it is not to be recorded: its key is then released.
+    pub(super) fn start<'a, N: AsRef<str>>(
+        cfg: &Config,
+        status: u16,
+        code_details: Option<&str>,
+        headers: impl Iterator<Item = (N, &'a [u8])>,
+        expected: Option<u64>,
+    ) -> Option<Capture> {
+        if !should_record(status, code_details, cfg.record_server_errors) {
+            return None;
+        }
+        Some(Capture {
+            status,
+            headers: headers
+                .filter(|(n, _)| cfg.records_header(n.as_ref()))
+                .map(|(n, v)| (n.as_ref().to_string(), v.to_vec()))
+                .collect(),
+            body: Vec::new(),
+            omitted: false,
+            seen: 0,
+            expected,
+        })
+    }
+
+    /// The streamed response whose headers the host has just given.
+    pub(super) fn of_response(
+        cfg: &Config,
+        host: &impl Host,
+        headers: &HeaderMap,
+    ) -> Option<Capture> {
+        let status: u16 = header_number(headers, ":status").unwrap_or(0);
+        // Who answered matters only for errors (a rate limiter's 429, Envoy's
+        // 503): a property lookup saved on every successful response.
+        let details = if status >= 400 {
+            host.response_code_details()
+        } else {
+            None
+        };
+        Capture::start(
+            cfg,
+            status,
+            details.as_deref(),
+            headers.iter(),
+            header_number(headers, "content-length"),
+        )
+    }
+
+    /// Takes `len` more body bytes, read with `read` only while the body
+    /// still fits in `limit`; past it the record keeps no body at all.
+    pub(super) fn take(
+        &mut self,
+        len: usize,
+        limit: u64,
+        read: impl FnOnce() -> Result<Vec<u8>, HostError>,
+    ) -> Result<(), HostError> {
+        self.seen += len as u64;
+        if self.omitted || len == 0 {
+            return Ok(());
+        }
+        if (self.body.len() + len) as u64 > limit {
+            self.omitted = true;
+            self.body = Vec::new();
+            return Ok(());
+        }
+        self.body.extend_from_slice(&read()?);
+        Ok(())
+    }
+
+    /// The last byte its Content-Length announced is here.
+    pub(super) fn complete(&self) -> bool {
+        self.expected.is_some_and(|n| self.seen >= n)
+    }
+
+    pub(super) fn into_record(self) -> StoredResponse {
+        StoredResponse {
+            status: self.status,
+            headers: self.headers,
+            body: self.body,
+            body_omitted: self.omitted,
+        }
+    }
+}
+
+impl Filter {
+    /// The response's headers: capture it, or release the key when it is
+    /// not to be recorded.
+    pub(super) fn response_started(&mut self, host: &impl Host, end_of_stream: bool) -> Verdict {
+        let Phase::Forwarded { held, .. } = &self.phase else {
+            return Verdict::Continue;
+        };
+        let held = *held;
+        if let Some(k) = &self.generated_key {
+            if let Err(e) = host.add_response_header(&self.ctx.config.header, k) {
+                host.log(
+                    Level::Warn,
+                    &format!("could not return the generated key: {e}"),
+                );
+            }
+        }
+        let headers = match host.response_headers() {
+            Ok(h) => h,
+            Err(e) => return self.capture_failed(host, e),
+        };
+        match Capture::of_response(&self.ctx.config, host, &headers) {
+            None => {
+                self.phase = Phase::Done;
+                self.release(host, held)
+            }
+            Some(capture) => {
+                self.phase = Phase::Forwarded {
+                    held,
+                    capture: Some(capture),
+                };
+                if end_of_stream {
+                    return self.complete(host);
+                }
+                Verdict::Continue
+            }
+        }
+    }
+
+    /// A response body chunk, copied as it streams to the client.
+    pub(super) fn response_chunk(
+        &mut self,
+        host: &impl Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Verdict {
+        // Envoy calls again with what it buffered (and the end of stream)
+        // while a write is pending: keep holding until the store answers.
+        if self.writing() {
+            return Verdict::Pause;
+        }
+        let limit = self.ctx.config.max_response_body_bytes;
+        let Phase::Forwarded {
+            capture: Some(capture),
+            ..
+        } = &mut self.phase
+        else {
+            return Verdict::Continue;
+        };
+        if let Err(e) = capture.take(body_size, limit, || host.response_body(0, body_size)) {
+            return self.capture_failed(host, e);
+        }
+        // The response is complete when its last byte is here. With a
+        // Content-Length that is before Envoy's (separate, empty) end-of-stream
+        // frame, and only holding this chunk keeps the client waiting until
+        // the record is written.
+        if end_of_stream || capture.complete() {
+            return self.complete(host);
+        }
+        Verdict::Continue
+    }
+
+    /// The response could not be read: it goes out anyway, unrecorded. The
+    /// claim stays until its lock times out, so a retry gets 409 rather
+    /// than a rerun.
+    pub(super) fn capture_failed(&mut self, host: &impl Host, e: HostError) -> Verdict {
+        host.log(Level::Error, &format!("{e}; response not recorded"));
+        host.metric_add(Metric::StoreErrors, 1);
+        self.phase = Phase::Done;
+        Verdict::Continue
+    }
+}
+
+/// Which responses become the key's record; every other one releases the key
+/// so that a retry runs again.
+///
+/// * Only what the upstream answered is the outcome of the request. A reply
+///   the proxy made itself (another filter's 429 or 403, Envoy's 503 for an
+///   unreachable upstream) says nothing about the operation and must not be
+///   replayed for a whole TTL. The one exception, with `record_server_errors`,
+///   is Envoy's upstream timeout: the upstream may well have acted.
+/// * 408 and 429 mean "try again later" by definition, wherever they came from.
+/// * 5xx only with `record_server_errors` (Stripe's choice).
+/// * Hosts that do not say where a response came from: it is taken as the
+///   upstream's.
+pub fn should_record(status: u16, code_details: Option<&str>, record_server_errors: bool) -> bool {
+    if status == 0 || status == 408 || status == 429 {
+        return false;
+    }
+    let from_upstream = code_details.is_none_or(|d| d == "via_upstream");
+    if !from_upstream {
+        return record_server_errors
+            && status >= 500
+            && code_details == Some("upstream_response_timeout");
+    }
+    status < 500 || record_server_errors
+}

@@ -1,0 +1,161 @@
+//! Forwarding mode: the filter sends the claimed request upstream itself
+//! (an HTTP call), then records or releases the answer like any response
+//! and answers the client with it once the store has answered.
+//!
+//! ```text
+//! claimed ──call──▶ Waiting(Upstream) ──answer──▶ capture ──▶ record / release
+//!                                                   └──▶ reply to the client
+//! ```
+
+use super::capture::Capture;
+use super::reply::{problem_reply, Reply};
+use super::{Filter, Phase, Then, Verdict};
+use crate::config::Config;
+use crate::host::{CallResponse, HeaderList, HeaderMap, Host, HostError, Level};
+use crate::problem::Problem;
+use crate::record::is_connection_header;
+use crate::store::Held;
+
+/// Request headers the proxy sets itself on the forwarded request, besides
+/// the connection-level ones.
+const NOT_FORWARDED: &[&str] = &["host", "expect"];
+
+/// The client's request as the filter re-sends it in forwarding mode.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardRequest {
+    method: String,
+    path: String,
+    authority: String,
+    headers: Vec<(String, String)>,
+    pub(super) body: Vec<u8>,
+}
+
+impl ForwardRequest {
+    /// The request's head, with the key the gateway assigned, if any.
+    pub(super) fn from_headers(
+        cfg: &Config,
+        headers: &HeaderMap,
+        method: &str,
+        path: &str,
+        generated_key: Option<&str>,
+    ) -> ForwardRequest {
+        let mut forwarded: Vec<(String, String)> = headers
+            .iter()
+            .filter(|(n, _)| !is_connection_header(n) && !NOT_FORWARDED.contains(&n.as_ref()))
+            .filter(|(n, _)| generated_key.is_none() || *n != cfg.header)
+            .map(|(n, v)| (n.into_owned(), String::from_utf8_lossy(v).into_owned()))
+            .collect();
+        if let Some(k) = generated_key {
+            forwarded.push((cfg.header.clone(), k.to_string()));
+        }
+        ForwardRequest {
+            method: method.to_string(),
+            path: path.to_string(),
+            authority: headers
+                .get(":authority")
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .unwrap_or_default(),
+            headers: forwarded,
+            body: Vec::new(),
+        }
+    }
+}
+
+impl Filter {
+    /// Forwarding mode: send the claimed request to the upstream ourselves.
+    pub(super) fn forward_upstream(&mut self, host: &impl Host, held: Held) -> Verdict {
+        let ctx = self.ctx.clone();
+        let (Some(fwd), Some(req)) = (&ctx.config.forward, self.forward_request.take()) else {
+            return self.answer(
+                host,
+                &Problem::internal("Forwarding is not configured."),
+                None,
+            );
+        };
+        let authority = fwd.authority.as_deref().unwrap_or(&req.authority);
+        let mut headers: Vec<(&str, &str)> = vec![
+            (":method", &req.method),
+            (":path", &req.path),
+            (":authority", authority),
+        ];
+        headers.extend(req.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        let body = if req.body.is_empty() {
+            None
+        } else {
+            Some(req.body.as_slice())
+        };
+        match host.dispatch_http_call(&fwd.upstream, &headers, body, fwd.timeout_ms) {
+            Ok(call) => {
+                self.phase = Phase::Waiting {
+                    call,
+                    then: Then::Upstream(held),
+                };
+                Verdict::Pause
+            }
+            Err(e) => {
+                self.forward_failed(host, &e);
+                self.upstream_answered(host, held, &CallResponse::default())
+            }
+        }
+    }
+
+    pub(super) fn forward_failed(&self, host: &impl Host, e: &HostError) {
+        let upstream = self
+            .cfg()
+            .forward
+            .as_ref()
+            .map_or("", |f| f.upstream.as_str());
+        host.log(
+            Level::Error,
+            &format!("forwarding to {upstream} failed: {e}"),
+        );
+    }
+
+    /// Forwarding mode: the upstream answered (or did not). Record or
+    /// release like any response, then answer the client with it.
+    pub(super) fn upstream_answered(
+        &mut self,
+        host: &impl Host,
+        held: Held,
+        response: &CallResponse,
+    ) -> Verdict {
+        let cfg = &self.ctx.config;
+        let (reply, capture) = match response.status {
+            None => (problem_reply(&Problem::upstream_unavailable()), None),
+            Some(status) => {
+                let relayed: HeaderList = response
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| !is_connection_header(n))
+                    .cloned()
+                    .collect();
+                let mut capture = Capture::start(
+                    cfg,
+                    status,
+                    Some("via_upstream"),
+                    relayed.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
+                    None,
+                );
+                if let Some(c) = capture.as_mut() {
+                    let body = response.body.len();
+                    // The whole body is here: reading it cannot fail.
+                    let _ = c.take(body, cfg.max_response_body_bytes, || {
+                        Ok(response.body.clone())
+                    });
+                }
+                (
+                    Reply {
+                        status,
+                        headers: relayed,
+                        body: response.body.clone(),
+                    },
+                    capture,
+                )
+            }
+        };
+        match capture {
+            Some(capture) => self.write_complete(host, held, capture.into_record(), Some(reply)),
+            None => self.write_release(host, held, Some(reply)),
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Request inspection, a pure function of the request headers and the
+//! configuration: is the request protected, and if so under which key
+//! (digest of scope and key) and with which fingerprint (started here,
+//! finished once the body has been hashed).
+//!
+//! ```text
+//! method not protected ─────────────▶ Pass
+//! no key ──required──▶ Refuse (400)   ──optional──▶ Unkeyed
+//!        ──generate_missing──▶ a new key ─┐
+//! invalid key ───────▶ Refuse (400)       │
+//! key ────────────────────────────────────┴──▶ Protect
+//! ```
+
+use super::capture::header_number;
+use super::forward::ForwardRequest;
+use crate::config::Config;
+use crate::fingerprint::{key_digest, Digest16, Fingerprinter};
+use crate::host::{HeaderMap, Host};
+use crate::key::{parse_key_headers, KeyError};
+use crate::problem::Problem;
+
+/// What the filter does with a request, by its headers. Returned once per
+/// request and taken apart at once: not worth boxing the large variant.
+#[allow(clippy::large_enum_variant)]
+pub enum Inspection {
+    /// A method the filter does not protect.
+    Pass,
+    /// A protected method without a key, where keys are optional.
+    Unkeyed,
+    /// A missing (where required) or invalid key.
+    Refuse(Problem),
+    Protect(Protected),
+}
+
+/// A protected request, as its headers describe it.
+pub struct Protected {
+    /// The key the gateway assigned, when the client sent none
+    /// (`generate_missing`); the filter sets it on the request.
+    pub generated_key: Option<String>,
+    /// Digest of the scope headers and the key: the store's key.
+    pub digest: Digest16,
+    /// Started on the method, path and fingerprint headers; the body follows.
+    pub fingerprint: Fingerprinter,
+    /// The declared Content-Length exceeds `max_request_body_bytes`.
+    pub declared_too_large: bool,
+    /// Forwarding mode: the request to send upstream (its body follows).
+    pub forward: Option<ForwardRequest>,
+}
+
+/// Inspects a request. `new_key` makes a key when the configuration asks
+/// the gateway to assign missing ones.
+pub fn inspect(cfg: &Config, headers: &HeaderMap, new_key: impl FnOnce() -> String) -> Inspection {
+    let method = headers
+        .get(":method")
+        .and_then(|m| std::str::from_utf8(m).ok())
+        .unwrap_or("");
+    if !cfg.protects(method) {
+        return Inspection::Pass;
+    }
+    let values: Vec<&[u8]> = headers.values(&cfg.header).collect();
+    let (key, generated_key) = match parse_key_headers(&values, cfg.max_key_length) {
+        Ok(Some(k)) => (k, None),
+        Ok(None) if cfg.required => return Inspection::Refuse(Problem::missing_key(&cfg.header)),
+        Ok(None) if cfg.generate_missing => {
+            let k = new_key();
+            (k.clone(), Some(k))
+        }
+        Ok(None) => return Inspection::Unkeyed,
+        Err(e) => {
+            return Inspection::Refuse(Problem::invalid_key(&key_error_detail(&e, &cfg.header)))
+        }
+    };
+    let declared: Option<u64> = header_number(headers, "content-length");
+    let scope: Vec<Option<Vec<u8>>> = cfg
+        .scope_headers
+        .iter()
+        .map(|h| header_joined(headers, h))
+        .collect();
+    let scope_refs: Vec<Option<&[u8]>> = scope.iter().map(Option::as_deref).collect();
+    let digest = key_digest(&scope_refs, &key);
+    let fp_values: Vec<Option<Vec<u8>>> = cfg
+        .fingerprint_headers
+        .iter()
+        .map(|h| header_joined(headers, h))
+        .collect();
+    let fp_refs: Vec<Option<&[u8]>> = fp_values.iter().map(Option::as_deref).collect();
+    let path = headers
+        .get(":path")
+        .and_then(|p| std::str::from_utf8(p).ok())
+        .unwrap_or("");
+    let fingerprint = Fingerprinter::new(cfg.fingerprint_hash, method, path, &fp_refs);
+    let forward = cfg.forward.as_ref().map(|_| {
+        ForwardRequest::from_headers(cfg, headers, method, path, generated_key.as_deref())
+    });
+    Inspection::Protect(Protected {
+        generated_key,
+        digest,
+        fingerprint,
+        declared_too_large: declared.is_some_and(|n| n > cfg.max_request_body_bytes),
+        forward,
+    })
+}
+
+/// All values of a header joined as one list, the way RFC 9110 5.3 combines
+/// repeated fields, so a header split in two does not change the meaning.
+fn header_joined(headers: &HeaderMap, name: &str) -> Option<Vec<u8>> {
+    let mut out: Option<Vec<u8>> = None;
+    for v in headers.values(name) {
+        match out.as_mut() {
+            None => out = Some(v.to_vec()),
+            Some(o) => {
+                o.extend_from_slice(b", ");
+                o.extend_from_slice(v);
+            }
+        }
+    }
+    out
+}
+
+fn key_error_detail(e: &KeyError, header: &str) -> String {
+    format!("{e} (header {header})")
+}
+
+/// A random (version 4) UUID, for `generate_missing`.
+pub(super) fn uuid_v4(host: &impl Host) -> String {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&host.random_u64().to_le_bytes());
+    bytes[8..].copy_from_slice(&host.random_u64().to_le_bytes());
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
+}

@@ -1,0 +1,369 @@
+//! The per-request filter: proxy callbacks in, decisions out. It knows the
+//! proxy only through [`Host`], so every path here runs in unit tests.
+//!
+//! A protected request goes through these phases:
+//! ```text
+//! headers ──no key / other method──▶ Passthrough
+//!    │ key parsed, scope + fingerprint started
+//!    ▼
+//! Buffering (body hashed chunk by chunk, held back from the upstream)
+//!    │ end of request: one atomic claim in the store
+//!    ├──▶ Answered (400 / 409 / 413 / 422 / 503, or the replay)
+//!    ▼
+//! Forwarded (we own the claim) ──response──▶ record, or release on 5xx
+//! ```
+//! Whenever the store (Redis) or the upstream (forwarding mode) has a call
+//! out, the request waits in one phase, `Phase::Waiting`, which carries
+//! what the answer is for (`Then`); `on_call_response` checks the call
+//! once and hands the answer on.
+//!
+//! Where each job lives:
+//! * `inspect`: is the request protected; its key digest and fingerprint
+//!   (a pure function of headers and configuration);
+//! * `buffer`: holding the request while its body is hashed;
+//! * `claim`: the claim, its answer, and cancelling a claim that timed out;
+//! * `capture`: which responses are recorded ([`should_record`]) and their
+//!   capture, shared by the streaming path and forwarding mode;
+//! * `write`: recording the response, or releasing the key;
+//! * `forward`: forwarding mode's upstream call;
+//! * `reply`: answers the filter gives itself, and each request's outcome.
+//!
+//! The stores (local, Redis, the replay cache) are behind
+//! [`crate::store::Store`], whose every operation finishes now or asks for
+//! one call; the platform's abilities are [`crate::config::Platform`]'s.
+
+mod buffer;
+mod capture;
+mod claim;
+mod forward;
+mod inspect;
+mod reply;
+mod write;
+
+#[cfg(test)]
+mod tests;
+
+pub use crate::host::CallResponse;
+pub use capture::should_record;
+pub use inspect::{inspect, Inspection, Protected};
+
+use crate::config::Config;
+use crate::fingerprint::{Digest16, Fingerprinter};
+use crate::host::{Host, HostError, Level};
+use crate::metrics::Metric;
+use crate::store::{Held, PendingClaim, PendingWrite, Store, StoreError, StoreStep};
+use capture::Capture;
+use forward::ForwardRequest;
+use reply::Reply;
+use std::rc::Rc;
+
+/// What the proxy should do after a callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Continue,
+    /// Hold the request until its body has been seen. Envoy: pause (the
+    /// request is buffered). APISIX: continue; the body callback comes
+    /// because the filter set `wasm_process_req_body`, and a pause without a
+    /// pending call would stall APISIX's driver.
+    AwaitBody,
+    /// Hold the request (and buffer its body) or stop after a local reply.
+    Pause,
+}
+
+/// Per-plugin state shared by every request of one VM.
+#[derive(Debug)]
+pub struct FilterContext {
+    pub config: Config,
+    pub store: Store,
+}
+
+impl FilterContext {
+    pub fn new(config: Config) -> FilterContext {
+        FilterContext {
+            store: Store::new(&config.store),
+            config,
+        }
+    }
+}
+
+enum Phase {
+    Start,
+    Passthrough,
+    Buffering {
+        digest: Digest16,
+        fingerprint: Fingerprinter,
+        hashed: usize,
+    },
+    /// We own the claim; the response streams to the client and is
+    /// captured when it is to be recorded.
+    Forwarded {
+        held: Held,
+        capture: Option<Capture>,
+    },
+    /// An HTTP call is out; the exchange is held until it answers.
+    Waiting {
+        call: u32,
+        then: Then,
+    },
+    Answered,
+    Done,
+}
+
+/// What a call's answer is for.
+enum Then {
+    /// The claim (Redis); the request is held.
+    Claim(PendingClaim),
+    /// The store is recording or releasing (Redis); the response's last
+    /// callback is held until it answers. Envoy runs the call on the root
+    /// context, so the write itself would complete anyway, but once the
+    /// stream has ended its answer has no context to reach: holding keeps
+    /// the counters right and tells the client only what was recorded.
+    Write {
+        pending: PendingWrite,
+        /// Forwarding mode: the answer to send once the store has answered.
+        reply: Option<Reply>,
+    },
+    /// A platform that answers after a cancel (store calls chained within
+    /// the request): a timed-out claim is being cancelled; the 503 goes out
+    /// once the store has answered.
+    Cancel,
+    /// Forwarding mode: the upstream has the request.
+    Upstream(Held),
+}
+
+/// A store step once its call, if it has one, has been sent.
+enum Sent<T, P> {
+    /// The result, now (a call that could not be sent fails the operation).
+    Done(Result<T, StoreError>),
+    /// The call that was sent, and what its answer needs.
+    Waiting(u32, P),
+}
+
+pub struct Filter {
+    ctx: Rc<FilterContext>,
+    phase: Phase,
+    generated_key: Option<String>,
+    forward_request: Option<ForwardRequest>,
+    /// The exchange ended while a call was out. On a host whose calls
+    /// outlive their stream, the answer still comes: the filter records,
+    /// releases or cancels as it requires, and answers no one.
+    client_gone: bool,
+}
+
+impl Filter {
+    pub fn new(ctx: Rc<FilterContext>) -> Filter {
+        Filter {
+            ctx,
+            phase: Phase::Start,
+            generated_key: None,
+            forward_request: None,
+            client_gone: false,
+        }
+    }
+
+    fn cfg(&self) -> &Config {
+        &self.ctx.config
+    }
+
+    /// The one path of every store operation: send the call if it asks
+    /// for one; otherwise (or if it cannot be sent) its result is here.
+    fn send<T, P>(&self, host: &impl Host, step: StoreStep<T, P>) -> Sent<T, P> {
+        match step {
+            StoreStep::Done(result) => Sent::Done(result),
+            StoreStep::Call(request, pending) => match self.ctx.store.send(host, &request) {
+                Ok(call) => Sent::Waiting(call, pending),
+                Err(e) => Sent::Done(Err(e)),
+            },
+        }
+    }
+
+    /// Holds the exchange until call `call` answers; `then` says what for.
+    fn wait(&mut self, call: u32, then: Then) -> Verdict {
+        self.phase = Phase::Waiting { call, then };
+        Verdict::Pause
+    }
+
+    pub fn on_request_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Verdict {
+        let headers = match host.request_headers() {
+            Ok(h) => h,
+            Err(e) => return self.host_failure(host, e),
+        };
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.config;
+        let protected = match inspect(cfg, &headers, || inspect::uuid_v4(host)) {
+            Inspection::Pass => {
+                self.phase = Phase::Passthrough;
+                return Verdict::Continue;
+            }
+            Inspection::Unkeyed => {
+                host.metric_add(Metric::Unkeyed, 1);
+                self.outcome(host, "unkeyed");
+                self.phase = Phase::Passthrough;
+                return Verdict::Continue;
+            }
+            Inspection::Refuse(problem) => {
+                return self.answer(host, &problem, Some(Metric::InvalidKey))
+            }
+            Inspection::Protect(p) => p,
+        };
+        self.protect(host, protected, end_of_stream)
+    }
+
+    /// `body_size` is everything buffered so far; only the new bytes are read.
+    pub fn on_request_body(
+        &mut self,
+        host: &impl Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Verdict {
+        self.buffer(host, body_size, end_of_stream)
+    }
+
+    /// Trailers end the request when the body did not.
+    pub fn on_request_trailers(&mut self, host: &impl Host) -> Verdict {
+        match self.phase {
+            Phase::Buffering { .. } => self.finish_request(host),
+            Phase::Answered => Verdict::Pause,
+            _ => Verdict::Continue,
+        }
+    }
+
+    pub fn on_response_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Verdict {
+        self.response_started(host, end_of_stream)
+    }
+
+    /// Chunks are copied as they stream to the client; nothing is held back.
+    pub fn on_response_body(
+        &mut self,
+        host: &impl Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Verdict {
+        self.response_chunk(host, body_size, end_of_stream)
+    }
+
+    pub fn on_response_trailers(&mut self, host: &impl Host) -> Verdict {
+        if self.writing() {
+            return Verdict::Pause;
+        }
+        if matches!(
+            self.phase,
+            Phase::Forwarded {
+                capture: Some(_),
+                ..
+            }
+        ) {
+            return self.complete(host);
+        }
+        Verdict::Continue
+    }
+
+    /// A record or release is out (the response is held until it answers).
+    fn writing(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Waiting {
+                then: Then::Write { .. },
+                ..
+            }
+        )
+    }
+
+    /// The answer to an HTTP call this request made: the Redis store's, or
+    /// the upstream's in forwarding mode.
+    pub fn on_call_response(&mut self, host: &impl Host, call: u32, response: &CallResponse) {
+        let then = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Waiting {
+                call: expected,
+                then,
+            } if expected == call => then,
+            // An answer to a call this request no longer waits for.
+            other => {
+                self.phase = other;
+                return;
+            }
+        };
+        match then {
+            Then::Claim(pending) => self.claim_answered(host, &pending, response),
+            Then::Cancel => self.cancel_answered(host, response),
+            Then::Upstream(held) => {
+                self.upstream_answered(host, held, response);
+            }
+            Then::Write { pending, reply } => self.write_answered(host, pending, reply, response),
+        }
+    }
+
+    /// Convenience for a store answer without headers (tests).
+    #[cfg(test)]
+    pub fn on_store_response(
+        &mut self,
+        host: &impl Host,
+        call: u32,
+        status: Option<u16>,
+        body: &[u8],
+    ) {
+        let response = CallResponse {
+            status,
+            headers: Vec::new(),
+            body: body.to_vec(),
+        };
+        self.on_call_response(host, call, &response);
+    }
+
+    /// The exchange ended. A claim still held here means the response never
+    /// completed (the client left, or the upstream reset mid-body): the
+    /// upstream may have acted, so the claim stays until its lock timeout and
+    /// an immediate retry gets 409, never a second execution.
+    ///
+    /// A call still out keeps its phase: where the host routes its answer to
+    /// a filter whose stream has gone, the answer is still applied.
+    pub fn on_done(&mut self, host: &impl Host) {
+        if matches!(self.phase, Phase::Waiting { .. }) {
+            self.client_gone = true;
+            return;
+        }
+        if matches!(self.phase, Phase::Forwarded { .. }) {
+            host.log(
+                Level::Debug,
+                "exchange ended before the response completed; claim kept until its lock timeout",
+            );
+        }
+        self.phase = Phase::Done;
+    }
+
+    /// Whether a call is still out (its answer would be applied).
+    pub fn waiting(&self) -> bool {
+        matches!(self.phase, Phase::Waiting { .. })
+    }
+
+    /// A call this request made could not be sent after all (a host that
+    /// sends calls after the callback that made them): the same decision
+    /// as when sending fails at once.
+    pub fn on_call_failed(&mut self, host: &impl Host, call: u32, error: HostError) {
+        let then = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Waiting {
+                call: expected,
+                then,
+            } if expected == call => then,
+            other => {
+                self.phase = other;
+                return;
+            }
+        };
+        let e = StoreError::Unavailable(error.to_string());
+        match then {
+            Then::Claim(_) => {
+                let verdict = self.store_failed(host, &e);
+                self.resume_request_if(host, verdict);
+            }
+            Then::Write { pending, reply } => {
+                self.write_answered_with(host, pending.write, Err(e), reply)
+            }
+            Then::Cancel => self.cancel_answered(host, &CallResponse::default()),
+            Then::Upstream(held) => {
+                self.forward_failed(host, &error);
+                self.upstream_answered(host, held, &CallResponse::default());
+            }
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The replay cache in front of the Redis store.
+
+use super::*;
+
+#[test]
+fn the_replay_cache_answers_retries_of_what_this_gateway_recorded() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let c = cached_redis_ctx();
+    let mut f = redis_post(&host, &redis, &c, "k");
+    complete_paid(&host, &redis, &mut f);
+    assert_eq!(host.metric(Metric::Stored), 1);
+    // The retry is replayed from the cache: no third call.
+    assert_eq!(post_answered_locally(&host, &c, "k", b""), 201);
+    let sent = host.sent().unwrap();
+    assert_eq!(sent.body, b"paid");
+    assert_eq!(sent.header("idempotent-replayed").as_deref(), Some("true"));
+    // Another payload under the key: 422, also without Redis.
+    assert_eq!(post_answered_locally(&host, &c, "k", b"other"), 422);
+    assert_eq!(host.metric(Metric::CacheHits), 2);
+    assert_eq!(host.metric(Metric::Replays), 1);
+    assert_eq!(host.metric(Metric::Mismatches), 1);
+}
+
+#[test]
+fn configurations_with_other_redis_namespaces_do_not_share_a_cache() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let a = cached_redis_ctx();
+    let mut f = redis_post(&host, &redis, &a, "k");
+    complete_paid(&host, &redis, &mut f);
+    assert_eq!(post_answered_locally(&host, &a, "k", b""), 201);
+    // Same shared data (same vm_id), another key_prefix: its own Redis
+    // namespace, where "k" was never used, so Redis is asked.
+    let b = ctx(
+        r#"{"store":{"type":"redis","cluster":"webdis","key_prefix":"other:","cache_entries":32}}"#,
+    );
+    redis_post(&host, &redis, &b, "k");
+    assert_eq!(host.call_count(), 3, "asked its own Redis namespace");
+    assert_eq!(host.resumed_requests.get(), 2, "and ran the request there");
+}
+
+#[test]
+fn records_from_other_gateways_are_cached_until_redis_expires_them() {
+    let redis = FakeRedis::default();
+    let c = cached_redis_ctx();
+    let a = FakeHost::default();
+    let mut f = redis_post(&a, &redis, &c, "k");
+    complete_paid(&a, &redis, &mut f);
+    // Gateway B (its own shared data) asks Redis once, which answers
+    // with the record and "60 s left"...
+    let b = FakeHost::default();
+    b.set_clock(1_000);
+    redis_post(&b, &redis, &c, "k");
+    assert_eq!(b.sent().unwrap().status, 201);
+    assert_eq!(b.metric(Metric::CacheHits), 0);
+    // ...then answers the key itself while Redis still has it...
+    b.set_clock(60_999);
+    assert_eq!(post_answered_locally(&b, &c, "k", b""), 201);
+    assert_eq!(b.metric(Metric::CacheHits), 1);
+    // ...and never past Redis's expiry (60 s after the claim was sent).
+    b.set_clock(61_000);
+    redis_post(&b, &redis, &c, "k");
+    assert_eq!(b.call_count(), 2, "asked Redis again");
+    assert_eq!(b.metric(Metric::CacheHits), 1);
+}
+
+#[test]
+fn released_and_failed_writes_are_not_cached() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let c = cached_redis_ctx();
+    // A 5xx releases the key: nothing to cache, the retry asks Redis.
+    let mut f = redis_post(&host, &redis, &c, "k");
+    host.set_response(&[(":status", "503")]);
+    assert_eq!(f.on_response_headers(&host, true), Verdict::Pause);
+    redis_answers(&host, &redis, &mut f, Op::Release);
+    assert_eq!(host.metric(Metric::Released), 1);
+    // The retry executes (Redis says claimed); its record write fails.
+    let mut f = redis_post(&host, &redis, &c, "k");
+    assert_eq!(host.resumed_requests.get(), 2);
+    host.set_response(&[(":status", "201")]);
+    assert_eq!(f.on_response_headers(&host, true), Verdict::Pause);
+    store_answers(&host, &mut f, Op::Complete, Some(503), b"");
+    assert_eq!(host.metric(Metric::StoreErrors), 1);
+    // Not recorded in Redis, so not in the cache either: Redis is asked.
+    redis_post(&host, &redis, &c, "k");
+    assert_eq!(host.call_count(), 5);
+    assert_eq!(host.metric(Metric::CacheHits), 0);
+}

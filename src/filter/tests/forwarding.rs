@@ -1,0 +1,223 @@
+//! Forwarding mode (APISIX): the filter claims, forwards the request
+//! itself, records the upstream's answer, then answers the client.
+
+use super::*;
+
+const APISIX: &str = r#"{"host":"apisix","store":{"type":"redis","cluster":"127.0.0.1:7379"},"forward":{"upstream":"127.0.0.1:8081"}}"#;
+
+#[test]
+fn apisix_forwarding_claims_forwards_records_then_answers() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let c = ctx(APISIX);
+    let hs: Vec<(&str, &str)> = vec![
+        (":method", "POST"),
+        (":path", "/pay?x=1"),
+        (":authority", "shop.example"),
+        ("content-length", "5"),
+        ("content-type", "application/json"),
+        ("connection", "keep-alive"),
+        ("idempotency-key", "ap"),
+    ];
+    host.reset_exchange(&hs, b"hello");
+    let mut f = Filter::new(c.clone());
+    // APISIX says end-of-stream with the headers; the length says a body follows.
+    assert_eq!(f.on_request_headers(&host, true), Verdict::AwaitBody);
+    assert_eq!(
+        host.properties.borrow().as_slice(),
+        &[("wasm_process_req_body".to_string(), b"true".to_vec())]
+    );
+    assert_eq!(f.on_request_body(&host, 5, true), Verdict::Pause);
+    assert_eq!(host.call_count(), 1, "the claim");
+    redis_answers(&host, &redis, &mut f, Op::Claim);
+    // Claimed: the filter sends the request upstream itself.
+    let Call {
+        upstream: target,
+        headers,
+        body,
+        ..
+    } = host.calls().last().cloned().unwrap();
+    assert_eq!(target, "127.0.0.1:8081");
+    assert!(headers.contains(&(":method".into(), "POST".into())));
+    assert!(headers.contains(&(":path".into(), "/pay?x=1".into())));
+    assert!(headers.contains(&(":authority".into(), "shop.example".into())));
+    assert!(headers.contains(&("idempotency-key".into(), "ap".into())));
+    assert!(!headers
+        .iter()
+        .any(|(n, _)| n == "connection" || n == "content-length"));
+    assert_eq!(body.as_deref(), Some(&b"hello"[..]));
+    let upstream = CallResponse {
+        status: Some(201),
+        headers: vec![
+            (":status".into(), b"201".to_vec()),
+            ("content-type".into(), b"application/json".to_vec()),
+            ("set-cookie".into(), b"s=1".to_vec()),
+            ("transfer-encoding".into(), b"chunked".to_vec()),
+        ],
+        body: b"{\"id\":7}".to_vec(),
+    };
+    f.on_call_response(&host, 2, &upstream);
+    assert!(host.sent().is_none(), "answered only once recorded");
+    let record = host.call(redis.last(&host, Op::Complete));
+    assert_eq!(record.body.is_some(), true, "the record (PUT)");
+    redis_answers(&host, &redis, &mut f, Op::Complete);
+    let sent = host.sent().unwrap();
+    assert_eq!(
+        (sent.status, sent.body.as_slice()),
+        (201, &b"{\"id\":7}"[..])
+    );
+    assert_eq!(
+        sent.header("set-cookie").as_deref(),
+        Some("s=1"),
+        "the live answer keeps its cookie"
+    );
+    assert_eq!(sent.header("transfer-encoding"), None);
+    assert_eq!(
+        host.resumed_requests.get(),
+        0,
+        "nothing goes through APISIX's own upstream"
+    );
+    assert_eq!(host.metric(Metric::Stored), 1);
+    // The retry replays from Redis without the cookie.
+    host.reset_exchange(&hs, b"hello");
+    let mut g = Filter::new(c);
+    g.on_request_headers(&host, true);
+    g.on_request_body(&host, 5, true);
+    redis_answers(&host, &redis, &mut g, Op::Claim);
+    let sent = host.sent().unwrap();
+    assert_eq!(sent.header("idempotent-replayed").as_deref(), Some("true"));
+    assert_eq!(sent.header("set-cookie"), None);
+    assert_eq!(host.call_count(), 4, "no upstream call for the replay");
+}
+
+#[test]
+fn apisix_always_asks_for_the_body_and_decides_in_its_callback() {
+    let host = FakeHost::default();
+    // An HTTP/2 POST: no Content-Length, and APISIX says end of stream.
+    let hs = keyed("h2");
+    host.reset_exchange(&hs, b"{}");
+    let mut f = Filter::new(ctx(APISIX));
+    assert_eq!(f.on_request_headers(&host, true), Verdict::AwaitBody);
+    assert_eq!(
+        host.properties.borrow().len(),
+        1,
+        "wasm_process_req_body is set"
+    );
+    assert!(host.calls().is_empty(), "nothing decided before the body");
+    assert_eq!(f.on_request_body(&host, 2, true), Verdict::Pause);
+    assert_eq!(host.call_count(), 1, "the claim, after the whole body");
+    // A request that really has no body: APISIX calls back with none.
+    host.reset_exchange(&hs, b"");
+    let mut g = Filter::new(ctx(APISIX));
+    assert_eq!(g.on_request_headers(&host, true), Verdict::AwaitBody);
+    assert_eq!(g.on_request_body(&host, 0, true), Verdict::Pause);
+    assert_eq!(host.call_count(), 2);
+}
+
+#[test]
+fn forwarding_to_a_silent_upstream_releases_and_answers_502() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let c = ctx(APISIX);
+    let hs: Vec<(&str, &str)> = vec![
+        (":method", "POST"),
+        (":path", "/p"),
+        ("idempotency-key", "down"),
+    ];
+    host.reset_exchange(&hs, b"");
+    let mut f = Filter::new(c.clone());
+    f.on_request_headers(&host, true);
+    f.on_request_body(&host, 0, true);
+    redis_answers(&host, &redis, &mut f, Op::Claim);
+    f.on_call_response(&host, 2, &CallResponse::default());
+    assert!(host.sent().is_none());
+    redis_answers(&host, &redis, &mut f, Op::Release);
+    let sent = host.sent().unwrap();
+    assert_eq!(sent.status, 502);
+    assert_eq!(host.metric(Metric::Released), 1);
+    // Released: the retry runs again.
+    host.reset_exchange(&hs, b"");
+    let mut g = Filter::new(c);
+    g.on_request_headers(&host, true);
+    g.on_request_body(&host, 0, true);
+    redis_answers(&host, &redis, &mut g, Op::Claim);
+    assert_eq!(host.call_count(), 5);
+    let retry = host.calls().last().cloned().unwrap();
+    assert_eq!(
+        retry.upstream, "127.0.0.1:8081",
+        "the retry is forwarded again"
+    );
+}
+
+/// Envoy, forwarding mode: the filter's own calls outlive the client's
+/// stream, and their answers still reach the filter.
+const ENVOY_FORWARD: &str = r#"{"forward":{"upstream":"up"},"store":{"type":"redis","cluster":"webdis","cache_entries":0}}"#;
+
+#[test]
+fn a_client_that_left_still_gets_its_answer_recorded() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let c = ctx(ENVOY_FORWARD);
+    let mut f = redis_post(&host, &redis, &c, "gone");
+    let upstream = host.last_call_to("up").unwrap();
+    // The client times out and goes; the upstream answers later.
+    f.on_done(&host);
+    assert!(f.waiting(), "the call's answer is still awaited");
+    let answer = CallResponse {
+        status: Some(201),
+        headers: vec![(":status".into(), b"201".to_vec())],
+        body: b"paid".to_vec(),
+    };
+    f.on_call_response(&host, upstream.id, &answer);
+    redis_answers(&host, &redis, &mut f, Op::Complete);
+    assert_eq!(host.metric(Metric::Stored), 1, "recorded");
+    assert!(host.sent().is_none(), "no one to answer");
+    assert!(!f.waiting());
+    // The retry is replayed: one execution.
+    redis_post(&host, &redis, &c, "gone");
+    let sent = host.sent().unwrap();
+    assert_eq!((sent.status, sent.body.as_slice()), (201, &b"paid"[..]));
+    assert_eq!(
+        host.calls().iter().filter(|c| c.upstream == "up").count(),
+        1
+    );
+}
+
+#[test]
+fn a_claim_that_lands_after_its_client_left_is_released() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let c = ctx(ENVOY_FORWARD);
+    host.reset_exchange(&keyed("late"), b"");
+    let mut f = Filter::new(c.clone());
+    assert_eq!(f.on_request_headers(&host, true), Verdict::Pause);
+    f.on_done(&host);
+    redis_answers(&host, &redis, &mut f, Op::Claim);
+    assert!(host.last_call_to("up").is_none(), "nothing forwarded");
+    redis_answers(&host, &redis, &mut f, Op::Release);
+    assert_eq!(host.metric(Metric::Released), 1);
+    assert!(redis.data.borrow().is_empty(), "the key is free");
+    assert_eq!(host.resumed_requests.get(), 0);
+    assert!(host.sent().is_none());
+}
+
+#[test]
+fn a_call_that_could_not_be_sent_later_is_decided_as_if_at_once() {
+    let c = redis_ctx("");
+    let host = FakeHost::default();
+    host.reset_exchange(&keyed("k"), b"");
+    let mut f = Filter::new(c.clone());
+    assert_eq!(f.on_request_headers(&host, true), Verdict::Pause);
+    let claim = last_call(&host, Op::Claim);
+    f.on_call_failed(
+        &host,
+        claim,
+        crate::host::HostError {
+            call: "http_call",
+            status: 10,
+        },
+    );
+    assert_eq!(host.sent_status(), Some(503));
+    assert_eq!(host.metric(Metric::StoreErrors), 1);
+    assert_eq!(host.metric(Metric::ClaimsCancelled), 0, "nothing to cancel");
+}

@@ -1,0 +1,359 @@
+//! The local store: claims, records, replays and refusals on one gateway.
+
+use super::*;
+
+/// Shared-data calls are the bulk of a protected request's host calls
+/// (BENCHMARKS.md, "where the filter's time goes"); one more per request
+/// is a measurable cost, so their number is pinned here.
+#[test]
+fn shared_data_calls_per_request_are_pinned() {
+    let (host, c) = setup("{}");
+    let calls = || (host.shared.gets.get(), host.shared.sets.get());
+    let before = calls();
+    let (mut f, _) = request(&host, &c, &post(Some("k1")), b"{}");
+    assert_eq!(
+        calls(),
+        (before.0 + 1, before.1 + 1),
+        "claim: read and CAS the bucket"
+    );
+    let before = calls();
+    respond(&host, &mut f, 201, b"{\"id\":1}");
+    assert_eq!(
+        calls(),
+        (before.0 + 2, before.1 + 2),
+        "complete: the slot's data (owner check) and its bucket"
+    );
+    let before = calls();
+    request(&host, &c, &post(Some("k1")), b"{}");
+    assert_eq!(sent_status(&host), Some(201));
+    assert_eq!(
+        calls(),
+        (before.0 + 2, before.1),
+        "replay: bucket and data, no write"
+    );
+}
+
+#[test]
+fn outcomes_are_written_to_the_named_property() {
+    let (host, c) = setup(r#"{"outcome_property":"idem_outcome"}"#);
+    let last = || {
+        let props = host.properties.borrow();
+        let (name, value) = props.last().cloned().unwrap_or_default();
+        assert!(name.is_empty() || name == "idem_outcome", "{name}");
+        String::from_utf8(value).unwrap()
+    };
+    let count = || host.properties.borrow().len();
+    let (mut f, _) = request(&host, &c, &post(Some("k1")), b"{}");
+    assert_eq!(count(), 0, "nothing is final while the request runs");
+    respond(&host, &mut f, 201, b"{}");
+    assert_eq!(last(), "stored");
+    request(&host, &c, &post(Some("k1")), b"{}");
+    assert_eq!(last(), "replayed");
+    request(&host, &c, &post(Some("k1")), b"{\"a\":1}");
+    assert_eq!(last(), "key-reused");
+    let (_running, _) = request(&host, &c, &post(Some("k2")), b"{}");
+    request(&host, &c, &post(Some("k2")), b"{}");
+    assert_eq!(last(), "request-in-progress");
+    let (mut f, _) = request(&host, &c, &post(Some("k3")), b"{}");
+    respond(&host, &mut f, 503, b"{}");
+    assert_eq!(last(), "released");
+    request(&host, &c, &post(None), b"{}");
+    assert_eq!(last(), "unkeyed");
+    request(&host, &c, &post(Some("")), b"{}");
+    assert_eq!(last(), "invalid-key");
+    let n = count();
+    let mut get = post(Some("k4"));
+    get[0].1 = "GET".into();
+    request(&host, &c, &get, b"");
+    assert_eq!(count(), n, "unprotected methods have no outcome");
+    // Off by default: no property call at all (each is a host call).
+    let (host, c) = setup("{}");
+    let (mut f, _) = request(&host, &c, &post(Some("k1")), b"{}");
+    respond(&host, &mut f, 201, b"{}");
+    request(&host, &c, &post(Some("k1")), b"{}");
+    assert!(host.properties.borrow().is_empty());
+}
+
+#[test]
+fn first_request_forwards_and_retry_replays() {
+    let (host, c) = setup("{}");
+    let (mut f, forwarded) = request(&host, &c, &post(Some("k1")), b"{\"amount\":10}");
+    assert!(forwarded);
+    respond(&host, &mut f, 201, b"{\"id\":1}");
+    assert_eq!(host.metric(Metric::Stored), 1);
+    let (_, forwarded) = request(&host, &c, &post(Some("\"k1\"")), b"{\"amount\":10}");
+    assert!(!forwarded, "the replay must not reach the upstream");
+    let sent = host.sent().unwrap();
+    assert_eq!(sent.status, 201);
+    assert_eq!(sent.body, b"{\"id\":1}");
+    assert_eq!(sent.header("idempotent-replayed").as_deref(), Some("true"));
+    assert_eq!(
+        sent.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(sent.header("set-cookie"), None);
+    assert_eq!(sent.header("content-length"), None);
+    assert_eq!(host.metric(Metric::Replays), 1);
+}
+
+#[test]
+fn retry_while_in_flight_is_409_and_other_payload_is_422() {
+    let (host, c) = setup("{}");
+    let (mut f, forwarded) = request(&host, &c, &post(Some("k")), b"a");
+    assert!(forwarded);
+    let (_, fwd) = request(&host, &c, &post(Some("k")), b"a");
+    assert!(!fwd);
+    assert_eq!(sent_status(&host), Some(409));
+    let sent = host.sent().unwrap();
+    assert_eq!(sent.header("retry-after").as_deref(), Some("1"));
+    assert_eq!(
+        sent.header("content-type").as_deref(),
+        Some("application/problem+json")
+    );
+    let (_, fwd) = request(&host, &c, &post(Some("k")), b"b");
+    assert!(!fwd);
+    assert_eq!(sent_status(&host), Some(422));
+    respond(&host, &mut f, 200, b"done");
+    let (_, fwd) = request(&host, &c, &post(Some("k")), b"b");
+    assert!(!fwd);
+    assert_eq!(
+        sent_status(&host),
+        Some(422),
+        "the record is left as it was"
+    );
+    let (_, fwd) = request(&host, &c, &post(Some("k")), b"a");
+    assert!(!fwd);
+    assert_eq!(host.sent().unwrap().body, b"done");
+}
+
+#[test]
+fn server_errors_release_the_key_unless_recorded() {
+    let (host, c) = setup("{}");
+    let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
+    respond(&host, &mut f, 503, b"down");
+    assert_eq!(host.metric(Metric::Released), 1);
+    assert_eq!(host.metric(Metric::Entries), 0);
+    let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+    assert!(forwarded, "after a 5xx the retry runs again");
+
+    let (host, c) = setup(r#"{"record_server_errors":true}"#);
+    let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
+    respond(&host, &mut f, 500, b"boom");
+    let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+    assert!(!forwarded);
+    assert_eq!(sent_status(&host), Some(500));
+}
+
+#[test]
+fn only_the_upstreams_own_answers_are_recorded() {
+    let up = Some("via_upstream");
+    assert!(should_record(201, up, false));
+    assert!(should_record(302, up, false));
+    assert!(should_record(404, up, false));
+    assert!(!should_record(500, up, false));
+    assert!(should_record(500, up, true));
+    assert!(
+        !should_record(429, up, true),
+        "retry-later answers are never kept"
+    );
+    assert!(!should_record(408, up, false));
+    assert!(
+        should_record(201, None, false),
+        "a host that does not tell: the upstream's"
+    );
+    assert!(!should_record(403, Some("ext_authz_denied"), false));
+    assert!(!should_record(503, Some("no_healthy_upstream"), true));
+    assert!(!should_record(
+        503,
+        Some("upstream_reset_before_response_started{connection_failure}"),
+        true
+    ));
+    assert!(should_record(504, Some("upstream_response_timeout"), true));
+    assert!(!should_record(
+        504,
+        Some("upstream_response_timeout"),
+        false
+    ));
+}
+
+#[test]
+fn a_local_reply_of_another_filter_releases_the_key() {
+    let (host, c) = setup("{}");
+    let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
+    host.set_code_details("request_rate_limited");
+    respond(&host, &mut f, 429, b"slow down");
+    assert_eq!(host.metric(Metric::Released), 1);
+    let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+    assert!(forwarded);
+}
+
+#[test]
+fn never_recorded_headers_are_configurable() {
+    let (host, c) = setup(r#"{"never_record_headers":["x-trace"]}"#);
+    let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
+    host.set_response(&[(":status", "200"), ("set-cookie", "s=1"), ("x-trace", "t1")]);
+    f.on_response_headers(&host, true);
+    let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+    assert!(!forwarded);
+    let sent = host.sent().unwrap();
+    assert_eq!(
+        sent.header("set-cookie").as_deref(),
+        Some("s=1"),
+        "set-cookie replayed when not excluded"
+    );
+    assert_eq!(sent.header("x-trace"), None);
+}
+
+#[test]
+fn client_errors_are_recorded() {
+    let (host, c) = setup("{}");
+    let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
+    respond(&host, &mut f, 402, b"declined");
+    let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+    assert!(!forwarded);
+    assert_eq!(sent_status(&host), Some(402));
+}
+
+#[test]
+fn abandoned_exchange_keeps_the_claim_until_the_lock_times_out() {
+    let (host, c) = setup(r#"{"lock_timeout_seconds":5}"#);
+    let (mut f, _) = request(&host, &c, &post(Some("k")), b"x");
+    f.on_done(&host); // client disconnected before the response
+    let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+    assert!(!forwarded);
+    assert_eq!(sent_status(&host), Some(409));
+    host.advance_clock(5_000);
+    let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+    assert!(forwarded, "after lock_timeout_seconds the retry may run");
+}
+
+#[test]
+fn keys_missing_invalid_or_repeated() {
+    let (host, c) = setup("{}");
+    let (_, forwarded) = request(&host, &c, &post(None), b"x");
+    assert!(forwarded);
+    assert_eq!(host.metric(Metric::Unkeyed), 1);
+    for bad in ["", "\"unterminated", "a b", &"k".repeat(256)] {
+        let (_, forwarded) = request(&host, &c, &post(Some(bad)), b"x");
+        assert!(!forwarded, "{bad:?}");
+        assert_eq!(sent_status(&host), Some(400), "{bad:?}");
+    }
+    let mut two = post(Some("a"));
+    two.push(("idempotency-key", "b".into()));
+    let (_, forwarded) = request(&host, &c, &two, b"x");
+    assert!(!forwarded);
+    assert_eq!(sent_status(&host), Some(400));
+
+    let (host, c) = setup(r#"{"required":true}"#);
+    let (_, forwarded) = request(&host, &c, &post(None), b"x");
+    assert!(!forwarded);
+    assert_eq!(sent_status(&host), Some(400));
+    let body: serde_json::Value = serde_json::from_slice(&host.sent().unwrap().body).unwrap();
+    assert_eq!(body["type"], "urn:idempotency-filter:problem:missing-key");
+}
+
+#[test]
+fn unprotected_methods_pass_untouched() {
+    let (host, c) = setup(r#"{"required":true}"#);
+    let get = vec![
+        (":method", "GET".to_string()),
+        (":path", "/p".to_string()),
+        ("idempotency-key", "\"bad".to_string()),
+    ];
+    let snapshot = (
+        host.shared.key_count(),
+        host.shared.total_bytes(),
+        host.shared.cas_failures(),
+    );
+    let (_, forwarded) = request(&host, &c, &get, b"");
+    assert!(forwarded);
+    assert!(host.sent().is_none());
+    let after = (
+        host.shared.key_count(),
+        host.shared.total_bytes(),
+        host.shared.cas_failures(),
+    );
+    assert_eq!(after, snapshot, "the store is not touched");
+}
+
+#[test]
+fn generated_keys_are_forwarded_and_returned() {
+    let (host, c) = setup(r#"{"generate_missing":true}"#);
+    let (mut f, forwarded) = request(&host, &c, &post(None), b"x");
+    assert!(forwarded);
+    let sent_key = host.request_header("idempotency-key").unwrap();
+    assert_eq!(sent_key.len(), 36);
+    assert_eq!(&sent_key[14..15], "4", "UUID version 4");
+    respond(&host, &mut f, 201, b"ok");
+    let added = host.added_response_headers.borrow().clone();
+    assert_eq!(
+        added,
+        vec![("idempotency-key".to_string(), sent_key.clone().into_bytes())]
+    );
+    // The client can now retry with the key it was given.
+    let (_, forwarded) = request(&host, &c, &post(Some(&sent_key)), b"x");
+    assert!(!forwarded);
+    assert_eq!(sent_status(&host), Some(201));
+}
+
+#[test]
+fn body_limits() {
+    let (host, c) = setup(r#"{"max_request_body_bytes":4,"max_response_body_bytes":4}"#);
+    let mut declared = post(Some("a"));
+    declared.push(("content-length", "5".into()));
+    let (_, forwarded) = request(&host, &c, &declared, b"12345");
+    assert!(!forwarded);
+    assert_eq!(sent_status(&host), Some(413));
+    // Chunked: no declared length, caught while buffering.
+    let (_, forwarded) = request(&host, &c, &post(Some("b")), b"123456");
+    assert!(!forwarded);
+    assert_eq!(sent_status(&host), Some(413));
+    assert_eq!(host.metric(Metric::TooLarge), 2);
+    // A large response passes through and replays without its body.
+    let (mut f, forwarded) = request(&host, &c, &post(Some("c")), b"1234");
+    assert!(forwarded);
+    respond(&host, &mut f, 200, b"0123456789");
+    let (_, forwarded) = request(&host, &c, &post(Some("c")), b"1234");
+    assert!(!forwarded);
+    let sent = host.sent().unwrap();
+    assert_eq!((sent.status, sent.body.len()), (200, 0));
+    assert_eq!(
+        sent.header("idempotent-replay-body").as_deref(),
+        Some("omitted")
+    );
+}
+
+#[test]
+fn tenants_are_isolated_by_scope_headers() {
+    let (host, c) = setup("{}");
+    let mut alice = post(Some("same"));
+    alice.push(("authorization", "Bearer alice".into()));
+    let mut bob = post(Some("same"));
+    bob.push(("authorization", "Bearer bob".into()));
+    let (mut f, forwarded) = request(&host, &c, &alice, b"x");
+    assert!(forwarded);
+    respond(&host, &mut f, 200, b"alice's secret");
+    let (_, forwarded) = request(&host, &c, &bob, b"x");
+    assert!(forwarded, "bob's key is his own");
+}
+
+#[test]
+fn store_failure_fails_closed() {
+    let (host, c) = setup("{}");
+    host.shared.fail_with(10);
+    let (_, forwarded) = request(&host, &c, &post(Some("k")), b"x");
+    assert!(!forwarded);
+    assert_eq!(sent_status(&host), Some(503));
+    assert_eq!(host.metric(Metric::StoreErrors), 1);
+}
+
+#[test]
+fn request_trailers_end_the_request() {
+    let (host, c) = setup("{}");
+    let hs = keyed("t");
+    host.reset_exchange(&hs, b"abc");
+    let mut f = Filter::new(c.clone());
+    assert_eq!(f.on_request_headers(&host, false), Verdict::AwaitBody);
+    assert_eq!(f.on_request_body(&host, 3, false), Verdict::AwaitBody);
+    assert_eq!(f.on_request_trailers(&host), Verdict::Continue);
+}

@@ -1,0 +1,147 @@
+//! Recording a response as the key's outcome, or releasing the key so that
+//! a retry runs again. The local store answers at once; the Redis store
+//! later, and meanwhile the exchange is held: the response, or, in
+//! forwarding mode, the answer to the client, which is sent once the store
+//! has answered. If the store cannot be reached, the client still gets its
+//! answer; the claim then lapses after its lock timeout.
+
+use super::reply::Reply;
+use super::{Filter, Phase, Sent, Then, Verdict};
+use crate::host::{CallResponse, Host, Level};
+use crate::metrics::Metric;
+use crate::record::StoredResponse;
+use crate::store::{Held, PendingWrite, StoreError, StoreStep, Write};
+
+impl Filter {
+    /// The streamed response is complete: record what was captured.
+    pub(super) fn complete(&mut self, host: &impl Host) -> Verdict {
+        let Phase::Forwarded {
+            held,
+            capture: Some(capture),
+        } = std::mem::replace(&mut self.phase, Phase::Done)
+        else {
+            return Verdict::Continue;
+        };
+        self.write_complete(host, held, capture.into_record(), None)
+    }
+
+    /// The streamed response is not to be recorded: free the key.
+    pub(super) fn release(&mut self, host: &impl Host, held: Held) -> Verdict {
+        self.write_release(host, held, None)
+    }
+
+    pub(super) fn write_complete(
+        &mut self,
+        host: &impl Host,
+        held: Held,
+        record: StoredResponse,
+        reply: Option<Reply>,
+    ) -> Verdict {
+        let ctx = self.ctx.clone();
+        let step = ctx.store.complete(host, &held, record, ctx.config.ttl_ms);
+        self.write(host, Write::Complete, step, reply)
+    }
+
+    pub(super) fn write_release(
+        &mut self,
+        host: &impl Host,
+        held: Held,
+        reply: Option<Reply>,
+    ) -> Verdict {
+        let ctx = self.ctx.clone();
+        let step = ctx.store.release(host, &held);
+        self.write(host, Write::Release, step, reply)
+    }
+
+    fn write(
+        &mut self,
+        host: &impl Host,
+        write: Write,
+        step: StoreStep<bool, PendingWrite>,
+        reply: Option<Reply>,
+    ) -> Verdict {
+        self.phase = Phase::Done;
+        match self.send(host, step) {
+            Sent::Done(result) => {
+                self.outcome(host, count_write(host, write, &result));
+                match reply {
+                    Some(reply) => self.send_reply(host, reply),
+                    None => Verdict::Continue,
+                }
+            }
+            Sent::Waiting(call, pending) => self.wait(call, Then::Write { pending, reply }),
+        }
+    }
+
+    /// The store's answer to a record or release: the held response (or
+    /// forwarding mode's answer) goes on.
+    pub(super) fn write_answered(
+        &mut self,
+        host: &impl Host,
+        pending: PendingWrite,
+        reply: Option<Reply>,
+        response: &CallResponse,
+    ) {
+        let ctx = self.ctx.clone();
+        let write = pending.write;
+        let result = ctx.store.write_answered(host, pending, response);
+        self.write_answered_with(host, write, result, reply);
+    }
+
+    /// A write's result arrived in a call's callback: the held response (or
+    /// forwarding mode's answer) goes on, unless the client has gone.
+    pub(super) fn write_answered_with(
+        &mut self,
+        host: &impl Host,
+        write: Write,
+        result: Result<bool, StoreError>,
+        reply: Option<Reply>,
+    ) {
+        self.outcome(host, count_write(host, write, &result));
+        match reply {
+            Some(reply) => {
+                self.send_reply(host, reply);
+            }
+            None if self.client_gone => {}
+            None => {
+                if let Err(e) = host.resume_response() {
+                    host.log(Level::Error, &format!("could not resume the response: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// Counts a write's result and names the request's outcome.
+fn count_write(host: &impl Host, write: Write, result: &Result<bool, StoreError>) -> &'static str {
+    match (write, result) {
+        (Write::Complete, Ok(true)) => {
+            host.metric_add(Metric::Stored, 1);
+            "stored"
+        }
+        (Write::Release, Ok(true)) => {
+            host.metric_add(Metric::Released, 1);
+            "released"
+        }
+        (Write::Complete, Ok(false)) => {
+            host.log(Level::Warn, "the claim expired before the response completed; response not recorded (raise lock_timeout_seconds above the upstream's response time)");
+            host.metric_add(Metric::ClaimsLost, 1);
+            "claim-lost"
+        }
+        (Write::Release, Ok(false)) => {
+            host.metric_add(Metric::ClaimsLost, 1);
+            "claim-lost"
+        }
+        (_, Err(e)) => {
+            let what = if write == Write::Complete {
+                "recording the response"
+            } else {
+                "releasing the key"
+            };
+            host.log(Level::Error, &format!("{what} failed: {e}"));
+            host.metric_add(Metric::StoreErrors, 1);
+            // Recording failed: the claim lapses after its lock timeout.
+            "not-recorded"
+        }
+    }
+}

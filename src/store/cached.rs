@@ -1,0 +1,236 @@
+//! The Redis store behind this gateway's replay cache (Envoy): completed
+//! records this gateway has seen are kept in its shared data, so that their
+//! replays need no store round trip. A completed record never changes in
+//! Redis before it expires, and a cached copy expires no later than Redis's,
+//! so the cache can only answer what Redis would have answered.
+//!
+//! ```text
+//! claim ──cache hit──▶ Done(replay or mismatch)      (no call)
+//!   └──miss──▶ Call(claim) ──answer: a record──▶ fill the cache
+//! complete ──Call(record)──answer: stored──▶ fill the cache
+//! ```
+
+use super::local::LocalTable;
+use super::redis::{RedisConfig, RedisStore, StoreRequest};
+use super::{
+    no_answer, ClaimEffects, ClaimOutcome, Claimed, Held, PendingClaim, PendingWrite, StoreError,
+    StoreStep, Write,
+};
+use crate::config::LOCAL_WAYS;
+use crate::fingerprint::Digest16;
+use crate::host::{CallResponse, Host, Level};
+use crate::metrics::Metric;
+use crate::record::StoredResponse;
+
+/// A completed record on its way into the replay cache.
+#[derive(Debug)]
+pub struct CacheFill {
+    digest: Digest16,
+    fingerprint: Digest16,
+    response: StoredResponse,
+    /// Until when Redis keeps it, at the latest (this gateway's clock).
+    expires_ms: u64,
+}
+
+#[derive(Debug)]
+pub struct CachedRedis {
+    pub redis: RedisStore,
+    cache: Option<LocalTable>,
+}
+
+impl CachedRedis {
+    pub fn new(config: RedisConfig) -> CachedRedis {
+        // Named by the Redis namespace it mirrors: two configurations in
+        // one vm_id that use different Redis stores keep separate caches.
+        let cache = (config.cache_entries > 0).then(|| {
+            LocalTable::named(
+                &format!("cache/{}/{}", config.cluster, config.key_prefix),
+                config.cache_entries / LOCAL_WAYS,
+                LOCAL_WAYS,
+            )
+        });
+        CachedRedis {
+            redis: RedisStore::new(config),
+            cache,
+        }
+    }
+
+    /// Creates the cache's table. Without it the cache is off; Redis still
+    /// decides everything.
+    pub fn init(&mut self, host: &impl Host) {
+        if let Some(cache) = &self.cache {
+            if let Err(e) = cache.init(host) {
+                host.log(
+                    Level::Warn,
+                    &format!("replay cache disabled: cannot create it in shared data: {e}"),
+                );
+                self.cache = None;
+            }
+        }
+    }
+
+    pub fn send(&self, host: &impl Host, request: &StoreRequest) -> Result<u32, StoreError> {
+        let cfg = &self.redis.config;
+        let mut headers: Vec<(&str, &str)> = vec![
+            (":method", request.method),
+            (":path", &request.path),
+            (":authority", &cfg.authority),
+        ];
+        if let Some(auth) = &cfg.authorization {
+            headers.push(("authorization", auth));
+        }
+        host.dispatch_http_call(
+            &cfg.cluster,
+            &headers,
+            request.body.as_deref(),
+            cfg.timeout_ms,
+        )
+        .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
+    pub fn claim(
+        &self,
+        host: &impl Host,
+        digest: &Digest16,
+        fingerprint: &Digest16,
+        token: u64,
+        lock_ms: u64,
+    ) -> StoreStep<Claimed, PendingClaim> {
+        // Only the replay cache needs the time (a clock read is a host call).
+        let mut now = 0;
+        if let Some(cache) = &self.cache {
+            now = host.now_ms();
+            // Any failure to read the cache is a miss: Redis decides.
+            if let Ok(Some((stored, response))) = cache.lookup(host, digest, now) {
+                host.metric_add(Metric::CacheHits, 1);
+                let outcome = if stored == *fingerprint {
+                    ClaimOutcome::Replay(response)
+                } else {
+                    ClaimOutcome::Mismatch
+                };
+                return StoreStep::Done(Ok((outcome, ClaimEffects::default())));
+            }
+        }
+        StoreStep::Call(
+            self.redis
+                .claim_request(digest, fingerprint, token, lock_ms),
+            PendingClaim {
+                digest: *digest,
+                fingerprint: *fingerprint,
+                token,
+                sent_ms: now,
+            },
+        )
+    }
+
+    pub fn claim_answered(
+        &self,
+        host: &impl Host,
+        pending: &PendingClaim,
+        answer: &CallResponse,
+    ) -> Result<Claimed, StoreError> {
+        let result = match answer.status {
+            Some(status) => self.redis.claim_outcome(
+                status,
+                &answer.body,
+                &pending.digest,
+                &pending.fingerprint,
+                pending.token,
+            ),
+            None => Err(no_answer()),
+        };
+        // A record completed elsewhere (or before the cache had it): keep
+        // it, so the next retry of this key stays here.
+        if let Ok((ClaimOutcome::Replay(response), Some(remaining_ms))) = &result {
+            self.fill(
+                host,
+                CacheFill {
+                    digest: pending.digest,
+                    fingerprint: pending.fingerprint,
+                    response: response.clone(),
+                    expires_ms: pending.sent_ms.saturating_add(*remaining_ms),
+                },
+            );
+        }
+        result.map(|(outcome, _)| (outcome, ClaimEffects::default()))
+    }
+
+    pub fn complete(
+        &self,
+        host: &impl Host,
+        held: &Held,
+        response: StoredResponse,
+        ttl_ms: u64,
+    ) -> StoreStep<bool, PendingWrite> {
+        let fill = self.cache.as_ref().map(|_| CacheFill {
+            digest: held.digest,
+            fingerprint: held.fingerprint,
+            response: response.clone(),
+            // Redis sets PX = TTL after this moment.
+            expires_ms: host.now_ms().saturating_add(ttl_ms),
+        });
+        StoreStep::Call(
+            self.redis.complete_request(
+                &held.digest,
+                &held.fingerprint,
+                &held.claim,
+                response,
+                ttl_ms,
+            ),
+            PendingWrite {
+                write: Write::Complete,
+                fill,
+            },
+        )
+    }
+
+    pub fn release(&self, held: &Held) -> StoreStep<bool, PendingWrite> {
+        StoreStep::Call(
+            self.redis.release_request(&held.digest, &held.claim),
+            PendingWrite {
+                write: Write::Release,
+                fill: None,
+            },
+        )
+    }
+
+    pub fn write_answered(
+        &self,
+        host: &impl Host,
+        pending: PendingWrite,
+        answer: &CallResponse,
+    ) -> Result<bool, StoreError> {
+        let result = match (answer.status, pending.write) {
+            (None, _) => Err(no_answer()),
+            (Some(status), Write::Complete) => self.redis.complete_outcome(status, &answer.body),
+            (Some(status), Write::Release) => self.redis.release_outcome(status, &answer.body),
+        };
+        if let (Ok(true), Some(fill)) = (&result, pending.fill) {
+            self.fill(host, fill);
+        }
+        result
+    }
+
+    /// Puts a completed record into the replay cache. Best effort: a record
+    /// that does not fit is simply asked of Redis next time.
+    fn fill(&self, host: &impl Host, fill: CacheFill) {
+        let Some(cache) = &self.cache else { return };
+        let now = host.now_ms();
+        let ttl_ms = fill.expires_ms.saturating_sub(now);
+        if ttl_ms == 0 {
+            return;
+        }
+        let token = host.random_u64() | 1;
+        if let Err(e) = cache.remember(
+            host,
+            &fill.digest,
+            &fill.fingerprint,
+            fill.response,
+            token,
+            now,
+            ttl_ms,
+        ) {
+            host.log(Level::Debug, &format!("replay cache not filled: {e}"));
+        }
+    }
+}

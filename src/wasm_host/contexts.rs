@@ -1,0 +1,331 @@
+//! The SDK's contexts: the root context (configuration, tick) and one HTTP
+//! context per request, which hands each callback to the [`Filter`] with a
+//! [`WasmHost`] and maps its verdict to the host's action.
+
+use super::owner::Owner;
+#[cfg(feature = "self-profile")]
+use super::self_profile;
+use super::{
+    get_buffer, host_log, now_ms, read_call_response, register_queue, set_tick_period, MetricIds,
+    WasmHost, BUFFER_PLUGIN_CONFIGURATION, OK,
+};
+use crate::config::{Config, Platform};
+use crate::filter::{Filter, FilterContext};
+use crate::host::{Host, Level};
+use crate::metrics::Metric;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+const TICK_MS: u32 = 1000;
+
+struct Root {
+    id: u32,
+    ctx: Option<Rc<FilterContext>>,
+    metrics: Rc<MetricIds>,
+    /// The requests' calls, where the platform lets the worker own them.
+    owner: Option<Rc<Owner>>,
+}
+
+impl Root {
+    fn platform(&self) -> Platform {
+        self.ctx
+            .as_ref()
+            .map_or(Platform::Envoy, |c| c.config.platform)
+    }
+
+    /// A host for the filter of `stream`, run from the root.
+    fn stream_host(&self, owner: &Rc<Owner>, stream: u32) -> WasmHost {
+        WasmHost::new(self.metrics.clone(), self.platform()).routed(Some(owner.route(stream)))
+    }
+
+    /// Takes the worker's ownership of the requests' calls: a queue of this
+    /// VM, under a name no other VM uses, wakes the root to send them.
+    fn own_calls(&mut self, host: &WasmHost) {
+        if self.owner.is_some() {
+            return;
+        }
+        let name = format!(
+            "idempotency-filter/calls/{:016x}{:016x}",
+            host.random_u64(),
+            host.random_u64()
+        );
+        match register_queue(&name) {
+            Ok(queue) => self.owner = Some(Rc::new(Owner::new(self.id, queue))),
+            Err(e) => host_log(
+                Level::Warn,
+                &format!("calls stay with their requests (an answer after a client has gone is lost): {e}"),
+            ),
+        }
+    }
+}
+
+impl Context for Root {
+    /// An answer to a call the root made for a request.
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        profile!(5);
+        let Some(owner) = self.owner.clone() else {
+            return;
+        };
+        let Some((stream, call)) = owner.answered(token_id) else {
+            return;
+        };
+        let response = read_call_response(body_size);
+        let host = self.stream_host(&owner, stream);
+        owner.deliver(stream, |f| f.on_call_response(&host, call, &response));
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
+        let bytes = match get_buffer(BUFFER_PLUGIN_CONFIGURATION, 0, plugin_configuration_size) {
+            Ok(b) => b,
+            Err(e) => {
+                host_log(
+                    Level::Error,
+                    &format!("cannot read the plugin configuration: {e}"),
+                );
+                return false;
+            }
+        };
+        let config = match Config::parse(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                host_log(Level::Error, &format!("{e}"));
+                return false;
+            }
+        };
+        self.metrics.define();
+        let mut ctx = FilterContext::new(config);
+        let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
+        let ticks = match ctx.store.init(&host) {
+            Ok(ticks) => ticks,
+            Err(e) => {
+                host_log(Level::Error, &e);
+                return false;
+            }
+        };
+        if ctx.config.platform.calls_outlive_streams() {
+            self.own_calls(&host);
+        }
+        // The profiling build reports from the tick, whatever the store.
+        #[cfg(feature = "self-profile")]
+        if !ticks {
+            let _ = set_tick_period(TICK_MS);
+        }
+        if ticks {
+            let status = set_tick_period(TICK_MS);
+            if status != OK {
+                host_log(Level::Warn, &format!("no tick (status {status}): expired records are reclaimed only when their slot is reused"));
+            }
+        }
+        self.ctx = Some(Rc::new(ctx));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        #[cfg(feature = "self-profile")]
+        host_log(Level::Warn, &self_profile::report());
+        profile!(7);
+        let Some(ctx) = &self.ctx else { return };
+        let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
+        if let Some(occupied) = ctx.store.tick(&host, now_ms()) {
+            self.metrics.set(Metric::Entries, occupied);
+        }
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        let Some(owner) = self.owner.clone() else {
+            return;
+        };
+        if owner.queue() != queue_id {
+            return;
+        }
+        owner.send_queued(|stream, call, e| {
+            let host = self.stream_host(&owner, stream);
+            owner.deliver(stream, |f| f.on_call_failed(&host, call, e));
+        });
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        profile!(0);
+        // Always Some: the SDK panics on None. Without a configuration (the
+        // host would not normally create contexts then) the filter fails closed.
+        let filter = self
+            .ctx
+            .clone()
+            .map(|c| Rc::new(RefCell::new(Filter::new(c))));
+        let owner = self
+            .owner
+            .clone()
+            .filter(|_| filter.is_some() && self.platform().calls_outlive_streams());
+        if let (Some(owner), Some(filter)) = (&owner, &filter) {
+            owner.add_stream(context_id, filter.clone());
+        }
+        Some(Box::new(HttpFilter {
+            host: WasmHost::new(self.metrics.clone(), self.platform())
+                .routed(owner.as_ref().map(|o| o.route(context_id))),
+            filter,
+            stream: context_id,
+            owner,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct HttpFilter {
+    filter: Option<Rc<RefCell<Filter>>>,
+    host: WasmHost,
+    stream: u32,
+    owner: Option<Rc<Owner>>,
+}
+
+impl Drop for HttpFilter {
+    fn drop(&mut self) {
+        if let Some(owner) = &self.owner {
+            owner.stream_gone(self.stream);
+        }
+    }
+}
+
+impl HttpFilter {
+    /// Runs a callback on the filter; `otherwise` when there is none (no
+    /// valid configuration) or it is busy (never expected: the host does
+    /// not re-enter a context from within a callback).
+    fn with<R>(&self, otherwise: R, run: impl FnOnce(&mut Filter, &WasmHost) -> R) -> R {
+        match self.filter.as_ref().map(|f| f.try_borrow_mut()) {
+            Some(Ok(mut f)) => run(&mut f, &self.host),
+            Some(Err(_)) => {
+                host_log(Level::Error, "filter busy: callback skipped");
+                otherwise
+            }
+            None => otherwise,
+        }
+    }
+
+    fn unconfigured(&self) -> Action {
+        let problem =
+            crate::problem::Problem::internal("The idempotency filter has no valid configuration.");
+        let _ = self
+            .host
+            .send_response(problem.status, &problem.headers(), &problem.body());
+        Action::Pause
+    }
+}
+
+impl Context for HttpFilter {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        profile!(5);
+        if self.filter.is_none() {
+            return;
+        }
+        if let Some(rules) = &self.host.rules {
+            rules.pending.set(rules.pending.get().saturating_sub(1));
+        }
+        let response = read_call_response(body_size);
+        self.with((), |f, host| f.on_call_response(host, token_id, &response));
+        // Under APISIX's rules a callback must leave the request either
+        // waiting on a new call or settled (answered or let go on).
+        if let Some(rules) = &self.host.rules {
+            if !rules.in_response.get() && rules.pending.get() == 0 && !rules.settled.get() {
+                self.host
+                    .violation("an HTTP call answer left the request held with nothing pending");
+            }
+        }
+    }
+
+    fn on_done(&mut self) -> bool {
+        profile!(6);
+        self.with((), |f, host| f.on_done(host));
+        true
+    }
+}
+
+impl HttpContext for HttpFilter {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        profile!(1);
+        self.host.enter(false);
+        match self.with(None, |f, host| {
+            Some(f.on_request_headers(host, end_of_stream))
+        }) {
+            Some(v) => self.host.action(v, true),
+            None => self.unconfigured(),
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        profile!(2);
+        self.host.enter(false);
+        match self.with(None, |f, host| {
+            Some(f.on_request_body(host, body_size, end_of_stream))
+        }) {
+            Some(v) => self.host.action(v, true),
+            None => Action::Pause,
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.host.enter(false);
+        match self.with(None, |f, host| Some(f.on_request_trailers(host))) {
+            Some(v) => self.host.action(v, true),
+            None => Action::Pause,
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        profile!(3);
+        self.host.enter(true);
+        match self.with(None, |f, host| {
+            Some(f.on_response_headers(host, end_of_stream))
+        }) {
+            Some(v) => self.host.action(v, false),
+            None => Action::Continue,
+        }
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        profile!(4);
+        self.host.enter(true);
+        match self.with(None, |f, host| {
+            Some(f.on_response_body(host, body_size, end_of_stream))
+        }) {
+            Some(v) => self.host.action(v, false),
+            None => Action::Continue,
+        }
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.host.enter(true);
+        match self.with(None, |f, host| Some(f.on_response_trailers(host))) {
+            Some(v) => self.host.action(v, false),
+            None => Action::Continue,
+        }
+    }
+}
+
+proxy_wasm::main! {{
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root {
+            id: context_id,
+            ctx: None,
+            metrics: Rc::new(MetricIds::default()),
+            owner: None,
+        })
+    });
+}}

@@ -140,7 +140,7 @@ def test_istio_envoyfilter_sets_what_wasmplugin_cannot():
     _, delivered = istio_bootstrap(1, 2)
     config = wasm_config(delivered)
     assert config["allow_on_headers_stop_iteration"] is True
-    assert config["failure_policy"] == "FAIL_CLOSED"
+    assert config["failure_policy"] == "FAIL_RELOAD"
     assert plugin_config(delivered)["store"]["cluster"].startswith("outbound|7379||")
 
 
@@ -197,7 +197,7 @@ def test_envoy_gateway_patch_sets_what_envoyextensionpolicy_cannot():
     doc = eg_bootstrap(1)
     config = wasm_config(eg_filter(doc))
     assert config["allow_on_headers_stop_iteration"] is True
-    assert config["failure_policy"] == "FAIL_CLOSED"
+    assert config["failure_policy"] == "FAIL_RELOAD"
     clusters = {c["name"] for c in doc["static_resources"]["clusters"]}
     assert config["vm_config"]["code"]["remote"]["http_uri"]["cluster"] in clusters
     assert plugin_config(eg_filter(doc))["store"]["cluster"] in clusters

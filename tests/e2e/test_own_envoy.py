@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import threading
+import time
 import uuid
 
 import pytest
@@ -78,7 +79,7 @@ def test_the_copyable_config_has_no_placeholders_and_marks_what_the_filter_needs
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     wasm = hcm["http_filters"][0]["typed_config"]["config"]
     assert wasm["allow_on_headers_stop_iteration"] is True
-    assert wasm["failure_policy"] == "FAIL_CLOSED"
+    assert wasm["failure_policy"] == "FAIL_RELOAD"
     assert wasm["vm_config"]["code"]["local"]["filename"] == SHIPPED_WASM
     assert listener["per_connection_buffer_limit_bytes"] > 1048576
     for setting in ("allow_on_headers_stop_iteration", "failure_policy", "per_connection_buffer_limit_bytes"):
@@ -103,8 +104,11 @@ def test_envoy_validates_the_copyable_config_with_the_module_from_a_url(tmp_path
 @pytest.fixture
 def wasm_server():
     """Serves target/.../idempotency_filter.wasm on 127.0.0.1 (the URL)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=os.path.dirname(DEFAULT_WASM))
-    handler.log_message = lambda *a: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=os.path.dirname(DEFAULT_WASM))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.server_address[1]
@@ -153,3 +157,19 @@ def test_make_build_prints_the_modules_sha256():
     out = subprocess.run(["make", "-o", "setup", "build"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     assert f"sha256 {module_sha256()}" in out.stdout, out.stdout
+
+
+def test_a_module_with_another_sha256_is_refused_and_requests_get_503(tmp_path, upstream, wasm_server):
+    text = with_remote_module(text_of("envoy-local.yaml"), "deadbeef" * 8, wasm_server)
+    envoy = serve(text, upstream, None, tmp_path)
+    try:
+        key = f'"own-envoy-{uuid.uuid4().hex}"'
+        # The fetch is retried (retry_policy) before the plugin fails to load.
+        deadline = time.time() + 60
+        while "failed to load" not in envoy.log() and time.time() < deadline:
+            time.sleep(0.2)
+        assert "failed to load" in envoy.log()
+        assert post(envoy, key)[0] == 503
+        assert upstream.executions(key) == 0
+    finally:
+        envoy.stop()

@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build apisix-runtime test unit e2e lint demo demo-fleet demo-client docker-demo bench fuzz soak check-config clean
+.PHONY: help setup build oci apisix-runtime test unit e2e lint demo demo-fleet demo-client docker-demo bench fuzz soak check-config clean
 
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-15s %s\n", $$1, $$2}'
@@ -31,6 +31,10 @@ $(VENV)/.installed: tests/requirements.txt
 build: setup ## Build the filter: target/wasm32-wasip1/release/idempotency_filter.wasm
 	cargo build --release --target $(WASM_TARGET)
 	@ls -l $(WASM) | awk '{print "built " $$NF " (" $$5 " bytes)"}'
+	@sha256sum $(WASM) | awk '{print "sha256 " $$1 "  (the digest for a remote module: envoy/envoy-local.yaml)"}'
+
+oci: build ## The module as a Wasm OCI image (Istio, Envoy Gateway): an OCI layout in target/oci/, no Docker
+	$(PY) deploy/wasm_oci.py
 
 apisix-runtime: ## Build APISIX's Wasm runtime (wasm-nginx-module 0.7.0, wasmtime 0.38.1) into .cache/; no-op when current
 	bash apisix/runtime/build.sh
@@ -48,14 +52,14 @@ e2e: build apisix-runtime ## End-to-end tests: real Envoy (2 workers) and APISIX
 
 test: setup lint unit e2e ## Everything CI runs: lint, unit and end-to-end tests
 
-demo: build ## Envoy + filter (local store) in front of the demo payment service; prints curl commands
-	$(PY) demo/gateway.py
+demo: build ## Envoy + filter (local store) in front of the demo payment service; prints curl commands (ARGS="--port 10100 ...": see --help)
+	$(PY) demo/gateway.py $(ARGS)
 
-demo-fleet: build ## Two Envoys sharing one Redis (via Webdis): a retry on the other gateway is replayed
-	$(PY) demo/gateway.py --fleet
+demo-fleet: build ## Two Envoys sharing one Redis (via Webdis): a retry on the other gateway is replayed (ARGS= as for demo)
+	$(PY) demo/gateway.py --fleet $(ARGS)
 
-demo-client: build ## A retrying client over a path that loses 30% of responses: exactly N executions
-	$(PY) demo/client_story.py
+demo-client: build ## A retrying client over a path that loses 30% of responses: exactly N executions (ARGS="-n 100 --drop 0.5")
+	$(PY) demo/client_story.py $(ARGS)
 
 docker-demo: build ## Redis, Webdis, payments, two Envoys and APISIX with Docker (needs a Docker engine)
 	docker compose up -d --wait
@@ -78,8 +82,8 @@ fuzz: ## Fuzz each parser for FUZZ_SECONDS (cargo-fuzz, nightly; not part of mak
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
 		cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; done
 
-check-config: ## Validate plugin configurations: make check-config FILES="a.json b.json"
-	cargo run -q --example check_config -- $(FILES)
+check-config: ## Validate plugin configurations: make check-config FILES="a.json envoy.yaml"
+	@cargo run -q --example check_config -- $(FILES)
 
 clean: ## Remove build output and the venv
 	cargo clean

@@ -256,17 +256,17 @@ curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1001"' -H
 curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1001"' -H 'content-type: application/json' -d '{{"amount": 42}}'
 # 3. Same key, another amount: 422
 curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1001"' -H 'content-type: application/json' -d '{{"amount": 99}}'
-# 4. A retry while the original is still running: 409 with Retry-After (the upstream takes 5 s here)
-curl -s -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1002"' -H 'x-demo-delay-ms: 5000' -d '{{}}' & sleep 0.5; \\
-curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1002"' -H 'x-demo-delay-ms: 5000' -d '{{}}'; wait
+# 4. A retry while the original is still running (the upstream takes 5 s here): 409 with Retry-After
+curl -s -o /dev/null -w 'original: %{{http_code}}\\n' -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1002"' -H 'x-demo-delay-ms: 5000' -d '{{}}' & sleep 0.5; \\
+curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "order-1002"' -H 'x-demo-delay-ms: 5000' -d '{{}}'; echo; wait
 # 5. A malformed key: 400
 curl -si -X POST localhost:{port}/payments -H 'Idempotency-Key: "unterminated' -d '{{}}'
 # 6. The counters
 curl -s localhost:{admin}/stats?filter=idempotency
 # 7. What the upstream executed
 curl -s localhost:{upstream}/__executions
-# 8. What the filter did with each request (access log, outcome_property)
-cat {access_log}
+# 8. What the filter did with each request (access log, outcome_property; Envoy writes it every 100 ms)
+sleep 0.5; cat {access_log}
 """
 
 
@@ -279,15 +279,43 @@ curl -si -X POST localhost:{a}/payments -H 'Idempotency-Key: "order-2001"' -H 'c
 # 2. The client's retry lands on gateway B: replayed from Redis, same payment id
 curl -si -X POST localhost:{b}/payments -H 'Idempotency-Key: "order-2001"' -H 'content-type: application/json' -d '{{"amount": 42}}'
 # 3. What Redis holds (prefix + hex digest of scope and key; expires by itself)
-curl -s localhost:{webdis}/KEYS/idem:*
+curl -s 'localhost:{webdis}/KEYS/idem:*'
 # 4. What the upstream executed
 curl -s localhost:{upstream}/__executions
 """
 
 
+def port_in_use(port):
+    """Whether a server could not bind 127.0.0.1:port now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def refuse_busy_ports(ports, target):
+    """Stops with one line naming the first busy port and the flag that
+    moves it, rather than a traceback from deep inside a start-up.
+    ports: (port, flag, what it is for)."""
+    for port, flag, what in ports:
+        if port_in_use(port):
+            sys.exit(f"port {port} ({what}) is already in use: choose another with {flag}, "
+                     f"e.g. make {target} ARGS='{flag} {port + 100}'")
+
+
 def demo_fleet(args):
     from payment_service import PaymentService
     from redis_backend import RedisBackend
+
+    refuse_busy_ports([(args.port, "--port", "gateway A"), (args.port + 1, "--port", "gateway B, --port + 1"),
+                       (args.admin_port, "--admin-port", "gateway A's admin"),
+                       (args.admin_port + 1, "--admin-port", "gateway B's admin, --admin-port + 1"),
+                       (args.upstream_port, "--upstream-port", "the payment service"),
+                       (args.redis_port, "--redis-port", "Redis"), (args.webdis_port, "--webdis-port", "Webdis")],
+                      "demo-fleet")
 
     upstream = PaymentService(port=args.upstream_port).start()
     backend = RedisBackend(redis_port=args.redis_port, webdis_port=args.webdis_port).start()
@@ -317,20 +345,22 @@ def demo(argv):
     from payment_service import PaymentService
 
     ap = argparse.ArgumentParser(description="Envoy + idempotency filter + demo payment service")
-    ap.add_argument("--port", type=int, default=10000)
-    ap.add_argument("--admin-port", type=int, default=9901)
-    ap.add_argument("--upstream-port", type=int, default=8081)
+    ap.add_argument("--port", type=int, default=10000, help="the gateway (the fleet: also --port + 1)")
+    ap.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin (the fleet: also + 1)")
+    ap.add_argument("--upstream-port", type=int, default=8081, help="the demo payment service")
     ap.add_argument("--config", default='{"outcome_property": "idempotency_outcome"}',
                     help="plugin configuration JSON")
     ap.add_argument("--fleet", action="store_true", help="two gateways (--port, --port+1) sharing one Redis")
-    ap.add_argument("--redis-port", type=int, default=6380)
-    ap.add_argument("--webdis-port", type=int, default=7379)
+    ap.add_argument("--redis-port", type=int, default=6380, help="Redis (--fleet)")
+    ap.add_argument("--webdis-port", type=int, default=7379, help="Webdis (--fleet)")
     args = ap.parse_args(argv)
     if args.fleet:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         return demo_fleet(args)
     # SIGTERM (a supervisor, `kill`) must stop Envoy too, like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    refuse_busy_ports([(args.port, "--port", "the gateway"), (args.admin_port, "--admin-port", "Envoy's admin"),
+                       (args.upstream_port, "--upstream-port", "the payment service")], "demo")
     upstream = PaymentService(port=args.upstream_port).start()
     envoy = Envoy(json.loads(args.config), upstream.port, listen_port=args.port,
                   admin_port=args.admin_port, access_log=True).start()

@@ -25,8 +25,13 @@ fn main() {
     let [conf_path, key_header, scope @ ..] = args.as_slice() else {
         fail("usage: redis_key CONFIG.json KEY-HEADER-VALUE [SCOPE-HEADER-VALUE|- ...]");
     };
-    let bytes = std::fs::read(conf_path).unwrap_or_else(|e| fail(&format!("{conf_path}: {e}")));
-    let config = Config::parse(&bytes).unwrap_or_else(|e| fail(&format!("{conf_path}: {e}")));
+    let bytes = std::fs::read(conf_path)
+        .unwrap_or_else(|e| fail(&format!("cannot read the configuration {conf_path}: {e}")));
+    let config = Config::parse(&bytes).unwrap_or_else(|e| {
+        fail(&format!(
+            "{conf_path}: {e}\n(make check-config FILES={conf_path} explains it further)"
+        ))
+    });
     let StoreConfig::Redis(redis) = &config.store else {
         fail(
             "the configuration's store is not Redis: the local store lives in Envoy's shared data",
@@ -34,14 +39,18 @@ fn main() {
     };
     if scope.len() != config.scope_headers.len() {
         fail(&format!(
-            "scope_headers is {:?}: give one value per header, in that order (- when absent)",
-            config.scope_headers
+            "scope_headers is {}: give one value per header after the key, in that order \
+             (- for a header the request did not carry); got {}",
+            config.scope_headers.join(", "),
+            scope.len()
         ));
     }
     let key = match parse_key_headers(&[key_header.as_bytes()], config.max_key_length) {
         Ok(Some(k)) => k,
         Ok(None) => fail("empty key"),
-        Err(e) => fail(&format!("the filter would refuse this key (400): {e:?}")),
+        Err(e) => fail(&format!(
+            "the filter would refuse this key with 400 invalid-key: {e}"
+        )),
     };
     let scope: Vec<Option<&[u8]>> = scope
         .iter()

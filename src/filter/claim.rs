@@ -141,8 +141,8 @@ impl Filter {
     /// timeout (409s) although the upstream never saw the request. Unless
     /// the request goes on unprotected, the claim is cancelled.
     ///
-    /// Envoy runs store calls on the root context, so the 503 goes out at
-    /// once and the cancel completes on its own (its answer reaches no one;
+    /// On Envoy calls outlive the request, so the 503 goes out at once and
+    /// the cancel completes on its own (nothing waits for its answer;
     /// `claims_cancelled` counts cancels sent). A platform whose calls run
     /// only within the request answers after the cancel has its answer.
     fn cancel_timed_out_claim(

@@ -114,10 +114,9 @@ enum Then {
     /// The claim (Redis); the request is held.
     Claim(PendingClaim),
     /// The store is recording or releasing (Redis); the response's last
-    /// callback is held until it answers. Envoy runs the call on the root
-    /// context, so the write itself would complete anyway, but once the
-    /// stream has ended its answer has no context to reach: holding keeps
-    /// the counters right and tells the client only what was recorded.
+    /// callback is held until it answers, so that the client is told only
+    /// what was recorded. (On Envoy the answer is handled even if the
+    /// client leaves meanwhile: the worker owns the call.)
     Write {
         pending: PendingWrite,
         /// Forwarding mode: the answer to send once the store has answered.

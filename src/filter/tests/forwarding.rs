@@ -221,3 +221,23 @@ fn a_call_that_could_not_be_sent_later_is_decided_as_if_at_once() {
     assert_eq!(host.metric(Metric::StoreErrors), 1);
     assert_eq!(host.metric(Metric::ClaimsCancelled), 0, "nothing to cancel");
 }
+
+#[test]
+fn a_claim_that_times_out_after_its_client_left_is_cancelled() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let c = ctx(ENVOY_FORWARD);
+    host.reset_exchange(&keyed("slow"), b"");
+    let mut f = Filter::new(c);
+    assert_eq!(f.on_request_headers(&host, true), Verdict::Pause);
+    let claim = redis.last(&host, Op::Claim);
+    redis.answer(&host, claim); // it lands in Redis, but its answer does not come
+    f.on_done(&host);
+    f.on_call_response(&host, claim, &CallResponse::default());
+    let cancel = redis.last(&host, Op::Cancel);
+    assert!(redis.answer(&host, cancel).ends_with(b"1}"), "deleted");
+    assert!(redis.data.borrow().is_empty(), "the key is free");
+    assert_eq!(host.metric(Metric::ClaimsCancelled), 1);
+    assert!(host.sent().is_none(), "no one to answer");
+    assert!(host.last_call_to("up").is_none(), "nothing forwarded");
+}

@@ -503,6 +503,16 @@ fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
             "is required on APISIX, which allows store calls only while handling the request: set {\"upstream\": \"host:port\"} so the filter forwards the request itself and records the answer",
         ));
     }
+    // Without a tick nothing renews a claim: it must outlast the longest the
+    // filter waits for the upstream, or a slow answer loses its claim.
+    if let Some(f) = forward.as_ref().filter(|_| !platform.has_tick()) {
+        if raw.lock_timeout_seconds.saturating_mul(1000) <= f.timeout_ms {
+            return Err(err(
+                "lock_timeout_seconds",
+                format!("must be longer than forward.timeout_ms on APISIX, which has no tick to renew the claims of running requests (got {} s for a forward timeout of {} ms): raise it, or lower forward.timeout_ms", raw.lock_timeout_seconds, f.timeout_ms),
+            ));
+        }
+    }
     Ok(assemble(raw, store, forward, outcome_property))
 }
 
@@ -665,7 +675,7 @@ mod tests {
             Some(Forward {
                 upstream: "127.0.0.1:8081".into(),
                 authority: None,
-                timeout_ms: 30_000
+                timeout_ms: 25_000
             })
         );
         assert_eq!(Config::parse(b"{}").unwrap().platform, Platform::Envoy);
@@ -701,6 +711,7 @@ mod tests {
             (r#"{"header":""}"#, "invalid configuration: header: \"\" is not a header name; use token characters only, e.g. \"Idempotency-Key\""),
             (r#"{"header":"Idem Key"}"#, "invalid configuration: header: \"Idem Key\" is not a header name; use token characters only, e.g. \"Idempotency-Key\""),
             (r#"{"max_key_length":0}"#, "invalid configuration: max_key_length: must be between 1 and 8192 (got 0)"),
+            (r#"{"host":"apisix","lock_timeout_seconds":10,"store":{"type":"redis","cluster":"r:1"},"forward":{"upstream":"u:1","timeout_ms":10000}}"#, "invalid configuration: lock_timeout_seconds: must be longer than forward.timeout_ms on APISIX, which has no tick to renew the claims of running requests (got 10 s for a forward timeout of 10000 ms): raise it, or lower forward.timeout_ms"),
             (r#"{"generate_missing":true,"max_key_length":20}"#, "invalid configuration: max_key_length: must be at least 36 when generate_missing is true, the length of a generated UUID (got 20)"),
             (r#"{"required":true,"generate_missing":true}"#, "invalid configuration: generate_missing: cannot be true together with \"required\": a generated key means a missing key is never rejected; set one of them to false"),
             (r#"{"max_request_body_bytes":100000000}"#, "invalid configuration: max_request_body_bytes: must be at most 67108864 (got 100000000)"),

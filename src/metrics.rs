@@ -30,13 +30,16 @@ pub enum Metric {
     /// Redis store: claims whose call timed out, cancelled so that they do
     /// not hold the key once Redis catches up (counted when sent).
     ClaimsCancelled,
+    /// Claims of running requests renewed from the tick (Envoy), so that a
+    /// slow upstream keeps its claim past `lock_timeout_seconds`.
+    ClaimsRenewed,
     /// Keys whose outcome was unknowable (the exchange ended mid-response, an
     /// upstream reset), recorded as the `outcome-unknown` problem.
     OutcomesUnknown,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 19] = [
+    pub const ALL: [Metric; 20] = [
         Metric::Protected,
         Metric::Unkeyed,
         Metric::Replays,
@@ -55,6 +58,7 @@ impl Metric {
         Metric::Entries,
         Metric::CacheHits,
         Metric::ClaimsCancelled,
+        Metric::ClaimsRenewed,
         Metric::OutcomesUnknown,
     ];
 
@@ -82,6 +86,7 @@ impl Metric {
             Metric::Entries => "idempotency.entries",
             Metric::CacheHits => "idempotency.cache_hits",
             Metric::ClaimsCancelled => "idempotency.claims_cancelled",
+            Metric::ClaimsRenewed => "idempotency.claims_renewed",
             Metric::OutcomesUnknown => "idempotency.outcomes_unknown",
         }
     }

@@ -63,6 +63,12 @@ impl Platform {
         self == Platform::Envoy
     }
 
+    /// The root context gets a periodic tick (Envoy): the claims of running
+    /// requests are renewed on it. APISIX has none.
+    pub fn has_tick(self) -> bool {
+        self == Platform::Envoy
+    }
+
     /// Proxy shared data exists (the local store, the replay cache).
     pub fn has_shared_data(self) -> bool {
         !self.apisix_rules()

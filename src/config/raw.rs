@@ -144,8 +144,10 @@ pub(super) struct RawForward {
     pub(super) timeout_ms: u64,
 }
 
+/// Below the default lock timeout (30 s): APISIX, which cannot renew
+/// claims, requires the lock to outlast the forward timeout.
 fn default_forward_timeout_ms() -> u64 {
-    30_000
+    25_000
 }
 
 #[derive(Debug, Deserialize)]

@@ -150,7 +150,7 @@ impl Filter {
                 self.phase = Phase::Done;
                 self.release(host, held)
             }
-            Fate::Unknown => self.outcome_unknown(host, held),
+            Fate::Unknown => self.outcome_unknown(host, held, false),
             Fate::Record(capture) => {
                 self.phase = Phase::Forwarded {
                     held,
@@ -203,6 +203,7 @@ impl Filter {
     pub(super) fn capture_failed(&mut self, host: &impl Host, e: HostError) -> Verdict {
         host.log(Level::Error, &format!("{e}; response not recorded"));
         host.metric_add(Metric::StoreErrors, 1);
+        self.stop_renewing();
         self.phase = Phase::Done;
         Verdict::Continue
     }

@@ -89,6 +89,7 @@ impl Filter {
                 if self.client_gone {
                     return self.release(host, held);
                 }
+                self.start_renewing(host, held);
                 if self.ctx.config.forward.is_some() {
                     return self.forward_upstream(host, held);
                 }

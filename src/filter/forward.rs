@@ -88,13 +88,16 @@ impl Filter {
             Ok(call) => {
                 self.phase = Phase::Waiting {
                     call,
-                    then: Then::Upstream(held),
+                    then: Then::Upstream {
+                        held,
+                        sent_ms: host.now_ms(),
+                    },
                 };
                 Verdict::Pause
             }
             Err(e) => {
                 self.forward_failed(host, &e);
-                self.upstream_answered(host, held, &CallResponse::default())
+                self.upstream_answered(host, held, host.now_ms(), &CallResponse::default())
             }
         }
     }
@@ -113,13 +116,24 @@ impl Filter {
 
     /// Forwarding mode: the upstream answered (or did not). Record or
     /// release like any response, then answer the client with it.
+    ///
+    /// A call that failed at `forward.timeout_ms` or later (no answer, or the
+    /// proxy's 504) was sent and may have acted: its outcome is unknown. One
+    /// that failed sooner cannot be told apart from a connection that never
+    /// opened (neither host says which), so its key is released.
     pub(super) fn upstream_answered(
         &mut self,
         host: &impl Host,
         held: Held,
+        sent_ms: u64,
         response: &CallResponse,
     ) -> Verdict {
         let cfg = &self.ctx.config;
+        let timeout_ms = cfg.forward.as_ref().map_or(u64::MAX, |f| f.timeout_ms);
+        let no_answer = response.status.is_none_or(|s| s == 504);
+        if no_answer && host.now_ms().saturating_sub(sent_ms) >= timeout_ms {
+            return self.outcome_unknown(host, held, true);
+        }
         let (reply, capture) = match response.status {
             None => (problem_reply(&Problem::upstream_unavailable()), None),
             Some(status) => {

@@ -51,6 +51,7 @@ use crate::config::Config;
 use crate::fingerprint::{Digest16, Fingerprinter};
 use crate::host::{Host, HostError};
 use crate::metrics::Metric;
+use crate::store::renewals::Renewals;
 use crate::store::{Held, PendingClaim, PendingWrite, Store, StoreError, StoreStep};
 use capture::Capture;
 use forward::ForwardRequest;
@@ -75,6 +76,8 @@ pub enum Verdict {
 pub struct FilterContext {
     pub config: Config,
     pub store: Store,
+    /// The claims this VM's requests hold, renewed on the tick.
+    pub renewals: Renewals,
 }
 
 impl FilterContext {
@@ -82,6 +85,7 @@ impl FilterContext {
         FilterContext {
             store: Store::new(&config.store),
             config,
+            renewals: Renewals::default(),
         }
     }
 }
@@ -126,8 +130,8 @@ enum Then {
     /// the request): a timed-out claim is being cancelled; the 503 goes out
     /// once the store has answered.
     Cancel,
-    /// Forwarding mode: the upstream has the request.
-    Upstream(Held),
+    /// Forwarding mode: the upstream has had the request since `sent_ms`.
+    Upstream { held: Held, sent_ms: u64 },
 }
 
 /// A store step once its call, if it has one, has been sent.
@@ -147,6 +151,14 @@ pub struct Filter {
     /// outlive their stream, the answer still comes: the filter records,
     /// releases or cancels as it requires, and answers no one.
     client_gone: bool,
+    /// The token of the claim this request has the tick renew, if any.
+    renewing: Option<u64>,
+}
+
+impl Drop for Filter {
+    fn drop(&mut self) {
+        self.stop_renewing();
+    }
 }
 
 impl Filter {
@@ -157,6 +169,23 @@ impl Filter {
             generated_key: None,
             forward_request: None,
             client_gone: false,
+            renewing: None,
+        }
+    }
+
+    /// The request holds `held` from now on: where the platform ticks, the
+    /// tick renews it until the request records, releases or abandons it.
+    fn start_renewing(&mut self, host: &impl Host, held: Held) {
+        if self.cfg().platform.has_tick() {
+            self.ctx.renewals.hold(held, host.now_ms());
+            self.renewing = Some(held.claim.token);
+        }
+    }
+
+    /// The claim is recorded, released, or left to lapse.
+    fn stop_renewing(&mut self) {
+        if let Some(token) = self.renewing.take() {
+            self.ctx.renewals.forget(token);
         }
     }
 
@@ -285,8 +314,8 @@ impl Filter {
         match then {
             Then::Claim(pending) => self.claim_answered(host, &pending, response),
             Then::Cancel => self.cancel_answered(host, response),
-            Then::Upstream(held) => {
-                self.upstream_answered(host, held, response);
+            Then::Upstream { held, sent_ms } => {
+                self.upstream_answered(host, held, sent_ms, response);
             }
             Then::Write { pending, reply } => self.write_answered(host, pending, reply, response),
         }
@@ -321,7 +350,7 @@ impl Filter {
     pub fn on_done(&mut self, host: &impl Host) {
         if let Phase::Forwarded { held, .. } = self.phase {
             self.client_gone = true;
-            self.outcome_unknown(host, held);
+            self.outcome_unknown(host, held, false);
         }
         if matches!(self.phase, Phase::Waiting { .. }) {
             self.client_gone = true;
@@ -359,9 +388,9 @@ impl Filter {
                 self.write_answered_with(host, pending.write, Err(e), reply)
             }
             Then::Cancel => self.cancel_answered(host, &CallResponse::default()),
-            Then::Upstream(held) => {
+            Then::Upstream { held, sent_ms } => {
                 self.forward_failed(host, &error);
-                self.upstream_answered(host, held, &CallResponse::default());
+                self.upstream_answered(host, held, sent_ms, &CallResponse::default());
             }
         }
     }

@@ -5,7 +5,7 @@
 //! has answered. If the store cannot be reached, the client still gets its
 //! answer; the claim then lapses after its lock timeout.
 
-use super::reply::Reply;
+use super::reply::{problem_reply, Reply};
 use super::{Filter, Phase, Sent, Then, Verdict};
 use crate::config::UnknownOutcome;
 use crate::host::{CallResponse, Host, Level};
@@ -28,28 +28,42 @@ impl Filter {
     }
 
     /// Nobody can know whether the upstream acted: the exchange ended before
-    /// the response completed, or Envoy answered for an upstream that reset
-    /// or timed out after the request was sent. `unknown_outcome: record`:
-    /// the `outcome-unknown` problem becomes the key's record, so its retries
-    /// get that instead of running the operation again. `release-after-lock`:
-    /// the claim stays until its lock timeout (409 meanwhile), then lapses.
-    pub(super) fn outcome_unknown(&mut self, host: &impl Host, held: Held) -> Verdict {
+    /// the response completed, Envoy answered for an upstream that reset or
+    /// timed out after the request was sent, or (forwarding mode) the call
+    /// timed out. `unknown_outcome: record`: the `outcome-unknown` problem
+    /// becomes the key's record, so its retries get that instead of running
+    /// the operation again. `release-after-lock`: the claim stays until its
+    /// lock timeout (409 meanwhile), then lapses. In forwarding mode
+    /// (`answer_client`) the client is answered too.
+    pub(super) fn outcome_unknown(
+        &mut self,
+        host: &impl Host,
+        held: Held,
+        answer_client: bool,
+    ) -> Verdict {
         self.phase = Phase::Done;
         match self.cfg().unknown_outcome {
             UnknownOutcome::Record => {
                 host.metric_add(Metric::OutcomesUnknown, 1);
-                let verdict =
-                    self.write_complete(host, held, Problem::outcome_unknown().as_record(), None);
+                let problem = Problem::outcome_unknown();
+                let reply = answer_client.then(|| problem_reply(&problem));
+                let verdict = self.write_complete(host, held, problem.as_record(), reply);
                 self.outcome(host, "outcome-unknown");
                 verdict
             }
             UnknownOutcome::ReleaseAfterLock => {
+                // Not renewed any more: the claim lapses at its lock timeout.
+                self.stop_renewing();
                 host.log(
                     Level::Debug,
                     "the upstream's outcome is unknown; claim kept until its lock timeout",
                 );
                 self.outcome(host, "claim-kept");
-                Verdict::Continue
+                if answer_client {
+                    self.send_reply(host, problem_reply(&Problem::upstream_unavailable()))
+                } else {
+                    Verdict::Continue
+                }
             }
         }
     }
@@ -66,6 +80,7 @@ impl Filter {
         record: StoredResponse,
         reply: Option<Reply>,
     ) -> Verdict {
+        self.stop_renewing();
         let ctx = self.ctx.clone();
         let step = ctx.store.complete(host, &held, record, ctx.config.ttl_ms);
         self.write(host, Write::Complete, step, reply)
@@ -77,6 +92,7 @@ impl Filter {
         held: Held,
         reply: Option<Reply>,
     ) -> Verdict {
+        self.stop_renewing();
         let ctx = self.ctx.clone();
         let step = ctx.store.release(host, &held);
         self.write(host, Write::Release, step, reply)

@@ -15,6 +15,7 @@
 pub mod cached;
 pub mod local;
 pub mod redis;
+pub mod renewals;
 pub mod sweep;
 
 use crate::config::StoreConfig;
@@ -228,6 +229,51 @@ impl Store {
         match self {
             Store::Local { .. } => Err(no_answer()),
             Store::Redis(redis) => redis.write_answered(host, pending, answer),
+        }
+    }
+
+    /// Renews the claims `due` (from the tick): the local store now, one CAS
+    /// each; Redis in one call for all of them. Each claim's answer:
+    /// `(token, still held)`.
+    pub fn renew(
+        &self,
+        host: &impl Host,
+        due: &[Held],
+        lock_ms: u64,
+    ) -> StoreStep<Vec<(u64, bool)>, Vec<u64>> {
+        match self {
+            Store::Local { table, .. } => StoreStep::Done(
+                due.iter()
+                    .map(|h| {
+                        let kept = table.renew(host, &h.claim, host.now_ms(), lock_ms)?;
+                        Ok((h.claim.token, kept))
+                    })
+                    .collect(),
+            ),
+            Store::Redis(redis) => {
+                let claims: Vec<(Digest16, u64)> =
+                    due.iter().map(|h| (h.digest, h.claim.token)).collect();
+                StoreStep::Call(
+                    redis.redis.renew_request(&claims, lock_ms),
+                    due.iter().map(|h| h.claim.token).collect(),
+                )
+            }
+        }
+    }
+
+    pub fn renew_answered(
+        &self,
+        tokens: &[u64],
+        answer: &CallResponse,
+    ) -> Result<Vec<(u64, bool)>, StoreError> {
+        match (self, answer.status) {
+            (Store::Redis(redis), Some(status)) => {
+                let kept = redis
+                    .redis
+                    .renew_outcome(status, &answer.body, tokens.len())?;
+                Ok(tokens.iter().copied().zip(kept).collect())
+            }
+            _ => Err(no_answer()),
         }
     }
 

@@ -13,6 +13,7 @@ use crate::config::{Config, Platform};
 use crate::filter::{Filter, FilterContext};
 use crate::host::{Host, Level};
 use crate::metrics::Metric;
+use crate::store::{StoreError, StoreStep};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::cell::RefCell;
@@ -26,6 +27,9 @@ struct Root {
     metrics: Rc<MetricIds>,
     /// The requests' calls, where the platform lets the worker own them.
     owner: Option<Rc<Owner>>,
+    /// The tick's renewal call to Redis, while it is out: its id and the
+    /// tokens of the claims it renews, in order.
+    renewing: Option<(u32, Vec<u64>)>,
 }
 
 impl Root {
@@ -59,10 +63,49 @@ impl Root {
             ),
         }
     }
+
+    /// Renews the claims of this VM's running requests that are due. Redis:
+    /// one call for all of them, never two at once.
+    fn renew_claims(&mut self, host: &WasmHost) {
+        let Some(ctx) = self.ctx.clone() else { return };
+        if self.renewing.is_some() {
+            return;
+        }
+        let lock_ms = ctx.config.lock_timeout_ms;
+        let due = ctx.renewals.due(host.now_ms(), lock_ms);
+        if due.is_empty() {
+            return;
+        }
+        match ctx.store.renew(host, &due, lock_ms) {
+            StoreStep::Done(result) => self.renewed(host, result),
+            StoreStep::Call(request, tokens) => match ctx.store.send(host, &request) {
+                Ok(call) => self.renewing = Some((call, tokens)),
+                Err(e) => host_log(Level::Warn, &format!("claims not renewed this tick: {e}")),
+            },
+        }
+    }
+
+    fn renewed(&self, host: &WasmHost, result: Result<Vec<(u64, bool)>, StoreError>) {
+        let Some(ctx) = &self.ctx else { return };
+        match result {
+            Ok(claims) => {
+                let now = host.now_ms();
+                for (token, kept) in claims {
+                    if kept {
+                        host.metric_add(Metric::ClaimsRenewed, 1);
+                    }
+                    ctx.renewals.renewed(token, kept, now);
+                }
+            }
+            // The next tick tries again; a lock has two thirds still to run.
+            Err(e) => host_log(Level::Warn, &format!("claims not renewed this tick: {e}")),
+        }
+    }
 }
 
 impl Context for Root {
-    /// An answer to a call the root made for a request.
+    /// An answer to a call the root made: its own renewal, or one made for
+    /// a request.
     fn on_http_call_response(
         &mut self,
         token_id: u32,
@@ -71,6 +114,18 @@ impl Context for Root {
         _num_trailers: usize,
     ) {
         profile!(5);
+        if self
+            .renewing
+            .as_ref()
+            .is_some_and(|(call, _)| *call == token_id)
+        {
+            if let (Some((_, tokens)), Some(ctx)) = (self.renewing.take(), self.ctx.clone()) {
+                let response = read_call_response(body_size);
+                let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
+                self.renewed(&host, ctx.store.renew_answered(&tokens, &response));
+            }
+            return;
+        }
         let Some(owner) = self.owner.clone() else {
             return;
         };
@@ -115,15 +170,12 @@ impl RootContext for Root {
         if ctx.config.platform.calls_outlive_streams() {
             self.own_calls(&host);
         }
-        // The profiling build reports from the tick, whatever the store.
-        #[cfg(feature = "self-profile")]
-        if !ticks {
-            let _ = set_tick_period(TICK_MS);
-        }
-        if ticks {
+        // The tick renews running requests' claims (any store), sweeps the
+        // local store, and reports in the profiling build.
+        if ticks || ctx.config.platform.has_tick() || cfg!(feature = "self-profile") {
             let status = set_tick_period(TICK_MS);
             if status != OK {
-                host_log(Level::Warn, &format!("no tick (status {status}): expired records are reclaimed only when their slot is reused"));
+                host_log(Level::Warn, &format!("no tick (status {status}): claims are not renewed (a response slower than lock_timeout_seconds loses its claim) and expired records are reclaimed only when their slot is reused"));
             }
         }
         self.ctx = Some(Rc::new(ctx));
@@ -134,8 +186,9 @@ impl RootContext for Root {
         #[cfg(feature = "self-profile")]
         host_log(Level::Warn, &self_profile::report());
         profile!(7);
-        let Some(ctx) = &self.ctx else { return };
+        let Some(ctx) = self.ctx.clone() else { return };
         let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
+        self.renew_claims(&host);
         if let Some(occupied) = ctx.store.tick(&host, now_ms()) {
             self.metrics.set(Metric::Entries, occupied);
         }
@@ -326,6 +379,7 @@ proxy_wasm::main! {{
             ctx: None,
             metrics: Rc::new(MetricIds::default()),
             owner: None,
+            renewing: None,
         })
     });
 }}

@@ -96,6 +96,7 @@ def gateways(upstream, store_kind, request):
             if store_kind == "apisix-profile":
                 config["host"] = "apisix-profile"
                 config["forward"] = {"upstream": "upstream"}
+                no_tick_timeouts(config)
             if store_kind == "apisix":
                 started[profile] = ApisixRuntime(apisix_conf(config, upstream, backend), upstream.port).start()
             else:
@@ -118,6 +119,16 @@ def apisix_conf(config, upstream, backend, **store_extra):
     config = dict(config, host="apisix")
     config["store"] = dict(config["store"], cluster=f"127.0.0.1:{backend.webdis_port}", **store_extra)
     config["forward"] = dict(config.get("forward", {}), upstream=f"127.0.0.1:{upstream.port}")
+    return no_tick_timeouts(config)
+
+
+def no_tick_timeouts(config):
+    """Where claims cannot be renewed (APISIX and its profile), the lock must
+    outlast the forward timeout: a profile with a short lock gets a shorter
+    forward timeout."""
+    lock_ms = config.get("lock_timeout_seconds", 30) * 1000
+    forward = config.setdefault("forward", {})
+    forward.setdefault("timeout_ms", min(25_000, lock_ms - 500))
     return config
 
 

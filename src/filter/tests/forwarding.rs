@@ -149,6 +149,41 @@ fn forwarding_to_a_silent_upstream_releases_and_answers_502() {
     );
 }
 
+#[test]
+fn a_forwarded_call_that_times_out_has_an_unknown_outcome() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let c = ctx(APISIX); // forward.timeout_ms: 25000 (the default)
+    let hs: Vec<(&str, &str)> = vec![
+        (":method", "POST"),
+        (":path", "/p"),
+        ("idempotency-key", "slow"),
+    ];
+    host.reset_exchange(&hs, b"");
+    let mut f = Filter::new(c.clone());
+    f.on_request_headers(&host, true);
+    f.on_request_body(&host, 0, true);
+    redis_answers(&host, &redis, &mut f, Op::Claim);
+    // No answer, at the timeout: the request was sent and may have acted.
+    host.advance_clock(25_000);
+    f.on_call_response(&host, 2, &CallResponse::default());
+    redis_answers(&host, &redis, &mut f, Op::Complete);
+    assert_eq!(host.sent().unwrap().status, 502);
+    assert_eq!(host.metric(Metric::OutcomesUnknown), 1);
+    // The retry gets the problem replayed; nothing is forwarded again.
+    host.reset_exchange(&hs, b"");
+    let mut g = Filter::new(c);
+    g.on_request_headers(&host, true);
+    g.on_request_body(&host, 0, true);
+    redis_answers(&host, &redis, &mut g, Op::Claim);
+    assert_eq!(host.sent().unwrap().status, 502);
+    assert_eq!(
+        host.call_count(),
+        4,
+        "claim, forward, record, the retry's claim"
+    );
+}
+
 /// Envoy, forwarding mode: the filter's own calls outlive the client's
 /// stream, and their answers still reach the filter.
 const ENVOY_FORWARD: &str = r#"{"forward":{"upstream":"up"},"store":{"type":"redis","cluster":"webdis","cache_entries":0}}"#;

@@ -170,6 +170,10 @@ SCENARIOS = [
     ("5 fresh key, Redis store, 1 KiB", "redis", "fresh", KIB),
     ("6 replay, Redis store", "redis", "replay", KIB),
     ("6b replay, Redis store without the replay cache", "redis-nocache", "replay", KIB),
+    # Forwarding mode on Envoy (the filter sends the request itself, records
+    # the whole answer, then replies): the cost of never losing an outcome.
+    ("7 fresh key, local store, forwarding mode", "local-forward", "fresh", KIB),
+    ("8 fresh key, Redis store, forwarding mode", "redis-forward", "fresh", KIB),
     # APISIX's Wasm runtime (make apisix-runtime): nginx with one worker, the
     # filter driven as APISIX drives it, against the same nginx proxying
     # without it. Redis store, forwarding mode (APISIX's only mode).
@@ -206,6 +210,8 @@ def run_scenario(name, store, mode, body, args, nginx, backend):
         config["store"] = {"type": "redis", "cluster": "webdis", "key_prefix": f"bench-{time.time_ns()}:"}
         if store == "redis-nocache":
             config["store"]["cache_entries"] = 0
+    if store.endswith("-forward"):
+        config["forward"] = {"upstream": "upstream"}
     if store.startswith("apisix"):
         baseline, filtered = apisix_pair(store, nginx, backend)
     else:

@@ -206,6 +206,10 @@ class PaymentService:
     def started(self, key):
         return self.ledger.snapshot()["started"].get(key, 0)
 
+    def ledger_by_key(self):
+        """Executions so far, by idempotency key."""
+        return self.ledger.snapshot()["by_key"]
+
     def release(self, name):
         """Lets every request held with `x-demo-hold: name` (now or later) finish."""
         self.ledger.gate(name).set()

@@ -504,12 +504,17 @@ fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
     // Without a tick nothing renews a claim: it must outlast the longest the
-    // filter waits for the upstream, or a slow answer loses its claim.
+    // filter waits for the upstream and then for the record's write, or a
+    // slow answer loses its claim and a retry runs again.
     if let Some(f) = forward.as_ref().filter(|_| !platform.has_tick()) {
-        if raw.lock_timeout_seconds.saturating_mul(1000) <= f.timeout_ms {
+        let write_ms = match &store {
+            StoreConfig::Redis(r) => r.timeout_ms,
+            StoreConfig::Local { .. } => 0,
+        };
+        if raw.lock_timeout_seconds.saturating_mul(1000) <= f.timeout_ms + write_ms {
             return Err(err(
                 "lock_timeout_seconds",
-                format!("must be longer than forward.timeout_ms on APISIX, which has no tick to renew the claims of running requests (got {} s for a forward timeout of {} ms): raise it, or lower forward.timeout_ms", raw.lock_timeout_seconds, f.timeout_ms),
+                format!("must be longer than forward.timeout_ms plus store.timeout_ms on APISIX, which has no tick to renew the claims of running requests (got {} s for {} + {} ms): raise it, or lower the timeouts", raw.lock_timeout_seconds, f.timeout_ms, write_ms),
             ));
         }
     }
@@ -711,7 +716,7 @@ mod tests {
             (r#"{"header":""}"#, "invalid configuration: header: \"\" is not a header name; use token characters only, e.g. \"Idempotency-Key\""),
             (r#"{"header":"Idem Key"}"#, "invalid configuration: header: \"Idem Key\" is not a header name; use token characters only, e.g. \"Idempotency-Key\""),
             (r#"{"max_key_length":0}"#, "invalid configuration: max_key_length: must be between 1 and 8192 (got 0)"),
-            (r#"{"host":"apisix","lock_timeout_seconds":10,"store":{"type":"redis","cluster":"r:1"},"forward":{"upstream":"u:1","timeout_ms":10000}}"#, "invalid configuration: lock_timeout_seconds: must be longer than forward.timeout_ms on APISIX, which has no tick to renew the claims of running requests (got 10 s for a forward timeout of 10000 ms): raise it, or lower forward.timeout_ms"),
+            (r#"{"host":"apisix","lock_timeout_seconds":10,"store":{"type":"redis","cluster":"r:1"},"forward":{"upstream":"u:1","timeout_ms":9500}}"#, "invalid configuration: lock_timeout_seconds: must be longer than forward.timeout_ms plus store.timeout_ms on APISIX, which has no tick to renew the claims of running requests (got 10 s for 9500 + 500 ms): raise it, or lower the timeouts"),
             (r#"{"generate_missing":true,"max_key_length":20}"#, "invalid configuration: max_key_length: must be at least 36 when generate_missing is true, the length of a generated UUID (got 20)"),
             (r#"{"required":true,"generate_missing":true}"#, "invalid configuration: generate_missing: cannot be true together with \"required\": a generated key means a missing key is never rejected; set one of them to false"),
             (r#"{"max_request_body_bytes":100000000}"#, "invalid configuration: max_request_body_bytes: must be at most 67108864 (got 100000000)"),

@@ -124,11 +124,15 @@ def apisix_conf(config, upstream, backend, **store_extra):
 
 def no_tick_timeouts(config):
     """Where claims cannot be renewed (APISIX and its profile), the lock must
-    outlast the forward timeout: a profile with a short lock gets a shorter
-    forward timeout."""
+    outlast the forward timeout plus the record's write: a profile with a
+    short lock gets shorter ones (a quarter of it for the store call, half
+    for the upstream), leaving a quarter to spare."""
     lock_ms = config.get("lock_timeout_seconds", 30) * 1000
+    store = config.get("store", {})
+    if store.get("type") == "redis":
+        store["timeout_ms"] = min(store.get("timeout_ms", 500), lock_ms // 4)
     forward = config.setdefault("forward", {})
-    forward.setdefault("timeout_ms", min(25_000, lock_ms - 500))
+    forward.setdefault("timeout_ms", min(25_000, lock_ms // 2))
     return config
 
 

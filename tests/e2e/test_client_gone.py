@@ -66,3 +66,39 @@ def test_a_client_that_gives_up_gets_the_outcome_on_retry(forwarding_gw, upstrea
     wait_for(replayed, timeout=10, what="the retry to be replayed")
     assert set(replies) <= {409, 201}, replies
     assert upstream.executions(key) == 1, "exactly one execution"
+
+
+@pytest.fixture(scope="module", params=STORES)
+def short_lock_forwarding_gw(request, upstream):
+    config = {"forward": {"upstream": "upstream", "timeout_ms": 20_000}, "lock_timeout_seconds": 2}
+    backend = None
+    if request.param == "redis":
+        backend = request.getfixturevalue("redis_backend")
+        config["store"] = redis_store(f"idem-slowfwd-{uuid.uuid4().hex[:8]}:")
+    envoy = Envoy(config, upstream.port, concurrency=2,
+                  webdis_port=backend.webdis_port if backend else None).start()
+    yield envoy
+    envoy.stop()
+
+
+def test_a_forwarded_request_slower_than_the_lock_keeps_its_claim(short_lock_forwarding_gw, upstream, key):
+    """Envoy forwarding mode renews claims from the tick like streaming mode:
+    a 2 s lock, an upstream that takes longer, retries meanwhile get 409."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    gw = short_lock_forwarding_gw
+    before = gw.stats()["claims_renewed"]
+    with ThreadPoolExecutor(1) as pool:
+        original = pool.submit(post, gw, key, b"{}", {"x-demo-hold": key})
+        try:
+            wait_for(lambda: upstream.started(key) == 1, what="the upstream to get the request")
+            time.sleep(3.0)  # past the 2 s lock
+            assert post(gw, key, body=b"{}")[0] == 409, "renewed: still held"
+        finally:
+            upstream.release(key)
+        first = original.result()
+    assert first[0] == 201
+    s, h, b = post(gw, key, body=b"{}")
+    assert (s, h.get("idempotent-replayed"), b) == (201, "true", first[2])
+    assert upstream.executions(key) == 1
+    assert gw.stats()["claims_renewed"] - before >= 1

@@ -16,6 +16,11 @@ use crate::problem::Problem;
 use crate::record::is_connection_header;
 use crate::store::Held;
 
+/// How much earlier than `forward.timeout_ms` by our clock a failed call
+/// still counts as timed out: a refused connection fails in a millisecond
+/// or two, a timeout within a few of the configured time.
+const TIMER_SLACK_MS: u64 = 50;
+
 /// Request headers the proxy sets itself on the forwarded request, besides
 /// the connection-level ones.
 const NOT_FORWARDED: &[&str] = &["host", "expect"];
@@ -84,14 +89,13 @@ impl Filter {
         } else {
             Some(req.body.as_slice())
         };
+        // Before the call: the proxy starts the call's timer inside it.
+        let sent_ms = host.now_ms();
         match host.dispatch_http_call(&fwd.upstream, &headers, body, fwd.timeout_ms) {
             Ok(call) => {
                 self.phase = Phase::Waiting {
                     call,
-                    then: Then::Upstream {
-                        held,
-                        sent_ms: host.now_ms(),
-                    },
+                    then: Then::Upstream { held, sent_ms },
                 };
                 Verdict::Pause
             }
@@ -131,7 +135,9 @@ impl Filter {
         let cfg = &self.ctx.config;
         let timeout_ms = cfg.forward.as_ref().map_or(u64::MAX, |f| f.timeout_ms);
         let no_answer = response.status.is_none_or(|s| s == 504);
-        if no_answer && host.now_ms().saturating_sub(sent_ms) >= timeout_ms {
+        // The proxy's timer and our clock are read at different moments.
+        let waited_ms = host.now_ms().saturating_sub(sent_ms) + TIMER_SLACK_MS;
+        if no_answer && waited_ms >= timeout_ms {
             return self.outcome_unknown(host, held, true);
         }
         let (reply, capture) = match response.status {

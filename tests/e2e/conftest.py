@@ -47,6 +47,7 @@ PROFILES = {
     "small_table": {"store": {"type": "local", "max_entries": 64}, "max_response_body_bytes": 65536},
     "one_bucket": {"store": {"type": "local", "max_entries": 16}},
     "put_only": {"methods": ["PUT"], "required": True},
+    "opaque": {"key_syntax": "opaque"},
 }
 
 

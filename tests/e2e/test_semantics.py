@@ -196,6 +196,24 @@ def test_invalid_keys_are_400_and_never_reach_the_upstream(gw, upstream):
     assert upstream.executions() == before
 
 
+def test_opaque_keys_are_taken_as_sent_and_structured_ones_are_the_default(gw, gateways, upstream):
+    """Applications pass their own keys (Stripe accepts any string): with
+    key_syntax "opaque" a key with spaces is a key; by default (the draft's
+    RFC 9651 syntax) it is a 400."""
+    own = "order 1001 " + uuid.uuid4().hex
+    resp = post(gw, own)
+    assert resp[0] == 400 and problem(resp)["type"].endswith("invalid-key")
+    opaque = gateways("opaque")
+    s1, _, b1 = post(opaque, own)
+    s2, h2, b2 = post(opaque, own)
+    assert (s1, s2, h2.get("idempotent-replayed"), b2) == (201, 201, "true", b1)
+    # Quotes are part of an opaque key: "k" and k are two keys.
+    quoted = f'"{uuid.uuid4().hex}"'
+    assert post(opaque, quoted)[0] == 201
+    assert post(opaque, quoted.strip('"'))[1].get("idempotent-replayed") is None
+    assert upstream.executions(own) == 1
+
+
 def test_methods_not_protected_pass_through_untouched(gateways, upstream, key):
     strict = gateways("strict")
     before = strict.stats() if strict.has_metrics else None

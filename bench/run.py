@@ -335,6 +335,35 @@ def machine():
     return f"{os.cpu_count()} cores, {cpu}; {platform.platform()}; Envoy {envoy_version}"
 
 
+def write_svg(results, path):
+    """A bar per scenario: requests per second with the filter over without
+    it, the references (what any Wasm filter costs) in grey, 1.0 marked."""
+    rows = list(results.items())
+    bar_h, gap, left, width = 18, 6, 430, 360
+    top = 30
+    height = top + len(rows) * (bar_h + gap) + 30
+    scale = width / max(1.6, max(r["ratio"] for _, r in rows) * 1.05)
+
+    def esc(t):
+        return t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 60}" height="{height}" '
+           'font-family="sans-serif" font-size="12">',
+           f'<text x="{left}" y="18" font-weight="bold">throughput with the filter / without it</text>']
+    for i, (name, r) in enumerate(rows):
+        y = top + i * (bar_h + gap)
+        colour = "#999999" if "reference" in name else "#3b6ea5"
+        out.append(f'<text x="{left - 8}" y="{y + 13}" text-anchor="end">{esc(name)}</text>')
+        out.append(f'<rect x="{left}" y="{y}" width="{r["ratio"] * scale:.1f}" height="{bar_h}" fill="{colour}"/>')
+        out.append(f'<text x="{left + r["ratio"] * scale + 4:.1f}" y="{y + 13}">{r["ratio"]:.2f}</text>')
+    one = left + scale
+    out.append(f'<line x1="{one:.1f}" y1="{top - 4}" x2="{one:.1f}" y2="{height - 24}" stroke="#c0392b" stroke-dasharray="4 3"/>')
+    out.append(f'<text x="{one:.1f}" y="{height - 10}" text-anchor="middle" fill="#c0392b">1.0 (no filter)</text>')
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
 def write_markdown(results, profiles, memory, args, path):
     wasm_size = os.path.getsize(DEFAULT_WASM)
     lines = [
@@ -355,6 +384,8 @@ def write_markdown(results, profiles, memory, args, path):
         " filter adds whatever else limits throughput. The APISIX rows (A…) compare APISIX's Wasm runtime (nginx,"
         " one worker, pinned like Envoy) with and without the filter; there the filter forwards protected requests"
         " itself (forwarding mode).",
+        "",
+        "![Throughput with the filter over without it, per scenario](bench/ratios.svg)",
         "",
         "| scenario | baseline req/s | filter req/s | ratio | gateway CPU per request, baseline → filter | baseline p50 / p99 ms | filter p50 / p99 ms |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -472,6 +503,7 @@ def main():
             print(json.dumps({k: v for k, v in memory.items() if k != "points"}), flush=True)
             for p in memory["points"]:
                 print(p, flush=True)
+        write_svg(results, os.path.join(HERE, "ratios.svg"))
         write_markdown(results, profiles, memory, args, args.out)
         print(f"wrote {args.out}")
     finally:

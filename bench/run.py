@@ -339,7 +339,9 @@ def write_svg(results, path):
     """A bar per scenario: requests per second with the filter over without
     it, the references (what any Wasm filter costs) in grey, 1.0 marked."""
     rows = list(results.items())
-    bar_h, gap, left, width = 18, 6, 430, 360
+    bar_h, gap, width = 18, 6, 360
+    # The label column fits the longest scenario name (about 7 px a character).
+    left = 20 + 7 * max(len(name) for name, _ in rows)
     top = 30
     height = top + len(rows) * (bar_h + gap) + 30
     scale = width / max(1.6, max(r["ratio"] for _, r in rows) * 1.05)

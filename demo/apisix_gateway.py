@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import time
 
-from gateway import DEFAULT_WASM, free_port
+from gateway import DEFAULT_WASM, free_port, http_request, terminate_group
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNTIME_DIR = os.environ.get("APISIX_RUNTIME_CACHE", os.path.join(REPO, ".cache", "apisix-runtime"))
@@ -167,16 +167,7 @@ class ApisixRuntime:
         raise NotImplementedError("APISIX keeps no metrics for Wasm filters (define_metric is a no-op there)")
 
     def _terminate(self, sig=signal.SIGTERM):
-        if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        terminate_group(self.proc, sig)
 
     def stop(self):
         self._terminate(signal.SIGQUIT if self.proc and self.proc.poll() is None else signal.SIGTERM)
@@ -184,12 +175,4 @@ class ApisixRuntime:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def request(self, method, path, headers=None, body=None, timeout=30):
-        """One request on a fresh connection; returns (status, headers dict, body)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            r = conn.getresponse()
-            data = r.read()
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, data
-        finally:
-            conn.close()
+        return http_request(self.port, method, path, headers, body, timeout)

@@ -204,16 +204,7 @@ class Envoy:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _terminate(self, sig):
-        if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        terminate_group(self.proc, sig)
 
     def admin(self, path):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
@@ -235,15 +226,35 @@ class Envoy:
         return int(json.loads(self.admin("/memory"))["allocated"])
 
     def request(self, method, path, headers=None, body=None, timeout=30):
-        """One request on a fresh connection; returns (status, headers dict, body)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        return http_request(self.port, method, path, headers, body, timeout)
+
+
+def http_request(port, method, path, headers=None, body=None, timeout=30):
+    """One request to 127.0.0.1:port on a fresh connection; returns (status,
+    headers dict with lower-case names, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        data = r.read()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+    finally:
+        conn.close()
+
+
+def terminate_group(proc, sig=signal.SIGTERM):
+    """Stops a process started in a session of its own, and everything it
+    started: `sig` first, SIGKILL if it is still there 10 s later."""
+    if proc and proc.poll() is None:
         try:
-            conn.request(method, path, body=body, headers=headers or {})
-            r = conn.getresponse()
-            data = r.read()
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, data
-        finally:
-            conn.close()
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 CURL_WALKTHROUGH = """

@@ -300,16 +300,8 @@ impl Filter {
     /// The answer to an HTTP call this request made: the Redis store's, or
     /// the upstream's in forwarding mode.
     pub fn on_call_response(&mut self, host: &impl Host, call: u32, response: &CallResponse) {
-        let then = match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Waiting {
-                call: expected,
-                then,
-            } if expected == call => then,
-            // An answer to a call this request no longer waits for.
-            other => {
-                self.phase = other;
-                return;
-            }
+        let Some(then) = self.take_waiting(call) else {
+            return;
         };
         match then {
             Then::Claim(pending) => self.claim_answered(host, &pending, response),
@@ -359,6 +351,21 @@ impl Filter {
         self.phase = Phase::Done;
     }
 
+    /// What the answer to `call` is for, if this request waits for it; the
+    /// phase is left as it was for a call it no longer waits for.
+    fn take_waiting(&mut self, call: u32) -> Option<Then> {
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Waiting {
+                call: expected,
+                then,
+            } if expected == call => Some(then),
+            other => {
+                self.phase = other;
+                None
+            }
+        }
+    }
+
     /// Whether a call is still out (its answer would be applied).
     pub fn waiting(&self) -> bool {
         matches!(self.phase, Phase::Waiting { .. })
@@ -368,15 +375,8 @@ impl Filter {
     /// sends calls after the callback that made them): the same decision
     /// as when sending fails at once.
     pub fn on_call_failed(&mut self, host: &impl Host, call: u32, error: HostError) {
-        let then = match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Waiting {
-                call: expected,
-                then,
-            } if expected == call => then,
-            other => {
-                self.phase = other;
-                return;
-            }
+        let Some(then) = self.take_waiting(call) else {
+            return;
         };
         let e = StoreError::Unavailable(error.to_string());
         match then {

@@ -153,6 +153,8 @@ pub struct Filter {
     client_gone: bool,
     /// The token of the claim this request has the tick renew, if any.
     renewing: Option<u64>,
+    /// The record being written is the `outcome-unknown` problem.
+    recording_unknown: bool,
 }
 
 impl Drop for Filter {
@@ -170,6 +172,7 @@ impl Filter {
             forward_request: None,
             client_gone: false,
             renewing: None,
+            recording_unknown: false,
         }
     }
 

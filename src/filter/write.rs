@@ -45,11 +45,10 @@ impl Filter {
         match self.cfg().unknown_outcome {
             UnknownOutcome::Record => {
                 host.metric_add(Metric::OutcomesUnknown, 1);
+                self.recording_unknown = true;
                 let problem = Problem::outcome_unknown();
                 let reply = answer_client.then(|| problem_reply(&problem));
-                let verdict = self.write_complete(host, held, problem.as_record(), reply);
-                self.outcome(host, "outcome-unknown");
-                verdict
+                self.write_complete(host, held, problem.as_record(), reply)
             }
             UnknownOutcome::ReleaseAfterLock => {
                 // Not renewed any more: the claim lapses at its lock timeout.
@@ -65,6 +64,17 @@ impl Filter {
                     Verdict::Continue
                 }
             }
+        }
+    }
+
+    /// Counts a write's result and writes the request's outcome: a recorded
+    /// `outcome-unknown` problem says so rather than "stored".
+    fn write_outcome(&self, host: &impl Host, write: Write, result: &Result<bool, StoreError>) {
+        let outcome = count_write(host, write, result);
+        if self.recording_unknown && matches!(result, Ok(true)) {
+            self.outcome(host, "outcome-unknown");
+        } else {
+            self.outcome(host, outcome);
         }
     }
 
@@ -108,7 +118,7 @@ impl Filter {
         self.phase = Phase::Done;
         match self.send(host, step) {
             Sent::Done(result) => {
-                self.outcome(host, count_write(host, write, &result));
+                self.write_outcome(host, write, &result);
                 match reply {
                     Some(reply) => self.send_reply(host, reply),
                     None => Verdict::Continue,
@@ -142,7 +152,7 @@ impl Filter {
         result: Result<bool, StoreError>,
         reply: Option<Reply>,
     ) {
-        self.outcome(host, count_write(host, write, &result));
+        self.write_outcome(host, write, &result);
         match reply {
             Some(reply) => {
                 self.send_reply(host, reply);

@@ -346,7 +346,9 @@ fn redis_calls_carry_authority_and_basic_auth() {
 fn an_exchange_that_ends_mid_response_records_outcome_unknown_in_redis() {
     let host = FakeHost::default();
     let redis = FakeRedis::default();
-    let c = redis_ctx("");
+    let c = ctx(
+        r#"{"outcome_property":"o","store":{"type":"redis","cluster":"webdis","cache_entries":0}}"#,
+    );
     let mut f = redis_post(&host, &redis, &c, "k");
     host.set_response(&[(":status", "201")]);
     f.on_response_headers(&host, false);
@@ -358,6 +360,12 @@ fn an_exchange_that_ends_mid_response_records_outcome_unknown_in_redis() {
     assert_eq!(host.sent(), sent_before, "nobody is answered");
     assert_eq!(host.metric(Metric::OutcomesUnknown), 1);
     assert_eq!(host.metric(Metric::Stored), 1);
+    let last = host.properties.borrow().last().cloned().unwrap();
+    assert_eq!(
+        last,
+        ("o".to_string(), b"outcome-unknown".to_vec()),
+        "not \"stored\""
+    );
     // Another gateway's retry reads the problem from Redis.
     let retry = redis_post(&host, &redis, &redis_ctx(""), "k");
     assert!(!retry.waiting());

@@ -28,11 +28,14 @@ impl KeySyntax {
         values: &[&[u8]],
         max_len: usize,
     ) -> Result<Option<String>, KeyError> {
-        match (self, values) {
-            (KeySyntax::Structured, _) => parse_key_headers(values, max_len),
-            (KeySyntax::Opaque, []) => Ok(None),
-            (KeySyntax::Opaque, [one]) => parse_opaque_key(one, max_len).map(Some),
-            (KeySyntax::Opaque, _) => Err(KeyError::Repeated),
+        let parse = match self {
+            KeySyntax::Structured => parse_key,
+            KeySyntax::Opaque => parse_opaque_key,
+        };
+        match values {
+            [] => Ok(None),
+            [one] => parse(one, max_len).map(Some),
+            _ => Err(KeyError::Repeated),
         }
     }
 }
@@ -66,11 +69,7 @@ impl fmt::Display for KeyError {
 /// Parses every value the client sent for the key header. `Ok(None)` means no
 /// key header at all.
 pub fn parse_key_headers(values: &[&[u8]], max_len: usize) -> Result<Option<String>, KeyError> {
-    match values {
-        [] => Ok(None),
-        [one] => parse_key(one, max_len).map(Some),
-        _ => Err(KeyError::Repeated),
-    }
+    KeySyntax::Structured.parse_headers(values, max_len)
 }
 
 fn is_sp(b: u8) -> bool {

@@ -101,7 +101,7 @@ impl Filter {
             }
             Err(e) => {
                 self.forward_failed(host, &e);
-                self.upstream_answered(host, held, host.now_ms(), &CallResponse::default())
+                self.upstream_answered(host, held, sent_ms, &CallResponse::default())
             }
         }
     }

@@ -242,14 +242,14 @@ impl Store {
         lock_ms: u64,
     ) -> StoreStep<Vec<(u64, bool)>, Vec<u64>> {
         match self {
-            Store::Local { table, .. } => StoreStep::Done(
-                due.iter()
-                    .map(|h| {
-                        let kept = table.renew(host, &h.claim, host.now_ms(), lock_ms)?;
-                        Ok((h.claim.token, kept))
-                    })
-                    .collect(),
-            ),
+            Store::Local { table, .. } => {
+                let now_ms = host.now_ms();
+                StoreStep::Done(
+                    due.iter()
+                        .map(|h| Ok((h.claim.token, table.renew(host, &h.claim, now_ms, lock_ms)?)))
+                        .collect(),
+                )
+            }
             Store::Redis(redis) => {
                 let claims: Vec<(Digest16, u64)> =
                     due.iter().map(|h| (h.digest, h.claim.token)).collect();

@@ -65,12 +65,9 @@ impl Renewals {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.held.borrow().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.held.borrow().is_empty()
     }
 }
 

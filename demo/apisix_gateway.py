@@ -158,11 +158,6 @@ class ApisixRuntime:
         except OSError:
             return ""
 
-    def errors(self):
-        """Error-log lines at [error] and above that mention the filter or the VM."""
-        return [l for l in self.log().splitlines()
-                if ("[error]" in l or "[emerg]" in l or "[alert]" in l or "[crit]" in l)]
-
     def stats(self, prefix=None):
         raise NotImplementedError("APISIX keeps no metrics for Wasm filters (define_metric is a no-op there)")
 

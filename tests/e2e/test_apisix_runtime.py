@@ -4,14 +4,13 @@ reload with keys in flight, and routes with their own configurations,
 including a bad one. The semantics shared with Envoy run in the other files,
 on the `apisix` gateway kind."""
 
-import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from conftest import ApisixRuntime, apisix_conf, post, problem, redis_store, wait_for
-from test_redis_fleet import Fleet
+from test_redis_fleet import Fleet, assert_concurrent_duplicates_run_once
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +50,7 @@ def test_a_key_running_on_one_host_is_409_on_the_other(mixed, upstream, key):
 
 
 def test_concurrent_duplicates_spread_over_both_hosts_run_once(mixed, upstream, key):
-    n = 24
-    barrier = threading.Barrier(n)
-
-    def one(i):
-        barrier.wait()
-        return post(mixed.a if i % 2 else mixed.b, key, headers={"x-demo-delay-ms": "300"})
-
-    with ThreadPoolExecutor(n) as pool:
-        results = list(pool.map(one, range(n)))
-    assert upstream.executions(key) == 1
-    assert {r[0] for r in results} <= {201, 409}, [r[0] for r in results]
-    originals = [r for r in results if r[0] == 201 and "idempotent-replayed" not in r[1]]
-    assert len(originals) == 1
+    assert_concurrent_duplicates_run_once(mixed, upstream, key, 24)
 
 
 def routes(upstream, backend, prefix, **default):

@@ -71,8 +71,9 @@ def test_a_key_completed_on_one_gateway_replays_on_the_other(fleet, upstream, ke
     assert upstream.executions(key) == 1
 
 
-def test_forty_concurrent_duplicates_over_both_gateways_execute_once(fleet, upstream, key):
-    n = 40
+def assert_concurrent_duplicates_run_once(fleet, upstream, key, n):
+    """n identical requests at once, alternating between the fleet's two
+    gateways: exactly one runs, the others get 409 or its replay."""
     barrier = threading.Barrier(n)
 
     def one(i):
@@ -86,6 +87,10 @@ def test_forty_concurrent_duplicates_over_both_gateways_execute_once(fleet, upst
     assert set(statuses) <= {201, 409}, statuses
     originals = [r for r in results if r[0] == 201 and "idempotent-replayed" not in r[1]]
     assert len(originals) == 1
+
+
+def test_forty_concurrent_duplicates_over_both_gateways_execute_once(fleet, upstream, key):
+    assert_concurrent_duplicates_run_once(fleet, upstream, key, 40)
 
 
 def test_a_restarted_gateway_still_replays(fleet, upstream, key):

@@ -99,19 +99,16 @@ impl Store {
         }
     }
 
-    /// Prepares the store in the proxy (once per configuration). `Ok(true)`
-    /// when it needs the tick; `Err` carries the line to log, and the
-    /// configuration is then refused.
-    pub fn init(&mut self, host: &impl Host) -> Result<bool, String> {
+    /// Prepares the store in the proxy (once per configuration). `Err`
+    /// carries the line to log, and the configuration is then refused. The
+    /// local store's sweep runs on the tick, which every platform that has
+    /// shared data (so the local store) has; Redis expires records itself.
+    pub fn init(&mut self, host: &impl Host) -> Result<(), String> {
         match self {
-            Store::Local { table, sweep } => {
-                sweep.start(host, table)?;
-                Ok(true)
-            }
+            Store::Local { table, sweep } => sweep.start(host, table),
             Store::Redis(redis) => {
                 redis.init(host);
-                // Redis expires records itself.
-                Ok(false)
+                Ok(())
             }
         }
     }

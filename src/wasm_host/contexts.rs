@@ -160,19 +160,16 @@ impl RootContext for Root {
         self.metrics.define();
         let mut ctx = FilterContext::new(config);
         let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
-        let ticks = match ctx.store.init(&host) {
-            Ok(ticks) => ticks,
-            Err(e) => {
-                host_log(Level::Error, &e);
-                return false;
-            }
-        };
+        if let Err(e) = ctx.store.init(&host) {
+            host_log(Level::Error, &e);
+            return false;
+        }
         if ctx.config.platform.calls_outlive_streams() {
             self.own_calls(&host);
         }
         // The tick renews running requests' claims (any store), sweeps the
         // local store, and reports in the profiling build.
-        if ticks || ctx.config.platform.has_tick() || cfg!(feature = "self-profile") {
+        if ctx.config.platform.has_tick() || cfg!(feature = "self-profile") {
             let status = set_tick_period(TICK_MS);
             if status != OK {
                 host_log(Level::Warn, &format!("no tick (status {status}): claims are not renewed (a response slower than lock_timeout_seconds loses its claim) and expired records are reclaimed only when their slot is reused"));

@@ -107,18 +107,16 @@ def gateways(upstream, store_kind, request):
 
     get.kind = store_kind
     get.forwarding = store_kind in FORWARDING
-    # APISIX keeps no metrics for Wasm filters (define_metric is a no-op).
-    get.metrics = store_kind != "apisix"
     yield get
     for envoy in started.values():
         envoy.stop()
 
 
-def apisix_conf(config, upstream, backend, **store_extra):
+def apisix_conf(config, upstream, backend):
     """A plugin configuration for APISIX: Redis through Webdis and the
     upstream, both as host:port (APISIX calls addresses, not clusters)."""
     config = dict(config, host="apisix")
-    config["store"] = dict(config["store"], cluster=f"127.0.0.1:{backend.webdis_port}", **store_extra)
+    config["store"] = dict(config["store"], cluster=f"127.0.0.1:{backend.webdis_port}")
     config["forward"] = dict(config.get("forward", {}), upstream=f"127.0.0.1:{upstream.port}")
     return no_tick_timeouts(config)
 

@@ -75,14 +75,15 @@ unpack() {
 }
 unpack wasm-nginx-module wasm-nginx-module- https://github.com/api7/wasm-nginx-module "$WASM_NGINX_MODULE_REF"
 unpack lua-nginx-module lua-nginx-module- https://github.com/openresty/lua-nginx-module "$LUA_NGINX_MODULE_REF" src/api
-unpack wasmtime wasmtime- https://github.com/bytecodealliance/wasmtime "$WASMTIME_REF" crates/c-api
-unpack wasm-c-api wasm-c-api- https://github.com/WebAssembly/wasm-c-api "$WASM_C_API_REF" include
 unpack lua-resty-http api7-lua-resty-http- https://github.com/api7/lua-resty-http "$LUA_RESTY_HTTP_REF" lib
 
 # --- wasmtime 0.38.1's C API -------------------------------------------------
 # Kept across module rebuilds: it takes minutes, the module seconds.
 wasmtime_stamp=$(cat "$here/build.sh" "$here/wasmtime-c-api.Cargo.lock" | sha256sum | cut -c1-16)
 if [ "$(cat "$CACHE/wasmtime/stamp" 2>/dev/null)" != "$wasmtime_stamp" ]; then
+# Its sources are needed only here (a module-only rebuild takes none of them).
+unpack wasmtime wasmtime- https://github.com/bytecodealliance/wasmtime "$WASMTIME_REF" crates/c-api
+unpack wasm-c-api wasm-c-api- https://github.com/WebAssembly/wasm-c-api "$WASM_C_API_REF" include
 # crates.io has no wasmtime-c-api 0.38, so crates/c-api of the tag is built as
 # its own workspace, its path dependencies replaced by the crates.io releases of
 # the same version, pinned by our lockfile (without it cargo picks cranelift

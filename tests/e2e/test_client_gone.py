@@ -18,15 +18,20 @@ from conftest import Envoy, post, redis_store, wait_for
 STORES = ["local", "redis"]
 
 
-@pytest.fixture(scope="module", params=STORES)
-def forwarding_gw(request, upstream):
-    config = {"forward": {"upstream": "upstream"}}
+def forwarding_envoy(request, upstream, **config):
+    """Envoy in forwarding mode on the store the fixture's param names."""
+    config = {"forward": {"upstream": "upstream"}, **config}
     backend = None
     if request.param == "redis":
         backend = request.getfixturevalue("redis_backend")
         config["store"] = redis_store(f"idem-gone-{uuid.uuid4().hex[:8]}:")
-    envoy = Envoy(config, upstream.port, concurrency=2,
-                  webdis_port=backend.webdis_port if backend else None).start()
+    return Envoy(config, upstream.port, concurrency=2,
+                 webdis_port=backend.webdis_port if backend else None).start()
+
+
+@pytest.fixture(scope="module", params=STORES)
+def forwarding_gw(request, upstream):
+    envoy = forwarding_envoy(request, upstream)
     yield envoy
     envoy.stop()
 
@@ -70,13 +75,8 @@ def test_a_client_that_gives_up_gets_the_outcome_on_retry(forwarding_gw, upstrea
 
 @pytest.fixture(scope="module", params=STORES)
 def short_lock_forwarding_gw(request, upstream):
-    config = {"forward": {"upstream": "upstream", "timeout_ms": 20_000}, "lock_timeout_seconds": 2}
-    backend = None
-    if request.param == "redis":
-        backend = request.getfixturevalue("redis_backend")
-        config["store"] = redis_store(f"idem-slowfwd-{uuid.uuid4().hex[:8]}:")
-    envoy = Envoy(config, upstream.port, concurrency=2,
-                  webdis_port=backend.webdis_port if backend else None).start()
+    envoy = forwarding_envoy(request, upstream, forward={"upstream": "upstream", "timeout_ms": 20_000},
+                             lock_timeout_seconds=2)
     yield envoy
     envoy.stop()
 

@@ -34,7 +34,13 @@ LUA_RESTY_HTTP_REF=3a3203a855e45ecc06f5c556cc34bc7f1a3ea0a3
 APT_PACKAGES="build-essential nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk
   libnginx-mod-http-ndk-dev libluajit2-5.1-dev lua-resty-core lua-resty-lrucache lua-cjson"
 
-stamp=$( { cat "$here/build.sh" "$here/wasmtime-c-api.Cargo.lock"; dpkg-query -W nginx 2>/dev/null; } | sha256sum | cut -c1-16)
+# What the build depends on: this script, the lockfile, and nginx's version
+# (none yet on a fresh machine: dpkg-query fails, which must not end the script).
+build_stamp() {
+    { cat "$here/build.sh" "$here/wasmtime-c-api.Cargo.lock"; dpkg-query -W nginx 2>/dev/null || true; } \
+        | sha256sum | cut -c1-16
+}
+stamp=$(build_stamp)
 if [ -f "$CACHE/stamp" ] && [ "$(cat "$CACHE/stamp")" = "$stamp" ] \
     && [ -f "$CACHE/nginx-modules/ngx_http_wasm_module.so" ]; then
     exit 0
@@ -51,6 +57,7 @@ if [ -n "$missing" ]; then
     log "installing Debian packages:$missing"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+    stamp=$(build_stamp)
 fi
 
 work=$CACHE/build

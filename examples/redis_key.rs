@@ -32,7 +32,7 @@ fn main() {
             "{conf_path}: {e}\n(make check-config FILES={conf_path} explains it further)"
         ))
     });
-    let StoreConfig::Redis(redis) = &config.store else {
+    let StoreConfig::Redis { redis, .. } = &config.store else {
         fail(
             "the configuration's store is not Redis: the local store lives in Envoy's shared data",
         );

@@ -5,6 +5,7 @@
 use crate::fingerprint::FingerprintHash;
 pub use crate::key::KeySyntax;
 use crate::record::is_recorded_header;
+use crate::store::budget::Budget;
 use crate::store::redis::{OnUnavailable, RedisConfig};
 use crate::wire::base64_encode;
 use std::fmt;
@@ -14,10 +15,10 @@ mod raw;
 
 pub use platform::Platform;
 
-pub use raw::DEFAULT_CACHE_ENTRIES;
 use raw::{
     RawConfig, RawFingerprintHash, RawForward, RawLocalStore, RawOnUnavailable, RawRedisStore,
 };
+pub use raw::{DEFAULT_CACHE_ENTRIES, DEFAULT_CACHE_MAX_BYTES, DEFAULT_MAX_BYTES};
 
 /// Ways per bucket of the local slot table; `max_entries` is rounded down to a
 /// multiple of this so the table never holds more than `max_entries` records.
@@ -27,6 +28,13 @@ const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
 const MAX_BODY_LIMIT: u64 = 64 * 1024 * 1024;
 const MAX_KEY_LENGTH_LIMIT: usize = 8192;
 const MAX_ENTRIES_LIMIT: u32 = 10_000_000;
+/// `store.max_bytes` at most: 1 TiB, far above any gateway's memory (a
+/// larger number is a typo).
+const MAX_BYTES_LIMIT: u64 = 1 << 40;
+/// `store.max_bytes` at least, per bucket of [`LOCAL_WAYS`] entries: a
+/// bucket's share must hold a record without its body (status and headers;
+/// about 3 KB of them at this share), so that every response can be kept.
+const MIN_BYTES_PER_BUCKET: u64 = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -130,16 +138,27 @@ pub struct Forward {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreConfig {
-    Local { buckets: u32, ways: u32 },
-    Redis(RedisConfig),
+    Local {
+        buckets: u32,
+        ways: u32,
+        /// Bytes of recorded responses the table may hold.
+        max_bytes: u64,
+    },
+    Redis {
+        redis: RedisConfig,
+        /// Bytes of recorded responses the replay cache may hold.
+        cache_max_bytes: u64,
+    },
 }
 
 impl StoreConfig {
     /// Records the store can hold at once (Redis: as many as Redis holds).
     pub fn capacity(&self) -> Option<u64> {
         match self {
-            StoreConfig::Local { buckets, ways } => Some(u64::from(*buckets) * u64::from(*ways)),
-            StoreConfig::Redis(_) => None,
+            StoreConfig::Local { buckets, ways, .. } => {
+                Some(u64::from(*buckets) * u64::from(*ways))
+            }
+            StoreConfig::Redis { .. } => None,
         }
     }
 }
@@ -147,6 +166,22 @@ impl StoreConfig {
 impl Config {
     pub fn protects(&self, method: &str) -> bool {
         self.methods.iter().any(|m| m == method)
+    }
+
+    /// How much of a response body is worth capturing for its record. The
+    /// local store cannot keep a body larger than a bucket's share of
+    /// `max_bytes` (it keeps such records without their body), so nothing
+    /// more is held while the response streams. Redis keeps what
+    /// `max_response_body_bytes` allows.
+    pub fn recorded_body_limit(&self) -> u64 {
+        match &self.store {
+            StoreConfig::Local {
+                buckets, max_bytes, ..
+            } => self
+                .max_response_body_bytes
+                .min(Budget::new(*max_bytes, *buckets).largest_body()),
+            StoreConfig::Redis { .. } => self.max_response_body_bytes,
+        }
     }
 
     /// Whether a response header goes into the record (and so into replays).
@@ -182,9 +217,10 @@ impl Default for Config {
     fn default() -> Self {
         validate(RawConfig::default()).unwrap_or_else(|_| {
             let raw = RawConfig::default();
+            let local = RawLocalStore::default();
             assemble(
                 raw,
-                local_store(RawLocalStore::default().max_entries),
+                local_store(local.max_entries, local.max_bytes),
                 None,
                 None,
             )
@@ -269,11 +305,33 @@ fn lower_unique(names: Vec<String>) -> Vec<String> {
     unique(names.iter().map(|n| n.to_ascii_lowercase()))
 }
 
-fn local_store(max_entries: u32) -> StoreConfig {
+fn local_store(max_entries: u32, max_bytes: u64) -> StoreConfig {
     StoreConfig::Local {
         buckets: max_entries / LOCAL_WAYS,
         ways: LOCAL_WAYS,
+        max_bytes,
     }
+}
+
+/// `store.max_bytes` for a table of `entries` entries (`entries_field`
+/// names them): every bucket's share must hold a record without its body.
+fn check_max_bytes(max_bytes: u64, entries: u32, entries_field: &str) -> Result<(), ConfigError> {
+    let min = u64::from(entries / LOCAL_WAYS) * MIN_BYTES_PER_BUCKET;
+    if max_bytes < min {
+        return Err(err(
+            "store.max_bytes",
+            format!(
+                "must be at least {min} for {entries_field} {entries} ({MIN_BYTES_PER_BUCKET} per bucket of {LOCAL_WAYS} entries) (got {max_bytes}); raise it or lower {entries_field}"
+            ),
+        ));
+    }
+    if max_bytes > MAX_BYTES_LIMIT {
+        return Err(err(
+            "store.max_bytes",
+            format!("must be at most {MAX_BYTES_LIMIT} (got {max_bytes})"),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads `store` by its `type`, with error paths under `store.`.
@@ -311,12 +369,32 @@ fn parse_store(value: serde_json::Value, platform: Platform) -> Result<StoreConf
                 u64::from(LOCAL_WAYS),
                 u64::from(MAX_ENTRIES_LIMIT),
             )?;
-            Ok(local_store(local.max_entries))
+            check_max_bytes(local.max_bytes, local.max_entries, "max_entries")?;
+            Ok(local_store(local.max_entries, local.max_bytes))
         }
-        "redis" => Ok(StoreConfig::Redis(validate_redis(
-            typed(fields)?,
-            platform,
-        )?)),
+        "redis" => {
+            let raw: RawRedisStore = typed(fields)?;
+            let cache_max_bytes = match (raw.max_bytes, platform.has_shared_data()) {
+                (Some(_), false) => {
+                    return Err(err(
+                        "store.max_bytes",
+                        "bounds the replay cache, which needs shared data, which APISIX does not provide; leave it out (Redis's own memory is bounded by its maxmemory)",
+                    ))
+                }
+                (Some(n), true) => n,
+                (None, _) => DEFAULT_CACHE_MAX_BYTES,
+            };
+            let redis = validate_redis(raw, platform)?;
+            if redis.cache_entries > 0 {
+                check_max_bytes(cache_max_bytes, redis.cache_entries, "cache_entries")?;
+            } else if cache_max_bytes > MAX_BYTES_LIMIT {
+                check_max_bytes(cache_max_bytes, 0, "cache_entries")?;
+            }
+            Ok(StoreConfig::Redis {
+                redis,
+                cache_max_bytes,
+            })
+        }
         other => Err(err(
             "store.type",
             format!(
@@ -508,7 +586,7 @@ fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
     // slow answer loses its claim and a retry runs again.
     if let Some(f) = forward.as_ref().filter(|_| !platform.has_tick()) {
         let write_ms = match &store {
-            StoreConfig::Redis(r) => r.timeout_ms,
+            StoreConfig::Redis { redis, .. } => redis.timeout_ms,
             StoreConfig::Local { .. } => 0,
         };
         if raw.lock_timeout_seconds.saturating_mul(1000) <= f.timeout_ms + write_ms {
@@ -619,7 +697,8 @@ mod tests {
             c.store,
             StoreConfig::Local {
                 buckets: 6,
-                ways: 16
+                ways: 16,
+                max_bytes: DEFAULT_MAX_BYTES,
             }
         );
         assert!(c.protects("PUT") && !c.protects("GET"));
@@ -631,7 +710,7 @@ mod tests {
     #[test]
     fn redis_store_defaults_and_auth() {
         let c = Config::parse(br#"{"store":{"type":"redis","cluster":"webdis"}}"#).unwrap();
-        let StoreConfig::Redis(r) = c.store else {
+        let StoreConfig::Redis { redis: r, .. } = c.store else {
             panic!("redis")
         };
         assert_eq!(r.cluster, "webdis");
@@ -642,7 +721,7 @@ mod tests {
         assert_eq!(r.authorization, None);
         assert_eq!(r.cache_entries, DEFAULT_CACHE_ENTRIES);
         let cache = |doc: &str| match Config::parse(doc.as_bytes()).unwrap().store {
-            StoreConfig::Redis(r) => r.cache_entries,
+            StoreConfig::Redis { redis, .. } => redis.cache_entries,
             StoreConfig::Local { .. } => panic!("redis"),
         };
         assert_eq!(
@@ -661,7 +740,7 @@ mod tests {
             0
         );
         let c = Config::parse(br#"{"store":{"type":"redis","cluster":"127.0.0.1:7379","authority":"redis.local","on_unavailable":"allow","auth":{"username":"u","password":"p"}}}"#).unwrap();
-        let StoreConfig::Redis(r) = c.store else {
+        let StoreConfig::Redis { redis: r, .. } = c.store else {
             panic!("redis")
         };
         assert_eq!(
@@ -725,7 +804,7 @@ mod tests {
             (r#"{"fingerprint_headers":[""]}"#, "invalid configuration: fingerprint_headers: \"\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"store":{"type":"local","max_entries":7}}"#, "invalid configuration: store.max_entries: must be between 16 and 10000000 (got 7)"),
             (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `key_syntax`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `fingerprint_hash`, `record_server_errors`, `unknown_outcome`, `never_record_headers`, `host`, `forward`, `outcome_property`, `store`; remove it or fix its spelling"),
-            (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store.max_entry: unknown field `max_entry`, expected `max_entries`; remove it or fix its spelling"),
+            (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store.max_entry: unknown field `max_entry`, expected `max_entries` or `max_bytes`; remove it or fix its spelling"),
             (r#"{"ttl_seconds":"60"}"#, "invalid configuration: ttl_seconds: invalid type: string \"60\", expected u64; see the configuration table in README.md for each field's type"),
             (r#"{"required":"yes"}"#, "invalid configuration: required: invalid type: string \"yes\", expected a boolean; see the configuration table in README.md for each field's type"),
             (r#"{"store":{"type":"memcached"}}"#, "invalid configuration: store.type: unknown store type \"memcached\"; use \"local\" (one gateway) or \"redis\" (a fleet)"),
@@ -745,7 +824,7 @@ mod tests {
             (r#"{"store":{"type":"redis","cluster":"w","key_prefix":"a b"}}"#, "invalid configuration: store.key_prefix: must be at most 128 printable ASCII characters without spaces, e.g. \"idem:\""),
             (r#"{"store":{"type":"redis","cluster":"w","on_unavailable":"maybe"}}"#, "invalid configuration: store.on_unavailable: unknown variant `maybe`, expected `reject` or `allow`; see the configuration table in README.md for each field's type"),
             (r#"{"store":{"type":"redis","cluster":"w","auth":{"username":"a:b","password":"p"}}}"#, "invalid configuration: store.auth.username: must not contain ':' (HTTP basic authentication)"),
-            (r#"{"store":{"type":"redis","cluster":"w","max_entries":5}}"#, "invalid configuration: store.max_entries: unknown field `max_entries`, expected one of `cluster`, `authority`, `timeout_ms`, `key_prefix`, `on_unavailable`, `auth`, `cache_entries`; remove it or fix its spelling"),
+            (r#"{"store":{"type":"redis","cluster":"w","max_entries":5}}"#, "invalid configuration: store.max_entries: unknown field `max_entries`, expected one of `cluster`, `authority`, `timeout_ms`, `key_prefix`, `on_unavailable`, `auth`, `cache_entries`, `max_bytes`; remove it or fix its spelling"),
             (r#"{"ttl_seconds":-1}"#, "invalid configuration: ttl_seconds: invalid value: integer `-1`, expected u64; see the configuration table in README.md for each field's type"),
             (r#"[1]"#, "invalid configuration: (document): the configuration must be a JSON object, e.g. {\"required\": true}"),
             (r#""x""#, "invalid configuration: (document): the configuration must be a JSON object, e.g. {\"required\": true}"),

@@ -40,6 +40,10 @@ impl FakeShared {
     pub fn total_bytes(&self) -> usize {
         self.map.borrow().values().map(|(v, _)| v.len()).sum()
     }
+    /// The value of `key` as it is now, without counting a read.
+    pub fn peek(&self, key: &str) -> Option<Vec<u8>> {
+        self.map.borrow().get(key).map(|(v, _)| v.clone())
+    }
     fn check(&self, call: &'static str) -> Result<(), HostError> {
         match self.fail_status.get() {
             Some(status) => Err(HostError { call, status }),

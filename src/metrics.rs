@@ -36,10 +36,20 @@ pub enum Metric {
     /// Keys whose outcome was unknowable (the exchange ended mid-response, an
     /// upstream reset), recorded as the `outcome-unknown` problem.
     OutcomesUnknown,
+    /// Gauge: bytes of recorded responses in shared data (the local store
+    /// and the replay cache), as charged to `store.max_bytes`. Moves with
+    /// every committed change, never reset, so it does not lag.
+    BytesHeld,
+    /// Live completed records evicted to fit a new record in its bucket's
+    /// share of `store.max_bytes` (local store).
+    EvictedForSpace,
+    /// Responses recorded without their body: larger than
+    /// `max_response_body_bytes`, or than the store's byte budget allows.
+    BodiesOmitted,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 20] = [
+    pub const ALL: [Metric; 23] = [
         Metric::Protected,
         Metric::Unkeyed,
         Metric::Replays,
@@ -60,6 +70,9 @@ impl Metric {
         Metric::ClaimsCancelled,
         Metric::ClaimsRenewed,
         Metric::OutcomesUnknown,
+        Metric::BytesHeld,
+        Metric::EvictedForSpace,
+        Metric::BodiesOmitted,
     ];
 
     pub fn index(self) -> usize {
@@ -88,11 +101,14 @@ impl Metric {
             Metric::ClaimsCancelled => "idempotency.claims_cancelled",
             Metric::ClaimsRenewed => "idempotency.claims_renewed",
             Metric::OutcomesUnknown => "idempotency.outcomes_unknown",
+            Metric::BytesHeld => "idempotency.bytes_held",
+            Metric::EvictedForSpace => "idempotency.evicted_for_space",
+            Metric::BodiesOmitted => "idempotency.bodies_omitted",
         }
     }
 
     pub fn is_gauge(self) -> bool {
-        matches!(self, Metric::Entries)
+        matches!(self, Metric::Entries | Metric::BytesHeld)
     }
 }
 

@@ -5,6 +5,7 @@ use crate::fake_host::FakeShared;
 use crate::fingerprint::{key_digest, Digest16, FingerprintHash, Fingerprinter};
 use crate::key::{parse_key, to_sf_string};
 use crate::record::{DataRecord, StoredResponse};
+use crate::store::budget::SpaceEffects;
 use crate::store::local::LocalTable;
 use crate::store::{Claim, ClaimOutcome};
 use crate::wire::HeaderMap;
@@ -152,7 +153,7 @@ proptest! {
     fn the_slot_table_behaves_like_the_model(ops in proptest::collection::vec(op(), 1..80)) {
         let shared = FakeShared::default();
         // 3 keys, 4 ways: no eviction, so the model needs none.
-        let table = LocalTable::new(1, 4);
+        let table = LocalTable::new(1, 4, u64::MAX);
         table.init(&shared).unwrap();
         let keys: Vec<Digest16> = (0..3).map(|i| key_digest(&[], &format!("k{i}"))).collect();
         let fp_a: Digest16 = [1; 16];
@@ -197,7 +198,7 @@ proptest! {
                     let Some((key, claim, fp)) = workers[worker].take() else { continue };
                     served += 1;
                     let response = StoredResponse { status: 201, headers: vec![], body: served.to_le_bytes().to_vec(), body_omitted: false };
-                    let stored = table.complete(&shared, &claim, &keys[key], response.clone(), now, TTL_MS).unwrap();
+                    let stored = table.complete(&shared, &claim, &keys[key], response.clone(), now, TTL_MS, &mut SpaceEffects::default()).unwrap();
                     let owns = matches!(model[key], Model::InFlight { token: t, .. } if t == claim.token);
                     prop_assert_eq!(stored, owns, "only the current owner records");
                     if stored {

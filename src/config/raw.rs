@@ -78,11 +78,37 @@ pub(super) struct RawRedisStore {
     /// Unset: [`DEFAULT_CACHE_ENTRIES`] on Envoy, 0 (off) on APISIX.
     #[serde(default)]
     pub(super) cache_entries: Option<u32>,
+    /// The replay cache's byte budget. Unset: [`DEFAULT_CACHE_MAX_BYTES`]
+    /// (Envoy); refused on APISIX, which has no cache.
+    #[serde(default)]
+    pub(super) max_bytes: Option<u64>,
 }
 
 /// Completed records a gateway keeps in its own shared data in front of
 /// Redis, so that replays need no store round trip (Envoy only).
 pub const DEFAULT_CACHE_ENTRIES: u32 = 10_000;
+
+/// The local store's byte budget for recorded responses: 256 MiB. The
+/// table's memory was bounded in entries only, and `max_entries` (100,000)
+/// x `max_response_body_bytes` (1 MiB) is about 100 GB: one client could
+/// have Envoy killed by the kernel. 256 MiB, with the default table's own
+/// 27 MB, stays far inside the memory a gateway is commonly given (Istio's
+/// sidecar limit is 1 GiB) and leaves room for Envoy itself and for the
+/// requests in flight, whose bodies are not part of it. It holds the
+/// default 100,000 records while they average 2 KB (charged 2.6 KB with
+/// Envoy's allocation): with 1-2 KiB JSON answers, the common case for
+/// payment APIs, `max_entries` stays the bound that binds first. The cost: each of the 6,250 buckets owns 1/6,250 of
+/// it (42 KB), so by default the largest body replayed whole is about
+/// 32 KB; larger ones are replayed without their body unless `max_bytes`
+/// is raised or `max_entries` lowered (README, "How the local store works").
+pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
+
+/// The replay cache's byte budget: 64 MiB. Smaller than the local store's
+/// because nothing is lost when the cache evicts (Redis still has the
+/// record, one round trip away); with the default 10,000 entries each
+/// bucket's share is 107 KB, so records up to about 80 KB are cached and
+/// larger ones are always read from Redis.
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
 fn default_timeout_ms() -> u64 {
     500
@@ -154,12 +180,14 @@ fn default_forward_timeout_ms() -> u64 {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawLocalStore {
     pub(super) max_entries: u32,
+    pub(super) max_bytes: u64,
 }
 
 impl Default for RawLocalStore {
     fn default() -> Self {
         RawLocalStore {
             max_entries: 100_000,
+            max_bytes: DEFAULT_MAX_BYTES,
         }
     }
 }

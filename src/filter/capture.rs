@@ -176,7 +176,7 @@ impl Filter {
         if self.writing() {
             return Verdict::Pause;
         }
-        let limit = self.ctx.config.max_response_body_bytes;
+        let limit = self.ctx.config.recorded_body_limit();
         let Phase::Forwarded {
             capture: Some(capture),
             ..

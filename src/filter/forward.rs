@@ -159,7 +159,7 @@ impl Filter {
                 if let Some(c) = capture.as_mut() {
                     let body = response.body.len();
                     // The whole body is here: reading it cannot fail.
-                    let _ = c.take(body, cfg.max_response_body_bytes, || {
+                    let _ = c.take(body, cfg.recorded_body_limit(), || {
                         Ok(response.body.clone())
                     });
                 }

@@ -91,6 +91,11 @@ impl Filter {
         reply: Option<Reply>,
     ) -> Verdict {
         self.stop_renewing();
+        if record.body_omitted {
+            // Larger than what is captured: max_response_body_bytes, or
+            // (local store) what a bucket's share of max_bytes can hold.
+            host.metric_add(Metric::BodiesOmitted, 1);
+        }
         let ctx = self.ctx.clone();
         let step = ctx.store.complete(host, &held, record, ctx.config.ttl_ms);
         self.write(host, Write::Complete, step, reply)

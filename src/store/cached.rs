@@ -10,6 +10,7 @@
 //! complete ──Call(record)──answer: stored──▶ fill the cache
 //! ```
 
+use super::budget::SpaceEffects;
 use super::local::LocalTable;
 use super::redis::{RedisConfig, RedisStore, StoreRequest};
 use super::{
@@ -39,7 +40,7 @@ pub struct CachedRedis {
 }
 
 impl CachedRedis {
-    pub fn new(config: RedisConfig) -> CachedRedis {
+    pub fn new(config: RedisConfig, cache_max_bytes: u64) -> CachedRedis {
         // Named by the Redis namespace it mirrors: two configurations in
         // one vm_id that use different Redis stores keep separate caches.
         let cache = (config.cache_entries > 0).then(|| {
@@ -47,6 +48,7 @@ impl CachedRedis {
                 &format!("cache/{}/{}", config.cluster, config.key_prefix),
                 config.cache_entries / LOCAL_WAYS,
                 LOCAL_WAYS,
+                cache_max_bytes,
             )
         });
         CachedRedis {
@@ -212,7 +214,8 @@ impl CachedRedis {
     }
 
     /// Puts a completed record into the replay cache. Best effort: a record
-    /// that does not fit is simply asked of Redis next time.
+    /// that does not fit (slots, or bytes: `store.max_bytes`) is simply
+    /// asked of Redis next time.
     fn fill(&self, host: &impl Host, fill: CacheFill) {
         let Some(cache) = &self.cache else { return };
         let now = host.now_ms();
@@ -221,6 +224,7 @@ impl CachedRedis {
             return;
         }
         let token = host.random_u64() | 1;
+        let mut space = SpaceEffects::default();
         if let Err(e) = cache.remember(
             host,
             &fill.digest,
@@ -229,8 +233,10 @@ impl CachedRedis {
             token,
             now,
             ttl_ms,
+            &mut space,
         ) {
             host.log(Level::Debug, &format!("replay cache not filled: {e}"));
         }
+        space.report_cache(host);
     }
 }

@@ -12,17 +12,23 @@
 //! ```
 //! A backend is one file and one [`Store`] variant.
 
+pub mod bucket;
+pub mod budget;
 pub mod cached;
 pub mod local;
+mod reclaim;
 pub mod redis;
 pub mod renewals;
 pub mod sweep;
+#[cfg(test)]
+mod testing;
 
 use crate::config::StoreConfig;
 use crate::fingerprint::Digest16;
 use crate::host::{CallResponse, Host, HostError, Level};
 use crate::metrics::Metric;
 use crate::record::StoredResponse;
+use budget::SpaceEffects;
 use cached::CachedRedis;
 use local::LocalTable;
 use redis::{CancelOutcome, OnUnavailable, StoreRequest};
@@ -91,11 +97,18 @@ fn no_answer() -> StoreError {
 impl Store {
     pub fn new(config: &StoreConfig) -> Store {
         match config {
-            StoreConfig::Local { buckets, ways } => Store::Local {
-                table: LocalTable::new(*buckets, *ways),
+            StoreConfig::Local {
+                buckets,
+                ways,
+                max_bytes,
+            } => Store::Local {
+                table: LocalTable::new(*buckets, *ways, *max_bytes),
                 sweep: Sweep::default(),
             },
-            StoreConfig::Redis(redis) => Store::Redis(CachedRedis::new(redis.clone())),
+            StoreConfig::Redis {
+                redis,
+                cache_max_bytes,
+            } => Store::Redis(CachedRedis::new(redis.clone(), *cache_max_bytes)),
         }
     }
 
@@ -191,14 +204,21 @@ impl Store {
         ttl_ms: u64,
     ) -> StoreStep<bool, PendingWrite> {
         match self {
-            Store::Local { table, .. } => StoreStep::Done(table.complete(
-                host,
-                &held.claim,
-                &held.digest,
-                response,
-                host.now_ms(),
-                ttl_ms,
-            )),
+            Store::Local { table, .. } => {
+                let mut space = SpaceEffects::default();
+                let result = table.complete(
+                    host,
+                    &held.claim,
+                    &held.digest,
+                    response,
+                    host.now_ms(),
+                    ttl_ms,
+                    &mut space,
+                );
+                // What was committed counts, whatever the result.
+                space.report(host);
+                StoreStep::Done(result)
+            }
             Store::Redis(redis) => redis.complete(host, held, response, ttl_ms),
         }
     }
@@ -331,6 +351,9 @@ pub enum StoreError {
     Inconsistent,
     /// The store could not be reached or answered an error (Redis store).
     Unavailable(String),
+    /// A record that cannot be kept within the byte budget (local store):
+    /// why.
+    NoRoom(&'static str),
 }
 
 impl From<HostError> for StoreError {
@@ -347,6 +370,7 @@ impl fmt::Display for StoreError {
             StoreError::Contention => write!(f, "store contention: every CAS attempt lost"),
             StoreError::Inconsistent => write!(f, "a completed record's response is missing"),
             StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
+            StoreError::NoRoom(why) => write!(f, "no room for the record: {why}"),
         }
     }
 }
@@ -391,4 +415,7 @@ pub struct SweepStats {
     pub occupied: u64,
     /// Buckets whose sweep failed (host error, unreadable data).
     pub errors: u32,
+    /// Bytes reclaimed, and records evicted where a bucket was over its
+    /// share of `max_bytes` (after it was lowered).
+    pub space: SpaceEffects,
 }

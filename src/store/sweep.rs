@@ -53,6 +53,7 @@ impl Sweep {
             host.metric_add(Metric::Expired, i64::from(stats.freed));
             host.metric_add(Metric::Entries, -i64::from(stats.freed));
         }
+        stats.space.report(host);
         if stats.errors > 0 {
             host.metric_add(Metric::StoreErrors, i64::from(stats.errors));
             host.log(

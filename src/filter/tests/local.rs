@@ -20,8 +20,9 @@ fn shared_data_calls_per_request_are_pinned() {
     respond(&host, &mut f, 201, b"{\"id\":1}");
     assert_eq!(
         calls(),
-        (before.0 + 2, before.1 + 2),
-        "complete: the slot's data (owner check) and its bucket"
+        (before.0 + 3, before.1 + 3),
+        "complete: reserve the record's bytes in its bucket (store.max_bytes), \
+         then the slot's data (owner check) and its bucket"
     );
     let before = calls();
     request(&host, &c, &post(Some("k1")), b"{}");

@@ -378,7 +378,7 @@ fn parse_store(value: serde_json::Value, platform: Platform) -> Result<StoreConf
                 (Some(_), false) => {
                     return Err(err(
                         "store.max_bytes",
-                        "bounds the replay cache, which needs shared data, which APISIX does not provide; leave it out (Redis's own memory is bounded by its maxmemory)",
+                        "bounds the replay cache, which APISIX cannot have (it has no shared data); leave it out: Redis's own memory is bounded by its maxmemory",
                     ))
                 }
                 (Some(n), true) => n,
@@ -708,6 +708,55 @@ mod tests {
     }
 
     #[test]
+    fn max_bytes_defaults_and_what_a_record_can_hold() {
+        let c = Config::default();
+        assert_eq!(
+            c.store,
+            StoreConfig::Local {
+                buckets: 6250,
+                ways: 16,
+                max_bytes: 256 * 1024 * 1024
+            }
+        );
+        // Each of the 6,250 buckets owns 42,949 bytes: bodies up to about
+        // 32 KB are captured, larger ones are replayed without their body.
+        assert_eq!(Budget::new(DEFAULT_MAX_BYTES, 6250).share(), 42_949);
+        assert_eq!(c.recorded_body_limit(), 32_129);
+        let c = Config::parse(br#"{"store":{"max_entries":160,"max_bytes":67108864}}"#).unwrap();
+        assert_eq!(
+            c.recorded_body_limit(),
+            1_048_576,
+            "max_response_body_bytes binds"
+        );
+        // Redis keeps whole records; its cache has its own budget.
+        let c = Config::parse(br#"{"store":{"type":"redis","cluster":"w"}}"#).unwrap();
+        assert_eq!(c.recorded_body_limit(), 1_048_576);
+        let StoreConfig::Redis {
+            cache_max_bytes, ..
+        } = c.store
+        else {
+            panic!("redis")
+        };
+        assert_eq!(cache_max_bytes, DEFAULT_CACHE_MAX_BYTES);
+        let c = Config::parse(
+            br#"{"store":{"type":"redis","cluster":"w","cache_entries":32,"max_bytes":8192}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            c.store,
+            StoreConfig::Redis {
+                cache_max_bytes: 8192,
+                ..
+            }
+        ));
+        // Without a cache the budget bounds nothing: any size is accepted.
+        assert!(Config::parse(
+            br#"{"store":{"type":"redis","cluster":"w","cache_entries":0,"max_bytes":1}}"#
+        )
+        .is_ok());
+    }
+
+    #[test]
     fn redis_store_defaults_and_auth() {
         let c = Config::parse(br#"{"store":{"type":"redis","cluster":"webdis"}}"#).unwrap();
         let StoreConfig::Redis { redis: r, .. } = c.store else {
@@ -803,6 +852,13 @@ mod tests {
             (r#"{"scope_headers":["x tenant"]}"#, "invalid configuration: scope_headers: \"x tenant\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"fingerprint_headers":[""]}"#, "invalid configuration: fingerprint_headers: \"\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"store":{"type":"local","max_entries":7}}"#, "invalid configuration: store.max_entries: must be between 16 and 10000000 (got 7)"),
+            (r#"{"store":{"type":"local","max_bytes":1000}}"#, "invalid configuration: store.max_bytes: must be at least 25600000 for max_entries 100000 (4096 per bucket of 16 entries) (got 1000); raise it or lower max_entries"),
+            (r#"{"store":{"max_entries":1600,"max_bytes":409599}}"#, "invalid configuration: store.max_bytes: must be at least 409600 for max_entries 1600 (4096 per bucket of 16 entries) (got 409599); raise it or lower max_entries"),
+            (r#"{"store":{"type":"local","max_bytes":2000000000000}}"#, "invalid configuration: store.max_bytes: must be at most 1099511627776 (got 2000000000000)"),
+            (r#"{"store":{"type":"local","max_bytes":"256MiB"}}"#, "invalid configuration: store.max_bytes: invalid type: string \"256MiB\", expected u64; see the configuration table in README.md for each field's type"),
+            (r#"{"store":{"type":"redis","cluster":"w","max_bytes":1000}}"#, "invalid configuration: store.max_bytes: must be at least 2560000 for cache_entries 10000 (4096 per bucket of 16 entries) (got 1000); raise it or lower cache_entries"),
+            (r#"{"store":{"type":"redis","cluster":"w","cache_entries":0,"max_bytes":2000000000000}}"#, "invalid configuration: store.max_bytes: must be at most 1099511627776 (got 2000000000000)"),
+            (r#"{"host":"apisix","forward":{"upstream":"u:1"},"store":{"type":"redis","cluster":"w:1","max_bytes":100000000}}"#, "invalid configuration: store.max_bytes: bounds the replay cache, which APISIX cannot have (it has no shared data); leave it out: Redis's own memory is bounded by its maxmemory"),
             (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `key_syntax`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `fingerprint_hash`, `record_server_errors`, `unknown_outcome`, `never_record_headers`, `host`, `forward`, `outcome_property`, `store`; remove it or fix its spelling"),
             (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store.max_entry: unknown field `max_entry`, expected `max_entries` or `max_bytes`; remove it or fix its spelling"),
             (r#"{"ttl_seconds":"60"}"#, "invalid configuration: ttl_seconds: invalid type: string \"60\", expected u64; see the configuration table in README.md for each field's type"),

@@ -235,3 +235,161 @@ proptest! {
         }
     }
 }
+
+/// One step of the byte-budget model test.
+#[derive(Debug, Clone)]
+enum BudgetOp {
+    Claim {
+        worker: usize,
+        key: usize,
+        other_payload: bool,
+    },
+    Complete {
+        worker: usize,
+        size: usize,
+    },
+    Release {
+        worker: usize,
+    },
+    Abandon {
+        worker: usize,
+    },
+    Sweep,
+    Advance {
+        ms: u64,
+    },
+}
+
+fn budget_op() -> impl Strategy<Value = BudgetOp> {
+    prop_oneof![
+        4 => (0..3usize, 0..5usize, prop::bool::weighted(0.1))
+            .prop_map(|(worker, key, other_payload)| BudgetOp::Claim { worker, key, other_payload }),
+        4 => (0..3usize, prop_oneof![0..200usize, 200..1500usize, Just(2900usize), Just(5000usize)])
+            .prop_map(|(worker, size)| BudgetOp::Complete { worker, size }),
+        1 => (0..3usize).prop_map(|worker| BudgetOp::Release { worker }),
+        1 => (0..3usize).prop_map(|worker| BudgetOp::Abandon { worker }),
+        1 => Just(BudgetOp::Sweep),
+        2 => prop_oneof![Just(1u64), Just(500), Just(1000), Just(10_000)].prop_map(|ms| BudgetOp::Advance { ms }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// The slot table under a byte budget that holds about two records,
+    /// over random interleavings of claims, completions of any size,
+    /// releases, vanished clients, sweeps and time: after every single
+    /// shared-data write the budget holds (audited), the bytes gauge is
+    /// the table's exact charge, a running claim is never evicted (its key
+    /// always answers 409 and its completion always lands while its lock
+    /// lives), and a replay is always the key's own recorded answer, whole
+    /// or (when it could not fit) without its body: never another's bytes.
+    #[test]
+    fn the_byte_budget_holds_and_replays_are_never_wrong(ops in proptest::collection::vec(budget_op(), 1..80)) {
+        use crate::store::budget::SpaceEffects;
+        use crate::store::testing::Audited;
+        let shared = FakeShared::default();
+        // 5 keys on 4 ways: entry eviction too; 4096 bytes: two records.
+        let table = LocalTable::new(1, 4, 4096);
+        table.init(&shared).unwrap();
+        let s = Audited::new(&shared, &table);
+        let keys: Vec<Digest16> = (0..5).map(|i| key_digest(&[], &format!("k{i}"))).collect();
+        let (fp_a, fp_b): (Digest16, Digest16) = ([1; 16], [2; 16]);
+        let mut model = vec![Model::Nothing; 5];
+        let mut workers: Vec<Option<(usize, Claim, Digest16)>> = vec![None; 3];
+        let (mut now, mut token, mut served, mut gauge) = (1_000_000u64, 0u64, 0u32, 0i64);
+        for op in ops {
+            match op {
+                BudgetOp::Claim { worker, key, other_payload } => {
+                    if workers[worker].is_some() {
+                        continue;
+                    }
+                    let fp = if other_payload { fp_b } else { fp_a };
+                    token += 1;
+                    let (outcome, _) = table.claim(&s, &keys[key], &fp, token, now, LOCK_MS).unwrap();
+                    let running = model.iter().filter(|m| matches!(m, Model::InFlight { deadline, .. } if now < *deadline)).count();
+                    match (&model[key], outcome) {
+                        (Model::InFlight { fingerprint, deadline, .. }, o) if now < *deadline => {
+                            let expected = if *fingerprint == fp { ClaimOutcome::InFlight } else { ClaimOutcome::Mismatch };
+                            prop_assert_eq!(o, expected, "a running claim is never evicted");
+                        }
+                        (Model::Done { response, fingerprint, expires }, ClaimOutcome::Replay(r)) if now < *expires => {
+                            prop_assert!(*fingerprint == fp, "replayed for another payload");
+                            let whole = &r == response;
+                            let bodiless = r.body_omitted && r.body.is_empty() && r.status == response.status && r.headers == response.headers;
+                            prop_assert!(whole || bodiless, "a replay is the key's own answer");
+                        }
+                        (Model::Done { fingerprint, expires, .. }, ClaimOutcome::Mismatch) if now < *expires => {
+                            prop_assert!(*fingerprint != fp);
+                        }
+                        (_, ClaimOutcome::Claimed(c)) => {
+                            // A new claim: the key had nothing live, or its
+                            // completed record was evicted (entries or bytes).
+                            model[key] = Model::InFlight { token, fingerprint: fp, deadline: now + LOCK_MS };
+                            workers[worker] = Some((key, c, fp));
+                        }
+                        (_, ClaimOutcome::Full) => prop_assert!(running >= 4, "full with {} running", running),
+                        (m, o) => prop_assert!(false, "model {:?}, table answered {:?}", m, o),
+                    }
+                }
+                BudgetOp::Complete { worker, size } => {
+                    let Some((key, claim, fp)) = workers[worker].take() else { continue };
+                    served += 1;
+                    let mut response = StoredResponse { status: 201, headers: vec![("x-n".into(), served.to_le_bytes().to_vec())], body: vec![served as u8; size], body_omitted: false };
+                    let mut fx = SpaceEffects::default();
+                    let result = table.complete(&s, &claim, &keys[key], response.clone(), now, TTL_MS, &mut fx);
+                    gauge += fx.bytes;
+                    let (owns, alive) = match model[key] {
+                        Model::InFlight { token: t, deadline, .. } => (t == claim.token, now < deadline),
+                        _ => (false, false),
+                    };
+                    match result {
+                        Ok(true) => {
+                            prop_assert!(owns, "only the current owner records");
+                            if fx.bodies_omitted > 0 {
+                                response.body.clear();
+                                response.body_omitted = true;
+                            }
+                            model[key] = Model::Done { response, fingerprint: fp, expires: now + TTL_MS };
+                        }
+                        // A claim past its lock may have been reclaimed.
+                        // (Past its lock, a claim may have been freed to make room.)
+                        Ok(false) => prop_assert!(!owns || !alive, "a live claim's completion lands"),
+                        Err(e) => prop_assert!(false, "complete failed: {}", e),
+                    }
+                }
+                BudgetOp::Release { worker } => {
+                    let Some((key, claim, _)) = workers[worker].take() else { continue };
+                    let released = table.release(&s, &claim).unwrap();
+                    let (owns, alive) = match model[key] {
+                        Model::InFlight { token: t, deadline, .. } => (t == claim.token, now < deadline),
+                        _ => (false, false),
+                    };
+                    prop_assert!(released == owns || (owns && !alive));
+                    if released {
+                        model[key] = Model::Nothing;
+                    }
+                }
+                BudgetOp::Abandon { worker } => workers[worker] = None,
+                BudgetOp::Sweep => {
+                    let stats = table.sweep(&s, 0, 1, now);
+                    gauge += stats.space.bytes;
+                    for m in model.iter_mut() {
+                        let dead = match m {
+                            Model::InFlight { deadline, .. } => now >= *deadline,
+                            Model::Done { expires, .. } => now >= *expires,
+                            Model::Nothing => false,
+                        };
+                        if dead {
+                            *m = Model::Nothing;
+                        }
+                    }
+                }
+                BudgetOp::Advance { ms } => now += ms,
+            }
+            prop_assert_eq!(gauge as u64, table.charged(&shared).unwrap(), "the gauge is the table");
+            prop_assert!(table.charged(&shared).unwrap() <= 4096);
+            s.audit();
+        }
+    }
+}

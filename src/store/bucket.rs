@@ -9,8 +9,9 @@
 //! Layout (little endian), version 2:
 //! ```text
 //! u8  version = 2
-//! per entry (69 bytes):
+//! per entry (70 bytes):
 //!   u8  state          0 free, 1 in flight, 2 completed
+//!   u8  flags          bit 0: reserved (in flight: its completion is writing)
 //!   u32 data_bytes     what the slot's data key is charged for (0: a tombstone)
 //!   u64 epoch          grows with every claim of the slot
 //!   [16] key digest
@@ -30,7 +31,7 @@ use crate::record::Reader;
 use super::Claim;
 
 pub(super) const BUCKET_VERSION: u8 = 2;
-pub(super) const ENTRY_SIZE: usize = 69;
+pub(super) const ENTRY_SIZE: usize = 70;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -42,6 +43,11 @@ pub enum State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
     pub state: State,
+    /// In flight only: its completion has reserved `data_bytes` for the
+    /// record it is writing, so nobody else may take them. Without it, an
+    /// in-flight slot's bytes are those of an earlier epoch: garbage that
+    /// anyone may wipe.
+    pub reserved: bool,
     /// Bytes the slot's data key is charged for: the record written there,
     /// a record about to be written (reserved by its completion), or bytes
     /// of an earlier epoch not reclaimed yet. Never less than what the data
@@ -60,6 +66,7 @@ pub struct Entry {
 impl Entry {
     pub(super) const FREE: Entry = Entry {
         state: State::Free,
+        reserved: false,
         data_bytes: 0,
         epoch: 0,
         digest: [0; 16],
@@ -90,6 +97,27 @@ impl Entry {
 
     pub(super) fn is_dead(&self, now_ms: u64) -> bool {
         self.state != State::Free && now_ms >= self.deadline_ms
+    }
+
+    /// Its bytes are nobody's record: a free slot's, or a running request's
+    /// leftovers of an earlier epoch (not reserved). Their charge can be
+    /// reclaimed once they are wiped.
+    pub(super) fn holds_garbage(&self) -> bool {
+        self.has_data()
+            && match self.state {
+                State::Free => true,
+                State::InFlight => !self.reserved,
+                State::Completed => false,
+            }
+    }
+
+    /// The newest epoch whose bytes in this slot are garbage: a free slot's
+    /// own record is, a running request's own (about to be written) is not.
+    pub(super) fn garbage_epoch(&self) -> u64 {
+        match self.state {
+            State::Free => self.epoch,
+            _ => self.epoch.saturating_sub(1),
+        }
     }
 
     pub(super) fn owned_by(&self, claim: &Claim) -> bool {
@@ -126,6 +154,7 @@ impl Bucket {
         out.push(BUCKET_VERSION);
         for e in &self.entries {
             out.push(e.state as u8);
+            out.push(u8::from(e.reserved));
             out.extend_from_slice(&e.data_bytes.to_le_bytes());
             out.extend_from_slice(&e.epoch.to_le_bytes());
             out.extend_from_slice(&e.digest);
@@ -154,8 +183,14 @@ impl Bucket {
                 2 => State::Completed,
                 _ => return Err(StoreError::Corrupt("entry state")),
             };
+            let reserved = match r.u8().map_err(corrupt)? {
+                0 => false,
+                1 if state == State::InFlight => true,
+                _ => return Err(StoreError::Corrupt("entry flags")),
+            };
             let entry = Entry {
                 state,
+                reserved,
                 data_bytes: r.u32().map_err(corrupt)?,
                 epoch: r.u64().map_err(corrupt)?,
                 digest: r.digest().map_err(corrupt)?,
@@ -224,6 +259,7 @@ mod tests {
         let mut b = Bucket::empty(8);
         b.entries[3] = Entry {
             state: State::Completed,
+            reserved: false,
             data_bytes: 1234,
             epoch: 7,
             digest: [1; 16],
@@ -243,9 +279,24 @@ mod tests {
             Bucket::decode(&bad, 8),
             Err(StoreError::Corrupt("entry state"))
         );
+        // Only a running request's bytes can be reserved: the flag is
+        // canonical (found by the record_decoder fuzzer on version 1).
+        let mut flagged = bytes.clone();
+        flagged[1 + 3 * ENTRY_SIZE + 1] = 1;
+        assert_eq!(
+            Bucket::decode(&flagged, 8),
+            Err(StoreError::Corrupt("entry flags"))
+        );
+        flagged[1 + 3 * ENTRY_SIZE] = State::InFlight as u8;
+        assert!(Bucket::decode(&flagged, 8).unwrap().entries[3].reserved);
+        flagged[1 + 3 * ENTRY_SIZE + 1] = 2;
+        assert_eq!(
+            Bucket::decode(&flagged, 8),
+            Err(StoreError::Corrupt("entry flags"))
+        );
         // A completed entry charged nothing cannot be: its record has bytes.
         let mut uncharged = bytes.clone();
-        uncharged[1 + 3 * ENTRY_SIZE + 1..1 + 3 * ENTRY_SIZE + 5].fill(0);
+        uncharged[1 + 3 * ENTRY_SIZE + 2..1 + 3 * ENTRY_SIZE + 6].fill(0);
         assert_eq!(
             Bucket::decode(&uncharged, 8),
             Err(StoreError::Corrupt("completed entry without data"))
@@ -254,7 +305,7 @@ mod tests {
 
     /// Found by the record_decoder fuzzer on version 1 (a non-canonical flag
     /// byte was accepted and silently rewritten). Version 1 buckets are now
-    /// refused whole, and version 2 has no flag byte to be non-canonical.
+    /// refused whole; version 2's flag byte is checked above.
     #[test]
     fn fuzz_regression_version_1_buckets_are_refused() {
         let crash: &[u8] = &[

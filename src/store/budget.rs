@@ -73,7 +73,7 @@ impl Budget {
     /// What makes room in `bucket` for `own_bytes` charged to slot `own`
     /// (its current charge is replaced), or, with no slot, for nothing
     /// more (the sweep, when a bucket is over its share). Running requests
-    /// are never evicted, and their slots' charges stay.
+    /// are never evicted; only the bytes their slots held before them go.
     pub fn plan(&self, bucket: &Bucket, own: Option<usize>, own_bytes: u64, now_ms: u64) -> Plan {
         let others = || {
             bucket
@@ -82,11 +82,13 @@ impl Budget {
                 .enumerate()
                 .filter(move |(i, _)| Some(*i) != own)
         };
-        let running: u64 = others()
-            .filter(|(_, e)| e.state == State::InFlight && !e.is_dead(now_ms))
+        // What no one may take: the bytes other completions have reserved
+        // (for microseconds: between their reservation and their entry).
+        let reserved: u64 = others()
+            .filter(|(_, e)| e.state == State::InFlight && e.reserved && !e.is_dead(now_ms))
             .map(|(_, e)| u64::from(e.data_bytes))
             .sum();
-        if running.saturating_add(own_bytes) > self.share {
+        if reserved.saturating_add(own_bytes) > self.share {
             return Plan::NoRoom;
         }
         let total: u64 = others()
@@ -96,11 +98,12 @@ impl Budget {
         if total <= self.share {
             return Plan::Fits;
         }
-        // Cheapest first: bytes nobody owns any more (free slots, largest
-        // first), then expired records and abandoned claims (soonest dead
-        // first), then live completed records, oldest completion first.
+        // Cheapest first: bytes nobody owns any more (free slots' and
+        // running requests' leftovers of earlier epochs, largest first),
+        // then expired records and abandoned claims (soonest dead first),
+        // then live completed records, oldest completion first.
         let mut garbage: Vec<(usize, u64)> = others()
-            .filter(|(_, e)| e.state == State::Free && e.has_data())
+            .filter(|(_, e)| e.holds_garbage() && !e.is_dead(now_ms))
             .map(|(i, e)| (i, u64::from(e.data_bytes)))
             .collect();
         garbage.sort_by_key(|(_, bytes)| std::cmp::Reverse(*bytes));
@@ -132,7 +135,7 @@ impl Budget {
                 return Plan::Reclaim(victims);
             }
         }
-        // Only reachable if the running total was miscounted: nothing else
+        // Only reachable if the reserved total was miscounted: nothing else
         // holds bytes.
         Plan::NoRoom
     }
@@ -146,7 +149,8 @@ pub enum Plan {
     /// It fits once these slots' bytes are reclaimed: free slots' leftovers,
     /// dead entries, then live completed records (evicted).
     Reclaim(Vec<usize>),
-    /// It cannot fit now: running requests hold the rest of the share.
+    /// It cannot fit now: other completions' reservations hold the rest
+    /// of the share.
     NoRoom,
 }
 
@@ -259,7 +263,11 @@ mod tests {
         let mut bucket = Bucket::empty(6);
         bucket.entries[0] = entry(State::Completed, 200, 10, 10_000); // older
         bucket.entries[1] = entry(State::Completed, 200, 20, 10_000);
-        bucket.entries[2] = entry(State::InFlight, 300, 5, 1_000); // running until 1000
+        // A completion running until 1000 that reserved its 300 bytes.
+        bucket.entries[2] = Entry {
+            reserved: true,
+            ..entry(State::InFlight, 300, 5, 1_000)
+        };
         bucket.entries[3] = entry(State::Free, 100, 0, 0); // leftover
         bucket.entries[4] = entry(State::Completed, 100, 1, 50); // expired at 100
                                                                  // 900 held, own slot 5 wants 100: fits.
@@ -273,7 +281,7 @@ mod tests {
             b.plan(&bucket, Some(5), 350, 100),
             Plan::Reclaim(vec![3, 4, 0])
         );
-        // The running request's 300 can never be taken: 700 at most.
+        // The running completion's 300 can never be taken: 700 at most.
         assert_eq!(
             b.plan(&bucket, Some(5), 700, 100),
             Plan::Reclaim(vec![3, 4, 0, 1])
@@ -289,5 +297,12 @@ mod tests {
         // The sweep: over the share with nothing new, the oldest goes.
         bucket.entries[5] = entry(State::Completed, 250, 30, 10_000);
         assert_eq!(b.plan(&bucket, None, 0, 100), Plan::Reclaim(vec![3, 4]));
+        // A running request that has not reserved holds only the bytes of
+        // the record its slot had before: garbage, taken first.
+        bucket.entries[2].reserved = false;
+        assert_eq!(
+            b.plan(&bucket, Some(5), 750, 100),
+            Plan::Reclaim(vec![2, 3, 4, 0])
+        );
     }
 }

@@ -231,10 +231,11 @@ impl LocalTable {
             };
             let epoch = entry.epoch.wrapping_add(1);
             // The bytes the slot is charged for stay charged: they are still
-            // in its data key until this claim's record replaces them or the
-            // sweep reclaims them once the slot is free again.
+            // in its data key until this claim's record replaces them or
+            // someone wipes them (they are garbage: `holds_garbage`).
             *entry = Entry {
                 state: State::InFlight,
+                reserved: false,
                 data_bytes: entry.data_bytes,
                 epoch,
                 digest: *digest,
@@ -463,6 +464,7 @@ impl LocalTable {
                 return Ok(Recorded::ClaimLost);
             };
             entry.state = State::Completed;
+            entry.reserved = false;
             // Exact now (the reservation may have covered older, larger bytes).
             entry.data_bytes = u32::try_from(charged).unwrap_or(u32::MAX);
             entry.token = 0;
@@ -504,7 +506,7 @@ impl LocalTable {
 
     /// Frees a claim so that a retry executes again (5xx responses).
     /// `Ok(false)`: the claim was no longer ours. Its slot's bytes stay
-    /// charged until the sweep reclaims them.
+    /// charged until they are wiped.
     pub fn release<S: SharedData>(&self, shared: &S, claim: &Claim) -> Result<bool, StoreError> {
         let (b, way) = self.split(claim.slot);
         for _ in 0..MAX_CAS_ATTEMPTS {
@@ -513,6 +515,7 @@ impl LocalTable {
                 return Ok(false);
             };
             entry.state = State::Free;
+            entry.reserved = false;
             entry.token = 0;
             if self.store(shared, b, &bucket, cas)? {
                 return Ok(true);

@@ -21,7 +21,7 @@ pub mod redis;
 pub mod renewals;
 pub mod sweep;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 use crate::config::StoreConfig;
 use crate::fingerprint::Digest16;

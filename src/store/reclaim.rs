@@ -39,7 +39,9 @@ type Wiped = Vec<(usize, u64)>;
 fn uncharge_wiped(bucket: &mut Bucket, wiped: &Wiped) {
     for (way, epoch) in wiped {
         if let Some(e) = bucket.entries.get_mut(*way) {
-            if e.epoch == *epoch && e.state == State::Free {
+            // Still the slot we wiped, and its bytes still garbage (a
+            // running request that has reserved since keeps its charge).
+            if e.epoch == *epoch && e.holds_garbage() {
                 e.data_bytes = 0;
             }
         }
@@ -48,11 +50,12 @@ fn uncharge_wiped(bucket: &mut Bucket, wiped: &Wiped) {
 
 impl LocalTable {
     /// Reserves `need` bytes for `claim`'s slot: its charge becomes at least
-    /// `need`. Takes the room from its bucket as [`super::budget::Budget::plan`]
-    /// says, evicting the oldest completed records if it must; running
-    /// requests are never evicted. Re-reads the bucket a bounded number of
-    /// times while running requests hold the room (a reservation of another
-    /// worker's completion lasts microseconds).
+    /// `need`, and marked reserved, so that nobody takes it while the record
+    /// is written. Takes the room from its bucket as
+    /// [`super::budget::Budget::plan`] says: garbage first, then the oldest
+    /// completed records; running requests are never evicted. Re-reads the
+    /// bucket a bounded number of times while other completions' reservations
+    /// hold the room (each lasts microseconds: one data write).
     pub(super) fn reserve<S: SharedData>(
         &self,
         shared: &S,
@@ -93,13 +96,9 @@ impl LocalTable {
                     let Some(own) = bucket.entries.get(w).filter(|e| e.owned_by(c)) else {
                         return Ok(Room::NotOurs);
                     };
-                    // Its slot is already charged enough (bytes of an older
-                    // record it replaces): nothing to reserve. Nobody but
-                    // the owner lowers a running request's charge.
-                    if u64::from(own.data_bytes) >= need {
-                        return Ok(Room::Made);
-                    }
-                    need
+                    // Bytes of an older record in its own slot are replaced:
+                    // charged whichever is larger until the entry says.
+                    need.max(u64::from(own.data_bytes))
                 }
                 _ => 0,
             };
@@ -120,6 +119,7 @@ impl LocalTable {
                     };
                     if let Some(own) = bucket.entries.get_mut(w) {
                         own.data_bytes = u32::try_from(own_bytes).unwrap_or(u32::MAX);
+                        own.reserved = true;
                     }
                     if self.store(shared, b, &bucket, cas)? {
                         space.add_bytes(before, bucket.charged());
@@ -129,18 +129,19 @@ impl LocalTable {
                 Plan::Reclaim(victims) => {
                     // First they stop being records, so that no replay can
                     // read them; their bytes stay charged until wiped.
+                    // (Garbage needs no change: it is nobody's record.)
                     let (mut evicted, mut expired) = (0, 0);
                     for v in &victims {
                         if let Some(e) = bucket.entries.get_mut(*v) {
-                            if e.state == State::Free {
-                                continue;
-                            }
                             if e.is_dead(now_ms) {
                                 expired += 1;
-                            } else {
+                            } else if e.state == State::Completed {
                                 evicted += 1;
+                            } else {
+                                continue;
                             }
                             e.state = State::Free;
+                            e.reserved = false;
                             e.token = 0;
                         }
                     }
@@ -154,11 +155,11 @@ impl LocalTable {
                         space.expired += expired;
                     }
                     for v in victims {
-                        let Some(epoch) = bucket.entries.get(v).map(|e| e.epoch) else {
+                        let Some(e) = bucket.entries.get(v).copied() else {
                             continue;
                         };
-                        if self.wipe(shared, self.slot_of(b, v), epoch)? {
-                            wiped.push((v, epoch));
+                        if self.wipe(shared, self.slot_of(b, v), e.garbage_epoch())? {
+                            wiped.push((v, e.epoch));
                         }
                     }
                     // The next round takes the wiped charges off and reserves.
@@ -172,10 +173,11 @@ impl LocalTable {
         }
     }
 
-    /// Overwrites a free slot's bytes of `epoch` (or older) with a tombstone.
-    /// `Ok(true)` when the slot holds no such bytes any more; `Ok(false)`
-    /// when they belong to a newer claim (never erased) or the CAS lost to a
-    /// writer (whose bytes stay).
+    /// Overwrites a slot's bytes of `epoch` or older (garbage: see
+    /// [`super::bucket::Entry::garbage_epoch`]) with a tombstone. `Ok(true)`
+    /// when the slot holds no such bytes any more; `Ok(false)` when they
+    /// belong to a newer epoch (never erased) or the CAS lost to a writer
+    /// (whose bytes stay).
     fn wipe<S: SharedData>(&self, shared: &S, slot: u32, epoch: u64) -> Result<bool, StoreError> {
         let key = self.data_key(slot);
         let Some((bytes, cas)) = shared.shared_get(&key)? else {
@@ -252,6 +254,7 @@ impl LocalTable {
             let mut freed = 0;
             for e in bucket.entries.iter_mut().filter(|e| e.is_dead(now_ms)) {
                 e.state = State::Free;
+                e.reserved = false;
                 e.token = 0;
                 freed += 1;
             }
@@ -265,7 +268,8 @@ impl LocalTable {
         Ok(0)
     }
 
-    /// Wipes the bytes free slots still hold. Returns the data keys
+    /// Wipes the garbage slots still hold (free slots' bytes, running
+    /// requests' leftovers of earlier epochs). Returns the data keys
     /// reclaimed, the bucket's occupied slots (from the bucket it read
     /// after `free_dead`, so the sweep reads each bucket once more, not
     /// twice), and whether the bucket is over its share.
@@ -281,18 +285,16 @@ impl LocalTable {
             .iter()
             .filter(|e| e.state != State::Free)
             .count() as u64;
-        // Running requests' slots are left alone: their charge is their
-        // owner's until it completes or releases.
         let mut wiped: Wiped = Vec::new();
         for (way, e) in bucket.entries.iter().enumerate() {
-            if e.state != State::Free || !e.has_data() {
+            if !e.holds_garbage() {
                 continue;
             }
             // `e` may be stale: the slot can have been claimed and completed
             // since the bucket was read, leaving a newer epoch in the data,
             // which `wipe` never erases; and if the new owner writes between
             // our read and our write, our tombstone's CAS loses.
-            if self.wipe(shared, self.slot_of(b, way), e.epoch)? {
+            if self.wipe(shared, self.slot_of(b, way), e.garbage_epoch())? {
                 wiped.push((way, e.epoch));
             }
         }

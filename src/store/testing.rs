@@ -1,8 +1,12 @@
 //! Helpers shared by the slot table's unit tests.
 
-use super::{Claim, ClaimEffects, ClaimOutcome};
+use super::budget::charge;
+use super::local::LocalTable;
+use super::{Claim, ClaimEffects, ClaimOutcome, SharedData};
+use crate::fake_host::FakeShared;
 use crate::fingerprint::Digest16;
-use crate::record::StoredResponse;
+use crate::record::{DataRecord, StoredResponse};
+use std::cell::Cell;
 
 /// A budget nothing in a test reaches (tests of everything but the budget).
 pub const NO_LIMIT: u64 = u64::MAX;
@@ -26,5 +30,73 @@ pub fn claimed(o: (ClaimOutcome, ClaimEffects)) -> Claim {
     match o.0 {
         ClaimOutcome::Claimed(c) => c,
         other => panic!("expected a claim, got {other:?}"),
+    }
+}
+
+/// Shared data that checks the budget after every single write, so that a
+/// step order that exceeds it even for an instant fails the test: each
+/// bucket within its share, and every slot's bytes within what its entry is
+/// charged (beyond the tombstone every slot starts with).
+pub struct Audited<'a> {
+    inner: &'a FakeShared,
+    table: LocalTable,
+    writes: Cell<u32>,
+}
+
+impl<'a> Audited<'a> {
+    pub fn new(inner: &'a FakeShared, table: &LocalTable) -> Audited<'a> {
+        Audited {
+            inner,
+            table: table.clone(),
+            writes: Cell::new(0),
+        }
+    }
+
+    pub fn audit(&self) {
+        let t = &self.table;
+        for b in 0..t.buckets {
+            let Some(bytes) = self.inner.peek(&t.bucket_key(b)) else {
+                continue;
+            };
+            let bucket = super::bucket::Bucket::decode(&bytes, t.ways).unwrap();
+            assert!(
+                bucket.charged() <= t.budget.share(),
+                "bucket {b} charged {} over its share {} after write {}",
+                bucket.charged(),
+                t.budget.share(),
+                self.writes.get()
+            );
+            for (way, e) in bucket.entries.iter().enumerate() {
+                let data = self.inner.peek(&t.data_key(t.slot_of(b, way))).unwrap();
+                if data == DataRecord::tombstone() {
+                    continue;
+                }
+                assert!(
+                    charge(data.len() as u64) <= u64::from(e.data_bytes),
+                    "slot {way} of bucket {b} holds {} bytes, charged {} ({:?}) after write {}",
+                    data.len(),
+                    e.data_bytes,
+                    e.state,
+                    self.writes.get()
+                );
+            }
+        }
+    }
+}
+
+impl SharedData for Audited<'_> {
+    fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, crate::host::HostError> {
+        self.inner.shared_get(key)
+    }
+    fn shared_set(
+        &self,
+        k: &str,
+        v: &[u8],
+        c: Option<u32>,
+    ) -> Result<bool, crate::host::HostError> {
+        let r = self.inner.shared_set(k, v, c);
+        self.writes.set(self.writes.get() + 1);
+        self.audit();
+        r
     }
 }

@@ -88,3 +88,34 @@ fn released_and_failed_writes_are_not_cached() {
     assert_eq!(host.call_count(), 5);
     assert_eq!(host.metric(Metric::CacheHits), 0);
 }
+
+/// The replay cache's byte budget: a record larger than a bucket's share is
+/// not cached (Redis has it whole, so its retry asks Redis and gets it
+/// whole), and the bytes gauge counts only what the cache holds.
+#[test]
+fn the_replay_cache_keeps_only_what_fits_its_byte_budget() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let c =
+        ctx(r#"{"store":{"type":"redis","cluster":"webdis","cache_entries":16,"max_bytes":4096}}"#);
+    let mut f = redis_post(&host, &redis, &c, "small");
+    complete_paid(&host, &redis, &mut f);
+    let held = host.metric(Metric::BytesHeld);
+    assert!(held > 0, "the small record is cached");
+    assert_eq!(post_answered_locally(&host, &c, "small", b""), 201);
+    // A 5000-byte answer does not fit a 4096-byte share.
+    let mut f = redis_post(&host, &redis, &c, "big");
+    host.set_response(&[(":status", "201")]);
+    assert_eq!(f.on_response_headers(&host, false), Verdict::Continue);
+    host.set_response_chunk(&[7u8; 5000]);
+    assert_eq!(f.on_response_body(&host, 5000, true), Verdict::Pause);
+    redis_answers(&host, &redis, &mut f, Op::Complete);
+    assert_eq!(host.metric(Metric::Stored), 2);
+    assert_eq!(host.metric(Metric::BytesHeld), held, "not cached");
+    assert_eq!(host.metric(Metric::BodiesOmitted), 0, "Redis has it whole");
+    let calls = host.call_count();
+    redis_post(&host, &redis, &c, "big");
+    assert_eq!(host.call_count(), calls + 1, "asked Redis");
+    let replay = host.sent().unwrap();
+    assert_eq!((replay.status, replay.body), (201, vec![7u8; 5000]));
+}

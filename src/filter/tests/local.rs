@@ -428,3 +428,61 @@ fn request_trailers_end_the_request() {
     assert_eq!(f.on_request_body(&host, 3, false), Verdict::AwaitBody);
     assert_eq!(f.on_request_trailers(&host), Verdict::Continue);
 }
+
+/// `store.max_bytes` through the filter: records that do not fit evict the
+/// oldest of their bucket, the bytes gauge follows the table exactly, and a
+/// body larger than a bucket's share is not even captured: the client gets
+/// it whole, retries get the replay without it.
+#[test]
+fn the_byte_budget_evicts_for_space_and_its_gauge_follows_the_table() {
+    // One bucket of 16 entries whose share (5000 bytes) holds three
+    // 1000-byte answers (1488 bytes each, charged).
+    let (host, c) = setup(r#"{"store":{"max_entries":16,"max_bytes":5000}}"#);
+    let charged = || match &c.store {
+        crate::store::Store::Local { table, .. } => table.charged(&host.shared).unwrap(),
+        crate::store::Store::Redis(_) => unreachable!(),
+    };
+    let answer = |i: usize| vec![b'a' + i as u8; 1000];
+    for i in 0..6 {
+        // Eviction takes the oldest completion: one per millisecond.
+        host.advance_clock(1);
+        let key = format!("k{i}");
+        let (mut f, forwarded) = request(&host, &c, &post(Some(&key)), b"{}");
+        assert!(forwarded);
+        respond(&host, &mut f, 201, &answer(i));
+        assert_eq!(
+            host.metric(Metric::BytesHeld) as u64,
+            charged(),
+            "after {key}"
+        );
+    }
+    assert_eq!(host.metric(Metric::Stored), 6);
+    assert_eq!(host.metric(Metric::EvictedForSpace), 3);
+    assert_eq!(host.metric(Metric::Evicted), 0, "the entries never ran out");
+    assert_eq!(host.metric(Metric::Entries), 3);
+    assert!(charged() <= 5000);
+    // The three newest replay byte for byte; the oldest runs again.
+    for i in 3..6 {
+        let (_, forwarded) = request(&host, &c, &post(Some(&format!("k{i}"))), b"{}");
+        assert!(!forwarded, "k{i} replayed");
+        assert_eq!(host.sent().unwrap().body, answer(i));
+    }
+    let (_, forwarded) = request(&host, &c, &post(Some("k0")), b"{}");
+    assert!(forwarded, "evicted: runs again");
+    // A 40 KB answer: larger than the share, so captured without its body.
+    let (mut f, _) = request(&host, &c, &post(Some("big")), b"{}");
+    respond(&host, &mut f, 201, &vec![b'z'; 40_000]);
+    assert_eq!(host.metric(Metric::BodiesOmitted), 1);
+    request(&host, &c, &post(Some("big")), b"{}");
+    let replay = host.sent().unwrap();
+    assert_eq!(
+        (replay.status, replay.body.len()),
+        (201, 0),
+        "replayed, without its body"
+    );
+    assert_eq!(
+        replay.header("idempotent-replay-body").as_deref(),
+        Some("omitted")
+    );
+    assert_eq!(host.metric(Metric::BytesHeld) as u64, charged());
+}

@@ -14,6 +14,9 @@ Test hooks (request headers; harmless in the demo):
                             release(NAME) before the rest
   x-demo-response-bytes: N  answer with an N-byte body instead of JSON
   x-demo-binary: 1          with x-demo-response-bytes, bytes 0..255 repeated
+  x-demo-unique: 1          with x-demo-response-bytes, the payment id repeated, so
+                            every execution's body differs (a replay of the
+                            wrong record shows)
   x-demo-echo: 1            answer with the request body itself (octet-stream)
   x-demo-reset: 1           execute, then drop the connection without answering
   x-demo-cut: 1             execute, answer the headers and half the body, drop
@@ -161,6 +164,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(status, body or b"", "application/octet-stream", extra)
         if size is not None:
             n = int(size)
+            if self.headers.get("x-demo-unique"):
+                unit = f"pay_{pid}|".encode()
+                payload = (unit * (n // len(unit) + 1))[:n]
+                return self._send(status, payload, "application/octet-stream", extra)
             if self.headers.get("x-demo-binary"):
                 payload = bytes(i % 256 for i in range(n))
                 return self._send(status, payload, "application/octet-stream", extra)

@@ -365,8 +365,14 @@ fn misplaced_store_field(doc: &Value, field: &str, message: &str) -> Option<Stri
         ));
     }
     let other = owner(field)?;
+    // A field both stores take (max_bytes) belongs to whichever is used.
+    let which = if redis.iter().any(|f| f == field) && other == "local" {
+        String::new()
+    } else {
+        format!("{other} ")
+    };
     Some(format!(
-        "`{field}` is a field of the {other} store: move it into \"store\", \
+        "`{field}` is a field of the {which}store: move it into \"store\", \
          e.g. {{\"store\": {{\"type\": \"{other}\", \"{field}\": ...}}}}"
     ))
 }

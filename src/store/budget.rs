@@ -9,7 +9,7 @@
 //! `max_bytes`. A record larger than a share can never be stored whole (the
 //! local store keeps it without its body; the replay cache skips it).
 
-use super::bucket::{Bucket, State};
+use super::bucket::{Bucket, Entry, State};
 use crate::host::Host;
 use crate::metrics::Metric;
 
@@ -101,36 +101,30 @@ impl Budget {
         // Cheapest first: bytes nobody owns any more (free slots' and
         // running requests' leftovers of earlier epochs, largest first),
         // then expired records and abandoned claims (soonest dead first),
-        // then live completed records, oldest completion first.
-        let mut garbage: Vec<(usize, u64)> = others()
-            .filter(|(_, e)| e.holds_garbage() && !e.is_dead(now_ms))
-            .map(|(i, e)| (i, u64::from(e.data_bytes)))
-            .collect();
-        garbage.sort_by_key(|(_, bytes)| std::cmp::Reverse(*bytes));
-        let mut dead: Vec<(usize, u64)> = others()
-            .filter(|(_, e)| e.is_dead(now_ms))
-            .map(|(i, e)| (i, e.deadline_ms))
-            .collect();
-        dead.sort_by_key(|(_, deadline)| *deadline);
-        let mut live: Vec<(usize, u64)> = others()
-            .filter(|(_, e)| e.state == State::Completed && !e.is_dead(now_ms))
-            .map(|(i, e)| (i, e.since_ms))
-            .collect();
-        live.sort_by_key(|(_, since)| *since);
+        // then live completed records, oldest completion first. (Picked
+        // one at a time: a bucket has 16 entries, and no sort is compiled
+        // into the module.)
+        let rank = |e: &Entry| -> Option<(u8, u64)> {
+            if e.is_dead(now_ms) {
+                Some((1, e.deadline_ms))
+            } else if e.holds_garbage() {
+                Some((0, u64::MAX - u64::from(e.data_bytes)))
+            } else if e.state == State::Completed {
+                Some((2, e.since_ms))
+            } else {
+                None
+            }
+        };
         let mut over = total - self.share;
-        let mut victims = Vec::new();
-        for way in garbage
-            .iter()
-            .chain(dead.iter())
-            .chain(live.iter())
-            .map(|(i, _)| *i)
+        let mut victims: Vec<usize> = Vec::new();
+        while let Some((way, e)) = others()
+            .filter(|(i, _)| !victims.contains(i))
+            .filter_map(|(i, e)| Some((rank(e)?, i, e)))
+            .min_by_key(|(r, i, _)| (*r, *i))
+            .map(|(_, i, e)| (i, e))
         {
-            let bytes = bucket
-                .entries
-                .get(way)
-                .map_or(0, |e| u64::from(e.data_bytes));
             victims.push(way);
-            over = over.saturating_sub(bytes);
+            over = over.saturating_sub(u64::from(e.data_bytes));
             if over == 0 {
                 return Plan::Reclaim(victims);
             }
@@ -171,14 +165,9 @@ pub struct SpaceEffects {
 
 impl SpaceEffects {
     pub(super) fn add_bytes(&mut self, before: u64, after: u64) {
-        let delta = i128::from(after) - i128::from(before);
-        self.bytes = self
-            .bytes
-            .saturating_add(i64::try_from(delta).unwrap_or(if delta < 0 {
-                i64::MIN
-            } else {
-                i64::MAX
-            }));
+        // A bucket's charge is at most 16 x u32::MAX: the difference fits.
+        let delta = (after as i64).wrapping_sub(before as i64);
+        self.bytes = self.bytes.saturating_add(delta);
     }
 
     /// The replay cache's effects: only its bytes count (in the gauge of
@@ -213,7 +202,6 @@ impl SpaceEffects {
 
 #[cfg(test)]
 mod tests {
-    use super::super::bucket::Entry;
     use super::*;
 
     fn entry(state: State, bytes: u32, since: u64, deadline: u64) -> Entry {

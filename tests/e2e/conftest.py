@@ -48,6 +48,18 @@ PROFILES = {
     "one_bucket": {"store": {"type": "local", "max_entries": 16}},
     "put_only": {"methods": ["PUT"], "required": True},
     "opaque": {"key_syntax": "opaque"},
+    # Answers up to max_response_body_bytes (1 MiB) replayed whole; on the
+    # local store that needs the room below (LOCAL_STORE).
+    "large_records": {},
+}
+
+# The local store of profiles that are not about the local store but need
+# its room: store.max_bytes is shared equally by the table's buckets, so the
+# default table (6,250 buckets of 42 KB) keeps larger answers without their
+# body. 100 buckets of 2.7 MB hold a 1 MiB answer whole. (The Redis kinds
+# keep their store: Redis holds whole records.)
+LOCAL_STORE = {
+    "large_records": {"type": "local", "max_entries": 1600, "max_bytes": 256 * 1024 * 1024},
 }
 
 
@@ -90,6 +102,8 @@ def gateways(upstream, store_kind, request):
     def get(profile):
         if profile not in started:
             config = json.loads(json.dumps(PROFILES[profile]))
+            if not backend and profile in LOCAL_STORE:
+                config["store"] = dict(LOCAL_STORE[profile])
             if backend:
                 if "store" in config:
                     pytest.skip(f"profile {profile!r} is about the local store")

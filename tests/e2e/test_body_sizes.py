@@ -2,7 +2,12 @@
 every kind of gateway. On APISIX's runtime, bodies of about 600 bytes and
 more once trapped the VM (a self-built wasmtime whose memory.grow never
 reached memory.size); these are its regression tests. The upstream echoes
-the request body, so one exchange checks both directions byte for byte."""
+the request body, so one exchange checks both directions byte for byte.
+
+The local store shares store.max_bytes (256 MiB) equally among its buckets:
+42 KB each with the default table, so it replays larger answers without
+their body. These tests run it on a table with room for 1 MiB answers
+(the `large_records` profile); the last one shows the default."""
 
 import pytest
 
@@ -21,7 +26,8 @@ def binary(n):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_a_body_of_any_size_up_to_the_limits_is_forwarded_recorded_and_replayed(gw, upstream, key, size):
+def test_a_body_of_any_size_up_to_the_limits_is_forwarded_recorded_and_replayed(gateways, upstream, key, size):
+    gw = gateways("large_records")
     body = binary(size)
     echo = {"x-demo-echo": "1", "content-type": "application/octet-stream"}
     s1, h1, b1 = post(gw, key, body=body, headers=echo)
@@ -34,7 +40,8 @@ def test_a_body_of_any_size_up_to_the_limits_is_forwarded_recorded_and_replayed(
 
 
 def test_bodies_past_the_limits_are_refused_or_replayed_without_body_and_the_filter_keeps_serving(
-        gw, upstream, key):
+        gateways, upstream, key):
+    gw = gateways("large_records")
     # A request body past the limit: 413, the upstream never sees it.
     s, _, _ = post(gw, key + "-req", body=binary(LIMIT + 1))
     assert s == 413 and upstream.executions(key + "-req") == 0
@@ -49,3 +56,26 @@ def test_bodies_past_the_limits_are_refused_or_replayed_without_body_and_the_fil
     # And the next small request is served as usual.
     s3, _, _ = post(gw, key + "-after")
     assert s3 == 201 and upstream.executions(key + "-after") == 1
+
+
+def test_with_the_default_byte_budget_a_large_answer_is_replayed_without_its_body_on_the_local_store(
+        gw, gateways, upstream, key):
+    """The default table: 6,250 buckets share store.max_bytes (256 MiB), 42 KB
+    each. The local store keeps a 100 KB answer without its body: the client
+    gets it whole, a retry gets status and headers, `Idempotent-Replay-Body:
+    omitted`, and the operation never runs twice. Redis keeps it whole (the
+    replay cache, 107 KB a bucket by default, skips it), so there the retry
+    gets every byte."""
+    size = 100_000
+    big = {"x-demo-response-bytes": str(size), "x-demo-binary": "1"}
+    before = gw.stats() if gw.has_metrics else None
+    s1, h1, b1 = post(gw, key, headers=big)
+    assert (s1, b1) == (201, binary(size))
+    s2, h2, b2 = post(gw, key, headers=big)
+    assert (s2, h2.get("idempotent-replayed"), h2.get("x-payment-id")) == (201, "true", h1["x-payment-id"])
+    if gateways.kind == "local":
+        assert (h2.get("idempotent-replay-body"), b2) == ("omitted", b"")
+        assert gw.stats()["bodies_omitted"] - before["bodies_omitted"] == 1
+    else:
+        assert b2 == binary(size) and "idempotent-replay-body" not in h2
+    assert upstream.executions(key) == 1

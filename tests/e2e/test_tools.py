@@ -115,6 +115,9 @@ def test_check_config_json_syntax_errors_have_line_and_column(examples, tmp_path
     ({"max_key_length": 1.5}, "max_key_length: must be a whole number between 1 and 8192 (got 1.5)"),
     ({"max_request_body_bytes": -3}, "max_request_body_bytes: must be a whole number from 0 to 67108864 (got -3)"),
     ({"store": {"max_entries": 5000000000}}, "store.max_entries: must be a whole number between 16 and 10000000"),
+    ({"store": {"max_bytes": "256MiB"}},
+     "store.max_bytes: must be a whole number, at least 25600000 for max_entries 100000 (4096 per bucket of 16 "
+     "entries), and must be at most 1099511627776 (got string \"256MiB\")"),
     ({"store": {"type": "redis", "cluster": "w", "cache_entries": -1}},
      "store.cache_entries: must be a whole number, 0 (no cache) or between 16 and 10000000 (got -1)"),
     ({"lock_timeout_seconds": -1},
@@ -135,6 +138,8 @@ def test_check_config_names_the_allowed_range_not_the_rust_type(examples, tmp_pa
     ({"store": {"type": "redis", "cluster": "webdis", "max_entries": 100}},
      "store.max_entries: `max_entries` belongs to the local store, and this store is redis (store.type)"),
     ({"cluster": "webdis"}, "cluster: `cluster` is a field of the redis store: move it into \"store\""),
+    # Both stores take max_bytes: it belongs in "store", whichever it is.
+    ({"max_bytes": 1000000}, "max_bytes: `max_bytes` is a field of the store: move it into \"store\""),
 ])
 def test_check_config_says_which_store_a_field_belongs_to(examples, tmp_path, doc, line):
     code, out = check(examples, tmp_path, {"c.json": json.dumps(doc)})

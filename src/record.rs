@@ -6,7 +6,8 @@
 //! u64 epoch            which claim of the slot wrote it (see store::local)
 //! [16] key digest      which key it belongs to
 //! u16 status
-//! u8  flags            bit 0: body omitted (larger than max_response_body_bytes)
+//! u8  flags            bit 0: body omitted (larger than max_response_body_bytes,
+//!                      or than the local store's byte budget allows)
 //! u16 header count, then per header: u16 name len, name, u32 value len, value
 //! u32 body len, body
 //! ```

@@ -27,13 +27,14 @@ pub(super) enum Room {
     Made,
     /// The claim was no longer ours.
     NotOurs,
-    /// Running requests hold too much of the share (or the record is larger
-    /// than a share).
+    /// Other running completions have reserved too much of the share (for
+    /// longer than the bounded re-reads waited).
     HeldByRunning,
 }
 
 /// Slots whose bytes were wiped, with the epoch they were wiped at: their
-/// charge comes off the bucket if they are still free at that epoch.
+/// charge comes off the bucket if their bytes are still garbage at that
+/// epoch.
 type Wiped = Vec<(usize, u64)>;
 
 fn uncharge_wiped(bucket: &mut Bucket, wiped: &Wiped) {

@@ -262,19 +262,17 @@ pub fn hex_decode(text: &[u8]) -> Option<Vec<u8>> {
     hex::decode(text).ok()
 }
 
+/// Everything but RFC 3986's unreserved characters, less the dot: Webdis
+/// reads a dot in a path segment as a format suffix (`.json`), so a dot is
+/// encoded too (see store/redis.rs).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes one URL path segment: everything but unreserved characters.
 pub fn percent_encode_segment(s: &[u8]) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for &b in s {
-        if b.is_ascii_alphanumeric() || b"-_~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push('%');
-            out.push(char::from(b"0123456789ABCDEF"[usize::from(b >> 4)]));
-            out.push(char::from(b"0123456789ABCDEF"[usize::from(b & 15)]));
-        }
-    }
-    out
+    percent_encoding::percent_encode(s, SEGMENT).to_string()
 }
 
 #[cfg(test)]
@@ -314,5 +312,15 @@ mod codec_tests {
         assert_eq!(hex_decode(b"00abFF").unwrap(), vec![0, 0xab, 0xff]);
         assert!(hex_decode(b"0g").is_none() && hex_decode(b"abc").is_none());
         assert_eq!(percent_encode_segment(b"a/b c.d|e~"), "a%2Fb%20c%2Ed%7Ce~");
+        // Every byte: kept if unreserved and not a dot (Webdis), else %XX.
+        for b in 0..=255u8 {
+            let kept = b.is_ascii_alphanumeric() || b"-_~".contains(&b);
+            let want = if kept {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            };
+            assert_eq!(percent_encode_segment(&[b]), want, "byte {b}");
+        }
     }
 }

@@ -104,6 +104,8 @@ impl HeaderMap {
 /// Random numbers for claim tokens and generated keys: SHA-256 over a seed
 /// (from WASI `random_get`, mixed with the clock) and a counter. Generated keys
 /// must not be guessable; tokens must not collide.
+/// Hand-written (sha2 is already linked): getrandom per token would be a host
+/// call per request, and `rand`'s generators add code for nothing more.
 pub struct Rng {
     seed: [u8; 32],
     counter: u64,
@@ -199,6 +201,7 @@ const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 
 /// Standard base64 with padding: stored records must survive Webdis's JSON
 /// replies, which are not binary-safe.
+/// Hand-written, not the `base64` crate: it adds 6.6 KB to the module (measured).
 pub fn base64_encode(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {

@@ -121,7 +121,8 @@ fn key_error_detail(e: &KeyError, header: &str) -> String {
     format!("{e} (header {header})")
 }
 
-/// A random (version 4) UUID, for `generate_missing`.
+/// A random (version 4) UUID, for `generate_missing`. From the host's
+/// generator, not uuid's `v4` feature (a getrandom host call per key).
 pub(super) fn uuid_v4(host: &impl Host) -> String {
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(&host.random_u64().to_le_bytes());

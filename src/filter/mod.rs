@@ -26,7 +26,9 @@
 //!   capture, shared by the streaming path and forwarding mode;
 //! * `write`: recording the response, or releasing the key;
 //! * `forward`: forwarding mode's upstream call;
-//! * `reply`: answers the filter gives itself, and each request's outcome.
+//! * `reply`: answers the filter gives itself, and each request's outcome;
+//! * `operations`: an instance configured as the key-operations endpoint
+//!   answers every request there, and protects nothing.
 //!
 //! The stores (local, Redis, the replay cache) are behind
 //! [`crate::store::Store`], whose every operation finishes now or asks for
@@ -37,6 +39,7 @@ mod capture;
 mod claim;
 mod forward;
 mod inspect;
+mod operations;
 mod reply;
 mod write;
 
@@ -221,6 +224,9 @@ impl Filter {
         };
         let ctx = self.ctx.clone();
         let cfg = &ctx.config;
+        if let Some(ops) = &cfg.operations {
+            return self.operate(host, &headers, ops);
+        }
         let protected = match inspect(cfg, &headers, || inspect::uuid_v4(host)) {
             Inspection::Pass => {
                 self.phase = Phase::Passthrough;

@@ -160,16 +160,22 @@ impl RootContext for Root {
         self.metrics.define();
         let mut ctx = FilterContext::new(config);
         let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
-        if let Err(e) = ctx.store.init(&host) {
-            host_log(Level::Error, &e);
-            return false;
+        // The operations endpoint claims nothing, so it has nothing to renew
+        // and sweeps nothing, and it never creates a table: it works on the
+        // one the protecting instance made, and says so if there is none.
+        let operations = ctx.config.operations.is_some();
+        if !operations {
+            if let Err(e) = ctx.store.init(&host) {
+                host_log(Level::Error, &e);
+                return false;
+            }
         }
-        if ctx.config.platform.calls_outlive_streams() {
+        if ctx.config.platform.calls_outlive_streams() && !operations {
             self.own_calls(&host);
         }
         // The tick renews running requests' claims (any store), sweeps the
         // local store, and reports in the profiling build.
-        if ctx.config.platform.has_tick() || cfg!(feature = "self-profile") {
+        if (ctx.config.platform.has_tick() && !operations) || cfg!(feature = "self-profile") {
             let status = set_tick_period(TICK_MS);
             if status != OK {
                 host_log(Level::Warn, &format!("no tick (status {status}): claims are not renewed (a response slower than lock_timeout_seconds loses its claim) and expired records are reclaimed only when their slot is reused"));

@@ -7,6 +7,7 @@ mod cache;
 mod forwarding;
 mod lifecycle;
 mod local;
+mod operations;
 mod redis;
 
 use super::*;

@@ -25,6 +25,7 @@ use crate::problem::Problem;
 use crate::store::local::operations::{Forget, KeyState};
 use crate::store::local::State;
 use crate::store::{Store, StoreError};
+use serde::Serialize;
 
 impl Filter {
     /// Answers one key operation; nothing reaches the upstream.
@@ -88,13 +89,15 @@ fn operation(
     };
     let no_table = || Problem::no_table(table.capacity());
     let now = host.now_ms();
-    let about = serde_json::json!({"key": key, "digest": hex(&digest)});
+    let mut answer = Answer {
+        key: &key,
+        digest: hex(&digest),
+        ..Answer::default()
+    };
     if method == "GET" {
         let state = table.inspect(host, &digest, now).map_err(failed)?;
-        return Ok(json_reply(
-            200,
-            described(about, &state.ok_or_else(no_table)?, now),
-        ));
+        answer.describe(&state.ok_or_else(no_table)?, now);
+        return Ok(json_reply(&answer));
     }
     let force = query.split('&').any(|p| p == "force=true");
     match table.forget(host, &digest, now, force).map_err(failed)? {
@@ -109,12 +112,11 @@ fn operation(
             // Who let which key run again: the proxy's log is the trail.
             host.log(
                 Level::Info,
-                &format!("operations: forgot key digest {} ({was})", hex(&digest)),
+                &format!("operations: forgot key digest {} ({was})", answer.digest),
             );
-            let mut body = about;
-            body["state"] = "absent".into();
-            body["forgotten"] = was.into();
-            Ok(json_reply(200, body))
+            answer.state = "absent";
+            answer.forgotten = Some(was);
+            Ok(json_reply(&answer))
         }
     }
 }
@@ -127,43 +129,64 @@ fn state_name(state: State) -> &'static str {
     }
 }
 
-/// `about` (key and digest) with what the store holds, times relative to now.
-fn described(mut about: serde_json::Value, state: &KeyState, now: u64) -> serde_json::Value {
-    match *state {
-        KeyState::Absent => about["state"] = "absent".into(),
-        KeyState::InFlight {
-            since_ms,
-            lock_deadline_ms,
-        } => {
-            about["state"] = "in-flight".into();
-            about["age_ms"] = now.saturating_sub(since_ms).into();
-            about["expires_in_ms"] = lock_deadline_ms.saturating_sub(now).into();
-        }
-        KeyState::Completed {
-            since_ms,
-            expires_ms,
-            status,
-            body_bytes,
-            body_omitted,
-        } => {
-            about["state"] = "completed".into();
-            about["status"] = status.into();
-            about["body_bytes"] = body_bytes.into();
-            about["body_omitted"] = body_omitted.into();
-            about["age_ms"] = now.saturating_sub(since_ms).into();
-            about["expires_in_ms"] = expires_ms.saturating_sub(now).into();
-        }
-    }
-    about
+/// The endpoint's JSON answer: the key, its digest (the store's address of
+/// it, as the log names it), and what the store holds, times relative to now.
+#[derive(Serialize, Default)]
+struct Answer<'a> {
+    key: &'a str,
+    digest: String,
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    forgotten: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_omitted: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    age_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_in_ms: Option<u64>,
 }
 
-fn json_reply(status: u16, body: serde_json::Value) -> Reply {
+impl Answer<'_> {
+    fn describe(&mut self, state: &KeyState, now: u64) {
+        match *state {
+            KeyState::Absent => self.state = "absent",
+            KeyState::InFlight {
+                since_ms,
+                lock_deadline_ms,
+            } => {
+                self.state = "in-flight";
+                self.age_ms = Some(now.saturating_sub(since_ms));
+                self.expires_in_ms = Some(lock_deadline_ms.saturating_sub(now));
+            }
+            KeyState::Completed {
+                since_ms,
+                expires_ms,
+                status,
+                body_bytes,
+                body_omitted,
+            } => {
+                self.state = "completed";
+                self.status = Some(status);
+                self.body_bytes = Some(body_bytes);
+                self.body_omitted = Some(body_omitted);
+                self.age_ms = Some(now.saturating_sub(since_ms));
+                self.expires_in_ms = Some(expires_ms.saturating_sub(now));
+            }
+        }
+    }
+}
+
+fn json_reply(answer: &Answer) -> Reply {
     Reply {
-        status,
+        status: 200,
         headers: vec![
             ("content-type".into(), b"application/json".to_vec()),
             ("cache-control".into(), b"no-store".to_vec()),
         ],
-        body: serde_json::to_vec(&body).unwrap_or_default(),
+        body: serde_json::to_vec(answer).unwrap_or_default(),
     }
 }

@@ -6,12 +6,14 @@ recorded. Two workers, so the endpoint and the requests it acts on may run
 on different threads (one shared-data table)."""
 
 import json
+import os
+import re
 import threading
 import uuid
 
 import pytest
 
-from conftest import Envoy, post, wait_for
+from conftest import REPO, Envoy, post, wait_for
 from gateway import http_request
 
 PATH = "/idempotency/key"
@@ -132,3 +134,21 @@ def test_the_key_is_read_as_the_protected_listener_reads_it(envoy, key):
     assert post(envoy, key)[0] == 201
     doc = inspect(envoy, key.strip('"'))
     assert doc["state"] == "completed" and doc["key"] == key.strip('"')
+
+
+def test_the_readme_names_every_field_of_the_answers(envoy, upstream, key):
+    with open(os.path.join(REPO, "README.md")) as f:
+        section = f.read().split("\n### Operations: inspect and forget a key\n", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(\w+)` \|", section, re.M))
+    hold = "ops-" + uuid.uuid4().hex
+    t = threading.Thread(target=post, args=(envoy, key), kwargs={"headers": {"x-demo-hold": hold}})
+    t.start()
+    try:
+        wait_for(lambda: upstream.started(key) == 1, what="the original to reach the upstream")
+        seen = set(inspect(envoy, key))
+    finally:
+        upstream.release(hold)
+        t.join(timeout=30)
+    wait_for(lambda: inspect(envoy, key)["state"] == "completed", what="the record")
+    seen |= set(inspect(envoy, key)) | set(operation(envoy, "DELETE", key)[2])
+    assert seen == documented

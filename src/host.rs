@@ -3,6 +3,7 @@
 //! calls, and `fake_host.rs` (tests only) implements it in memory.
 
 use crate::metrics::Metric;
+use crate::store::batch::RedisOp;
 use crate::store::SharedData;
 use std::fmt;
 
@@ -90,6 +91,20 @@ pub trait Host: SharedData {
         body: Option<&[u8]>,
         timeout_ms: u64,
     ) -> Result<u32, HostError>;
+    /// Whether this host sends store operations in batches: Envoy's worker
+    /// call owner groups its requests' operations ([`crate::store::group_commit`]).
+    fn groups_store_ops(&self) -> bool {
+        false
+    }
+    /// Hands a store operation to the worker's next batch; its reply comes
+    /// through the filter's `on_store_reply` with the returned id. Only where
+    /// [`Host::groups_store_ops`].
+    fn send_store_op(&self, _op: RedisOp) -> Result<u32, HostError> {
+        Err(HostError {
+            call: "send_store_op",
+            status: 12,
+        })
+    }
     /// Sets a host property (APISIX: an nginx variable such as
     /// `wasm_process_req_body`, which makes it call the body callback).
     fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError>;

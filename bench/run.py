@@ -118,15 +118,15 @@ def gateway_pids(gateway):
 def wrk(port, mode, body_bytes, duration, connections, key="bench-replay", pids=None, store_pids=None):
     env = dict(os.environ, IDEM_MODE=mode, IDEM_BODY=str(body_bytes), IDEM_KEY=key)
     pids = pids or []
-    store_pids = store_pids or []
+    store_pids = store_pids or {}
     cpu0 = cpu_seconds(pids) if pids else 0.0
-    store0 = cpu_seconds(store_pids)
+    store0 = {name: cpu_seconds([pid]) for name, pid in store_pids.items()}
     out = subprocess.run(
         ["taskset", "-c", LOAD_CPUS, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", os.path.join(HERE, "wrk_keys.lua"),
          f"http://127.0.0.1:{port}/payments"],
         capture_output=True, text=True, env=env, timeout=duration + 60)
     cpu = cpu_seconds(pids) - cpu0 if pids else 0.0
-    store_cpu = cpu_seconds(store_pids) - store0
+    store_cpu = {name: cpu_seconds([pid]) - store0[name] for name, pid in store_pids.items()}
     text = out.stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
     requests = int(re.search(r"(\d+) requests in", text).group(1))
@@ -141,8 +141,9 @@ def wrk(port, mode, body_bytes, duration, connections, key="bench-replay", pids=
             # Envoy's own CPU per request: what the filter costs the gateway,
             # whatever else (the load generator, the store) limits throughput.
             "cpu_us": cpu * 1e6 / max(requests, 1), "busy": cpu / duration,
-            # Redis + Webdis CPU per request (the store's side of the cost).
-            "store_cpu_us": store_cpu * 1e6 / max(requests, 1),
+            # Redis's and Webdis's CPU per request (the store's side of the cost).
+            "redis_cpu_us": store_cpu.get("redis", 0.0) * 1e6 / max(requests, 1),
+            "webdis_cpu_us": store_cpu.get("webdis", 0.0) * 1e6 / max(requests, 1),
             "non2xx": int(non2xx.group(1)) if non2xx else 0, "raw": text}
 
 
@@ -238,7 +239,7 @@ def run_scenario(name, store, mode, body, args, nginx, backend):
             assert conn.getresponse().read() is not None
         results = {"baseline": [], "filter": []}
         connections = CONNECTIONS.get(name.split()[0], args.connections)
-        store_pids = [backend.redis.pid, backend.webdis.pid] if backend else []
+        store_pids = {"redis": backend.redis.pid, "webdis": backend.webdis.pid} if backend else {}
         for target in (baseline, filtered):
             wrk(target.port, mode, body, args.warmup, connections)
         for _ in range(args.runs):
@@ -248,7 +249,7 @@ def run_scenario(name, store, mode, body, args, nginx, backend):
         summary = {"connections": connections}
         for label, runs in results.items():
             summary[label] = {k: statistics.median(r[k] for r in runs)
-                              for k in ("rps", "p50_ms", "p99_ms", "cpu_us", "busy", "store_cpu_us")}
+                              for k in ("rps", "p50_ms", "p99_ms", "cpu_us", "busy", "redis_cpu_us", "webdis_cpu_us")}
             summary[label]["non2xx"] = sum(r["non2xx"] for r in runs)
         summary["ratio"] = summary["filter"]["rps"] / summary["baseline"]["rps"]
         # APISIX has no metrics for Wasm filters; the references are not the filter.
@@ -420,19 +421,21 @@ def write_markdown(results, profiles, memory, args, path):
             "",
             "On Envoy each worker sends its requests' store operations (claims, records, releases) in one call"
             " per batch, one batch out at a time. Mean batch: `store_operations / store_calls` over the scenario."
-            " Store CPU: Redis's and Webdis's CPU time per request served. Operations per second: what one"
-            " Redis executed for this gateway's worker (requests per second × operations per request).",
+            " Redis and Webdis CPU: each one's CPU time per request served. Operations per second: what one"
+            " Redis executed for this gateway's worker (requests per second × operations per request);"
+            " Redis's capacity is about 1 s ÷ its CPU per operation.",
             "",
             "| scenario | connections | mean batch (operations per call) | calls per request | operations per request |"
-            " Webdis + Redis CPU per request | store operations per second |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            " Redis CPU per request | Webdis CPU per request | store operations per second |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in batched.items():
             st = r["filter_stats"]
             per_request = st["store_operations"] / max(st["requests_protected"], 1)
             lines.append(f"| {name} | {r['connections']} | {st['store_operations'] / st['store_calls']:.1f} | "
                          f"{st['store_calls'] / max(st['requests_protected'], 1):.2f} | {per_request:.2f} | "
-                         f"{r['filter']['store_cpu_us']:.0f} µs | {r['filter']['rps'] * per_request:,.0f} |")
+                         f"{r['filter']['redis_cpu_us']:.0f} µs | {r['filter']['webdis_cpu_us']:.0f} µs | "
+                         f"{r['filter']['rps'] * per_request:,.0f} |")
         lines.append("")
     if profiles:
         names = [n for n in ("context_create", "request_headers", "request_body", "response_headers",
@@ -526,7 +529,8 @@ def main():
                   f"  ratio {r['ratio']:.2f}  p99 {r['baseline']['p99_ms']:.2f} -> {r['filter']['p99_ms']:.2f} ms"
                   f"  envoy cpu/req {r['baseline']['cpu_us']:.0f} -> {r['filter']['cpu_us']:.0f} us"
                   f"  busy {r['baseline']['busy']:.0%} -> {r['filter']['busy']:.0%}"
-                  f"  store cpu/req {r['filter']['store_cpu_us']:.0f} us  {r['filter_stats']}", flush=True)
+                  f"  redis/webdis cpu/req {r['filter']['redis_cpu_us']:.0f}/{r['filter']['webdis_cpu_us']:.0f} us"
+                  f"  {r['filter_stats']}", flush=True)
         profiles = {}
         for name, store, mode in PROFILED:
             if args.only and args.only not in name:

@@ -168,6 +168,8 @@ SCENARIOS = [
     ("0 reference: a no-op Wasm filter, fresh keys", "noop", "fresh", KIB),
     ("0b reference: raw Wasm answering after the body (the floor of any replay)", "ref:reply-after-body", "fresh", KIB),
     ("0c reference: raw Wasm making one store call per request", "ref:store-call", "fresh", KIB),
+    ("0d reference: raw Wasm forwarding after the whole body (the floor of any fresh key)",
+     "ref:forward-after-body", "fresh", KIB),
     ("1 fresh key, local store, 1 KiB", "local", "fresh", KIB),
     ("2 replay, local store", "local", "replay", KIB),
     ("3 unprotected (GET)", "local", "get", 0),

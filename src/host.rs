@@ -14,6 +14,13 @@ pub struct HostError {
     pub status: u32,
 }
 
+impl HostError {
+    /// What this host does not do (proxy-wasm's `Unimplemented`).
+    pub const fn unsupported(call: &'static str) -> HostError {
+        HostError { call, status: 12 }
+    }
+}
+
 impl fmt::Display for HostError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = match self.status {
@@ -100,10 +107,7 @@ pub trait Host: SharedData {
     /// through the filter's `on_store_reply` with the returned id. Only where
     /// [`Host::groups_store_ops`].
     fn send_store_op(&self, _op: RedisOp) -> Result<u32, HostError> {
-        Err(HostError {
-            call: "send_store_op",
-            status: 12,
-        })
+        Err(HostError::unsupported("send_store_op"))
     }
     /// Sets a host property (APISIX: an nginx variable such as
     /// `wasm_process_req_body`, which makes it call the body callback).

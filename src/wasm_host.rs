@@ -591,10 +591,7 @@ impl Host for WasmHost {
     fn send_store_op(&self, op: RedisOp) -> Result<u32, HostError> {
         match &self.route {
             Some(route) => route.send_store_op(op),
-            None => Err(HostError {
-                call: "send_store_op",
-                status: 12,
-            }),
+            None => Err(HostError::unsupported("send_store_op")),
         }
     }
 

@@ -142,10 +142,7 @@ impl Owner {
     /// (its answer sends the next), or the queue was already signalled.
     pub(super) fn push_op(&self, caller: Caller, op: RedisOp) -> Result<(), HostError> {
         let Some(batches) = &self.batches else {
-            return Err(HostError {
-                call: "send_store_op",
-                status: 12,
-            });
+            return Err(HostError::unsupported("send_store_op"));
         };
         let wake = !self.in_root.get() && !batches.group.borrow().busy() && !batches.woken.get();
         if wake {

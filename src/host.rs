@@ -58,16 +58,6 @@ pub struct CallResponse {
     pub body: Vec<u8>,
 }
 
-impl CallResponse {
-    /// Whether the request may have reached its destination although no
-    /// usable answer came: no answer at all, or Envoy's 504 for a call past
-    /// its timeout. Any other answer (a refused connection's 503, the far
-    /// end's own error) means it was handled, or never arrived.
-    pub fn fate_unknown(&self) -> bool {
-        matches!(self.status, None | Some(504))
-    }
-}
-
 pub trait Host: SharedData {
     fn request_headers(&self) -> Result<HeaderMap, HostError>;
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), HostError>;

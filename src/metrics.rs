@@ -36,10 +36,16 @@ pub enum Metric {
     /// Keys whose outcome was unknowable (the exchange ended mid-response, an
     /// upstream reset), recorded as the `outcome-unknown` problem.
     OutcomesUnknown,
+    /// Redis store: HTTP calls to the store, and the operations (claims,
+    /// records, releases, cancels, renewals) they carried: on Envoy a
+    /// worker batches its requests' operations, so the mean batch size is
+    /// `store_operations / store_calls`.
+    StoreCalls,
+    StoreOperations,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 20] = [
+    pub const ALL: [Metric; 22] = [
         Metric::Protected,
         Metric::Unkeyed,
         Metric::Replays,
@@ -60,6 +66,8 @@ impl Metric {
         Metric::ClaimsCancelled,
         Metric::ClaimsRenewed,
         Metric::OutcomesUnknown,
+        Metric::StoreCalls,
+        Metric::StoreOperations,
     ];
 
     pub fn index(self) -> usize {
@@ -88,6 +96,8 @@ impl Metric {
             Metric::ClaimsCancelled => "idempotency.claims_cancelled",
             Metric::ClaimsRenewed => "idempotency.claims_renewed",
             Metric::OutcomesUnknown => "idempotency.outcomes_unknown",
+            Metric::StoreCalls => "idempotency.store_calls",
+            Metric::StoreOperations => "idempotency.store_operations",
         }
     }
 

@@ -9,6 +9,7 @@ use crate::config::Platform;
 use crate::filter::{CallResponse, Verdict};
 use crate::host::{HeaderMap, Host, HostError, Level};
 use crate::metrics::Metric;
+use crate::store::batch::RedisOp;
 use crate::store::SharedData;
 use crate::wire::{encode_pairs, Rng};
 use proxy_wasm::types::Action;
@@ -576,6 +577,19 @@ impl Host for WasmHost {
             rules.pending.set(rules.pending.get() + 1);
         }
         result
+    }
+
+    fn groups_store_ops(&self) -> bool {
+        self.route
+            .as_ref()
+            .is_some_and(owner::Route::groups_store_ops)
+    }
+
+    fn send_store_op(&self, op: RedisOp) -> Result<u32, HostError> {
+        match &self.route {
+            Some(route) => route.send_store_op(op),
+            None => Err(HostError::unsupported("send_store_op")),
+        }
     }
 
     fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError> {

@@ -81,7 +81,7 @@ fn released_and_failed_writes_are_not_cached() {
     assert_eq!(host.resumed_requests.get(), 2);
     host.set_response(&[(":status", "201")]);
     assert_eq!(f.on_response_headers(&host, true), Verdict::Pause);
-    store_answers(&host, &mut f, Op::Complete, Some(503), b"");
+    store_answers(&host, &mut f, Op::Record, Some(503), b"");
     assert_eq!(host.metric(Metric::StoreErrors), 1);
     // Not recorded in Redis, so not in the cache either: Redis is asked.
     redis_post(&host, &redis, &c, "k");

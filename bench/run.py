@@ -115,15 +115,18 @@ def gateway_pids(gateway):
     return gateway.worker_pids() if isinstance(gateway, ApisixRuntime) else [gateway.proc.pid]
 
 
-def wrk(port, mode, body_bytes, duration, connections, key="bench-replay", pids=None):
+def wrk(port, mode, body_bytes, duration, connections, key="bench-replay", pids=None, store_pids=None):
     env = dict(os.environ, IDEM_MODE=mode, IDEM_BODY=str(body_bytes), IDEM_KEY=key)
     pids = pids or []
+    store_pids = store_pids or {}
     cpu0 = cpu_seconds(pids) if pids else 0.0
+    store0 = {name: cpu_seconds([pid]) for name, pid in store_pids.items()}
     out = subprocess.run(
         ["taskset", "-c", LOAD_CPUS, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", os.path.join(HERE, "wrk_keys.lua"),
          f"http://127.0.0.1:{port}/payments"],
         capture_output=True, text=True, env=env, timeout=duration + 60)
     cpu = cpu_seconds(pids) - cpu0 if pids else 0.0
+    store_cpu = {name: cpu_seconds([pid]) - store0[name] for name, pid in store_pids.items()}
     text = out.stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
     requests = int(re.search(r"(\d+) requests in", text).group(1))
@@ -138,6 +141,9 @@ def wrk(port, mode, body_bytes, duration, connections, key="bench-replay", pids=
             # Envoy's own CPU per request: what the filter costs the gateway,
             # whatever else (the load generator, the store) limits throughput.
             "cpu_us": cpu * 1e6 / max(requests, 1), "busy": cpu / duration,
+            # Redis's and Webdis's CPU per request (the store's side of the cost).
+            "redis_cpu_us": store_cpu.get("redis", 0.0) * 1e6 / max(requests, 1),
+            "webdis_cpu_us": store_cpu.get("webdis", 0.0) * 1e6 / max(requests, 1),
             "non2xx": int(non2xx.group(1)) if non2xx else 0, "raw": text}
 
 
@@ -162,12 +168,15 @@ SCENARIOS = [
     ("0 reference: a no-op Wasm filter, fresh keys", "noop", "fresh", KIB),
     ("0b reference: raw Wasm answering after the body (the floor of any replay)", "ref:reply-after-body", "fresh", KIB),
     ("0c reference: raw Wasm making one store call per request", "ref:store-call", "fresh", KIB),
+    ("0d reference: raw Wasm forwarding after the whole body (the floor of any fresh key)",
+     "ref:forward-after-body", "fresh", KIB),
     ("1 fresh key, local store, 1 KiB", "local", "fresh", KIB),
     ("2 replay, local store", "local", "replay", KIB),
     ("3 unprotected (GET)", "local", "get", 0),
     ("3b POST without a key (filter runs, passes it on)", "local", "nokey", KIB),
     ("4 fresh key, local store, 64 KiB", "local", "fresh", 64 * KIB),
     ("5 fresh key, Redis store, 1 KiB", "redis", "fresh", KIB),
+    ("5c fresh key, Redis store, 1 connection (latency)", "redis", "fresh", KIB),
     ("6 replay, Redis store", "redis", "replay", KIB),
     ("6b replay, Redis store without the replay cache", "redis-nocache", "replay", KIB),
     # Forwarding mode on Envoy (the filter sends the request itself, records
@@ -181,6 +190,10 @@ SCENARIOS = [
     ("A1 fresh key, APISIX runtime (Redis, forwarding)", "apisix", "fresh", KIB),
     ("A2 replay, APISIX runtime (Redis, forwarding)", "apisix", "replay", KIB),
 ]
+
+
+# Scenarios run with another number of connections than --connections.
+CONNECTIONS = {"5c": 1}
 
 
 def apisix_pair(store, nginx, backend):
@@ -227,15 +240,18 @@ def run_scenario(name, store, mode, body, args, nginx, backend):
                          headers={"idempotency-key": "bench-replay", "content-type": "application/json"})
             assert conn.getresponse().read() is not None
         results = {"baseline": [], "filter": []}
+        connections = CONNECTIONS.get(name.split()[0], args.connections)
+        store_pids = {"redis": backend.redis.pid, "webdis": backend.webdis.pid} if backend else {}
         for target in (baseline, filtered):
-            wrk(target.port, mode, body, args.warmup, args.connections)
+            wrk(target.port, mode, body, args.warmup, connections)
         for _ in range(args.runs):
             for label, target in (("baseline", baseline), ("filter", filtered)):
-                results[label].append(wrk(target.port, mode, body, args.duration, args.connections,
-                                          pids=gateway_pids(target)))
-        summary = {}
+                results[label].append(wrk(target.port, mode, body, args.duration, connections,
+                                          pids=gateway_pids(target), store_pids=store_pids))
+        summary = {"connections": connections}
         for label, runs in results.items():
-            summary[label] = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "p99_ms", "cpu_us", "busy")}
+            summary[label] = {k: statistics.median(r[k] for r in runs)
+                              for k in ("rps", "p50_ms", "p99_ms", "cpu_us", "busy", "redis_cpu_us", "webdis_cpu_us")}
             summary[label]["non2xx"] = sum(r["non2xx"] for r in runs)
         summary["ratio"] = summary["filter"]["rps"] / summary["baseline"]["rps"]
         # APISIX has no metrics for Wasm filters; the references are not the filter.
@@ -243,7 +259,7 @@ def run_scenario(name, store, mode, body, args, nginx, backend):
         stats = filtered.stats() if counted else {}
         summary["filter_stats"] = {} if not counted else {
             k: stats.get(k, 0) for k in ("requests_protected", "stored", "replays", "cache_hits", "store_errors",
-                                         "conflicts", "evicted")}
+                                         "conflicts", "evicted", "store_calls", "store_operations")}
         return summary
     finally:
         baseline.stop()
@@ -400,6 +416,29 @@ def write_markdown(results, profiles, memory, args, path):
     lines += ["", "Filter counters per scenario (all runs): " + "; ".join(
         f"{name.split(' ')[0]}: " + ", ".join(f"{k} {v}" for k, v in r["filter_stats"].items() if v)
         for name, r in results.items()), ""]
+    batched = {name: r for name, r in results.items() if r["filter_stats"].get("store_calls")}
+    if batched:
+        lines += [
+            "## Redis store: group commit and the store's own cost",
+            "",
+            "On Envoy each worker sends its requests' store operations (claims, records, releases) in one call"
+            " per batch, one batch out at a time. Mean batch: `store_operations / store_calls` over the scenario."
+            " Redis and Webdis CPU: each one's CPU time per request served. Operations per second: what one"
+            " Redis executed for this gateway's worker (requests per second × operations per request);"
+            " Redis's capacity is about 1 s ÷ its CPU per operation.",
+            "",
+            "| scenario | connections | mean batch (operations per call) | calls per request | operations per request |"
+            " Redis CPU per request | Webdis CPU per request | store operations per second |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in batched.items():
+            st = r["filter_stats"]
+            per_request = st["store_operations"] / max(st["requests_protected"], 1)
+            lines.append(f"| {name} | {r['connections']} | {st['store_operations'] / st['store_calls']:.1f} | "
+                         f"{st['store_calls'] / max(st['requests_protected'], 1):.2f} | {per_request:.2f} | "
+                         f"{r['filter']['redis_cpu_us']:.0f} µs | {r['filter']['webdis_cpu_us']:.0f} µs | "
+                         f"{r['filter']['rps'] * per_request:,.0f} |")
+        lines.append("")
     if profiles:
         names = [n for n in ("context_create", "request_headers", "request_body", "response_headers",
                              "response_body", "call_response", "done", "host:get_pairs", "host:get_body",
@@ -492,6 +531,7 @@ def main():
                   f"  ratio {r['ratio']:.2f}  p99 {r['baseline']['p99_ms']:.2f} -> {r['filter']['p99_ms']:.2f} ms"
                   f"  envoy cpu/req {r['baseline']['cpu_us']:.0f} -> {r['filter']['cpu_us']:.0f} us"
                   f"  busy {r['baseline']['busy']:.0%} -> {r['filter']['busy']:.0%}"
+                  f"  redis/webdis cpu/req {r['filter']['redis_cpu_us']:.0f}/{r['filter']['webdis_cpu_us']:.0f} us"
                   f"  {r['filter_stats']}", flush=True)
         profiles = {}
         for name, store, mode in PROFILED:

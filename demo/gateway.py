@@ -34,11 +34,13 @@ def free_port():
 
 def render(listen_port, admin_port, upstream_port, plugin_config, wasm_path=DEFAULT_WASM,
            vm_id="idempotency", buffer_limit=8 * 1024 * 1024, unreachable_port=None, webdis_port=None,
-           with_filter=True, access_log=None, template=TEMPLATE):
+           with_filter=True, access_log=None, template=TEMPLATE, operations=None, operations_port=0):
     with open(template) as f:
         text = f.read()
     if access_log is None and "# BEGIN access log" in text:
         text = cut(text, "          # BEGIN access log", "          # END access log\n")
+    if operations is None and "# BEGIN operations listener" in text:
+        text = cut(text, "  # BEGIN operations listener", "  # END operations listener\n")
     outcome = plugin_config.get("outcome_property") if isinstance(plugin_config, dict) else None
     if with_filter:
         methods = (plugin_config.get("methods") if isinstance(plugin_config, dict) else None) or ["POST", "PATCH"]
@@ -62,6 +64,8 @@ def render(listen_port, admin_port, upstream_port, plugin_config, wasm_path=DEFA
         "ACCESS_LOG": access_log or "",
         # Envoy prints "-" for filter state that was never set.
         "OUTCOME_FORMAT": f"%FILTER_STATE(wasm.{outcome}:PLAIN)%" if outcome else "-",
+        "OPERATIONS_PORT": str(operations_port),
+        "OPERATIONS_CONFIG": json.dumps(json.dumps(operations)),
     }
     for k, v in fields.items():
         text = text.replace("{{" + k + "}}", v)
@@ -92,8 +96,14 @@ class Envoy:
 
     def __init__(self, plugin_config, upstream_port, concurrency=2, envoy_bin=None,
                  wasm_path=DEFAULT_WASM, listen_port=None, admin_port=None, workdir=None,
-                 webdis_port=None, with_filter=True, cpus=None, access_log=False, template=TEMPLATE):
+                 webdis_port=None, with_filter=True, cpus=None, access_log=False, template=TEMPLATE,
+                 operations=None):
         self.plugin_config = plugin_config
+        # The plugin configuration of a key-operations listener (README
+        # "Operations"), or None for none; its port is self.operations_port.
+        self.operations = operations
+        self.operations_port = None
+        self._listeners_read = False
         self.upstream_port = upstream_port
         self.concurrency = concurrency
         self.envoy_bin = envoy_bin or os.environ.get("ENVOY_BIN") or DEFAULT_ENVOY
@@ -125,13 +135,15 @@ class Envoy:
 
     def start(self, timeout=60, expect_failure=False):
         self.port, self.admin_port = self._fixed_ports
+        self.operations_port, self._listeners_read = None, False
         if os.path.exists(self.admin_address_path):
             os.remove(self.admin_address_path)
         with open(self.config_path, "w") as f:
             f.write(render(self.port or 0, self.admin_port or 0, self.upstream_port, self.plugin_config, self.wasm_path,
                            webdis_port=self.webdis_port, with_filter=self.with_filter,
                            unreachable_port=self._unreachable.getsockname()[1],
-                           access_log=self.access_log_path, template=self.template))
+                           access_log=self.access_log_path, template=self.template,
+                           operations=self.operations))
         log = open(self.log_path, "w")
         pin = ["taskset", "-c", self.cpus] if self.cpus else []
         self.proc = subprocess.Popen(
@@ -159,12 +171,18 @@ class Envoy:
             if self.admin_port is None:
                 with open(self.admin_address_path) as f:
                     self.admin_port = int(f.read().strip().rpartition(":")[2])
-            if self.port is None:
+            if not self._listeners_read:
                 doc = json.loads(self.admin("/listeners?format=json"))
-                ports = [l["local_address"]["socket_address"]["port_value"] for l in doc["listener_statuses"]]
-                if not ports or not ports[0]:
+                ports = {l["name"]: l["local_address"]["socket_address"]["port_value"]
+                         for l in doc["listener_statuses"]}
+                # The gateway is the listener named so, or else the first; a
+                # key-operations listener is named "operations".
+                first = doc["listener_statuses"][0]["name"]
+                self.port = self.port or ports.get("gateway") or ports[first]
+                self.operations_port = ports.get("operations")
+                if not self.port or self.operations_port == 0:
                     return False
-                self.port = ports[0]
+                self._listeners_read = True
             with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
                 if r.status != 200:
                     return False

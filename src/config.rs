@@ -16,7 +16,8 @@ mod raw;
 pub use platform::Platform;
 
 use raw::{
-    RawConfig, RawFingerprintHash, RawForward, RawLocalStore, RawOnUnavailable, RawRedisStore,
+    RawConfig, RawFingerprintHash, RawForward, RawLocalStore, RawOnUnavailable, RawOperations,
+    RawRedisStore,
 };
 pub use raw::{DEFAULT_CACHE_ENTRIES, DEFAULT_CACHE_MAX_BYTES, DEFAULT_MAX_BYTES};
 
@@ -110,6 +111,17 @@ pub struct Config {
     /// Where each protected request's outcome is written (`set_property`;
     /// Envoy filter state `wasm.<name>`, for access logs). `None`: nowhere.
     pub outcome_property: Option<String>,
+    /// This instance is the key-operations endpoint (inspect and forget one
+    /// key of the local store) and protects nothing. `None`: a protecting
+    /// instance, the default.
+    pub operations: Option<Operations>,
+}
+
+/// The key-operations endpoint: `GET` and `DELETE` at `path`, on a listener
+/// the operator keeps internal (see README "Operations").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operations {
+    pub path: String,
 }
 
 /// When the gateway cannot know whether the upstream acted: the client left
@@ -221,6 +233,7 @@ impl Default for Config {
             assemble(
                 raw,
                 local_store(local.max_entries, local.max_bytes),
+                None,
                 None,
                 None,
             )
@@ -569,6 +582,11 @@ fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
     let forward = raw.forward.take().map(validate_forward).transpose()?;
     let outcome_property =
         validate_outcome_property(std::mem::take(&mut raw.outcome_property), platform)?;
+    let operations = raw
+        .operations
+        .take()
+        .map(|o| validate_operations(o, platform, &store))
+        .transpose()?;
     if !platform.has_shared_data() && matches!(store, StoreConfig::Local { .. }) {
         return Err(err(
                 "store.type",
@@ -596,7 +614,7 @@ fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
             ));
         }
     }
-    Ok(assemble(raw, store, forward, outcome_property))
+    Ok(assemble(raw, store, forward, outcome_property, operations))
 }
 
 /// The configuration `raw` describes, once its checks have passed (the
@@ -606,6 +624,7 @@ fn assemble(
     store: StoreConfig,
     forward: Option<Forward>,
     outcome_property: Option<String>,
+    operations: Option<Operations>,
 ) -> Config {
     Config {
         header: raw.header.to_ascii_lowercase(),
@@ -631,7 +650,45 @@ fn assemble(
         platform: raw.host.platform(),
         forward,
         outcome_property,
+        operations,
     }
+}
+
+/// The operations endpoint works on the local store's table in shared data:
+/// refused where there is none (APISIX) and for the Redis store, whose
+/// records an operator reaches with redis-cli.
+fn validate_operations(
+    raw: RawOperations,
+    platform: Platform,
+    store: &StoreConfig,
+) -> Result<Operations, ConfigError> {
+    const REDIS_WAY: &str = "with the Redis store, inspect or delete a record with redis-cli GET or DEL on the name examples/redis_key prints (README \"Finding or deleting one record\")";
+    if !platform.has_shared_data() {
+        return Err(err(
+            "operations",
+            format!("works on the local store's shared data, which APISIX does not provide; leave it out: {REDIS_WAY}"),
+        ));
+    }
+    if let StoreConfig::Redis { .. } = store {
+        return Err(err(
+            "operations",
+            format!("inspects and forgets keys of the local store only; leave it out: {REDIS_WAY}"),
+        ));
+    }
+    let valid = raw.path.starts_with('/')
+        && raw.path.len() <= 256
+        && is_visible(&raw.path)
+        && !raw.path.contains(['?', '#']);
+    if !valid {
+        return Err(err(
+            "operations.path",
+            format!(
+                "{:?} is not a request path; use one starting with '/', without spaces, '?' or '#', e.g. \"/idempotency/key\"",
+                raw.path
+            ),
+        ));
+    }
+    Ok(Operations { path: raw.path })
 }
 
 const MAX_PROPERTY_NAME: usize = 64;
@@ -832,6 +889,27 @@ mod tests {
         );
     }
 
+    #[test]
+    fn operations_are_off_unless_asked_and_take_a_path() {
+        assert_eq!(Config::parse(b"{}").unwrap().operations, None);
+        let default_path = Config::parse(br#"{"operations":{}}"#).unwrap();
+        assert_eq!(
+            default_path.operations,
+            Some(Operations {
+                path: "/idempotency/key".into()
+            })
+        );
+        // The rest of the document is read as for the protected instance:
+        // the key, its scope and the table must be the same.
+        let c = Config::parse(
+            br#"{"operations":{"path":"/ops/key"},"scope_headers":["x-tenant"],"store":{"type":"local","max_entries":64}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.operations.unwrap().path, "/ops/key");
+        assert_eq!(c.scope_headers, vec!["x-tenant"]);
+        assert_eq!(c.store.capacity(), Some(64));
+    }
+
     /// Table-driven: every rejected document and the exact line it logs.
     #[test]
     fn rejected_configurations_name_the_field_and_the_fix() {
@@ -859,7 +937,7 @@ mod tests {
             (r#"{"store":{"type":"redis","cluster":"w","max_bytes":1000}}"#, "invalid configuration: store.max_bytes: must be at least 2560000 for cache_entries 10000 (4096 per bucket of 16 entries) (got 1000); raise it or lower cache_entries"),
             (r#"{"store":{"type":"redis","cluster":"w","cache_entries":0,"max_bytes":2000000000000}}"#, "invalid configuration: store.max_bytes: must be at most 1099511627776 (got 2000000000000)"),
             (r#"{"host":"apisix","forward":{"upstream":"u:1"},"store":{"type":"redis","cluster":"w:1","max_bytes":100000000}}"#, "invalid configuration: store.max_bytes: bounds the replay cache, which APISIX cannot have (it has no shared data); leave it out: Redis's own memory is bounded by its maxmemory"),
-            (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `key_syntax`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `fingerprint_hash`, `record_server_errors`, `unknown_outcome`, `never_record_headers`, `host`, `forward`, `outcome_property`, `store`; remove it or fix its spelling"),
+            (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `key_syntax`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `fingerprint_hash`, `record_server_errors`, `unknown_outcome`, `never_record_headers`, `host`, `forward`, `outcome_property`, `operations`, `store`; remove it or fix its spelling"),
             (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store.max_entry: unknown field `max_entry`, expected `max_entries` or `max_bytes`; remove it or fix its spelling"),
             (r#"{"ttl_seconds":"60"}"#, "invalid configuration: ttl_seconds: invalid type: string \"60\", expected u64; see the configuration table in README.md for each field's type"),
             (r#"{"required":"yes"}"#, "invalid configuration: required: invalid type: string \"yes\", expected a boolean; see the configuration table in README.md for each field's type"),
@@ -887,6 +965,13 @@ mod tests {
             (r#"{"#, "invalid configuration: (document): EOF while parsing an object"),
             (r#"{"outcome_property":"wasm.outcome"}"#, "invalid configuration: outcome_property: \"wasm.outcome\" is not a property name; use up to 64 letters, digits, '_' or '-', e.g. \"idempotency_outcome\""),
             (r#"{"host":"apisix","forward":{"upstream":"u:1"},"store":{"type":"redis","cluster":"w:1"},"outcome_property":"o"}"#, "invalid configuration: outcome_property: is Envoy only (APISIX has no filter state for it); leave it out and log APISIX's $status instead"),
+            (r#"{"operations":{},"store":{"type":"redis","cluster":"w"}}"#, "invalid configuration: operations: inspects and forgets keys of the local store only; leave it out: with the Redis store, inspect or delete a record with redis-cli GET or DEL on the name examples/redis_key prints (README \"Finding or deleting one record\")"),
+            (r#"{"host":"apisix","forward":{"upstream":"u:1"},"store":{"type":"redis","cluster":"w:1"},"operations":{}}"#, "invalid configuration: operations: works on the local store's shared data, which APISIX does not provide; leave it out: with the Redis store, inspect or delete a record with redis-cli GET or DEL on the name examples/redis_key prints (README \"Finding or deleting one record\")"),
+            (r#"{"host":"apisix-profile","operations":{}}"#, "invalid configuration: operations: works on the local store's shared data, which APISIX does not provide; leave it out: with the Redis store, inspect or delete a record with redis-cli GET or DEL on the name examples/redis_key prints (README \"Finding or deleting one record\")"),
+            (r#"{"operations":{"path":"keys"}}"#, "invalid configuration: operations.path: \"keys\" is not a request path; use one starting with '/', without spaces, '?' or '#', e.g. \"/idempotency/key\""),
+            (r#"{"operations":{"path":"/keys?x=1"}}"#, "invalid configuration: operations.path: \"/keys?x=1\" is not a request path; use one starting with '/', without spaces, '?' or '#', e.g. \"/idempotency/key\""),
+            (r#"{"operations":{"prefix":"/keys"}}"#, "invalid configuration: operations.prefix: unknown field `prefix`, expected `path`; remove it or fix its spelling"),
+            (r#"{"operations":true}"#, "invalid configuration: operations: invalid type: boolean `true`, expected an object, e.g. {} or {\"path\": \"/idempotency/key\"}; see the configuration table in README.md for each field's type"),
         ];
         for (doc, expected) in cases {
             let got = Config::parse(doc.as_bytes()).expect_err(doc).to_string();

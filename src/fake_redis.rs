@@ -1,75 +1,81 @@
-//! Webdis + Redis in memory, for unit tests: decodes a call the filter
-//! dispatched (found by what it is: a claim, a record, a release or a
-//! cancel) and runs its script's semantics. Expiry is not modelled.
+//! Webdis + Redis in memory, for unit tests: decodes a batch call the filter
+//! (or the group commit) sent and runs the batch script's semantics, one
+//! operation after the other. Expiry is not modelled.
 
 use crate::fake_host::{Call, FakeHost};
-use crate::store::redis::{CANCEL_SCRIPT, CLAIM_SCRIPT, COMPLETE_SCRIPT, RELEASE_SCRIPT};
-use std::cell::RefCell;
+use crate::store::batch::{OpKind, BATCH_SCRIPT, BATCH_SCRIPT_SHA1};
+use crate::store::webdis::StoreRequest;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
-/// Which script a call runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    Claim,
-    Complete,
-    Release,
-    Cancel,
-}
+/// What a call of one operation does.
+pub type Op = OpKind;
 
 #[derive(Default)]
 pub struct FakeRedis {
     pub data: RefCell<HashMap<String, String>>,
+    /// Redis has the script (an `EVAL` of it ran): `EVALSHA` works.
+    pub script_loaded: Cell<bool>,
 }
 
 pub fn pct_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .unwrap()
+        .into_owned()
+}
+
+/// A batch call, decoded.
+struct Batch {
+    by_sha: bool,
+    script: String,
+    keys: Vec<String>,
+    kinds: Vec<Op>,
+    args: Vec<String>,
+    body: Option<String>,
+}
+
+fn kind_of(letter: char) -> Op {
+    match letter {
+        'C' => OpKind::Claim,
+        'W' => OpKind::Record,
+        'R' => OpKind::Release,
+        'X' => OpKind::Cancel,
+        'N' => OpKind::Renew,
+        _ => panic!("unknown operation {letter}"),
     }
-    String::from_utf8(out).unwrap()
 }
 
-/// The script, key and arguments of a Webdis `EVAL` call.
-fn decode(call: &Call) -> (String, String, Vec<String>) {
-    let path = call.header(":path").unwrap();
-    let segs: Vec<String> = path.split('/').skip(2).map(pct_decode).collect();
-    (segs[0].clone(), segs[2].clone(), segs[3..].to_vec())
-}
-
-/// What the call with id `id` runs, if it is a Redis call at all.
-pub fn op(call: &Call) -> Option<Op> {
-    if !call
-        .header(":path")
-        .is_some_and(|p| p.starts_with("/EVAL/"))
-    {
+fn decode(path: &str, body: Option<&[u8]>) -> Option<Batch> {
+    let by_sha = path.starts_with("/EVALSHA/");
+    if !by_sha && !path.starts_with("/EVAL/") {
         return None;
     }
-    let (script, _, _) = decode(call);
-    [
-        (CLAIM_SCRIPT, Op::Claim),
-        (COMPLETE_SCRIPT, Op::Complete),
-        (RELEASE_SCRIPT, Op::Release),
-        (CANCEL_SCRIPT, Op::Cancel),
-    ]
-    .into_iter()
-    .find(|(s, _)| *s == script)
-    .map(|(_, op)| op)
+    let segs: Vec<String> = path.split('/').skip(2).map(pct_decode).collect();
+    let n: usize = segs[1].parse().unwrap();
+    let keys = segs[2..2 + n].to_vec();
+    let kinds = segs[2 + n].chars().map(kind_of).collect();
+    Some(Batch {
+        by_sha,
+        script: segs[0].clone(),
+        keys,
+        kinds,
+        args: segs[3 + n..].to_vec(),
+        body: body.map(|b| String::from_utf8(b.to_vec()).unwrap()),
+    })
 }
 
-/// The id of the last `op` call `host` sent.
+/// The kinds of the operations call `call` carries, if it is a store call.
+pub fn ops(call: &Call) -> Option<Vec<Op>> {
+    decode(call.header(":path")?, call.body.as_deref()).map(|b| b.kinds)
+}
+
+/// The id of the last call of one `op` that `host` sent.
 pub fn last_call(host: &FakeHost, op: Op) -> u32 {
     host.calls()
         .iter()
         .rev()
-        .find(|c| self::op(c) == Some(op))
+        .find(|c| ops(c) == Some(vec![op]))
         .map(|c| c.id)
         .unwrap_or_else(|| panic!("no {op:?} call was sent"))
 }
@@ -83,47 +89,97 @@ impl FakeRedis {
     /// Runs the call with id `id` that `host` sent; returns Webdis's JSON.
     pub fn answer(&self, host: &FakeHost, id: u32) -> Vec<u8> {
         let call = host.call(id);
-        let (script, key, args) = decode(&call);
-        let mut data = self.data.borrow_mut();
-        let reply = if script == CLAIM_SCRIPT {
-            let (marker, tombstone) = (&args[0], &args[2]);
-            match data.get(&key).cloned() {
-                Some(v) if &v == tombstone => {
-                    data.remove(&key);
-                    serde_json::json!("cancelled")
-                }
-                // Expiry is not modelled: every record has a minute left.
-                Some(v) if !v.starts_with("X|") => serde_json::json!(format!("60000|{v}")),
-                _ => {
-                    data.insert(key.clone(), marker.clone());
-                    serde_json::json!("claimed")
-                }
-            }
-        } else if script == CANCEL_SCRIPT {
-            let (owner, tombstone) = (&args[0], &args[1]);
-            match data.get(&key).cloned() {
-                None => {
-                    data.insert(key.clone(), tombstone.clone());
-                    serde_json::json!(2)
-                }
-                Some(v) if v.starts_with(owner.as_str()) => {
-                    data.remove(&key);
-                    serde_json::json!(1)
-                }
-                Some(_) => serde_json::json!(0),
+        let path = call.header(":path").unwrap().to_string();
+        self.run(&path, call.body.as_deref())
+    }
+
+    /// Runs a batch request; returns Webdis's JSON.
+    pub fn run_request(&self, request: &StoreRequest) -> Vec<u8> {
+        self.run(&request.path, request.body.as_deref())
+    }
+
+    fn run(&self, path: &str, body: Option<&[u8]>) -> Vec<u8> {
+        let batch = decode(path, body).expect("a store call");
+        let command = if batch.by_sha { "EVALSHA" } else { "EVAL" };
+        if batch.by_sha {
+            assert_eq!(batch.script, BATCH_SCRIPT_SHA1);
+            if !self.script_loaded.get() {
+                return serde_json::to_vec(&serde_json::json!({
+                    command: [false, "NOSCRIPT No matching script. Please use EVAL."]
+                }))
+                .unwrap();
             }
         } else {
-            let owner = &args[0];
-            let owned = data
-                .get(&key)
-                .is_some_and(|v| v.starts_with(owner.as_str()));
-            if owned && script == COMPLETE_SCRIPT {
-                data.insert(key.clone(), String::from_utf8(call.body.unwrap()).unwrap());
-            } else if owned && script == RELEASE_SCRIPT {
-                data.remove(&key);
-            }
-            serde_json::json!(i32::from(owned))
-        };
-        serde_json::to_vec(&serde_json::json!({ "EVAL": reply })).unwrap()
+            assert_eq!(batch.script, BATCH_SCRIPT);
+            self.script_loaded.set(true);
+        }
+        let replies = self.apply(&batch);
+        serde_json::to_vec(&serde_json::json!({ command: replies })).unwrap()
+    }
+
+    fn apply(&self, batch: &Batch) -> Vec<String> {
+        let mut data = self.data.borrow_mut();
+        let mut args = batch.args.iter();
+        let mut next = || args.next().unwrap().clone();
+        let mut at = 0;
+        let mut out = Vec::new();
+        for (kind, key) in batch.kinds.iter().zip(&batch.keys) {
+            let value = data.get(key).cloned();
+            let owned = |p: &str| value.as_deref().is_some_and(|v| v.starts_with(p));
+            let reply = match kind {
+                OpKind::Claim => {
+                    let (marker, _ms) = (next(), next());
+                    let tombstone = format!("X|{}", &marker[2..18]);
+                    match value.as_deref() {
+                        Some(v) if v == tombstone => {
+                            data.remove(key);
+                            "cancelled".to_string()
+                        }
+                        // Expiry is not modelled: every record has a minute left.
+                        Some(v) if !v.starts_with("X|") => format!("60000|{v}"),
+                        _ => {
+                            data.insert(key.clone(), marker);
+                            "claimed".to_string()
+                        }
+                    }
+                }
+                OpKind::Record => {
+                    let (prefix, _ms, len) = (next(), next(), next());
+                    let len: usize = len.parse().unwrap();
+                    let record = batch.body.as_ref().unwrap()[at..at + len].to_string();
+                    at += len;
+                    let owned = owned(&prefix);
+                    if owned {
+                        data.insert(key.clone(), record);
+                    }
+                    u8::from(owned).to_string()
+                }
+                OpKind::Release => {
+                    let owned = owned(&next());
+                    if owned {
+                        data.remove(key);
+                    }
+                    u8::from(owned).to_string()
+                }
+                OpKind::Cancel => {
+                    let (prefix, _ms) = (next(), next());
+                    if value.is_none() {
+                        data.insert(key.clone(), format!("X|{}", &prefix[2..18]));
+                        "2".to_string()
+                    } else if owned(&prefix) {
+                        data.remove(key);
+                        "1".to_string()
+                    } else {
+                        "0".to_string()
+                    }
+                }
+                OpKind::Renew => {
+                    let (prefix, _ms) = (next(), next());
+                    u8::from(owned(&prefix)).to_string()
+                }
+            };
+            out.push(reply);
+        }
+        out
     }
 }

@@ -149,14 +149,9 @@ pub fn key_digest(scope: &[Option<&[u8]>], key: &str) -> Digest16 {
     truncate(&h.finalize())
 }
 
+/// Lower-case hex, as Redis keys and markers carry digests.
 pub fn hex(d: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(d.len() * 2);
-    for b in d {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 0xf)]));
-    }
-    s
+    hex::encode(d)
 }
 
 #[cfg(test)]

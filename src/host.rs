@@ -3,6 +3,7 @@
 //! calls, and `fake_host.rs` (tests only) implements it in memory.
 
 use crate::metrics::Metric;
+use crate::store::batch::RedisOp;
 use crate::store::SharedData;
 use std::fmt;
 
@@ -11,6 +12,13 @@ use std::fmt;
 pub struct HostError {
     pub call: &'static str,
     pub status: u32,
+}
+
+impl HostError {
+    /// What this host does not do (proxy-wasm's `Unimplemented`).
+    pub const fn unsupported(call: &'static str) -> HostError {
+        HostError { call, status: 12 }
+    }
 }
 
 impl fmt::Display for HostError {
@@ -50,16 +58,6 @@ pub struct CallResponse {
     pub body: Vec<u8>,
 }
 
-impl CallResponse {
-    /// Whether the request may have reached its destination although no
-    /// usable answer came: no answer at all, or Envoy's 504 for a call past
-    /// its timeout. Any other answer (a refused connection's 503, the far
-    /// end's own error) means it was handled, or never arrived.
-    pub fn fate_unknown(&self) -> bool {
-        matches!(self.status, None | Some(504))
-    }
-}
-
 pub trait Host: SharedData {
     fn request_headers(&self) -> Result<HeaderMap, HostError>;
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), HostError>;
@@ -90,6 +88,17 @@ pub trait Host: SharedData {
         body: Option<&[u8]>,
         timeout_ms: u64,
     ) -> Result<u32, HostError>;
+    /// Whether this host sends store operations in batches: Envoy's worker
+    /// call owner groups its requests' operations ([`crate::store::group_commit`]).
+    fn groups_store_ops(&self) -> bool {
+        false
+    }
+    /// Hands a store operation to the worker's next batch; its reply comes
+    /// through the filter's `on_store_reply` with the returned id. Only where
+    /// [`Host::groups_store_ops`].
+    fn send_store_op(&self, _op: RedisOp) -> Result<u32, HostError> {
+        Err(HostError::unsupported("send_store_op"))
+    }
     /// Sets a host property (APISIX: an nginx variable such as
     /// `wasm_process_req_body`, which makes it call the body callback).
     fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError>;

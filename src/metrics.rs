@@ -36,6 +36,12 @@ pub enum Metric {
     /// Keys whose outcome was unknowable (the exchange ended mid-response, an
     /// upstream reset), recorded as the `outcome-unknown` problem.
     OutcomesUnknown,
+    /// Redis store: HTTP calls to the store, and the operations (claims,
+    /// records, releases, cancels, renewals) they carried: on Envoy a
+    /// worker batches its requests' operations, so the mean batch size is
+    /// `store_operations / store_calls`.
+    StoreCalls,
+    StoreOperations,
     /// Gauge: bytes of recorded responses in shared data (the local store
     /// and the replay cache), as charged to `store.max_bytes`. Moves with
     /// every committed change, never reset, so it does not lag.
@@ -49,7 +55,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 23] = [
+    pub const ALL: [Metric; 25] = [
         Metric::Protected,
         Metric::Unkeyed,
         Metric::Replays,
@@ -70,6 +76,8 @@ impl Metric {
         Metric::ClaimsCancelled,
         Metric::ClaimsRenewed,
         Metric::OutcomesUnknown,
+        Metric::StoreCalls,
+        Metric::StoreOperations,
         Metric::BytesHeld,
         Metric::EvictedForSpace,
         Metric::BodiesOmitted,
@@ -101,6 +109,8 @@ impl Metric {
             Metric::ClaimsCancelled => "idempotency.claims_cancelled",
             Metric::ClaimsRenewed => "idempotency.claims_renewed",
             Metric::OutcomesUnknown => "idempotency.outcomes_unknown",
+            Metric::StoreCalls => "idempotency.store_calls",
+            Metric::StoreOperations => "idempotency.store_operations",
             Metric::BytesHeld => "idempotency.bytes_held",
             Metric::EvictedForSpace => "idempotency.evicted_for_space",
             Metric::BodiesOmitted => "idempotency.bodies_omitted",

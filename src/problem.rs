@@ -141,6 +141,56 @@ impl Problem {
         }
     }
 
+    /// Operations endpoint: a path other than its own.
+    pub fn not_found(path: &str) -> Self {
+        Problem::new(
+            404,
+            "not-found",
+            "Not a key-operations path",
+            format!("This is the idempotency key-operations endpoint: GET or DELETE {path}, with the key in its header and the client's scope headers."),
+        )
+    }
+
+    /// Operations endpoint: a method other than GET and DELETE.
+    pub fn method_not_allowed() -> Self {
+        Problem::new(
+            405,
+            "method-not-allowed",
+            "Method not allowed",
+            "GET shows what the local store holds for the key; DELETE forgets it.",
+        )
+    }
+
+    /// Operations endpoint: nothing to forget.
+    pub fn key_absent() -> Self {
+        Problem::new(
+            404,
+            "key-absent",
+            "No such key in the local store",
+            "The store holds no record and no running request for this key in this scope, so nothing was forgotten. The scope is the values of scope_headers (default Authorization): send the client's.",
+        )
+    }
+
+    /// Operations endpoint: the key's request is still running.
+    pub fn key_running(lock_lapses_in_ms: u64) -> Self {
+        Problem::new(
+            409,
+            "key-in-flight",
+            "The key's request is still running",
+            format!("Forgetting the key now would let a retry run while the original may still act. Wait until it completes (GET shows its state), or until its claim lapses ({lock_lapses_in_ms} ms from now, unless its gateway renews it), or repeat with ?force=true if the original is known to have stopped."),
+        )
+    }
+
+    /// Operations endpoint: this `vm_id` has no table of this shape.
+    pub fn no_table(capacity: u64) -> Self {
+        Problem::new(
+            503,
+            "no-table",
+            "No local store table to operate on",
+            format!("This Envoy holds no local store of max_entries {capacity} in this vm_id. Give the operations endpoint the vm_id and store.max_entries of the protected listener's filter."),
+        )
+    }
+
     pub fn internal(detail: &str) -> Self {
         Problem::new(500, "internal", "Idempotency filter error", detail)
     }

@@ -6,7 +6,8 @@ use crate::fingerprint::{key_digest, Digest16, FingerprintHash, Fingerprinter};
 use crate::key::{parse_key, to_sf_string};
 use crate::record::{DataRecord, StoredResponse};
 use crate::store::budget::SpaceEffects;
-use crate::store::local::LocalTable;
+use crate::store::local::operations::{Forget, KeyState};
+use crate::store::local::{LocalTable, State};
 use crate::store::{Claim, ClaimOutcome};
 use crate::wire::HeaderMap;
 use proptest::prelude::*;
@@ -108,6 +109,15 @@ enum Op {
     Advance {
         ms: u64,
     },
+    /// The operations endpoint: what the table holds for a key.
+    Inspect {
+        key: usize,
+    },
+    /// The operations endpoint forgets a key (a running one only if forced).
+    Forget {
+        key: usize,
+        force: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -119,6 +129,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..3usize).prop_map(|worker| Op::Abandon { worker }),
         1 => Just(Op::Sweep),
         2 => prop_oneof![Just(1u64), Just(500), Just(1000), Just(10_000)].prop_map(|ms| Op::Advance { ms }),
+        1 => (0..3usize).prop_map(|key| Op::Inspect { key }),
+        1 => (0..3usize, any::<bool>()).prop_map(|(key, force)| Op::Forget { key, force }),
     ]
 }
 
@@ -146,7 +158,8 @@ proptest! {
 
     /// The slot table against an exact model, over random interleavings of
     /// several workers: claims, completions, releases, clients that vanish,
-    /// sweeps and time. Every answer must be the model's. In particular no
+    /// sweeps, time, and the operations endpoint inspecting and forgetting
+    /// keys. Every answer must be the model's. In particular no
     /// key is ever handed out ("forward") while a live claim or a live
     /// record holds it, and a replay is always the owner's recorded answer.
     #[test]
@@ -231,6 +244,43 @@ proptest! {
                     }
                 }
                 Op::Advance { ms } => now += ms,
+                Op::Inspect { key } => {
+                    let expected = match &model[key] {
+                        Model::InFlight { deadline, .. } if now < *deadline => {
+                            // The claim's time is not modelled: take the table's.
+                            match table.inspect(&shared, &keys[key], now).unwrap() {
+                                Some(KeyState::InFlight { since_ms, .. }) => {
+                                    KeyState::InFlight { since_ms, lock_deadline_ms: *deadline }
+                                }
+                                other => { prop_assert!(false, "model says in flight, table {:?}", other); continue }
+                            }
+                        }
+                        Model::Done { response, expires, .. } if now < *expires => KeyState::Completed {
+                            since_ms: expires - TTL_MS,
+                            expires_ms: *expires,
+                            status: response.status,
+                            body_bytes: response.body.len(),
+                            body_omitted: false,
+                        },
+                        _ => KeyState::Absent,
+                    };
+                    prop_assert_eq!(table.inspect(&shared, &keys[key], now).unwrap(), Some(expected));
+                }
+                Op::Forget { key, force } => {
+                    let got = table.forget(&shared, &keys[key], now, force, &mut SpaceEffects::default()).unwrap();
+                    let expected = match &model[key] {
+                        Model::InFlight { deadline, .. } if now < *deadline && !force => {
+                            Forget::Running { lock_deadline_ms: *deadline }
+                        }
+                        Model::InFlight { deadline, .. } if now < *deadline => Forget::Forgotten(State::InFlight),
+                        Model::Done { expires, .. } if now < *expires => Forget::Forgotten(State::Completed),
+                        _ => Forget::Absent,
+                    };
+                    prop_assert_eq!(got, Some(expected));
+                    if matches!(expected, Forget::Forgotten(_)) {
+                        model[key] = Model::Nothing;
+                    }
+                }
             }
         }
     }

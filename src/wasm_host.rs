@@ -9,6 +9,7 @@ use crate::config::Platform;
 use crate::filter::{CallResponse, Verdict};
 use crate::host::{HeaderMap, Host, HostError, Level};
 use crate::metrics::Metric;
+use crate::store::batch::RedisOp;
 use crate::store::SharedData;
 use crate::wire::{encode_pairs, Rng};
 use proxy_wasm::types::Action;
@@ -130,11 +131,6 @@ extern "C" {
     fn proxy_set_effective_context(context_id: u32) -> u32;
 }
 
-#[link(wasm_import_module = "wasi_snapshot_preview1")]
-extern "C" {
-    fn random_get(buf: *mut u8, buf_len: usize) -> u16;
-}
-
 fn check(call: &'static str, status: u32) -> Result<(), HostError> {
     if status == OK {
         Ok(())
@@ -209,11 +205,13 @@ thread_local! {
     static RNG: RefCell<Rng> = RefCell::new(seeded_rng());
 }
 
+/// One host call per VM (getrandom: WASI `random_get` on wasip1); the
+/// generator then makes each token without a host call.
 fn seeded_rng() -> Rng {
     let mut seed = [0u8; 40];
     // If random_get fails the clock alone seeds the generator: tokens stay
     // unique per VM, but log it because generated keys become guessable.
-    if unsafe { random_get(seed.as_mut_ptr(), 32) } != 0 {
+    if getrandom::fill(&mut seed[..32]).is_err() {
         host_log(
             Level::Warn,
             "WASI random_get failed; seeding from the clock",
@@ -579,6 +577,19 @@ impl Host for WasmHost {
             rules.pending.set(rules.pending.get() + 1);
         }
         result
+    }
+
+    fn groups_store_ops(&self) -> bool {
+        self.route
+            .as_ref()
+            .is_some_and(owner::Route::groups_store_ops)
+    }
+
+    fn send_store_op(&self, op: RedisOp) -> Result<u32, HostError> {
+        match &self.route {
+            Some(route) => route.send_store_op(op),
+            None => Err(HostError::unsupported("send_store_op")),
+        }
     }
 
     fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError> {

@@ -29,6 +29,7 @@ pub(super) struct RawConfig {
     pub(super) host: RawHost,
     pub(super) forward: Option<RawForward>,
     pub(super) outcome_property: String,
+    pub(super) operations: Option<RawOperations>,
     /// Parsed in a second step ([`parse_store`]): the store's fields depend
     /// on its `type`, and errors must still name e.g. `store.timeout_ms`.
     pub(super) store: serde_json::Value,
@@ -56,6 +57,7 @@ impl Default for RawConfig {
             host: RawHost::Envoy,
             forward: None,
             outcome_property: String::new(),
+            operations: None,
             store: serde_json::json!({"type": "local"}),
         }
     }
@@ -190,4 +192,19 @@ impl Default for RawLocalStore {
             max_bytes: DEFAULT_MAX_BYTES,
         }
     }
+}
+
+/// `operations`: this filter instance is the key-operations endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an object, e.g. {} or {\"path\": \"/idempotency/key\"}"
+)]
+pub(super) struct RawOperations {
+    #[serde(default = "default_operations_path")]
+    pub(super) path: String,
+}
+
+fn default_operations_path() -> String {
+    "/idempotency/key".to_string()
 }

@@ -13,9 +13,10 @@
 use super::reply::replay;
 use super::{Filter, Phase, Sent, Then, Verdict};
 use crate::fingerprint::Digest16;
-use crate::host::{CallResponse, Host, Level};
+use crate::host::{Host, Level};
 use crate::metrics::Metric;
 use crate::problem::Problem;
+use crate::store::batch::OpReply;
 use crate::store::{ClaimOutcome, Claimed, Held, PendingClaim, StoreError, StoreStep};
 
 impl Filter {
@@ -47,13 +48,14 @@ impl Filter {
         &mut self,
         host: &impl Host,
         pending: &PendingClaim,
-        response: &CallResponse,
+        reply: OpReply,
     ) {
         let ctx = self.ctx.clone();
-        let result = ctx.store.claim_answered(host, pending, response);
         // Redis may still run a claim that got no answer. Any other failure
         // (a refused connection, Webdis's own error) never reached Redis.
-        if let (Err(e), true) = (&result, response.fate_unknown()) {
+        let maybe_applied = matches!(reply, Err(StoreError::NoAnswer(_)));
+        let result = ctx.store.claim_answered(host, pending, reply);
+        if let (Err(e), true) = (&result, maybe_applied) {
             let verdict = self.cancel_timed_out_claim(host, e, &pending.digest, pending.token);
             self.resume_request_if(host, verdict);
             return;
@@ -159,12 +161,12 @@ impl Filter {
         if ctx.store.fails_open() {
             return self.store_failed(host, e);
         }
-        let request = match ctx.store.cancel(digest, token, ctx.config.lock_timeout_ms) {
-            StoreStep::Call(request, ()) => request,
+        let op = match ctx.store.cancel(digest, token, ctx.config.lock_timeout_ms) {
+            StoreStep::Call(op, ()) => op,
             // Nothing to cancel.
             StoreStep::Done(_) => return self.store_failed(host, e),
         };
-        let call = match ctx.store.send(host, &request) {
+        let call = match ctx.store.send(host, op) {
             Ok(call) => call,
             Err(cancel_error) => {
                 host.log(
@@ -188,11 +190,11 @@ impl Filter {
     }
 
     /// The cancel answered (or did not): the refusal goes out now.
-    pub(super) fn cancel_answered(&mut self, host: &impl Host, response: &CallResponse) {
+    pub(super) fn cancel_answered(&mut self, host: &impl Host, reply: OpReply) {
         let ctx = self.ctx.clone();
         // A failure is logged; the claim, if it landed, lapses after its
         // lock timeout.
-        let _ = ctx.store.cancel_answered(host, response);
+        let _ = ctx.store.cancel_answered(host, reply);
         self.answer(host, &Problem::store_unavailable(ctx.store.name()), None);
     }
 }

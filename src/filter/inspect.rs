@@ -71,13 +71,7 @@ pub fn inspect(cfg: &Config, headers: &HeaderMap, new_key: impl FnOnce() -> Stri
         }
     };
     let declared: Option<u64> = header_number(headers, "content-length");
-    let scope: Vec<Option<Vec<u8>>> = cfg
-        .scope_headers
-        .iter()
-        .map(|h| header_joined(headers, h))
-        .collect();
-    let scope_refs: Vec<Option<&[u8]>> = scope.iter().map(Option::as_deref).collect();
-    let digest = key_digest(&scope_refs, &key);
+    let digest = scoped_digest(cfg, headers, &key);
     let fp_values: Vec<Option<Vec<u8>>> = cfg
         .fingerprint_headers
         .iter()
@@ -101,6 +95,18 @@ pub fn inspect(cfg: &Config, headers: &HeaderMap, new_key: impl FnOnce() -> Stri
     })
 }
 
+/// The store's key of `key`: its digest within the scope the request's
+/// `scope_headers` values name.
+pub(super) fn scoped_digest(cfg: &Config, headers: &HeaderMap, key: &str) -> Digest16 {
+    let scope: Vec<Option<Vec<u8>>> = cfg
+        .scope_headers
+        .iter()
+        .map(|h| header_joined(headers, h))
+        .collect();
+    let scope_refs: Vec<Option<&[u8]>> = scope.iter().map(Option::as_deref).collect();
+    key_digest(&scope_refs, key)
+}
+
 /// All values of a header joined as one list, the way RFC 9110 5.3 combines
 /// repeated fields, so a header split in two does not change the meaning.
 fn header_joined(headers: &HeaderMap, name: &str) -> Option<Vec<u8>> {
@@ -117,11 +123,12 @@ fn header_joined(headers: &HeaderMap, name: &str) -> Option<Vec<u8>> {
     out
 }
 
-fn key_error_detail(e: &KeyError, header: &str) -> String {
+pub(super) fn key_error_detail(e: &KeyError, header: &str) -> String {
     format!("{e} (header {header})")
 }
 
-/// A random (version 4) UUID, for `generate_missing`.
+/// A random (version 4) UUID, for `generate_missing`. From the host's
+/// generator, not uuid's `v4` feature (a getrandom host call per key).
 pub(super) fn uuid_v4(host: &impl Host) -> String {
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(&host.random_u64().to_le_bytes());

@@ -26,7 +26,9 @@
 //!   capture, shared by the streaming path and forwarding mode;
 //! * `write`: recording the response, or releasing the key;
 //! * `forward`: forwarding mode's upstream call;
-//! * `reply`: answers the filter gives itself, and each request's outcome.
+//! * `reply`: answers the filter gives itself, and each request's outcome;
+//! * `operations`: an instance configured as the key-operations endpoint
+//!   answers every request there, and protects nothing.
 //!
 //! The stores (local, Redis, the replay cache) are behind
 //! [`crate::store::Store`], whose every operation finishes now or asks for
@@ -37,6 +39,7 @@ mod capture;
 mod claim;
 mod forward;
 mod inspect;
+mod operations;
 mod reply;
 mod write;
 
@@ -51,6 +54,7 @@ use crate::config::Config;
 use crate::fingerprint::{Digest16, Fingerprinter};
 use crate::host::{Host, HostError};
 use crate::metrics::Metric;
+use crate::store::batch::{single_answer, OpReply};
 use crate::store::renewals::Renewals;
 use crate::store::{Held, PendingClaim, PendingWrite, Store, StoreError, StoreStep};
 use capture::Capture;
@@ -201,7 +205,7 @@ impl Filter {
     fn send<T, P>(&self, host: &impl Host, step: StoreStep<T, P>) -> Sent<T, P> {
         match step {
             StoreStep::Done(result) => Sent::Done(result),
-            StoreStep::Call(request, pending) => match self.ctx.store.send(host, &request) {
+            StoreStep::Call(op, pending) => match self.ctx.store.send(host, op) {
                 Ok(call) => Sent::Waiting(call, pending),
                 Err(e) => Sent::Done(Err(e)),
             },
@@ -221,6 +225,9 @@ impl Filter {
         };
         let ctx = self.ctx.clone();
         let cfg = &ctx.config;
+        if let Some(ops) = &cfg.operations {
+            return self.operate(host, &headers, ops);
+        }
         let protected = match inspect(cfg, &headers, || inspect::uuid_v4(host)) {
             Inspection::Pass => {
                 self.phase = Phase::Passthrough;
@@ -300,19 +307,41 @@ impl Filter {
         )
     }
 
-    /// The answer to an HTTP call this request made: the Redis store's, or
-    /// the upstream's in forwarding mode.
+    /// The answer to an HTTP call this request made: the upstream's in
+    /// forwarding mode, or a store operation's that went alone.
     pub fn on_call_response(&mut self, host: &impl Host, call: u32, response: &CallResponse) {
         let Some(then) = self.take_waiting(call) else {
             return;
         };
         match then {
-            Then::Claim(pending) => self.claim_answered(host, &pending, response),
-            Then::Cancel => self.cancel_answered(host, response),
             Then::Upstream { held, sent_ms } => {
                 self.upstream_answered(host, held, sent_ms, response);
             }
-            Then::Write { pending, reply } => self.write_answered(host, pending, reply, response),
+            then => self.store_replied(host, then, single_answer(response.status, &response.body)),
+        }
+    }
+
+    /// The reply to a store operation this request sent in a batch.
+    pub fn on_store_reply(&mut self, host: &impl Host, call: u32, reply: OpReply) {
+        if let Some(then) = self.take_waiting(call) {
+            self.store_replied(host, then, reply);
+        }
+    }
+
+    fn store_replied(&mut self, host: &impl Host, then: Then, reply: OpReply) {
+        match then {
+            Then::Claim(pending) => self.claim_answered(host, &pending, reply),
+            Then::Cancel => self.cancel_answered(host, reply),
+            Then::Write {
+                pending,
+                reply: answer,
+            } => {
+                self.write_answered(host, pending, answer, reply);
+            }
+            // Never: upstream calls are not store operations. As no answer.
+            Then::Upstream { held, sent_ms } => {
+                self.upstream_answered(host, held, sent_ms, &CallResponse::default());
+            }
         }
     }
 
@@ -390,7 +419,7 @@ impl Filter {
             Then::Write { pending, reply } => {
                 self.write_answered_with(host, pending.write, Err(e), reply)
             }
-            Then::Cancel => self.cancel_answered(host, &CallResponse::default()),
+            Then::Cancel => self.cancel_answered(host, Err(e)),
             Then::Upstream { held, sent_ms } => {
                 self.forward_failed(host, &error);
                 self.upstream_answered(host, held, sent_ms, &CallResponse::default());

@@ -8,10 +8,11 @@
 use super::reply::{problem_reply, Reply};
 use super::{Filter, Phase, Sent, Then, Verdict};
 use crate::config::UnknownOutcome;
-use crate::host::{CallResponse, Host, Level};
+use crate::host::{Host, Level};
 use crate::metrics::Metric;
 use crate::problem::Problem;
 use crate::record::StoredResponse;
+use crate::store::batch::OpReply;
 use crate::store::{Held, PendingWrite, StoreError, StoreStep, Write};
 
 impl Filter {
@@ -140,11 +141,11 @@ impl Filter {
         host: &impl Host,
         pending: PendingWrite,
         reply: Option<Reply>,
-        response: &CallResponse,
+        answer: OpReply,
     ) {
         let ctx = self.ctx.clone();
         let write = pending.write;
-        let result = ctx.store.write_answered(host, pending, response);
+        let result = ctx.store.write_answered(host, pending, answer);
         self.write_answered_with(host, write, result, reply);
     }
 

@@ -170,10 +170,11 @@ impl SpaceEffects {
         self.bytes = self.bytes.saturating_add(delta);
     }
 
-    /// The replay cache's effects: only its bytes count (in the gauge of
-    /// bytes held). Its evictions are cache misses, not lost records, and
-    /// its entries are not the store's.
-    pub fn report_cache(&self, host: &impl Host) {
+    /// Only the bytes (the gauge of bytes held): the replay cache's effects
+    /// (its evictions are cache misses, not lost records, and its entries
+    /// are not the store's), and a forgotten key's (the operations
+    /// endpoint counts the entry itself).
+    pub fn report_bytes(&self, host: &impl Host) {
         if self.bytes != 0 {
             host.metric_add(Metric::BytesHeld, self.bytes);
         }

@@ -10,16 +10,18 @@
 //! complete ──Call(record)──answer: stored──▶ fill the cache
 //! ```
 
+use super::batch::{self, OpReply, RedisOp, BATCH_SCRIPT};
 use super::budget::SpaceEffects;
 use super::local::LocalTable;
-use super::redis::{RedisConfig, RedisStore, StoreRequest};
+use super::redis::{RedisConfig, RedisStore};
+use super::webdis::Script;
 use super::{
-    no_answer, ClaimEffects, ClaimOutcome, Claimed, Held, PendingClaim, PendingWrite, StoreError,
-    StoreStep, Write,
+    ClaimEffects, ClaimOutcome, Claimed, Held, PendingClaim, PendingWrite, StoreError, StoreStep,
+    Write,
 };
 use crate::config::LOCAL_WAYS;
 use crate::fingerprint::Digest16;
-use crate::host::{CallResponse, Host, Level};
+use crate::host::{Host, Level};
 use crate::metrics::Metric;
 use crate::record::StoredResponse;
 
@@ -71,23 +73,27 @@ impl CachedRedis {
         }
     }
 
-    pub fn send(&self, host: &impl Host, request: &StoreRequest) -> Result<u32, StoreError> {
-        let cfg = &self.redis.config;
-        let mut headers: Vec<(&str, &str)> = vec![
-            (":method", request.method),
-            (":path", &request.path),
-            (":authority", &cfg.authority),
-        ];
-        if let Some(auth) = &cfg.authorization {
-            headers.push(("authorization", auth));
+    /// Sends `op`: in the worker's next batch where the host groups them
+    /// (Envoy), else as a call of its own (the script by source: a call
+    /// within a request cannot afford a `NOSCRIPT` round trip).
+    pub fn send(&self, host: &impl Host, op: RedisOp) -> Result<u32, StoreError> {
+        let to_store = |e: crate::host::HostError| StoreError::Unavailable(e.to_string());
+        if host.groups_store_ops() {
+            return host.send_store_op(op).map_err(to_store);
         }
-        host.dispatch_http_call(
-            &cfg.cluster,
-            &headers,
-            request.body.as_deref(),
-            cfg.timeout_ms,
-        )
-        .map_err(|e| StoreError::Unavailable(e.to_string()))
+        let request = batch::request(&[&op], Script::Source(BATCH_SCRIPT));
+        let cfg = &self.redis.config;
+        let call = host
+            .dispatch_http_call(
+                &cfg.cluster,
+                &cfg.call_headers(&request),
+                request.body.as_deref(),
+                cfg.timeout_ms,
+            )
+            .map_err(to_store)?;
+        host.metric_add(Metric::StoreCalls, 1);
+        host.metric_add(Metric::StoreOperations, 1);
+        Ok(call)
     }
 
     pub fn claim(
@@ -114,8 +120,7 @@ impl CachedRedis {
             }
         }
         StoreStep::Call(
-            self.redis
-                .claim_request(digest, fingerprint, token, lock_ms),
+            self.redis.claim_op(digest, fingerprint, token, lock_ms),
             PendingClaim {
                 digest: *digest,
                 fingerprint: *fingerprint,
@@ -129,18 +134,11 @@ impl CachedRedis {
         &self,
         host: &impl Host,
         pending: &PendingClaim,
-        answer: &CallResponse,
+        reply: OpReply,
     ) -> Result<Claimed, StoreError> {
-        let result = match answer.status {
-            Some(status) => self.redis.claim_outcome(
-                status,
-                &answer.body,
-                &pending.digest,
-                &pending.fingerprint,
-                pending.token,
-            ),
-            None => Err(no_answer()),
-        };
+        let result =
+            self.redis
+                .claim_outcome(reply, &pending.digest, &pending.fingerprint, pending.token);
         // A record completed elsewhere (or before the cache had it): keep
         // it, so the next retry of this key stays here.
         if let Ok((ClaimOutcome::Replay(response), Some(remaining_ms))) = &result {
@@ -172,7 +170,7 @@ impl CachedRedis {
             expires_ms: host.now_ms().saturating_add(ttl_ms),
         });
         StoreStep::Call(
-            self.redis.complete_request(
+            self.redis.complete_op(
                 &held.digest,
                 &held.fingerprint,
                 &held.claim,
@@ -188,7 +186,7 @@ impl CachedRedis {
 
     pub fn release(&self, held: &Held) -> StoreStep<bool, PendingWrite> {
         StoreStep::Call(
-            self.redis.release_request(&held.digest, &held.claim),
+            self.redis.release_op(&held.digest, &held.claim),
             PendingWrite {
                 write: Write::Release,
                 fill: None,
@@ -200,12 +198,11 @@ impl CachedRedis {
         &self,
         host: &impl Host,
         pending: PendingWrite,
-        answer: &CallResponse,
+        reply: OpReply,
     ) -> Result<bool, StoreError> {
-        let result = match (answer.status, pending.write) {
-            (None, _) => Err(no_answer()),
-            (Some(status), Write::Complete) => self.redis.complete_outcome(status, &answer.body),
-            (Some(status), Write::Release) => self.redis.release_outcome(status, &answer.body),
+        let result = match pending.write {
+            Write::Complete => self.redis.complete_outcome(reply),
+            Write::Release => self.redis.release_outcome(reply),
         };
         if let (Ok(true), Some(fill)) = (&result, pending.fill) {
             self.fill(host, fill);
@@ -237,6 +234,6 @@ impl CachedRedis {
         ) {
             host.log(Level::Debug, &format!("replay cache not filled: {e}"));
         }
-        space.report_cache(host);
+        space.report_bytes(host);
     }
 }

@@ -38,6 +38,8 @@ use crate::decision::{decide, Decision};
 use crate::fingerprint::Digest16;
 use crate::record::{DataRecord, StoredResponse};
 
+pub mod operations;
+
 /// Bounded, like istio's local_rate_limit token bucket: under pathological
 /// contention the request fails closed (503) instead of spinning.
 pub const MAX_CAS_ATTEMPTS: u32 = 16;

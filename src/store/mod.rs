@@ -3,18 +3,22 @@
 //! [`crate::decision::decide`], so they agree on semantics.
 //!
 //! Every operation (claim, complete, release, cancel) answers in one shape,
-//! a [`StoreStep`]: done now (the local store), or one HTTP call to make,
-//! whose answer goes back to the store with what the call was for (Redis):
+//! a [`StoreStep`]: done now (the local store), or one Redis operation to
+//! send, whose answer goes back to the store with what it was for (Redis):
 //! ```text
 //! filter ──op──▶ Store ──▶ Done(result) ──────────────────────────▶ apply
-//!                      └─▶ Call(request, pending) ──send──▶ … answer
-//!                            filter ──pending + answer──▶ Store ──▶ apply
+//!                      └─▶ Call(op, pending) ──send──▶ … its reply
+//!                            filter ──pending + reply──▶ Store ──▶ apply
 //! ```
+//! An operation is sent alone (one call), or joins the worker's next batch
+//! where the host groups them ([`group_commit`], Envoy).
 //! A backend is one file and one [`Store`] variant.
 
+pub mod batch;
 pub mod bucket;
 pub mod budget;
 pub mod cached;
+pub mod group_commit;
 pub mod local;
 mod reclaim;
 pub mod redis;
@@ -22,25 +26,35 @@ pub mod renewals;
 pub mod sweep;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod webdis;
 
 use crate::config::StoreConfig;
 use crate::fingerprint::Digest16;
-use crate::host::{CallResponse, Host, HostError, Level};
+use crate::host::{Host, HostError, Level};
 use crate::metrics::Metric;
 use crate::record::StoredResponse;
+use batch::{OpReply, RedisOp};
 use budget::SpaceEffects;
 use cached::CachedRedis;
 use local::LocalTable;
-use redis::{CancelOutcome, OnUnavailable, StoreRequest};
+use redis::{CancelOutcome, OnUnavailable};
 use std::fmt;
 use sweep::Sweep;
 
-/// What a store operation did: finished (`Done`), or needs `request` sent;
-/// its answer then goes to the store's `*_answered` with `P`.
+/// What a store operation did: finished (`Done`), or needs `op` sent;
+/// its reply then goes to the store's `*_answered` with `P`.
 #[derive(Debug)]
 pub enum StoreStep<T, P> {
     Done(Result<T, StoreError>),
-    Call(StoreRequest, P),
+    Call(RedisOp, P),
+}
+
+/// Renewing the claims that are due: done (local), or one operation per
+/// claim to send (Redis), each with its claim's token.
+#[derive(Debug)]
+pub enum Renewal {
+    Done(Result<Vec<(u64, bool)>, StoreError>),
+    Ops(Vec<(u64, RedisOp)>),
 }
 
 /// A claim's outcome with its side effects (for metrics).
@@ -90,8 +104,8 @@ pub enum Store {
     Redis(CachedRedis),
 }
 
-fn no_answer() -> StoreError {
-    StoreError::Unavailable("no answer (timeout or connection failure)".to_string())
+fn no_call() -> StoreError {
+    StoreError::Unavailable("the local store makes no calls".to_string())
 }
 
 impl Store {
@@ -135,6 +149,14 @@ impl Store {
         }
     }
 
+    /// The Redis store's settings (where its calls go), if it is Redis.
+    pub fn redis_config(&self) -> Option<&redis::RedisConfig> {
+        match self {
+            Store::Local { .. } => None,
+            Store::Redis(redis) => Some(&redis.redis.config),
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Store::Local { .. } => "local",
@@ -151,13 +173,11 @@ impl Store {
         }
     }
 
-    /// Sends a step's call; its answer comes back with the returned id.
-    pub fn send(&self, host: &impl Host, request: &StoreRequest) -> Result<u32, StoreError> {
+    /// Sends a step's operation; its reply comes back with the returned id.
+    pub fn send(&self, host: &impl Host, op: RedisOp) -> Result<u32, StoreError> {
         match self {
-            Store::Local { .. } => Err(StoreError::Unavailable(
-                "the local store makes no calls".to_string(),
-            )),
-            Store::Redis(redis) => redis.send(host, request),
+            Store::Local { .. } => Err(no_call()),
+            Store::Redis(redis) => redis.send(host, op),
         }
     }
 
@@ -187,11 +207,11 @@ impl Store {
         &self,
         host: &impl Host,
         pending: &PendingClaim,
-        answer: &CallResponse,
+        reply: OpReply,
     ) -> Result<Claimed, StoreError> {
         match self {
-            Store::Local { .. } => Err(no_answer()),
-            Store::Redis(redis) => redis.claim_answered(host, pending, answer),
+            Store::Local { .. } => Err(no_call()),
+            Store::Redis(redis) => redis.claim_answered(host, pending, reply),
         }
     }
 
@@ -241,56 +261,43 @@ impl Store {
         &self,
         host: &impl Host,
         pending: PendingWrite,
-        answer: &CallResponse,
+        reply: OpReply,
     ) -> Result<bool, StoreError> {
         match self {
-            Store::Local { .. } => Err(no_answer()),
-            Store::Redis(redis) => redis.write_answered(host, pending, answer),
+            Store::Local { .. } => Err(no_call()),
+            Store::Redis(redis) => redis.write_answered(host, pending, reply),
         }
     }
 
     /// Renews the claims `due` (from the tick): the local store now, one CAS
-    /// each; Redis in one call for all of them. Each claim's answer:
-    /// `(token, still held)`.
-    pub fn renew(
-        &self,
-        host: &impl Host,
-        due: &[Held],
-        lock_ms: u64,
-    ) -> StoreStep<Vec<(u64, bool)>, Vec<u64>> {
+    /// each; Redis with one operation each, sent together. Each claim's
+    /// answer: `(token, still held)`.
+    pub fn renew(&self, host: &impl Host, due: &[Held], lock_ms: u64) -> Renewal {
         match self {
             Store::Local { table, .. } => {
                 let now_ms = host.now_ms();
-                StoreStep::Done(
+                Renewal::Done(
                     due.iter()
                         .map(|h| Ok((h.claim.token, table.renew(host, &h.claim, now_ms, lock_ms)?)))
                         .collect(),
                 )
             }
-            Store::Redis(redis) => {
-                let claims: Vec<(Digest16, u64)> =
-                    due.iter().map(|h| (h.digest, h.claim.token)).collect();
-                StoreStep::Call(
-                    redis.redis.renew_request(&claims, lock_ms),
-                    due.iter().map(|h| h.claim.token).collect(),
-                )
-            }
+            Store::Redis(redis) => Renewal::Ops(
+                due.iter()
+                    .map(|h| {
+                        let token = h.claim.token;
+                        (token, redis.redis.renew_op(&h.digest, token, lock_ms))
+                    })
+                    .collect(),
+            ),
         }
     }
 
-    pub fn renew_answered(
-        &self,
-        tokens: &[u64],
-        answer: &CallResponse,
-    ) -> Result<Vec<(u64, bool)>, StoreError> {
-        match (self, answer.status) {
-            (Store::Redis(redis), Some(status)) => {
-                let kept = redis
-                    .redis
-                    .renew_outcome(status, &answer.body, tokens.len())?;
-                Ok(tokens.iter().copied().zip(kept).collect())
-            }
-            _ => Err(no_answer()),
+    /// Whether a renewal operation kept its claim.
+    pub fn renew_answered(&self, reply: OpReply) -> Result<bool, StoreError> {
+        match self {
+            Store::Local { .. } => Err(no_call()),
+            Store::Redis(redis) => redis.redis.renew_outcome(reply),
         }
     }
 
@@ -305,7 +312,7 @@ impl Store {
         match self {
             Store::Local { .. } => StoreStep::Done(Ok(CancelOutcome::NothingToCancel)),
             Store::Redis(redis) => {
-                StoreStep::Call(redis.redis.cancel_request(digest, token, lock_ms), ())
+                StoreStep::Call(redis.redis.cancel_op(digest, token, lock_ms), ())
             }
         }
     }
@@ -313,11 +320,11 @@ impl Store {
     pub fn cancel_answered(
         &self,
         host: &impl Host,
-        answer: &CallResponse,
+        reply: OpReply,
     ) -> Result<CancelOutcome, StoreError> {
-        let result = match (self, answer.status) {
-            (Store::Redis(redis), Some(status)) => redis.redis.cancel_outcome(status, &answer.body),
-            _ => Err(no_answer()),
+        let result = match self {
+            Store::Redis(redis) => redis.redis.cancel_outcome(reply),
+            Store::Local { .. } => Err(no_call()),
         };
         if let Err(e) = &result {
             // The claim, if it landed, lapses after its lock timeout.
@@ -351,6 +358,9 @@ pub enum StoreError {
     Inconsistent,
     /// The store could not be reached or answered an error (Redis store).
     Unavailable(String),
+    /// No answer came (a timeout, a lost connection): Redis may still run
+    /// the operation.
+    NoAnswer(&'static str),
     /// A record that cannot be kept within the byte budget (local store):
     /// why.
     NoRoom(&'static str),
@@ -370,6 +380,7 @@ impl fmt::Display for StoreError {
             StoreError::Contention => write!(f, "store contention: every CAS attempt lost"),
             StoreError::Inconsistent => write!(f, "a completed record's response is missing"),
             StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
+            StoreError::NoAnswer(why) => write!(f, "store unavailable: {why}"),
             StoreError::NoRoom(why) => write!(f, "no room for the record: {why}"),
         }
     }

@@ -274,7 +274,7 @@ impl LocalTable {
     /// reclaimed, the bucket's occupied slots (from the bucket it read
     /// after `free_dead`, so the sweep reads each bucket once more, not
     /// twice), and whether the bucket is over its share.
-    fn reclaim_data<S: SharedData>(
+    pub(super) fn reclaim_data<S: SharedData>(
         &self,
         shared: &S,
         b: u32,

@@ -1,18 +1,10 @@
 //! The Redis store, spoken over HTTP because a proxy-wasm filter cannot open
-//! sockets. Every step is one `EVAL` (atomic in Redis), and Redis owns expiry
-//! (`PX`), so the filter needs no clock for it:
-//!
-//! * claim: return the key's value if there is one, else set the in-flight
-//!   marker with `PX` = lock timeout and answer `claimed`;
-//! * complete / release: only if the key still holds *this* claim's marker
-//!   (a claim that expired and was taken over is never overwritten or deleted
-//!   by the late original); complete sets the record with `PX` = TTL;
-//! * cancel: a claim whose call timed out (the request was refused, so the
-//!   upstream never saw it) may still be queued in Redis. Its marker is
-//!   deleted if it landed; if it has not, a tombstone naming its token is left
-//!   so that it deletes itself when it lands. Either order frees the key, which
-//!   matters because Webdis spreads calls over a pool of Redis connections and
-//!   the cancel can overtake the claim.
+//! sockets. Every operation (claim, record, release, cancel, renew) is one
+//! step of the store's one script ([`super::batch`]), atomic in Redis, and
+//! Redis owns expiry (`PX`), so the filter needs no clock for it. This file
+//! builds each operation and reads its answer; complete and release act only
+//! if the key still holds *this* claim's marker (a claim that expired and was
+//! taken over is never overwritten or deleted by the late original).
 //!
 //! Values (ASCII, so they survive JSON replies):
 //! * in flight: `I|<token, 16 hex>|<fingerprint, 32 hex>`
@@ -22,154 +14,14 @@
 //!
 //! Redis keys are `key_prefix` + hex digest of (scope, key): nothing a client
 //! sends reaches a URL or a script unencoded.
-//!
-//! HTTP dialects live behind [`Dialect`]: Webdis today; another front end
-//! (an Upstash-style JSON `POST /`) is one more implementation of it.
 
+use super::batch::{OpKind, OpReply, RedisOp};
+use super::webdis::StoreRequest;
 use super::{Claim, ClaimOutcome, StoreError};
 use crate::decision::{decide, Decision, Existing};
 use crate::fingerprint::{hex, Digest16};
 use crate::record::{DataRecord, StoredResponse};
-use crate::wire::{base64_decode, base64_encode, hex_decode, percent_encode_segment};
-
-/// ARGV[1]: the in-flight marker, ARGV[2]: lock ms, ARGV[3]: this claim's
-/// tombstone. An existing value comes back as `<PTTL ms>|<value>`: a gateway
-/// that caches a completed record must not keep it past Redis's own expiry.
-/// A tombstone is no value: another claim's is overwritten, this claim's own
-/// (it was cancelled before it landed) is deleted and nothing is claimed.
-pub(crate) const CLAIM_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
-if v == ARGV[3] then redis.call('DEL', KEYS[1]) return 'cancelled' end \
-if v and string.sub(v, 1, 2) ~= 'X|' then return redis.call('PTTL', KEYS[1]) .. '|' .. v end \
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
-return 'claimed'";
-
-/// ARGV[1]: the owner's marker prefix, ARGV[2]: TTL ms, ARGV[3]: the record.
-/// 1: recorded; 0: the claim was no longer ours. 2: Redis refused the record
-/// (over `maxmemory` with `noeviction`, which refuses SET but not PEXPIRE):
-/// the in-flight marker is kept for the TTL instead, so retries get 409 and
-/// the request, which ran, never runs again.
-pub(crate) const COMPLETE_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
-if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then \
-local ok = redis.pcall('SET', KEYS[1], ARGV[3], 'PX', ARGV[2]) \
-if type(ok) == 'table' and ok.err then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 2 end \
-return 1 end \
-return 0";
-
-/// ARGV[1]: the claim's marker prefix, ARGV[2]: its tombstone, ARGV[3]: how
-/// long the tombstone waits for the claim (ms). 1: the claim was deleted;
-/// 2: it had not landed, the tombstone waits for it; 0: the key holds
-/// something else (the claim found a value and set nothing).
-pub(crate) const CANCEL_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
-if not v then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 2 end \
-if string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then \
-redis.call('DEL', KEYS[1]) return 1 end \
-return 0";
-
-/// KEYS: claims' keys; ARGV[1]: lock ms; ARGV[i + 1]: claim i's marker
-/// prefix. Extends every claim its owner still holds; one digit per key
-/// (`1` renewed, `0` lost), as text: one call renews a worker's claims.
-pub(crate) const RENEW_SCRIPT: &str = "local out = {} \
-for i, k in ipairs(KEYS) do local v = redis.call('GET', k) local p = ARGV[i + 1] \
-if v and string.sub(v, 1, string.len(p)) == p then redis.call('PEXPIRE', k, ARGV[1]) out[i] = '1' \
-else out[i] = '0' end end \
-return table.concat(out)";
-
-pub(crate) const RELEASE_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
-if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then \
-redis.call('DEL', KEYS[1]) return 1 end \
-return 0";
-
-/// A Redis reply, as far as the scripts need it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RedisValue {
-    Nil,
-    Int(i64),
-    Text(String),
-    /// A Redis error reply (script error, OOM, ...).
-    Error(String),
-}
-
-/// One HTTP request to the store's front end.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreRequest {
-    pub method: &'static str,
-    pub path: String,
-    pub body: Option<Vec<u8>>,
-}
-
-/// How `EVAL` travels over HTTP to one kind of front end.
-pub trait Dialect {
-    /// `EVAL script numkeys keys... args... [last]`; `last`, when given, is the
-    /// final argument, sent in the body where the dialect allows (records can
-    /// be large).
-    fn eval(&self, script: &str, keys: &[&str], args: &[&str], last: Option<&[u8]>)
-        -> StoreRequest;
-    /// Parses the front end's answer to an `eval` request.
-    fn parse(&self, status: u16, body: &[u8]) -> Result<RedisValue, StoreError>;
-}
-
-/// Webdis: `GET /EVAL/<script>/<numkeys>/<key>/<arg>...` with every segment
-/// percent-encoded; a `PUT` body is appended as the last argument. Replies are
-/// JSON: `{"EVAL": <value>}`, errors as `{"EVAL": [false, "ERR ..."]}`.
-///
-/// Webdis reads a dot in the *last* path segment as a format suffix
-/// (`.json`, `.raw`): every last segment built here is digits or a body.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Webdis;
-
-impl Dialect for Webdis {
-    fn eval(
-        &self,
-        script: &str,
-        keys: &[&str],
-        args: &[&str],
-        last: Option<&[u8]>,
-    ) -> StoreRequest {
-        let mut path = String::from("/EVAL/");
-        path.push_str(&percent_encode_segment(script.as_bytes()));
-        path.push('/');
-        path.push_str(&keys.len().to_string());
-        for part in keys.iter().chain(args.iter()) {
-            path.push('/');
-            path.push_str(&percent_encode_segment(part.as_bytes()));
-        }
-        StoreRequest {
-            method: if last.is_some() { "PUT" } else { "GET" },
-            path,
-            body: last.map(<[u8]>::to_vec),
-        }
-    }
-
-    fn parse(&self, status: u16, body: &[u8]) -> Result<RedisValue, StoreError> {
-        if status != 200 {
-            return Err(StoreError::Unavailable(format!(
-                "webdis answered HTTP {status}"
-            )));
-        }
-        let doc: serde_json::Value = serde_json::from_slice(body)
-            .map_err(|_| StoreError::Corrupt("webdis reply is not JSON"))?;
-        let value = doc
-            .get("EVAL")
-            .ok_or(StoreError::Corrupt("webdis reply without EVAL"))?;
-        match value {
-            serde_json::Value::Null => Ok(RedisValue::Nil),
-            serde_json::Value::String(s) => Ok(RedisValue::Text(s.clone())),
-            serde_json::Value::Number(n) => n
-                .as_i64()
-                .map(RedisValue::Int)
-                .ok_or(StoreError::Corrupt("webdis number")),
-            serde_json::Value::Array(a) if a.first() == Some(&serde_json::Value::Bool(false)) => {
-                Ok(RedisValue::Error(
-                    a.get(1)
-                        .and_then(|m| m.as_str())
-                        .unwrap_or("unknown error")
-                        .to_string(),
-                ))
-            }
-            _ => Err(StoreError::Corrupt("unexpected webdis reply")),
-        }
-    }
-}
+use crate::wire::{base64_decode, base64_encode, hex_decode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnUnavailable {
@@ -194,6 +46,19 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
+    /// The headers of a call carrying `request` to the front end.
+    pub fn call_headers<'a>(&'a self, request: &'a StoreRequest) -> Vec<(&'a str, &'a str)> {
+        let mut headers = vec![
+            (":method", request.method),
+            (":path", request.path.as_str()),
+            (":authority", self.authority.as_str()),
+        ];
+        if let Some(auth) = &self.authorization {
+            headers.push(("authorization", auth.as_str()));
+        }
+        headers
+    }
+
     /// The documented defaults for a front end at `cluster`.
     pub fn with_defaults(cluster: &str) -> RedisConfig {
         RedisConfig {
@@ -211,15 +76,10 @@ impl RedisConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisStore {
     pub config: RedisConfig,
-    dialect: Webdis,
 }
 
 fn marker_prefix(token: u64) -> String {
     format!("I|{token:016x}|")
-}
-
-fn tombstone(token: u64) -> String {
-    format!("X|{token:016x}")
 }
 
 /// What cancelling a timed-out claim found in Redis.
@@ -244,87 +104,78 @@ fn parse_fingerprint(hex_text: &str) -> Result<Digest16, StoreError> {
     Ok(fp)
 }
 
-fn expect_flag(v: Result<RedisValue, StoreError>) -> Result<bool, StoreError> {
-    match v? {
-        RedisValue::Int(1) => Ok(true),
-        RedisValue::Int(0) => Ok(false),
-        RedisValue::Error(e) => Err(StoreError::Unavailable(format!("redis: {e}"))),
+/// `1`: done; `0`: the claim was no longer this request's.
+fn flag(reply: OpReply) -> Result<bool, StoreError> {
+    match reply?.as_str() {
+        "1" => Ok(true),
+        "0" => Ok(false),
         _ => Err(StoreError::Corrupt("unexpected script result")),
     }
 }
 
 impl RedisStore {
     pub fn new(config: RedisConfig) -> RedisStore {
-        RedisStore {
-            config,
-            dialect: Webdis,
-        }
+        RedisStore { config }
     }
 
     pub fn redis_key(&self, digest: &Digest16) -> String {
         format!("{}{}", self.config.key_prefix, hex(digest))
     }
 
-    pub fn claim_request(
+    fn op(&self, kind: OpKind, digest: &Digest16, args: Vec<String>) -> RedisOp {
+        RedisOp {
+            kind,
+            key: self.redis_key(digest),
+            args,
+            record: None,
+        }
+    }
+
+    pub fn claim_op(
         &self,
         digest: &Digest16,
         fingerprint: &Digest16,
         token: u64,
         lock_ms: u64,
-    ) -> StoreRequest {
-        let key = self.redis_key(digest);
+    ) -> RedisOp {
         let marker = format!("{}{}", marker_prefix(token), hex(fingerprint));
-        // The tombstone last: it ends in hex digits, never a dot (Webdis).
-        self.dialect.eval(
-            CLAIM_SCRIPT,
-            &[&key],
-            &[&marker, &lock_ms.max(1).to_string(), &tombstone(token)],
-            None,
+        self.op(
+            OpKind::Claim,
+            digest,
+            vec![marker, lock_ms.max(1).to_string()],
         )
     }
 
     /// Cancels the claim `token` made, whose answer never came. The
     /// tombstone waits as long as the claim would have held the key.
-    pub fn cancel_request(&self, digest: &Digest16, token: u64, lock_ms: u64) -> StoreRequest {
-        let key = self.redis_key(digest);
-        self.dialect.eval(
-            CANCEL_SCRIPT,
-            &[&key],
-            &[
-                &marker_prefix(token),
-                &tombstone(token),
-                &lock_ms.max(1).to_string(),
-            ],
-            None,
+    pub fn cancel_op(&self, digest: &Digest16, token: u64, lock_ms: u64) -> RedisOp {
+        self.op(
+            OpKind::Cancel,
+            digest,
+            vec![marker_prefix(token), lock_ms.max(1).to_string()],
         )
     }
 
-    pub fn cancel_outcome(&self, status: u16, body: &[u8]) -> Result<CancelOutcome, StoreError> {
-        match self.dialect.parse(status, body)? {
-            RedisValue::Int(1) => Ok(CancelOutcome::Deleted),
-            RedisValue::Int(2) => Ok(CancelOutcome::Tombstoned),
-            RedisValue::Int(0) => Ok(CancelOutcome::NothingToCancel),
-            RedisValue::Error(e) => Err(StoreError::Unavailable(format!("redis: {e}"))),
+    pub fn cancel_outcome(&self, reply: OpReply) -> Result<CancelOutcome, StoreError> {
+        match reply?.as_str() {
+            "1" => Ok(CancelOutcome::Deleted),
+            "2" => Ok(CancelOutcome::Tombstoned),
+            "0" => Ok(CancelOutcome::NothingToCancel),
             _ => Err(StoreError::Corrupt("unexpected cancel result")),
         }
     }
 
-    /// What the claim script's answer means for this request, with how long
-    /// Redis keeps the record it returned (milliseconds; `None` unless a
-    /// completed record came back).
+    /// What the claim's answer means for this request, with how long Redis
+    /// keeps the record it returned (milliseconds; `None` unless a completed
+    /// record came back).
     pub fn claim_outcome(
         &self,
-        status: u16,
-        body: &[u8],
+        reply: OpReply,
         digest: &Digest16,
         fingerprint: &Digest16,
         token: u64,
     ) -> Result<(ClaimOutcome, Option<u64>), StoreError> {
-        let value = match self.dialect.parse(status, body)? {
-            RedisValue::Text(t) => t,
-            RedisValue::Error(e) => return Err(StoreError::Unavailable(format!("redis: {e}"))),
-            _ => return Err(StoreError::Corrupt("unexpected claim result")),
-        };
+        let value = reply?;
         if value == "cancelled" {
             // Only a claim that was cancelled before it landed gets this, and
             // nobody waits for that answer any more.
@@ -384,92 +235,65 @@ impl RedisStore {
         }
     }
 
-    pub fn complete_request(
+    pub fn complete_op(
         &self,
         digest: &Digest16,
         fingerprint: &Digest16,
         claim: &Claim,
         response: StoredResponse,
         ttl_ms: u64,
-    ) -> StoreRequest {
-        let key = self.redis_key(digest);
+    ) -> RedisOp {
         let record = DataRecord {
             epoch: 0,
             digest: *digest,
             response,
         }
         .encode();
-        let value = format!("C|{}|{}", hex(fingerprint), base64_encode(&record));
-        self.dialect.eval(
-            COMPLETE_SCRIPT,
-            &[&key],
-            &[&marker_prefix(claim.token), &ttl_ms.max(1).to_string()],
-            Some(value.as_bytes()),
-        )
+        let value = format!("C|{}|{}", hex(fingerprint), base64_encode(&record)).into_bytes();
+        let mut op = self.op(
+            OpKind::Record,
+            digest,
+            vec![
+                marker_prefix(claim.token),
+                ttl_ms.max(1).to_string(),
+                value.len().to_string(),
+            ],
+        );
+        op.record = Some(value);
+        op
     }
 
     /// `Ok(false)`: the claim was no longer ours (expired, maybe taken over).
-    pub fn complete_outcome(&self, status: u16, body: &[u8]) -> Result<bool, StoreError> {
-        match self.dialect.parse(status, body) {
-            Ok(RedisValue::Int(2)) => Err(StoreError::Unavailable(
+    pub fn complete_outcome(&self, reply: OpReply) -> Result<bool, StoreError> {
+        match reply {
+            Ok(two) if two == "2" => Err(StoreError::Unavailable(
                 "redis refused the record (maxmemory reached); the key stays in progress until its TTL"
                     .to_string(),
             )),
-            other => expect_flag(other),
+            other => flag(other),
         }
     }
 
-    pub fn release_request(&self, digest: &Digest16, claim: &Claim) -> StoreRequest {
-        let key = self.redis_key(digest);
-        // The marker prefix ends in '|', so the last segment has no dot.
-        self.dialect.eval(
-            RELEASE_SCRIPT,
-            &[&key],
-            &[&marker_prefix(claim.token)],
-            None,
+    pub fn release_op(&self, digest: &Digest16, claim: &Claim) -> RedisOp {
+        self.op(OpKind::Release, digest, vec![marker_prefix(claim.token)])
+    }
+
+    pub fn release_outcome(&self, reply: OpReply) -> Result<bool, StoreError> {
+        flag(reply)
+    }
+
+    /// Renews the claim `token` holds on `digest`'s key, if it still does.
+    pub fn renew_op(&self, digest: &Digest16, token: u64, lock_ms: u64) -> RedisOp {
+        self.op(
+            OpKind::Renew,
+            digest,
+            vec![marker_prefix(token), lock_ms.max(1).to_string()],
         )
     }
 
-    pub fn release_outcome(&self, status: u16, body: &[u8]) -> Result<bool, StoreError> {
-        expect_flag(self.dialect.parse(status, body))
-    }
-
-    /// Renews the claims `(key digest, token)` still held, in one call.
-    pub fn renew_request(&self, claims: &[(Digest16, u64)], lock_ms: u64) -> StoreRequest {
-        let keys: Vec<String> = claims.iter().map(|(d, _)| self.redis_key(d)).collect();
-        let mut args = vec![lock_ms.max(1).to_string()];
-        // Marker prefixes end in '|': the last segment has no dot (Webdis).
-        args.extend(claims.iter().map(|(_, token)| marker_prefix(*token)));
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.dialect.eval(RENEW_SCRIPT, &keys, &args, None)
-    }
-
-    /// Which of `count` claims were renewed (the others were lost).
-    pub fn renew_outcome(
-        &self,
-        status: u16,
-        body: &[u8],
-        count: usize,
-    ) -> Result<Vec<bool>, StoreError> {
-        let digits = match self.dialect.parse(status, body)? {
-            RedisValue::Text(t) => t,
-            // Redis turns an empty Lua string into an empty bulk string.
-            RedisValue::Nil if count == 0 => String::new(),
-            RedisValue::Error(e) => return Err(StoreError::Unavailable(format!("redis: {e}"))),
-            _ => return Err(StoreError::Corrupt("unexpected renew result")),
-        };
-        if digits.len() != count {
-            return Err(StoreError::Corrupt("renew result of the wrong length"));
-        }
-        digits
-            .bytes()
-            .map(|c| match c {
-                b'1' => Ok(true),
-                b'0' => Ok(false),
-                _ => Err(StoreError::Corrupt("renew result")),
-            })
-            .collect()
+    /// Whether the claim was renewed (`false`: it was lost).
+    pub fn renew_outcome(&self, reply: OpReply) -> Result<bool, StoreError> {
+        flag(reply)
     }
 }
 
@@ -481,243 +305,152 @@ mod tests {
         RedisStore::new(RedisConfig::with_defaults("webdis"))
     }
 
-    fn json(v: &str) -> Vec<u8> {
-        format!("{{\"EVAL\":{v}}}").into_bytes()
+    fn ok(s: &str) -> OpReply {
+        Ok(s.to_string())
     }
 
     const D: Digest16 = [0xab; 16];
     const FP: Digest16 = [0x01; 16];
+    const CLAIM: Claim = Claim {
+        slot: 0,
+        epoch: 0,
+        token: 0x1234,
+    };
 
     #[test]
     fn a_record_redis_refuses_is_an_error_not_a_lost_claim() {
         let s = store();
-        assert_eq!(s.complete_outcome(200, &json("1")), Ok(true));
-        assert_eq!(s.complete_outcome(200, &json("0")), Ok(false));
+        assert_eq!(s.complete_outcome(ok("1")), Ok(true));
+        assert_eq!(s.complete_outcome(ok("0")), Ok(false));
         assert!(matches!(
-            s.complete_outcome(200, &json("2")),
+            s.complete_outcome(ok("2")),
             Err(StoreError::Unavailable(m)) if m.contains("maxmemory")
         ));
     }
 
     #[test]
-    fn one_renew_call_carries_every_claim_and_answers_each() {
+    fn operations_name_their_key_and_owner_and_records_ride_apart() {
         let s = store();
-        let other: Digest16 = [0xcd; 16];
-        let r = s.renew_request(&[(D, 0x1), (other, 0x2)], 30_000);
-        assert_eq!(r.method, "GET");
-        assert!(
-            r.path.ends_with(&format!(
-                "/2/idem%3A{}/idem%3A{}/30000/I%7C0000000000000001%7C/I%7C0000000000000002%7C",
-                hex(&D),
-                hex(&other)
-            )),
-            "{}",
-            r.path
-        );
+        let key = format!("idem:{}", hex(&D));
+        let claim = s.claim_op(&D, &FP, 0x1234, 30_000);
+        assert_eq!((claim.kind, &claim.key), (OpKind::Claim, &key));
         assert_eq!(
-            s.renew_outcome(200, &json("\"10\""), 2),
-            Ok(vec![true, false])
+            claim.args,
+            [format!("I|0000000000001234|{}", hex(&FP)), "30000".into()]
         );
-        assert_eq!(s.renew_outcome(200, &json("null"), 0), Ok(vec![]));
-        assert!(s.renew_outcome(200, &json("\"1\""), 2).is_err());
-        assert!(s.renew_outcome(200, &json("\"1x\""), 2).is_err());
-        assert!(matches!(
-            s.renew_outcome(200, &json("[false,\"OOM\"]"), 1),
-            Err(StoreError::Unavailable(_))
-        ));
-    }
-
-    #[test]
-    fn requests_encode_everything_and_put_records_in_the_body() {
-        let s = store();
-        let r = s.claim_request(&D, &FP, 0x1234, 30_000);
-        assert_eq!(r.method, "GET");
-        assert!(
-            r.path
-                .starts_with("/EVAL/local%20v%20%3D%20redis%2Ecall%28"),
-            "{}",
-            r.path
-        );
-        assert!(
-            r.path.ends_with(&format!(
-                "/1/idem%3A{}/I%7C0000000000001234%7C{}/30000/X%7C0000000000001234",
-                hex(&D),
-                hex(&FP)
-            )),
-            "{}",
-            r.path
-        );
-        let c = s.complete_request(
+        let record = s.complete_op(
             &D,
             &FP,
-            &Claim {
-                slot: 0,
-                epoch: 0,
-                token: 0x1234,
-            },
+            &CLAIM,
             StoredResponse {
                 status: 201,
                 ..Default::default()
             },
             86_400_000,
         );
-        assert_eq!(c.method, "PUT");
-        assert!(
-            c.path.ends_with("/I%7C0000000000001234%7C/86400000"),
-            "{}",
-            c.path
+        let bytes = record.record.clone().unwrap();
+        assert!(bytes.starts_with(format!("C|{}|", hex(&FP)).as_bytes()));
+        assert_eq!(
+            record.args,
+            ["I|0000000000001234|", "86400000", &bytes.len().to_string()]
         );
-        assert!(c
-            .body
-            .as_ref()
-            .unwrap()
-            .starts_with(format!("C|{}|", hex(&FP)).as_bytes()));
-        let rel = s.release_request(
-            &D,
-            &Claim {
-                slot: 0,
-                epoch: 0,
-                token: 0x1234,
-            },
+        assert_eq!(s.release_op(&D, &CLAIM).args, ["I|0000000000001234|"]);
+        assert_eq!(
+            s.cancel_op(&D, 0x1234, 30_000).args,
+            ["I|0000000000001234|", "30000"]
         );
-        assert!(rel.path.ends_with("/I%7C0000000000001234%7C"));
-        let cancel = s.cancel_request(&D, 0x1234, 30_000);
-        assert_eq!(cancel.method, "GET");
-        assert!(
-            cancel.path.ends_with(&format!(
-                "/1/idem%3A{}/I%7C0000000000001234%7C/X%7C0000000000001234/30000",
-                hex(&D)
-            )),
-            "{}",
-            cancel.path
-        );
-        // Only unreserved characters stay unencoded: a prefix cannot inject path segments.
+        assert_eq!(s.renew_op(&D, 0x1234, 9).args, ["I|0000000000001234|", "9"]);
+        assert_eq!(s.renew_outcome(ok("0")), Ok(false));
+        // Only unreserved characters stay unencoded on the way: a prefix
+        // cannot inject path segments.
         let mut odd = store();
         odd.config.key_prefix = "a/b.c:".into();
-        assert!(odd
-            .claim_request(&D, &FP, 1, 1)
-            .path
-            .contains("/a%2Fb%2Ec%3A"));
+        let op = odd.claim_op(&D, &FP, 1, 1);
+        let path =
+            crate::store::batch::request(&[&op], crate::store::webdis::Script::Sha("s")).path;
+        assert!(path.contains("/a%2Fb%2Ec%3A"), "{path}");
     }
 
     #[test]
     fn claim_replies_map_through_the_shared_decision() {
         let s = store();
-        let out = |body: &[u8]| s.claim_outcome(200, body, &D, &FP, 7).map(|(o, _)| o);
+        let out = |reply: &str| s.claim_outcome(ok(reply), &D, &FP, 7).map(|(o, _)| o);
         assert_eq!(
-            out(&json("\"claimed\"")).unwrap(),
+            out("claimed").unwrap(),
             ClaimOutcome::Claimed(Claim {
                 slot: 0,
                 epoch: 0,
                 token: 7
             })
         );
-        let inflight_same = json(&format!("\"900|I|0000000000000009|{}\"", hex(&FP)));
+        let inflight_same = format!("900|I|0000000000000009|{}", hex(&FP));
         assert_eq!(out(&inflight_same).unwrap(), ClaimOutcome::InFlight);
-        let inflight_other = json(&format!("\"900|I|0000000000000009|{}\"", hex(&[2; 16])));
+        let inflight_other = format!("900|I|0000000000000009|{}", hex(&[2; 16]));
         assert_eq!(out(&inflight_other).unwrap(), ClaimOutcome::Mismatch);
-        // A completed record round-trips through the complete request's body.
+        // A completed record round-trips through the record operation.
         let resp = StoredResponse {
             status: 201,
             headers: vec![("x-b".into(), vec![0, 255])],
             body: vec![0, 1, 2, 255],
             body_omitted: false,
         };
-        let put = s.complete_request(
-            &D,
-            &FP,
-            &Claim {
-                slot: 0,
-                epoch: 0,
-                token: 7,
-            },
-            resp.clone(),
-            1000,
-        );
-        let stored = String::from_utf8(put.body.unwrap()).unwrap();
-        let completed = json(&serde_json::to_string(&format!("86399000|{stored}")).unwrap());
+        let put = s.complete_op(&D, &FP, &CLAIM, resp.clone(), 1000);
+        let stored = String::from_utf8(put.record.unwrap()).unwrap();
+        let completed = format!("86399000|{stored}");
         assert_eq!(out(&completed).unwrap(), ClaimOutcome::Replay(resp.clone()));
         // How long Redis keeps it comes along, for the gateway's cache.
         assert_eq!(
-            s.claim_outcome(200, &completed, &D, &FP, 7).unwrap(),
+            s.claim_outcome(ok(&completed), &D, &FP, 7).unwrap(),
             (ClaimOutcome::Replay(resp.clone()), Some(86_399_000))
         );
-        let no_expiry = json(&serde_json::to_string(&format!("-1|{stored}")).unwrap());
         assert_eq!(
-            s.claim_outcome(200, &no_expiry, &D, &FP, 7).unwrap(),
+            s.claim_outcome(ok(&format!("-1|{stored}")), &D, &FP, 7)
+                .unwrap(),
             (ClaimOutcome::Replay(resp), None)
         );
         // A value without the PTTL prefix is not this filter's answer.
-        let bare = json(&serde_json::to_string(&stored).unwrap());
-        assert!(out(&bare).is_err());
-        let other = RedisStore::new(s.config.clone());
+        assert!(out(&stored).is_err());
         assert_eq!(
-            other
-                .claim_outcome(200, &completed, &D, &[3; 16], 7)
-                .unwrap()
-                .0,
+            s.claim_outcome(ok(&completed), &D, &[3; 16], 7).unwrap().0,
             ClaimOutcome::Mismatch
         );
         // A record filed under another digest is refused, not replayed.
-        assert!(other
-            .claim_outcome(200, &completed, &[0xcd; 16], &FP, 7)
+        assert!(s
+            .claim_outcome(ok(&completed), &[0xcd; 16], &FP, 7)
             .is_err());
     }
 
     #[test]
     fn failures_are_errors_never_panics() {
         let s = store();
-        let out =
-            |status: u16, body: &[u8]| s.claim_outcome(status, body, &D, &FP, 7).map(|(o, _)| o);
-        assert!(matches!(out(503, b""), Err(StoreError::Unavailable(_))));
-        assert!(matches!(
-            out(200, &json("[false,\"ERR oom\"]")),
-            Err(StoreError::Unavailable(_))
-        ));
-        for bad in [
-            "null",
-            "1",
-            "\"I|x\"",
-            "\"C|zz|AA==\"",
-            "\"X|1|2\"",
-            "{}",
-            "[true]",
-        ] {
-            assert!(out(200, &json(bad)).is_err(), "{bad}");
+        let out = |reply: OpReply| s.claim_outcome(reply, &D, &FP, 7).map(|(o, _)| o);
+        let down = StoreError::Unavailable("redis: OOM".into());
+        assert_eq!(out(Err(down.clone())), Err(down));
+        for bad in ["", "1", "I|x", "1|I|x", "1|C|zz|AA==", "1|X|1|2", "x|C|a|b"] {
+            assert!(out(ok(bad)).is_err(), "{bad}");
         }
-        assert!(out(200, b"not json").is_err());
-        assert!(out(200, b"{}").is_err());
-        let c = format!("\"C|{}|not-base64!\"", hex(&FP));
-        assert!(out(200, &json(&c)).is_err());
-        assert_eq!(s.complete_outcome(200, &json("1")).unwrap(), true);
-        assert_eq!(s.complete_outcome(200, &json("0")).unwrap(), false);
-        assert!(s.release_outcome(200, &json("\"x\"")).is_err());
+        let c = format!("1|C|{}|not-base64!", hex(&FP));
+        assert!(out(ok(&c)).is_err());
+        assert!(s.release_outcome(ok("x")).is_err());
         // The answer to a claim that was cancelled before it landed.
-        assert!(out(200, &json("\"cancelled\"")).is_err());
+        assert!(out(ok("cancelled")).is_err());
     }
 
     #[test]
     fn cancel_replies() {
         let s = store();
+        assert_eq!(s.cancel_outcome(ok("1")), Ok(CancelOutcome::Deleted));
+        assert_eq!(s.cancel_outcome(ok("2")), Ok(CancelOutcome::Tombstoned));
         assert_eq!(
-            s.cancel_outcome(200, &json("1")).unwrap(),
-            CancelOutcome::Deleted
+            s.cancel_outcome(ok("0")),
+            Ok(CancelOutcome::NothingToCancel)
         );
-        assert_eq!(
-            s.cancel_outcome(200, &json("2")).unwrap(),
-            CancelOutcome::Tombstoned
-        );
-        assert_eq!(
-            s.cancel_outcome(200, &json("0")).unwrap(),
-            CancelOutcome::NothingToCancel
-        );
-        for bad in ["3", "\"1\"", "null"] {
-            assert!(s.cancel_outcome(200, &json(bad)).is_err(), "{bad}");
+        for bad in ["3", "", "claimed"] {
+            assert!(s.cancel_outcome(ok(bad)).is_err(), "{bad}");
         }
         assert!(matches!(
-            s.cancel_outcome(200, &json("[false,\"ERR busy\"]")),
+            s.cancel_outcome(Err(StoreError::Unavailable("redis: ERR busy".into()))),
             Err(StoreError::Unavailable(_))
         ));
-        assert!(s.cancel_outcome(504, b"upstream request timeout").is_err());
     }
 }

@@ -2,7 +2,7 @@
 //! context per request, which hands each callback to the [`Filter`] with a
 //! [`WasmHost`] and maps its verdict to the host's action.
 
-use super::owner::Owner;
+use super::owner::{Caller, Owner};
 #[cfg(feature = "self-profile")]
 use super::self_profile;
 use super::{
@@ -13,7 +13,9 @@ use crate::config::{Config, Platform};
 use crate::filter::{Filter, FilterContext};
 use crate::host::{Host, Level};
 use crate::metrics::Metric;
-use crate::store::{StoreError, StoreStep};
+use crate::store::batch::OpReply;
+use crate::store::redis::RedisConfig;
+use crate::store::{Renewal, StoreError};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::cell::RefCell;
@@ -27,9 +29,9 @@ struct Root {
     metrics: Rc<MetricIds>,
     /// The requests' calls, where the platform lets the worker own them.
     owner: Option<Rc<Owner>>,
-    /// The tick's renewal call to Redis, while it is out: its id and the
-    /// tokens of the claims it renews, in order.
-    renewing: Option<(u32, Vec<u64>)>,
+    /// Renewals sent to Redis and not answered yet: the tick sends no more
+    /// until they are.
+    renewing: usize,
 }
 
 impl Root {
@@ -45,30 +47,30 @@ impl Root {
     }
 
     /// Takes the worker's ownership of the requests' calls: a queue of this
-    /// VM, under a name no other VM uses, wakes the root to send them.
-    fn own_calls(&mut self, host: &WasmHost) {
+    /// VM, under a name no other VM uses, wakes the root to send them, and
+    /// the root batches the Redis store's operations (`store`). Without it
+    /// an answer after a client has gone would be lost, and Redis claims
+    /// could not be renewed: the configuration is refused.
+    fn own_calls(&mut self, host: &WasmHost, store: Option<RedisConfig>) -> Result<(), String> {
         if self.owner.is_some() {
-            return;
+            return Ok(());
         }
         let name = format!(
             "idempotency-filter/calls/{:016x}{:016x}",
             host.random_u64(),
             host.random_u64()
         );
-        match register_queue(&name) {
-            Ok(queue) => self.owner = Some(Rc::new(Owner::new(self.id, queue))),
-            Err(e) => host_log(
-                Level::Warn,
-                &format!("calls stay with their requests (an answer after a client has gone is lost): {e}"),
-            ),
-        }
+        let queue = register_queue(&name)
+            .map_err(|e| format!("cannot register the worker's call queue: {e}"))?;
+        self.owner = Some(Rc::new(Owner::new(self.id, queue, store)));
+        Ok(())
     }
 
     /// Renews the claims of this VM's running requests that are due. Redis:
-    /// one call for all of them, never two at once.
+    /// in the worker's next batch, never while the last ones are out.
     fn renew_claims(&mut self, host: &WasmHost) {
         let Some(ctx) = self.ctx.clone() else { return };
-        if self.renewing.is_some() {
+        if self.renewing > 0 {
             return;
         }
         let lock_ms = ctx.config.lock_timeout_ms;
@@ -77,11 +79,64 @@ impl Root {
             return;
         }
         match ctx.store.renew(host, &due, lock_ms) {
-            StoreStep::Done(result) => self.renewed(host, result),
-            StoreStep::Call(request, tokens) => match ctx.store.send(host, &request) {
-                Ok(call) => self.renewing = Some((call, tokens)),
-                Err(e) => host_log(Level::Warn, &format!("claims not renewed this tick: {e}")),
-            },
+            Renewal::Done(result) => self.renewed(host, result),
+            Renewal::Ops(ops) => {
+                let Some(owner) = self.owner.clone() else {
+                    return;
+                };
+                for (token, op) in ops {
+                    if let Err(e) = owner.push_op(Caller::Renewal { token }, op) {
+                        host_log(Level::Warn, &format!("claims not renewed this tick: {e}"));
+                        return;
+                    }
+                    self.renewing += 1;
+                }
+            }
+        }
+    }
+
+    /// Sends the worker's next batch of store operations unless one is out.
+    /// A batch that cannot be sent fails each of its operations now.
+    fn send_batches(&mut self, owner: &Rc<Owner>) {
+        loop {
+            let (failed, sent) = owner.send_batch();
+            self.count_batch(sent);
+            if failed.is_empty() {
+                return;
+            }
+            self.deliver_replies(owner, failed);
+        }
+    }
+
+    fn count_batch(&self, operations: usize) {
+        if operations > 0 {
+            self.metrics.add(Metric::StoreCalls, 1);
+            self.metrics.add(Metric::StoreOperations, operations as i64);
+        }
+    }
+
+    /// Hands each operation's reply to its request (acting for its stream),
+    /// or to the tick's renewals.
+    fn deliver_replies(&mut self, owner: &Rc<Owner>, replies: Vec<(Caller, OpReply)>) {
+        for (caller, reply) in replies {
+            match caller {
+                Caller::Stream { stream, id } => {
+                    let host = self.stream_host(owner, stream);
+                    owner.deliver(stream, |f| f.on_store_reply(&host, id, reply));
+                }
+                Caller::Renewal { token } => {
+                    self.renewing = self.renewing.saturating_sub(1);
+                    let Some(ctx) = self.ctx.clone() else {
+                        continue;
+                    };
+                    let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
+                    let result = ctx
+                        .store
+                        .renew_answered(reply)
+                        .map(|kept| vec![(token, kept)]);
+                    self.renewed(&host, result);
+                }
+            }
         }
     }
 
@@ -114,27 +169,24 @@ impl Context for Root {
         _num_trailers: usize,
     ) {
         profile!(5);
-        if self
-            .renewing
-            .as_ref()
-            .is_some_and(|(call, _)| *call == token_id)
-        {
-            if let (Some((_, tokens)), Some(ctx)) = (self.renewing.take(), self.ctx.clone()) {
-                let response = read_call_response(body_size);
-                let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
-                self.renewed(&host, ctx.store.renew_answered(&tokens, &response));
-            }
-            return;
-        }
         let Some(owner) = self.owner.clone() else {
             return;
         };
-        let Some((stream, call)) = owner.answered(token_id) else {
-            return;
-        };
-        let response = read_call_response(body_size);
-        let host = self.stream_host(&owner, stream);
-        owner.deliver(stream, |f| f.on_call_response(&host, call, &response));
+        if owner.is_batch(token_id) {
+            let response = read_call_response(body_size);
+            if let Some((replies, resent)) =
+                owner.batch_answered(token_id, response.status, &response.body)
+            {
+                self.count_batch(resent);
+                self.deliver_replies(&owner, replies);
+            }
+        } else if let Some((stream, call)) = owner.answered(token_id) {
+            let response = read_call_response(body_size);
+            let host = self.stream_host(&owner, stream);
+            owner.deliver(stream, |f| f.on_call_response(&host, call, &response));
+        }
+        // What the answers made the requests do next goes out now.
+        self.send_batches(&owner);
     }
 }
 
@@ -160,16 +212,25 @@ impl RootContext for Root {
         self.metrics.define();
         let mut ctx = FilterContext::new(config);
         let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
-        if let Err(e) = ctx.store.init(&host) {
-            host_log(Level::Error, &e);
-            return false;
+        // The operations endpoint claims nothing, so it has nothing to renew
+        // and sweeps nothing, and it never creates a table: it works on the
+        // one the protecting instance made, and says so if there is none.
+        let operations = ctx.config.operations.is_some();
+        if !operations {
+            if let Err(e) = ctx.store.init(&host) {
+                host_log(Level::Error, &e);
+                return false;
+            }
         }
-        if ctx.config.platform.calls_outlive_streams() {
-            self.own_calls(&host);
+        if ctx.config.platform.calls_outlive_streams() && !operations {
+            if let Err(e) = self.own_calls(&host, ctx.store.redis_config().cloned()) {
+                host_log(Level::Error, &e);
+                return false;
+            }
         }
         // The tick renews running requests' claims (any store), sweeps the
         // local store, and reports in the profiling build.
-        if ctx.config.platform.has_tick() || cfg!(feature = "self-profile") {
+        if (ctx.config.platform.has_tick() && !operations) || cfg!(feature = "self-profile") {
             let status = set_tick_period(TICK_MS);
             if status != OK {
                 host_log(Level::Warn, &format!("no tick (status {status}): claims are not renewed (a response slower than lock_timeout_seconds loses its claim) and expired records are reclaimed only when their slot is reused"));
@@ -186,6 +247,9 @@ impl RootContext for Root {
         let Some(ctx) = self.ctx.clone() else { return };
         let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
         self.renew_claims(&host);
+        if let Some(owner) = self.owner.clone() {
+            self.send_batches(&owner);
+        }
         if let Some(occupied) = ctx.store.tick(&host, now_ms()) {
             self.metrics.set(Metric::Entries, occupied);
         }
@@ -202,6 +266,7 @@ impl RootContext for Root {
             let host = self.stream_host(&owner, stream);
             owner.deliver(stream, |f| f.on_call_failed(&host, call, e));
         });
+        self.send_batches(&owner);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -376,7 +441,7 @@ proxy_wasm::main! {{
             ctx: None,
             metrics: Rc::new(MetricIds::default()),
             owner: None,
-            renewing: None,
+            renewing: 0,
         })
     });
 }}

@@ -14,13 +14,42 @@
 //! A call made while the root already runs (a record after the claim's
 //! answer, say) is sent at once, as the root. The queue's name is random:
 //! names are per VM id, and every worker's VM registers its own.
+//!
+//! Store operations (Redis) are not calls of their own: they join the
+//! worker's group commit ([`GroupCommit`]), one batch out at a time; the
+//! root sends the next batch when the queue wakes it, or at the end of any
+//! callback of its own (a batch's answer above all), and hands each
+//! operation's reply to its request.
 
 use super::{drain_queue, enqueue, sdk_dispatch, set_effective_context};
 use crate::filter::Filter;
 use crate::host::HostError;
+use crate::store::batch::{OpReply, RedisOp};
+use crate::store::group_commit::{Answered, GroupCommit};
+use crate::store::redis::RedisConfig;
+use crate::store::StoreError;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
+
+/// Whose store operation a batch carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Caller {
+    /// A request's (its stream, the filter's call id).
+    Stream { stream: u32, id: u32 },
+    /// The root's renewal of the claim with this token.
+    Renewal { token: u64 },
+}
+
+/// The worker's group commit and where its batches go.
+struct Batches {
+    store: RedisConfig,
+    group: RefCell<GroupCommit<Caller>>,
+    /// The root's token for the batch that is out.
+    token: Cell<Option<u32>>,
+    /// The queue has been signalled and the root has not run since.
+    woken: Cell<bool>,
+}
 
 /// A call a stream made, waiting for the root to send it.
 struct Outgoing {
@@ -46,6 +75,8 @@ pub(super) struct Owner {
     in_root: Cell<bool>,
     /// The stream the root acts for (the effective context), if any.
     acting_for: Cell<Option<u32>>,
+    /// Redis store: the operations of this worker's requests, batched.
+    batches: Option<Batches>,
 }
 
 /// What a stream's host uses to make its calls through the owner.
@@ -66,10 +97,27 @@ impl Route {
         self.owner
             .dispatch(self.stream, upstream, headers, body, timeout_ms)
     }
+
+    pub(super) fn groups_store_ops(&self) -> bool {
+        self.owner.batches.is_some()
+    }
+
+    pub(super) fn send_store_op(&self, op: RedisOp) -> Result<u32, HostError> {
+        let id = self.owner.next_id();
+        self.owner.push_op(
+            Caller::Stream {
+                stream: self.stream,
+                id,
+            },
+            op,
+        )?;
+        Ok(id)
+    }
 }
 
 impl Owner {
-    pub(super) fn new(root: u32, queue: u32) -> Owner {
+    /// `store`: the Redis store whose operations this worker batches.
+    pub(super) fn new(root: u32, queue: u32, store: Option<RedisConfig>) -> Owner {
         Owner {
             root,
             queue,
@@ -80,7 +128,97 @@ impl Owner {
             alive: RefCell::new(HashSet::new()),
             in_root: Cell::new(false),
             acting_for: Cell::new(None),
+            batches: store.map(|store| Batches {
+                store,
+                group: RefCell::new(GroupCommit::default()),
+                token: Cell::new(None),
+                woken: Cell::new(false),
+            }),
         }
+    }
+
+    /// Queues a store operation for the next batch, waking the root unless
+    /// it will send that batch anyway: it is running, or a batch is out
+    /// (its answer sends the next), or the queue was already signalled.
+    pub(super) fn push_op(&self, caller: Caller, op: RedisOp) -> Result<(), HostError> {
+        let Some(batches) = &self.batches else {
+            return Err(HostError::unsupported("send_store_op"));
+        };
+        let wake = !self.in_root.get() && !batches.group.borrow().busy() && !batches.woken.get();
+        if wake {
+            enqueue(self.queue)?;
+            batches.woken.set(true);
+        }
+        batches.group.borrow_mut().push(caller, op);
+        Ok(())
+    }
+
+    /// Sends the next batch if none is out. Returns the replies of a batch
+    /// that could not be sent (each operation failed), and how many
+    /// operations the batch sent carried (0: none sent).
+    pub(super) fn send_batch(&self) -> (Vec<(Caller, OpReply)>, usize) {
+        let Some(batches) = &self.batches else {
+            return (Vec::new(), 0);
+        };
+        batches.woken.set(false);
+        let next = batches.group.borrow_mut().next_batch();
+        let Some(request) = next else {
+            return (Vec::new(), 0);
+        };
+        self.send_batch_request(batches, &request)
+    }
+
+    fn send_batch_request(
+        &self,
+        batches: &Batches,
+        request: &crate::store::webdis::StoreRequest,
+    ) -> (Vec<(Caller, OpReply)>, usize) {
+        let store = &batches.store;
+        let sent = self.send_as_root(
+            &store.cluster,
+            &store.call_headers(request),
+            request.body.as_deref(),
+            store.timeout_ms,
+        );
+        let mut group = batches.group.borrow_mut();
+        match sent {
+            Ok(token) => {
+                batches.token.set(Some(token));
+                (Vec::new(), group.in_flight_ops())
+            }
+            Err(e) => (
+                group.send_failed(&StoreError::Unavailable(e.to_string())),
+                0,
+            ),
+        }
+    }
+
+    /// Whether the root's call `token` is the batch that is out.
+    pub(super) fn is_batch(&self, token: u32) -> bool {
+        self.batches
+            .as_ref()
+            .is_some_and(|b| b.token.get() == Some(token))
+    }
+
+    /// The answer to the root's call `token`, if it is the batch that is
+    /// out: each operation's reply (none yet when the batch had to be sent
+    /// again by source, which `resent` then counts).
+    pub(super) fn batch_answered(
+        &self,
+        token: u32,
+        status: Option<u16>,
+        body: &[u8],
+    ) -> Option<(Vec<(Caller, OpReply)>, usize)> {
+        let batches = self.batches.as_ref()?;
+        if batches.token.get() != Some(token) {
+            return None;
+        }
+        batches.token.set(None);
+        let answered = batches.group.borrow_mut().answered(status, body);
+        Some(match answered {
+            Answered::Replies(replies) => (replies, 0),
+            Answered::Resend(request) => self.send_batch_request(batches, &request),
+        })
     }
 
     pub(super) fn route(self: &Rc<Self>, stream: u32) -> Route {
@@ -119,7 +257,7 @@ impl Owner {
         }
     }
 
-    fn next_id(&self) -> u32 {
+    pub(super) fn next_id(&self) -> u32 {
         let id = self.next_id.get().wrapping_add(1).max(1);
         self.next_id.set(id);
         id

@@ -2,6 +2,7 @@
 is what the README says it is, nothing runs without protection when the
 store refuses, and nothing runs more than the documented number of times."""
 
+import re
 import signal
 import socket
 import threading
@@ -268,6 +269,11 @@ def fleet_keys(backend, fleet):
     return {n: backend.command("GET", n)["GET"] for n in names}
 
 
+# A store call that carries one claim: the batch script's operations are
+# named by letters after the keys (src/store/batch.rs), by source or by SHA.
+CLAIM_CALL = re.compile(rb"^(GET|PUT) /EVAL(SHA)?/[^/ ]+/1/[^/ ]+/C/")
+
+
 class HoldingProxy:
     """A TCP relay in front of Webdis that can hold the next claim until the
     test lets it through, so that its cancel reaches Redis first. Once the
@@ -317,7 +323,7 @@ class HoldingProxy:
                 if not data:
                     return  # the gateway left; the server side stays for the answer
                 with self.lock:
-                    hold = self.armed and b"claimed" in data
+                    hold = self.armed and CLAIM_CALL.search(data) is not None
                     if hold:
                         self.armed = False
                 if hold:

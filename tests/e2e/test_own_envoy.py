@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import REPO, post
-from gateway import DEFAULT_ENVOY, DEFAULT_WASM, Envoy
+from gateway import DEFAULT_ENVOY, DEFAULT_WASM, Envoy, http_request
 
 CONFIGS = ["envoy-local.yaml", "envoy-redis.yaml"]
 SHIPPED_WASM = "/etc/envoy/idempotency_filter.wasm"
@@ -120,6 +120,8 @@ def serve(text, upstream, redis_backend, tmp_path):
     """Envoy on the shipped file, its ports rewritten to free ones."""
     text = replace_once(text, "address: 0.0.0.0, port_value: 10000", "address: 127.0.0.1, port_value: 0")
     text = replace_once(text, "address: 127.0.0.1, port_value: 9901", "address: 127.0.0.1, port_value: 0")
+    # The key-operations listener (envoy-local.yaml), if there is one.
+    text = text.replace("address: 127.0.0.1, port_value: 9902", "address: 127.0.0.1, port_value: 0")
     text = replace_once(text, "port_value: 8081", f"port_value: {upstream.port}")
     if redis_backend:
         text = replace_once(text, "port_value: 7379", f"port_value: {redis_backend.webdis_port}")
@@ -151,6 +153,40 @@ def test_the_copyable_config_serves_a_keyed_request_and_its_replay(tmp_path, req
         assert envoy.request("GET", "/__executions")[0] == 200
     finally:
         envoy.stop()
+
+
+def test_the_copyable_local_config_forgets_a_key_on_its_operations_listener(tmp_path, upstream):
+    envoy = serve(replace_once(text_of("envoy-local.yaml"), SHIPPED_WASM, DEFAULT_WASM), upstream, None, tmp_path)
+    try:
+        assert envoy.operations_port, "envoy-local.yaml has an operations listener"
+        key = f'"own-envoy-{uuid.uuid4().hex}"'
+        assert post(envoy, key)[0] == 201
+
+        def operation(method):
+            status, _, body = http_request(envoy.operations_port, method, "/idempotency/key",
+                                           {"idempotency-key": key})
+            return status, json.loads(body)
+
+        status, doc = operation("GET")
+        assert status == 200 and doc["state"] == "completed" and doc["status"] == 201, doc
+        status, doc = operation("DELETE")
+        assert status == 200 and doc["forgotten"] == "completed", doc
+        retry = post(envoy, key)
+        assert retry[0] == 201 and "idempotent-replayed" not in retry[1]
+        assert upstream.executions(key) == 2
+        # The public listener has no such endpoint: the DELETE goes upstream.
+        assert "x-payment-id" in envoy.request("DELETE", "/idempotency/key", {"idempotency-key": key})[1]
+        assert post(envoy, key)[1].get("idempotent-replayed") == "true"
+    finally:
+        envoy.stop()
+
+
+def test_the_readmes_operations_snippet_is_the_shipped_listener():
+    with open(os.path.join(REPO, "README.md")) as f:
+        section = f.read().split("\n### Operations: inspect and forget a key\n", 1)[1].split("\n## ", 1)[0]
+    snippet = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    assert "- name: operations" in snippet
+    assert snippet in text_of("envoy-local.yaml"), "the README's listener and envoy-local.yaml's differ"
 
 
 def test_make_build_prints_the_modules_sha256():

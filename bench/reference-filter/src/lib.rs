@@ -5,6 +5,9 @@
 //!
 //! * `reply-after-body`: waits for the whole request body, then answers a
 //!   1 KiB local response. No Wasm filter can replay for less.
+//! * `forward-after-body`: waits for the whole body, then lets the request
+//!   go on. No filter that must see the body before the upstream does (a
+//!   fresh key's claim) can forward for less.
 //! * `store-call`: waits for the whole body, makes one HTTP call to the
 //!   `webdis` cluster (`GET /PING`), and forwards the request when it is
 //!   answered. One store round trip, nothing else.
@@ -17,6 +20,7 @@ use std::collections::HashMap;
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     ReplyAfterBody,
+    ForwardAfterBody,
     StoreCall,
 }
 
@@ -112,6 +116,8 @@ pub extern "C" fn proxy_on_configure(_: u32, size: usize) -> u32 {
     };
     let mode = if config.windows(10).any(|w| w == b"store-call") {
         Mode::StoreCall
+    } else if config.windows(18).any(|w| w == b"forward-after-body") {
+        Mode::ForwardAfterBody
     } else {
         Mode::ReplyAfterBody
     };
@@ -163,6 +169,7 @@ fn act() -> u32 {
             };
             PAUSE
         }
+        Mode::ForwardAfterBody => CONTINUE,
         Mode::StoreCall => {
             let h = pairs(&[
                 (":method", "GET"),

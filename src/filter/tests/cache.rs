@@ -81,7 +81,7 @@ fn released_and_failed_writes_are_not_cached() {
     assert_eq!(host.resumed_requests.get(), 2);
     host.set_response(&[(":status", "201")]);
     assert_eq!(f.on_response_headers(&host, true), Verdict::Pause);
-    store_answers(&host, &mut f, Op::Complete, Some(503), b"");
+    store_answers(&host, &mut f, Op::Record, Some(503), b"");
     assert_eq!(host.metric(Metric::StoreErrors), 1);
     // Not recorded in Redis, so not in the cache either: Redis is asked.
     redis_post(&host, &redis, &c, "k");
@@ -109,7 +109,7 @@ fn the_replay_cache_keeps_only_what_fits_its_byte_budget() {
     assert_eq!(f.on_response_headers(&host, false), Verdict::Continue);
     host.set_response_chunk(&[7u8; 5000]);
     assert_eq!(f.on_response_body(&host, 5000, true), Verdict::Pause);
-    redis_answers(&host, &redis, &mut f, Op::Complete);
+    redis_answers(&host, &redis, &mut f, Op::Record);
     assert_eq!(host.metric(Metric::Stored), 2);
     assert_eq!(host.metric(Metric::BytesHeld), held, "not cached");
     assert_eq!(host.metric(Metric::BodiesOmitted), 0, "Redis has it whole");

@@ -58,9 +58,9 @@ fn apisix_forwarding_claims_forwards_records_then_answers() {
     };
     f.on_call_response(&host, 2, &upstream);
     assert!(host.sent().is_none(), "answered only once recorded");
-    let record = host.call(redis.last(&host, Op::Complete));
+    let record = host.call(redis.last(&host, Op::Record));
     assert!(record.body.is_some(), "the record (PUT)");
-    redis_answers(&host, &redis, &mut f, Op::Complete);
+    redis_answers(&host, &redis, &mut f, Op::Record);
     let sent = host.sent().unwrap();
     assert_eq!(
         (sent.status, sent.body.as_slice()),
@@ -167,7 +167,7 @@ fn a_forwarded_call_that_times_out_has_an_unknown_outcome() {
     // No answer, at the timeout: the request was sent and may have acted.
     host.advance_clock(25_000);
     f.on_call_response(&host, 2, &CallResponse::default());
-    redis_answers(&host, &redis, &mut f, Op::Complete);
+    redis_answers(&host, &redis, &mut f, Op::Record);
     assert_eq!(host.sent().unwrap().status, 502);
     assert_eq!(host.metric(Metric::OutcomesUnknown), 1);
     // The retry gets the problem replayed; nothing is forwarded again.
@@ -204,7 +204,7 @@ fn a_client_that_left_still_gets_its_answer_recorded() {
         body: b"paid".to_vec(),
     };
     f.on_call_response(&host, upstream.id, &answer);
-    redis_answers(&host, &redis, &mut f, Op::Complete);
+    redis_answers(&host, &redis, &mut f, Op::Record);
     assert_eq!(host.metric(Metric::Stored), 1, "recorded");
     assert!(host.sent().is_none(), "no one to answer");
     assert!(!f.waiting());
@@ -270,7 +270,10 @@ fn a_claim_that_times_out_after_its_client_left_is_cancelled() {
     f.on_done(&host);
     f.on_call_response(&host, claim, &CallResponse::default());
     let cancel = redis.last(&host, Op::Cancel);
-    assert!(redis.answer(&host, cancel).ends_with(b"1}"), "deleted");
+    assert!(
+        redis.answer(&host, cancel).ends_with(br#"["1"]}"#),
+        "deleted"
+    );
     assert!(redis.data.borrow().is_empty(), "the key is free");
     assert_eq!(host.metric(Metric::ClaimsCancelled), 1);
     assert!(host.sent().is_none(), "no one to answer");

@@ -5,7 +5,7 @@
 //! (or left running, when their upstream never answers).
 
 use super::*;
-use crate::fake_redis::op;
+use crate::fake_redis::ops;
 
 /// A request: its key (if any) and body.
 #[derive(Clone, Copy)]
@@ -128,7 +128,7 @@ fn exchange(
     loop {
         while let Some(call) = host.calls().get(answered).cloned() {
             answered += 1;
-            let response = if op(&call).is_some() {
+            let response = if ops(&call).is_some() {
                 CallResponse {
                     status: Some(200),
                     headers: Vec::new(),

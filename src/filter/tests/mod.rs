@@ -7,11 +7,12 @@ mod cache;
 mod forwarding;
 mod lifecycle;
 mod local;
+mod operations;
 mod redis;
 
 use super::*;
 use crate::fake_host::{Call, FakeHost};
-use crate::fake_redis::{last_call, op, FakeRedis, Op};
+use crate::fake_redis::{last_call, ops, FakeRedis, Op};
 
 fn ctx(json: &str) -> Rc<FilterContext> {
     Rc::new(FilterContext::new(Config::parse(json.as_bytes()).unwrap()))
@@ -98,7 +99,7 @@ fn complete_paid(host: &FakeHost, redis: &FakeRedis, f: &mut Filter) {
     assert_eq!(f.on_response_headers(host, false), Verdict::Continue);
     host.set_response_chunk(b"paid");
     assert_eq!(f.on_response_body(host, 4, true), Verdict::Pause);
-    redis_answers(host, redis, f, Op::Complete);
+    redis_answers(host, redis, f, Op::Record);
 }
 
 /// A keyed POST that the filter answers without calling Redis.

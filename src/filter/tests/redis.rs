@@ -29,7 +29,7 @@ fn redis_outcomes_follow_the_store_answers() {
     f.on_response_headers(&host, false);
     host.set_response_chunk(b"paid");
     f.on_response_body(&host, 4, true);
-    store_answers(&host, &mut f, Op::Complete, None, b"");
+    store_answers(&host, &mut f, Op::Record, None, b"");
     assert_eq!(last(&host), "not-recorded");
     // A timed-out claim.
     let mut f = start(&c, "k3");
@@ -60,7 +60,7 @@ fn redis_flow_claim_forward_record_replay() {
         Verdict::Pause,
         "last chunk held until recorded"
     );
-    redis_answers(&host, &redis, &mut f, Op::Complete);
+    redis_answers(&host, &redis, &mut f, Op::Record);
     assert_eq!(host.resumed_responses.get(), 1);
     assert_eq!(host.metric(Metric::Stored), 1);
     // The retry, on any gateway sharing this Redis, replays.
@@ -90,7 +90,7 @@ fn a_content_length_response_completes_at_its_last_byte() {
     assert_eq!(host.call_count(), 2);
     // Envoy hands the buffered chunk back with the end of stream: still held.
     assert_eq!(f.on_response_body(&host, 3, true), Verdict::Pause);
-    redis_answers(&host, &redis, &mut f, Op::Complete);
+    redis_answers(&host, &redis, &mut f, Op::Record);
     assert_eq!(host.metric(Metric::Stored), 1);
     // Envoy's empty end-of-stream frame afterwards passes.
     host.set_response_chunk(b"");
@@ -189,7 +189,10 @@ fn a_timed_out_claim_is_cancelled_whichever_lands_first() {
     assert_eq!(cancel, claim + 1, "the cancel follows the claim");
     assert_eq!(host.metric(Metric::ClaimsCancelled), 1);
     assert_eq!(host.metric(Metric::StoreErrors), 1);
-    assert!(redis.answer(&host, cancel).ends_with(b"1}"), "deleted");
+    assert!(
+        redis.answer(&host, cancel).ends_with(br#"["1"]}"#),
+        "deleted"
+    );
     assert!(redis.data.borrow().is_empty());
     // The retry claims and runs.
     let mut retry = start(&host);
@@ -208,13 +211,16 @@ fn a_timed_out_claim_is_cancelled_whichever_lands_first() {
     assert_eq!(host.sent().unwrap().status, 503);
     let cancel = redis.last(&host, Op::Cancel);
     assert_eq!(cancel, claim + 1, "the cancel follows the claim");
-    assert!(redis.answer(&host, cancel).ends_with(b"2}"), "tombstoned");
+    assert!(
+        redis.answer(&host, cancel).ends_with(br#"["2"]}"#),
+        "tombstoned"
+    );
     assert_eq!(
         redis.data.borrow().len(),
         2,
         "the record of k and k2's tombstone"
     );
-    assert!(redis.answer(&host, claim).ends_with(b"\"cancelled\"}"));
+    assert!(redis.answer(&host, claim).ends_with(br#"["cancelled"]}"#));
     assert_eq!(redis.data.borrow().len(), 1, "k2 is free");
     assert_eq!(host.metric(Metric::ClaimsCancelled), 2);
 
@@ -231,7 +237,7 @@ fn a_timed_out_claim_is_cancelled_whichever_lands_first() {
     redis_answers(&host, &redis, &mut other, Op::Claim);
     assert_eq!(host.resumed_requests.get(), 2, "claimed over the tombstone");
     // The late claim then finds the other request's marker and sets nothing.
-    assert!(redis.answer(&host, late).ends_with(b"\"}"));
+    assert!(redis.answer(&host, late).ends_with(br#""]}"#));
     complete_paid(&host, &redis, &mut other);
     assert_eq!(host.metric(Metric::Stored), 2);
 }
@@ -333,7 +339,10 @@ fn redis_calls_carry_authority_and_basic_auth() {
     let hs = keyed("k");
     host.reset_exchange(&hs, b"");
     Filter::new(c).on_request_headers(&host, true);
-    let claim = host.calls().into_iter().find(|c| op(c) == Some(Op::Claim));
+    let claim = host
+        .calls()
+        .into_iter()
+        .find(|c| ops(c) == Some(vec![Op::Claim]));
     let Call {
         upstream, headers, ..
     } = claim.unwrap();
@@ -356,7 +365,7 @@ fn an_exchange_that_ends_mid_response_records_outcome_unknown_in_redis() {
     f.on_done(&host);
     assert!(f.waiting(), "the filter waits for the record's answer");
     let sent_before = host.sent();
-    redis_answers(&host, &redis, &mut f, Op::Complete);
+    redis_answers(&host, &redis, &mut f, Op::Record);
     assert_eq!(host.sent(), sent_before, "nobody is answered");
     assert_eq!(host.metric(Metric::OutcomesUnknown), 1);
     assert_eq!(host.metric(Metric::Stored), 1);

@@ -385,21 +385,20 @@ impl LocalTable {
         shared: &S,
         claim: &Claim,
         digest: &Digest16,
-        mut response: StoredResponse,
+        response: StoredResponse,
         now_ms: u64,
         ttl_ms: u64,
         too_large: TooLarge,
         space: &mut SpaceEffects,
     ) -> Result<Recorded, StoreError> {
-        let encode = |response: &StoredResponse| {
-            DataRecord {
-                epoch: claim.epoch,
-                digest: *digest,
-                response: response.clone(),
-            }
-            .encode()
+        // Encoded from the record itself, never from a copy: a body is
+        // copied once, into the bytes that go to shared data.
+        let mut record = DataRecord {
+            epoch: claim.epoch,
+            digest: *digest,
+            response,
         };
-        let mut bytes = encode(&response);
+        let mut bytes = record.encode();
         let mut omitted = false;
         loop {
             let need = charge(bytes.len() as u64);
@@ -415,11 +414,11 @@ impl LocalTable {
                 _ if too_large == TooLarge::Skip => return Ok(Recorded::Skipped),
                 // Keep the outcome without its body rather than lose the
                 // key (a retry would run again) or grow past the budget.
-                _ if !response.body.is_empty() => {
-                    response.body = Vec::new();
-                    response.body_omitted = true;
+                _ if !record.response.body.is_empty() => {
+                    record.response.body = Vec::new();
+                    record.response.body_omitted = true;
                     omitted = true;
-                    bytes = encode(&response);
+                    bytes = record.encode();
                 }
                 None => {
                     return Err(StoreError::NoRoom(

@@ -1,0 +1,149 @@
+//! Reference filters on the proxy-wasm SDK (0.2.5, as the product), for
+//! `make bench`. The plugin configuration names the mode:
+//!
+//! * anything else: `noop`, every callback answers Continue: what any SDK
+//!   filter costs in this Envoy (VM entries per request).
+//! * `sdk-fresh-floor`: the host work no SDK filter can skip for a fresh key
+//!   on the local store, and nothing else: read the request headers and
+//!   find the key; hold the request until its whole body has come and read
+//!   it; one shared-data read and one write (the claim); read the response
+//!   headers and copy each response chunk as it streams; one shared-data
+//!   write (the record). No hashing, no record format, no metrics.
+//! * `sdk-replay-floor`: the same for a replay: read the headers, hold and
+//!   read the body, one shared-data read, a 1 KiB local response.
+//!
+//! Bench code, not the product: it may unwrap.
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType};
+use std::cell::Cell;
+use std::rc::Rc;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Noop,
+    FreshFloor,
+    ReplayFloor,
+}
+
+struct Root {
+    mode: Rc<Cell<Mode>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _: usize) -> bool {
+        let config = self.get_plugin_configuration().unwrap_or_default();
+        let has = |s: &[u8]| config.windows(s.len()).any(|w| w == s);
+        self.mode.set(if has(b"sdk-fresh-floor") {
+            Mode::FreshFloor
+        } else if has(b"sdk-replay-floor") {
+            Mode::ReplayFloor
+        } else {
+            Mode::Noop
+        });
+        true
+    }
+
+    fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream {
+            mode: self.mode.get(),
+            key: String::new(),
+            response: Vec::new(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Stream {
+    mode: Mode,
+    key: String,
+    response: Vec<u8>,
+}
+
+static REPLAY_BODY: [u8; 1024] = [b'x'; 1024];
+
+impl Context for Stream {}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        if self.mode == Mode::Noop {
+            return Action::Continue;
+        }
+        for (name, value) in self.get_http_request_headers() {
+            if name == "idempotency-key" {
+                // Bounded like the product's table: at most 100,000 slots
+                // (the bench's keys end in a counter).
+                let tail = &value[value.len().saturating_sub(5)..];
+                self.key = format!("floor/{tail}");
+            }
+        }
+        if end_of_stream {
+            Action::Continue
+        } else {
+            Action::Pause
+        }
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.mode == Mode::Noop {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = self.get_http_request_body(0, size).unwrap_or_default();
+        let (found, cas) = self.get_shared_data(&self.key);
+        match self.mode {
+            Mode::ReplayFloor => {
+                let _ = (body, found);
+                self.send_http_response(
+                    200,
+                    vec![
+                        ("content-type", "application/json"),
+                        ("idempotent-replayed", "true"),
+                    ],
+                    Some(&REPLAY_BODY),
+                );
+                Action::Pause
+            }
+            _ => {
+                let _ = self.set_shared_data(&self.key, Some(b"claimed"), cas);
+                Action::Continue
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        if self.mode == Mode::FreshFloor {
+            let headers = self.get_http_response_headers();
+            self.response
+                .extend_from_slice(&(headers.len() as u32).to_le_bytes());
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.mode != Mode::FreshFloor {
+            return Action::Continue;
+        }
+        if size > 0 {
+            if let Some(chunk) = self.get_http_response_body(0, size) {
+                self.response.extend_from_slice(&chunk);
+            }
+        }
+        if end_of_stream {
+            let _ = self.set_shared_data(&self.key, Some(&self.response), None);
+        }
+        Action::Continue
+    }
+}
+
+proxy_wasm::main! {{
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { mode: Rc::new(Cell::new(Mode::Noop)) })
+    });
+}}

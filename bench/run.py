@@ -167,7 +167,7 @@ PROFILE_WASM = os.path.join(PROFILE_TARGET, "wasm32-wasip1", "release", "idempot
 SCENARIOS = [
     # name, store, wrk mode, request body bytes, what it shows
     # References: what the host itself costs, under any filter.
-    ("0 reference: a no-op Wasm filter, fresh keys", "noop", "fresh", KIB),
+    ("0 reference: a no-op Wasm filter, fresh keys", "sdk:noop", "fresh", KIB),
     ("0b reference: raw Wasm answering after the body (the floor of any replay)", "ref:reply-after-body", "fresh", KIB),
     ("0c reference: raw Wasm making one store call per request", "ref:store-call", "fresh", KIB),
     ("0d reference: raw Wasm forwarding after the whole body (the floor of any fresh key)",
@@ -266,9 +266,7 @@ def apisix_pair(store, nginx, backend):
 def run_scenario(name, store, mode, body, args, nginx, backend):
     config = {"max_request_body_bytes": 1 << 20}
     wasm = {}
-    if store == "noop":
-        wasm = {"wasm_path": SDK_REFERENCE_WASM}
-    elif store.startswith("sdk:"):
+    if store.startswith("sdk:"):
         wasm = {"wasm_path": SDK_REFERENCE_WASM}
         config = store[4:]
     elif store.startswith("ref:"):
@@ -310,7 +308,7 @@ def run_scenario(name, store, mode, body, args, nginx, backend):
             summary[label]["non2xx"] = sum(r["non2xx"] for r in runs)
         summary["ratio"] = summary["filter"]["rps"] / summary["baseline"]["rps"]
         # APISIX has no metrics for Wasm filters; the references are not the filter.
-        counted = filtered.has_metrics and store != "noop" and not store.startswith(("ref:", "sdk:"))
+        counted = filtered.has_metrics and not store.startswith(("ref:", "sdk:"))
         stats = filtered.stats() if counted else {}
         summary["filter_stats"] = {} if not counted else {
             k: stats.get(k, 0) for k in ("requests_protected", "stored", "replays", "cache_hits", "store_errors",

@@ -1,8 +1,6 @@
 //! Reference filters on the proxy-wasm SDK (0.2.5, as the product), for
 //! `make bench`. The plugin configuration names the mode:
 //!
-//! * anything else: `noop`, every callback answers Continue: what any SDK
-//!   filter costs in this Envoy (VM entries per request).
 //! * `sdk-fresh-floor`: the host work no SDK filter can skip for a fresh key
 //!   on the local store, and nothing else: read the request headers and
 //!   find the key; hold the request until its whole body has come and read
@@ -11,12 +9,12 @@
 //!   write (the record). No hashing, no record format, no metrics.
 //! * `sdk-replay-floor`: the same for a replay: read the headers, hold and
 //!   read the body, one shared-data read, a 1 KiB local response.
+//! * any other configuration: no-op, every callback answers Continue: what
+//!   any SDK filter costs the host (VM entries per request).
 //!
 //! Bench code, not the product: it may unwrap.
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
-use std::cell::Cell;
-use std::rc::Rc;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -26,7 +24,7 @@ enum Mode {
 }
 
 struct Root {
-    mode: Rc<Cell<Mode>>,
+    mode: Mode,
 }
 
 impl Context for Root {}
@@ -35,19 +33,19 @@ impl RootContext for Root {
     fn on_configure(&mut self, _: usize) -> bool {
         let config = self.get_plugin_configuration().unwrap_or_default();
         let has = |s: &[u8]| config.windows(s.len()).any(|w| w == s);
-        self.mode.set(if has(b"sdk-fresh-floor") {
+        self.mode = if has(b"sdk-fresh-floor") {
             Mode::FreshFloor
         } else if has(b"sdk-replay-floor") {
             Mode::ReplayFloor
         } else {
             Mode::Noop
-        });
+        };
         true
     }
 
     fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Stream {
-            mode: self.mode.get(),
+            mode: self.mode,
             key: String::new(),
             response: Vec::new(),
         }))
@@ -144,6 +142,6 @@ impl HttpContext for Stream {
 
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { mode: Rc::new(Cell::new(Mode::Noop)) })
+        Box::new(Root { mode: Mode::Noop })
     });
 }}

@@ -9,12 +9,17 @@
 //!   write (the record). No hashing, no record format, no metrics.
 //! * `sdk-replay-floor`: the same for a replay: read the headers, hold and
 //!   read the body, one shared-data read, a 1 KiB local response.
+//! * `sdk-redis-fresh-floor`: the same for a fresh key on the Redis store,
+//!   with the worker's group commit ([`redis_floor`]).
 //! * any other configuration: no-op, every callback answers Continue: what
 //!   any SDK filter costs the host (VM entries per request).
 //!
 //! Bench code, not the product: it may unwrap.
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
+use std::rc::Rc;
+
+mod redis_floor;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -24,15 +29,27 @@ enum Mode {
 }
 
 struct Root {
+    id: u32,
     mode: Mode,
+    redis: Option<Rc<redis_floor::Worker>>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, _: u32, _: usize, body_size: usize, _: usize) {
+        if let Some(worker) = &self.redis {
+            worker.on_http_call_response(body_size);
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _: usize) -> bool {
         let config = self.get_plugin_configuration().unwrap_or_default();
         let has = |s: &[u8]| config.windows(s.len()).any(|w| w == s);
+        if has(b"sdk-redis-fresh-floor") {
+            self.redis = Some(redis_floor::Worker::new(self.id));
+            return true;
+        }
         self.mode = if has(b"sdk-fresh-floor") {
             Mode::FreshFloor
         } else if has(b"sdk-replay-floor") {
@@ -43,7 +60,16 @@ impl RootContext for Root {
         true
     }
 
-    fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
+    fn on_queue_ready(&mut self, queue: u32) {
+        if let Some(worker) = &self.redis {
+            worker.on_queue_ready(queue);
+        }
+    }
+
+    fn create_http_context(&self, id: u32) -> Option<Box<dyn HttpContext>> {
+        if let Some(worker) = &self.redis {
+            return Some(Box::new(redis_floor::Stream::new(worker.clone(), id)));
+        }
         Some(Box::new(Stream {
             mode: self.mode,
             key: String::new(),
@@ -141,7 +167,7 @@ impl HttpContext for Stream {
 }
 
 proxy_wasm::main! {{
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { mode: Mode::Noop })
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> {
+        Box::new(Root { id, mode: Mode::Noop, redis: None })
     });
 }}

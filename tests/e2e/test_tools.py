@@ -232,3 +232,42 @@ def test_redis_key_errors_are_words(examples, tmp_path):
     assert out.returncode == 2 and "scope_headers is authorization: give one value per header" in out.stderr
     out = run([examples["redis_key"], str(conf), '"k"', "Bearer x"])
     assert out.returncode == 0 and out.stdout.startswith("idem:") and len(out.stdout.strip()) == 5 + 32
+
+
+# ------------------------------------------------------------- drop_exports (make build)
+
+def tiny_module(exports):
+    """A valid module of two empty functions () -> (), exported under `exports`
+    (name -> function index), with a custom section after the exports."""
+    def vec(items):
+        return bytes([len(items)]) + b"".join(items)
+
+    def section(sid, content):
+        return bytes([sid, len(content)]) + content
+
+    export_items = [bytes([len(n)]) + n.encode() + b"\x00" + bytes([i]) for n, i in exports.items()]
+    return (b"\0asm\x01\0\0\0"
+            + section(1, vec([b"\x60\x00\x00"]))
+            + section(3, vec([b"\x00", b"\x00"]))
+            + section(7, vec(export_items))
+            + section(10, vec([b"\x02\x00\x0b", b"\x02\x00\x0b"]))
+            + section(0, b"\x04note" + b"kept"))
+
+
+def test_drop_exports_removes_only_the_named_export_and_is_idempotent(tmp_path):
+    from wasm_module import read_module
+    path = tmp_path / "m.wasm"
+    path.write_bytes(tiny_module({"proxy_on_done": 0, "proxy_on_log": 1}))
+    out = run([sys.executable, "deploy/drop_exports.py", str(path), "proxy_on_log"])
+    assert out.returncode == 0 and "export proxy_on_log removed" in out.stdout, out.stderr
+    # Byte for byte the module that never exported it: every other section as it was.
+    assert path.read_bytes() == tiny_module({"proxy_on_done": 0})
+    assert read_module(str(path))[1] == {"proxy_on_done"}
+    before = path.read_bytes()
+    out = run([sys.executable, "deploy/drop_exports.py", str(path), "proxy_on_log"])
+    assert out.returncode == 0 and out.stdout == "" and path.read_bytes() == before
+
+
+def test_make_build_drops_the_sdks_proxy_on_log_export():
+    out = run(["make", "-n", "build"])
+    assert "deploy/drop_exports.py target/wasm32-wasip1/release/idempotency_filter.wasm proxy_on_log" in out.stdout

@@ -145,7 +145,7 @@ impl Filter {
     ) {
         let ctx = self.ctx.clone();
         let write = pending.write;
-        let result = ctx.store.write_answered(host, pending, answer);
+        let result = ctx.store.write_answered(pending, answer);
         self.write_answered_with(host, write, result, reply);
     }
 

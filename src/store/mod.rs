@@ -91,8 +91,6 @@ pub struct PendingClaim {
 #[derive(Debug)]
 pub struct PendingWrite {
     pub write: Write,
-    /// The record, for the replay cache once Redis has it.
-    pub fill: Option<cached::CacheFill>,
 }
 
 /// The store a configuration names.
@@ -239,7 +237,7 @@ impl Store {
                 space.report(host);
                 StoreStep::Done(result)
             }
-            Store::Redis(redis) => redis.complete(host, held, response, ttl_ms),
+            Store::Redis(redis) => redis.complete(held, response, ttl_ms),
         }
     }
 
@@ -259,13 +257,12 @@ impl Store {
 
     pub fn write_answered(
         &self,
-        host: &impl Host,
         pending: PendingWrite,
         reply: OpReply,
     ) -> Result<bool, StoreError> {
         match self {
             Store::Local { .. } => Err(no_call()),
-            Store::Redis(redis) => redis.write_answered(host, pending, reply),
+            Store::Redis(redis) => redis.write_answered(pending, reply),
         }
     }
 

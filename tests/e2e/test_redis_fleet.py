@@ -209,8 +209,15 @@ def test_store_down_with_allow_forwards_unprotected_and_counts_it(upstream, key,
 def test_replays_come_from_the_gateway_cache_without_a_store_round_trip(fleet, upstream, key):
     s1, _, b1 = post(fleet.a, key)
     assert s1 == 201
+    # Recording a key leaves the cache alone (most keys are never retried):
+    # the first retry asks Redis, and keeps the record.
     before = eval_calls(fleet.backend)
     hits = fleet.a.stats()["cache_hits"]
+    s, h, b = post(fleet.a, key)
+    assert (s, h.get("idempotent-replayed"), b) == (201, "true", b1)
+    assert eval_calls(fleet.backend) == before + 1
+    assert fleet.a.stats()["cache_hits"] == hits
+    before += 1
     for _ in range(3):
         s, h, b = post(fleet.a, key)
         assert (s, h.get("idempotent-replayed"), b) == (201, "true", b1)
@@ -245,6 +252,7 @@ def test_cached_replays_survive_a_store_outage_and_nothing_else_does(upstream, k
     with own_fleet(upstream, tmp_path, store_extra={"timeout_ms": 300}) as (fleet, backend):
         s1, _, b1 = post(fleet.a, key)
         assert s1 == 201
+        assert post(fleet.a, key)[1].get("idempotent-replayed") == "true", "Redis's replay fills A's cache"
         backend.stop_webdis()
         s2, h2, b2 = post(fleet.a, key)
         assert (s2, h2.get("idempotent-replayed"), b2) == (201, "true", b1), "from A's cache"

@@ -2,15 +2,47 @@
 
 use super::*;
 
+/// A completed key, recorded here and retried once (Redis replays it, and
+/// the cache keeps the record).
+fn recorded_and_retried(host: &FakeHost, redis: &FakeRedis, c: &Rc<FilterContext>, key: &str) {
+    let mut f = redis_post(host, redis, c, key);
+    complete_paid(host, redis, &mut f);
+    let (calls, held) = (host.call_count(), host.metric(Metric::BytesHeld));
+    redis_post(host, redis, c, key);
+    assert_eq!(host.call_count(), calls + 1, "the first retry asks Redis");
+    assert_eq!(host.sent().unwrap().body, b"paid");
+    assert!(host.metric(Metric::BytesHeld) > held, "and fills the cache");
+}
+
 #[test]
-fn the_replay_cache_answers_retries_of_what_this_gateway_recorded() {
+fn recording_a_key_does_not_fill_the_cache() {
     let host = FakeHost::default();
     let redis = FakeRedis::default();
     let c = cached_redis_ctx();
+    let sets = host.shared.sets.get();
     let mut f = redis_post(&host, &redis, &c, "k");
     complete_paid(&host, &redis, &mut f);
     assert_eq!(host.metric(Metric::Stored), 1);
-    // The retry is replayed from the cache: no third call.
+    // Most keys are never retried: the record went to Redis only.
+    assert_eq!(host.metric(Metric::BytesHeld), 0);
+    assert_eq!(
+        host.shared.sets.get(),
+        sets,
+        "no shared-data write for a fresh key"
+    );
+    redis_post(&host, &redis, &c, "k");
+    assert_eq!(host.call_count(), 3, "its first retry asks Redis");
+    assert_eq!(host.sent().unwrap().body, b"paid");
+    assert_eq!(host.metric(Metric::CacheHits), 0);
+}
+
+#[test]
+fn the_replay_cache_answers_further_retries_of_a_replayed_key() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let c = cached_redis_ctx();
+    recorded_and_retried(&host, &redis, &c, "k");
+    // The next retry is replayed from the cache: no further call.
     assert_eq!(post_answered_locally(&host, &c, "k", b""), 201);
     let sent = host.sent().unwrap();
     assert_eq!(sent.body, b"paid");
@@ -18,7 +50,7 @@ fn the_replay_cache_answers_retries_of_what_this_gateway_recorded() {
     // Another payload under the key: 422, also without Redis.
     assert_eq!(post_answered_locally(&host, &c, "k", b"other"), 422);
     assert_eq!(host.metric(Metric::CacheHits), 2);
-    assert_eq!(host.metric(Metric::Replays), 1);
+    assert_eq!(host.metric(Metric::Replays), 2);
     assert_eq!(host.metric(Metric::Mismatches), 1);
 }
 
@@ -27,8 +59,7 @@ fn configurations_with_other_redis_namespaces_do_not_share_a_cache() {
     let host = FakeHost::default();
     let redis = FakeRedis::default();
     let a = cached_redis_ctx();
-    let mut f = redis_post(&host, &redis, &a, "k");
-    complete_paid(&host, &redis, &mut f);
+    recorded_and_retried(&host, &redis, &a, "k");
     assert_eq!(post_answered_locally(&host, &a, "k", b""), 201);
     // Same shared data (same vm_id), another key_prefix: its own Redis
     // namespace, where "k" was never used, so Redis is asked.
@@ -36,7 +67,7 @@ fn configurations_with_other_redis_namespaces_do_not_share_a_cache() {
         r#"{"store":{"type":"redis","cluster":"webdis","key_prefix":"other:","cache_entries":32}}"#,
     );
     redis_post(&host, &redis, &b, "k");
-    assert_eq!(host.call_count(), 3, "asked its own Redis namespace");
+    assert_eq!(host.call_count(), 4, "asked its own Redis namespace");
     assert_eq!(host.resumed_requests.get(), 2, "and ran the request there");
 }
 
@@ -98,10 +129,8 @@ fn the_replay_cache_keeps_only_what_fits_its_byte_budget() {
     let redis = FakeRedis::default();
     let c =
         ctx(r#"{"store":{"type":"redis","cluster":"webdis","cache_entries":16,"max_bytes":4096}}"#);
-    let mut f = redis_post(&host, &redis, &c, "small");
-    complete_paid(&host, &redis, &mut f);
+    recorded_and_retried(&host, &redis, &c, "small");
     let held = host.metric(Metric::BytesHeld);
-    assert!(held > 0, "the small record is cached");
     assert_eq!(post_answered_locally(&host, &c, "small", b""), 201);
     // A 5000-byte answer does not fit a 4096-byte share.
     let mut f = redis_post(&host, &redis, &c, "big");
@@ -111,11 +140,14 @@ fn the_replay_cache_keeps_only_what_fits_its_byte_budget() {
     assert_eq!(f.on_response_body(&host, 5000, true), Verdict::Pause);
     redis_answers(&host, &redis, &mut f, Op::Record);
     assert_eq!(host.metric(Metric::Stored), 2);
-    assert_eq!(host.metric(Metric::BytesHeld), held, "not cached");
-    assert_eq!(host.metric(Metric::BodiesOmitted), 0, "Redis has it whole");
-    let calls = host.call_count();
-    redis_post(&host, &redis, &c, "big");
-    assert_eq!(host.call_count(), calls + 1, "asked Redis");
-    let replay = host.sent().unwrap();
-    assert_eq!((replay.status, replay.body), (201, vec![7u8; 5000]));
+    // Its retries are answered by Redis, whole, every time.
+    for _ in 0..2 {
+        let calls = host.call_count();
+        redis_post(&host, &redis, &c, "big");
+        assert_eq!(host.call_count(), calls + 1, "asked Redis");
+        let replay = host.sent().unwrap();
+        assert_eq!((replay.status, replay.body), (201, vec![7u8; 5000]));
+        assert_eq!(host.metric(Metric::BytesHeld), held, "not cached");
+        assert_eq!(host.metric(Metric::BodiesOmitted), 0, "Redis has it whole");
+    }
 }

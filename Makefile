@@ -8,9 +8,6 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 ENVOY       := $(VENV)/bin/envoy
 PYTEST_ARGS ?=
-# Exports of the SDK the filter has no use for, removed after linking: Envoy
-# enters the VM for proxy_on_log once per stream (deploy/drop_exports.py).
-DROPPED_EXPORTS := proxy_on_log
 # apt-get needs root; CI runs as root, a developer may not.
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -33,7 +30,9 @@ $(VENV)/.installed: tests/requirements.txt
 
 build: setup ## Build the filter: target/wasm32-wasip1/release/idempotency_filter.wasm
 	cargo build --release --target $(WASM_TARGET)
-	@python3 deploy/drop_exports.py $(WASM) $(DROPPED_EXPORTS)
+# The SDK's exports the filter has no use for (Envoy enters the VM for
+# proxy_on_log once per stream): removed after linking.
+	@python3 deploy/drop_exports.py $(WASM)
 	@ls -l $(WASM) | awk '{print "built " $$NF " (" $$5 " bytes)"}'
 	@sha256sum $(WASM) | awk '{print "sha256 " $$1 "  (the digest for a remote module: envoy/envoy-local.yaml)"}'
 

@@ -9,12 +9,15 @@ APISIX never calls this one). Without the export that VM entry is gone
 code stays in the module, unexported; nothing else changes. Idempotent: a
 module without the export is left as it is.
 
-usage: drop_exports.py MODULE.wasm NAME [NAME ...]
+usage: drop_exports.py MODULE.wasm [NAME ...]   (default: UNUSED_SDK_EXPORTS)
 """
 
 import sys
 
 EXPORT_SECTION = 7
+# The SDK's exports the filter has no use for. proxy_on_done stays: the
+# filter needs it, and APISIX logs an error for each request without it.
+UNUSED_SDK_EXPORTS = ("proxy_on_log",)
 
 
 def leb(data, i):
@@ -71,9 +74,9 @@ def drop_exports(module, names):
 
 
 def main():
-    if len(sys.argv) < 3:
+    if len(sys.argv) < 2:
         sys.exit(__doc__.strip().splitlines()[-1])
-    path, names = sys.argv[1], set(sys.argv[2:])
+    path, names = sys.argv[1], set(sys.argv[2:] or UNUSED_SDK_EXPORTS)
     with open(path, "rb") as f:
         module = f.read()
     trimmed, dropped = drop_exports(module, names)

@@ -85,15 +85,16 @@ pub fn is_recorded_header(name: &str) -> bool {
 impl StoredResponse {
     /// Headers for a replay: the recorded ones, merged by name because a local
     /// reply sets each name once (values joined with ", " as RFC 9110 5.3
-    /// allows), then the replay markers.
-    pub fn replay_headers(&self) -> Vec<(String, Vec<u8>)> {
+    /// allows), then the replay markers. Takes the headers: they move into
+    /// the answer, none is copied.
+    pub fn take_replay_headers(&mut self) -> Vec<(String, Vec<u8>)> {
         let mut out: Vec<(String, Vec<u8>)> = Vec::with_capacity(self.headers.len() + 2);
-        for (name, value) in &self.headers {
-            if let Some((_, existing)) = out.iter_mut().find(|(n, _)| n == name) {
+        for (name, value) in std::mem::take(&mut self.headers) {
+            if let Some((_, existing)) = out.iter_mut().find(|(n, _)| *n == name) {
                 existing.extend_from_slice(b", ");
-                existing.extend_from_slice(value);
+                existing.extend_from_slice(&value);
             } else {
-                out.push((name.clone(), value.clone()));
+                out.push((name, value));
             }
         }
         out.push((REPLAYED_HEADER.to_string(), b"true".to_vec()));
@@ -286,7 +287,7 @@ mod tests {
 
     #[test]
     fn replay_headers_merge_duplicates_and_mark_the_replay() {
-        let r = StoredResponse {
+        let mut r = StoredResponse {
             status: 200,
             headers: vec![
                 ("link".into(), b"<a>".to_vec()),
@@ -297,7 +298,7 @@ mod tests {
             body_omitted: true,
         };
         assert_eq!(
-            r.replay_headers(),
+            r.take_replay_headers(),
             vec![
                 ("link".to_string(), b"<a>, <b>".to_vec()),
                 ("content-type".to_string(), b"text/plain".to_vec()),

@@ -25,10 +25,10 @@ pub(super) fn problem_reply(problem: &Problem) -> Reply {
 }
 
 /// A recorded response, as a retry gets it.
-pub(super) fn replay(response: StoredResponse) -> Reply {
+pub(super) fn replay(mut response: StoredResponse) -> Reply {
     Reply {
         status: response.status,
-        headers: response.replay_headers(),
+        headers: response.take_replay_headers(),
         body: response.body,
     }
 }

@@ -30,9 +30,6 @@ $(VENV)/.installed: tests/requirements.txt
 
 build: setup ## Build the filter: target/wasm32-wasip1/release/idempotency_filter.wasm
 	cargo build --release --target $(WASM_TARGET)
-# The SDK's exports the filter has no use for (Envoy enters the VM for
-# proxy_on_log once per stream): removed after linking.
-	@python3 deploy/drop_exports.py $(WASM)
 	@ls -l $(WASM) | awk '{print "built " $$NF " (" $$5 " bytes)"}'
 	@sha256sum $(WASM) | awk '{print "sha256 " $$1 "  (the digest for a remote module: envoy/envoy-local.yaml)"}'
 

@@ -219,33 +219,37 @@ TARGETS = [
 ]
 
 
-def added_us(r):
-    """Gateway CPU the filter adds per request, against its own baseline."""
-    return r["filter"]["cpu_us"] - r["baseline"]["cpu_us"]
+def floor_of(sid):
+    """The name and store of scenario `sid`'s floor (TARGETS), if it has one."""
+    floor_id = next((f for s, _, f in TARGETS if s == sid), None)
+    return next(((name, store) for name, store, _, _ in SCENARIOS if name.split()[0] == floor_id), (None, None))
 
 
 def target_rows(results):
-    """Per target: the scenario's ratio, its floor's, and what stops it."""
-    by_id = {name.split(" ")[0]: (name, r) for name, r in results.items()}
+    """Per target: the scenario's ratio, its floor's (run in the same rounds,
+    against the same baseline runs), and what stops it. Gateway CPU added:
+    each one's CPU per request minus the baseline's."""
     rows = []
-    for sid, target, floor_id in TARGETS:
-        if sid not in by_id:
+    for sid, target, _ in TARGETS:
+        name, r = next(((n, r) for n, r in results.items() if n.split()[0] == sid), (None, None))
+        if r is None:
             continue
-        name, r = by_id[sid]
-        floor = by_id.get(floor_id)
+        floor_name = floor_of(sid)[0]
+        floor = r.get("floor")
+        own_us = floor and r["filter"]["cpu_us"] - floor["cpu_us"]
         if r["ratio"] >= target:
             verdict = "met"
         elif floor is None:
             verdict = f"not met, by {target - r['ratio']:.2f} (no filter runs: run-to-run noise)"
-        elif floor[1]["ratio"] < target:
-            verdict = (f"out of reach on this SDK: its floor is {target - floor[1]['ratio']:.2f} under the target;"
-                       f" the filter is {floor[1]['ratio'] - r['ratio']:.2f} under the floor"
-                       f" ({added_us(r) - added_us(floor[1]):.0f} µs of its own work per request)")
+        elif floor["ratio"] < target:
+            gap = floor["ratio"] - r["ratio"]
+            own = (f"the filter is {gap:.2f} under the floor ({own_us:.0f} µs of its own work per request)"
+                   if gap > 0 else "the filter is level with its floor in this run (within run-to-run noise)")
+            verdict = f"out of reach on this SDK: its floor is {target - floor['ratio']:.2f} under the target; {own}"
         else:
-            verdict = (f"not met: the floor allows it; the filter's own work takes {floor[1]['ratio'] - r['ratio']:.2f}"
-                       f" ({added_us(r) - added_us(floor[1]):.0f} µs per request)")
-        rows.append((name, r["ratio"], target, floor[0] if floor else "", floor[1]["ratio"] if floor else None,
-                     verdict))
+            verdict = (f"not met: the floor allows it; the filter's own work takes {floor['ratio'] - r['ratio']:.2f}"
+                       f" ({own_us:.0f} µs per request)")
+        rows.append((name, r["ratio"], target, floor_name or "", floor["ratio"] if floor else None, verdict))
     return rows
 
 
@@ -268,28 +272,43 @@ def apisix_pair(store, nginx, backend):
     return baseline, filtered.start()
 
 
-def run_scenario(name, store, mode, body, args, nginx, backend):
-    config = {"max_request_body_bytes": 1 << 20}
-    wasm = {}
+def filter_config(store):
+    """The plugin configuration and module of a scenario's filter."""
     if store.startswith("sdk:"):
-        wasm = {"wasm_path": SDK_REFERENCE_WASM}
-        config = store[4:]
-    elif store.startswith("ref:"):
-        wasm = {"wasm_path": RAW_REFERENCE_WASM}
-        config = store[4:]
+        return store[4:], {"wasm_path": SDK_REFERENCE_WASM}
+    if store.startswith("ref:"):
+        return store[4:], {"wasm_path": RAW_REFERENCE_WASM}
+    config = {"max_request_body_bytes": 1 << 20}
     if store.startswith("redis"):
         config["store"] = {"type": "redis", "cluster": "webdis", "key_prefix": f"bench-{time.time_ns()}:"}
         if store == "redis-nocache":
             config["store"]["cache_entries"] = 0
     if store.endswith("-forward"):
         config["forward"] = {"upstream": "upstream"}
+    return config, {}
+
+
+def run_scenario(name, store, mode, body, args, nginx, backend, floor_store=None):
+    """Baseline and filter, interleaved. With `floor_store` (a target's
+    floor), the floor runs in the same rounds too, against the same
+    baseline runs: on a shared machine the speed drifts between scenarios,
+    and a floor measured minutes apart can land on either side of its
+    scenario."""
+    gateways = {}
     if store.startswith("apisix"):
-        baseline, filtered = apisix_pair(store, nginx, backend)
+        gateways["baseline"], gateways["filter"] = apisix_pair(store, nginx, backend)
     else:
-        baseline = Envoy({}, nginx.port, concurrency=1, with_filter=False, cpus=ENVOY_CPUS).start()
-        filtered = Envoy(config, nginx.port, concurrency=1, webdis_port=backend.webdis_port if backend else None,
-                         cpus=ENVOY_CPUS, **wasm).start()
+        gateways["baseline"] = Envoy({}, nginx.port, concurrency=1, with_filter=False, cpus=ENVOY_CPUS)
+        for label, which in (("floor", floor_store), ("filter", store)):
+            if which:
+                config, wasm = filter_config(which)
+                gateways[label] = Envoy(config, nginx.port, concurrency=1, cpus=ENVOY_CPUS,
+                                        webdis_port=backend.webdis_port if backend else None, **wasm)
+    filtered = gateways["filter"]
     try:
+        if not store.startswith("apisix"):
+            for gateway in gateways.values():
+                gateway.start()
         if mode == "replay":
             # One completed key that every request of the run replays.
             import http.client
@@ -297,13 +316,13 @@ def run_scenario(name, store, mode, body, args, nginx, backend):
             conn.request("POST", "/payments", body=b"x" * body,
                          headers={"idempotency-key": "bench-replay", "content-type": "application/json"})
             assert conn.getresponse().read() is not None
-        results = {"baseline": [], "filter": []}
+        results = {label: [] for label in gateways}
         connections = CONNECTIONS.get(name.split()[0], args.connections)
         store_pids = {"redis": backend.redis.pid, "webdis": backend.webdis.pid} if backend else {}
-        for target in (baseline, filtered):
+        for target in gateways.values():
             wrk(target.port, mode, body, args.warmup, connections)
         for _ in range(args.runs):
-            for label, target in (("baseline", baseline), ("filter", filtered)):
+            for label, target in gateways.items():
                 results[label].append(wrk(target.port, mode, body, args.duration, connections,
                                           pids=gateway_pids(target), store_pids=store_pids))
         summary = {"connections": connections}
@@ -312,6 +331,8 @@ def run_scenario(name, store, mode, body, args, nginx, backend):
                               for k in ("rps", "p50_ms", "p99_ms", "cpu_us", "busy", "redis_cpu_us", "webdis_cpu_us")}
             summary[label]["non2xx"] = sum(r["non2xx"] for r in runs)
         summary["ratio"] = summary["filter"]["rps"] / summary["baseline"]["rps"]
+        if "floor" in summary:
+            summary["floor"]["ratio"] = summary["floor"]["rps"] / summary["baseline"]["rps"]
         # APISIX has no metrics for Wasm filters; the references are not the filter.
         counted = filtered.has_metrics and not store.startswith(("ref:", "sdk:"))
         stats = filtered.stats() if counted else {}
@@ -320,8 +341,8 @@ def run_scenario(name, store, mode, body, args, nginx, backend):
                                          "conflicts", "evicted", "store_calls", "store_operations")}
         return summary
     finally:
-        baseline.stop()
-        filtered.stop()
+        for gateway in gateways.values():
+            gateway.stop()
 
 
 PROFILED = [
@@ -479,10 +500,11 @@ def write_markdown(results, profiles, memory, args, path):
         lines += [
             "## Targets and the floor under each",
             "",
-            "Each target against its floor, in this run: the reference SDK filter that does only the host work"
-            " that path cannot skip (0e, 0f, 0g). A target above its floor is out of reach for any filter on this"
-            " SDK; the distance from the floor to the scenario is the filter's own work. Gateway CPU added: the"
-            " filter's, minus the floor's, each against its own baseline. A fresh key on Redis (5) has its own"
+            "Each target against its floor: the reference SDK filter that does only the host work"
+            " that path cannot skip (0e, 0f, 0g), run again in the same rounds as the scenario, against the same"
+            " baseline runs (its own row above ran minutes apart). A target above its floor is out of reach for"
+            " any filter on this SDK; the distance from the floor to the scenario is the filter's own work, in"
+            " throughput and in gateway CPU per request (the filter's minus the floor's). A fresh key on Redis (5) has its own"
             " floor, 0g: the same store traffic as the filter's, a claim when the body is in and a record while"
             " the response's last chunk is held, joined in the worker's group commit (one Webdis call per batch"
             " of up to 64 operations, one batch out at a time, the root resuming each stream), but Redis runs"
@@ -586,11 +608,6 @@ def main():
                         os.path.join(HERE, crate, "Cargo.toml")], check=True)
     subprocess.run(["cargo", "build", "--release", "-q", "--target", "wasm32-wasip1", "--features", "self-profile",
                     "--target-dir", PROFILE_TARGET, "--manifest-path", os.path.join(REPO, "Cargo.toml")], check=True)
-    # As make build does for the filter: without the SDK's proxy_on_log
-    # export, Envoy does not enter the VM for it at each stream's end. The
-    # SDK floors drop it too, or the product could beat its own floor.
-    for module in (SDK_REFERENCE_WASM, PROFILE_WASM):
-        subprocess.run([sys.executable, os.path.join(REPO, "deploy", "drop_exports.py"), module], check=True)
     nginx = Nginx().start()
     backend = None
 
@@ -613,14 +630,16 @@ def main():
                 continue
             needs_store = store.startswith("redis") or store in ("ref:store-call", "apisix",
                                                                  "sdk:sdk-redis-fresh-floor")
-            r = run_scenario(name, store, mode, body, args, nginx, store_backend() if needs_store else None)
+            r = run_scenario(name, store, mode, body, args, nginx, store_backend() if needs_store else None,
+                             floor_store=floor_of(name.split()[0])[1])
             results[name] = r
             print(f"{name:40s} baseline {r['baseline']['rps']:9,.0f}/s  filter {r['filter']['rps']:9,.0f}/s"
                   f"  ratio {r['ratio']:.2f}  p99 {r['baseline']['p99_ms']:.2f} -> {r['filter']['p99_ms']:.2f} ms"
                   f"  envoy cpu/req {r['baseline']['cpu_us']:.0f} -> {r['filter']['cpu_us']:.0f} us"
                   f"  busy {r['baseline']['busy']:.0%} -> {r['filter']['busy']:.0%}"
                   f"  redis/webdis cpu/req {r['filter']['redis_cpu_us']:.0f}/{r['filter']['webdis_cpu_us']:.0f} us"
-                  f"  {r['filter_stats']}", flush=True)
+                  f"  {r['filter_stats']}" + (f"  floor alongside {r['floor']['ratio']:.2f}" if "floor" in r else ""),
+                  flush=True)
         for name, ratio, target, _, floor_ratio, verdict in target_rows(results):
             floor_text = "" if floor_ratio is None else f" floor {floor_ratio:.2f}"
             print(f"target {name}: {ratio:.2f} against {target}{floor_text}: {verdict}", flush=True)

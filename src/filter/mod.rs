@@ -56,7 +56,7 @@ use crate::host::{Host, HostError};
 use crate::metrics::Metric;
 use crate::store::batch::{single_answer, OpReply};
 use crate::store::renewals::Renewals;
-use crate::store::{Held, PendingClaim, PendingWrite, Store, StoreError, StoreStep};
+use crate::store::{Held, PendingClaim, Store, StoreError, StoreStep, Write};
 use capture::Capture;
 use forward::ForwardRequest;
 use reply::Reply;
@@ -126,7 +126,7 @@ enum Then {
     /// what was recorded. (On Envoy the answer is handled even if the
     /// client leaves meanwhile: the worker owns the call.)
     Write {
-        pending: PendingWrite,
+        write: Write,
         /// Forwarding mode: the answer to send once the store has answered.
         reply: Option<Reply>,
     },
@@ -333,10 +333,10 @@ impl Filter {
             Then::Claim(pending) => self.claim_answered(host, &pending, reply),
             Then::Cancel => self.cancel_answered(host, reply),
             Then::Write {
-                pending,
+                write,
                 reply: answer,
             } => {
-                self.write_answered(host, pending, answer, reply);
+                self.write_answered(host, write, answer, reply);
             }
             // Never: upstream calls are not store operations. As no answer.
             Then::Upstream { held, sent_ms } => {
@@ -416,9 +416,7 @@ impl Filter {
                 let verdict = self.store_failed(host, &e);
                 self.resume_request_if(host, verdict);
             }
-            Then::Write { pending, reply } => {
-                self.write_answered_with(host, pending.write, Err(e), reply)
-            }
+            Then::Write { write, reply } => self.write_answered_with(host, write, Err(e), reply),
             Then::Cancel => self.cancel_answered(host, Err(e)),
             Then::Upstream { held, sent_ms } => {
                 self.forward_failed(host, &error);

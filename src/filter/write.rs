@@ -13,7 +13,7 @@ use crate::metrics::Metric;
 use crate::problem::Problem;
 use crate::record::StoredResponse;
 use crate::store::batch::OpReply;
-use crate::store::{Held, PendingWrite, StoreError, StoreStep, Write};
+use crate::store::{Held, StoreError, StoreStep, Write};
 
 impl Filter {
     /// The streamed response is complete: record what was captured.
@@ -118,7 +118,7 @@ impl Filter {
         &mut self,
         host: &impl Host,
         write: Write,
-        step: StoreStep<bool, PendingWrite>,
+        step: StoreStep<bool, Write>,
         reply: Option<Reply>,
     ) -> Verdict {
         self.phase = Phase::Done;
@@ -130,7 +130,7 @@ impl Filter {
                     None => Verdict::Continue,
                 }
             }
-            Sent::Waiting(call, pending) => self.wait(call, Then::Write { pending, reply }),
+            Sent::Waiting(call, write) => self.wait(call, Then::Write { write, reply }),
         }
     }
 
@@ -139,13 +139,12 @@ impl Filter {
     pub(super) fn write_answered(
         &mut self,
         host: &impl Host,
-        pending: PendingWrite,
+        write: Write,
         reply: Option<Reply>,
         answer: OpReply,
     ) {
         let ctx = self.ctx.clone();
-        let write = pending.write;
-        let result = ctx.store.write_answered(pending, answer);
+        let result = ctx.store.write_answered(write, answer);
         self.write_answered_with(host, write, result, reply);
     }
 

@@ -21,8 +21,7 @@ use super::local::LocalTable;
 use super::redis::{RedisConfig, RedisStore};
 use super::webdis::Script;
 use super::{
-    ClaimEffects, ClaimOutcome, Claimed, Held, PendingClaim, PendingWrite, StoreError, StoreStep,
-    Write,
+    ClaimEffects, ClaimOutcome, Claimed, Held, PendingClaim, StoreError, StoreStep, Write,
 };
 use crate::config::LOCAL_WAYS;
 use crate::fingerprint::Digest16;
@@ -32,7 +31,7 @@ use crate::record::StoredResponse;
 
 /// A completed record on its way into the replay cache.
 #[derive(Debug)]
-pub struct CacheFill {
+struct CacheFill {
     digest: Digest16,
     fingerprint: Digest16,
     response: StoredResponse,
@@ -167,7 +166,7 @@ impl CachedRedis {
         held: &Held,
         response: StoredResponse,
         ttl_ms: u64,
-    ) -> StoreStep<bool, PendingWrite> {
+    ) -> StoreStep<bool, Write> {
         StoreStep::Call(
             self.redis.complete_op(
                 &held.digest,
@@ -176,27 +175,19 @@ impl CachedRedis {
                 response,
                 ttl_ms,
             ),
-            PendingWrite {
-                write: Write::Complete,
-            },
+            Write::Complete,
         )
     }
 
-    pub fn release(&self, held: &Held) -> StoreStep<bool, PendingWrite> {
+    pub fn release(&self, held: &Held) -> StoreStep<bool, Write> {
         StoreStep::Call(
             self.redis.release_op(&held.digest, &held.claim),
-            PendingWrite {
-                write: Write::Release,
-            },
+            Write::Release,
         )
     }
 
-    pub fn write_answered(
-        &self,
-        pending: PendingWrite,
-        reply: OpReply,
-    ) -> Result<bool, StoreError> {
-        match pending.write {
+    pub fn write_answered(&self, write: Write, reply: OpReply) -> Result<bool, StoreError> {
+        match write {
             Write::Complete => self.redis.complete_outcome(reply),
             Write::Release => self.redis.release_outcome(reply),
         }

@@ -87,12 +87,6 @@ pub struct PendingClaim {
     pub sent_ms: u64,
 }
 
-/// A write sent to the store, for reading its answer.
-#[derive(Debug)]
-pub struct PendingWrite {
-    pub write: Write,
-}
-
 /// The store a configuration names.
 #[derive(Debug)]
 pub enum Store {
@@ -220,7 +214,7 @@ impl Store {
         held: &Held,
         response: StoredResponse,
         ttl_ms: u64,
-    ) -> StoreStep<bool, PendingWrite> {
+    ) -> StoreStep<bool, Write> {
         match self {
             Store::Local { table, .. } => {
                 let mut space = SpaceEffects::default();
@@ -242,7 +236,7 @@ impl Store {
     }
 
     /// Frees the key of the claim `held`.
-    pub fn release(&self, host: &impl Host, held: &Held) -> StoreStep<bool, PendingWrite> {
+    pub fn release(&self, host: &impl Host, held: &Held) -> StoreStep<bool, Write> {
         match self {
             Store::Local { table, .. } => {
                 let r = table.release(host, &held.claim);
@@ -255,14 +249,10 @@ impl Store {
         }
     }
 
-    pub fn write_answered(
-        &self,
-        pending: PendingWrite,
-        reply: OpReply,
-    ) -> Result<bool, StoreError> {
+    pub fn write_answered(&self, write: Write, reply: OpReply) -> Result<bool, StoreError> {
         match self {
             Store::Local { .. } => Err(no_call()),
-            Store::Redis(redis) => redis.write_answered(pending, reply),
+            Store::Redis(redis) => redis.write_answered(write, reply),
         }
     }
 

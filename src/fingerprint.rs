@@ -97,6 +97,17 @@ pub struct Fingerprinter {
 
 impl Fingerprinter {
     pub fn new(hash: FingerprintHash, method: &str, path: &str, headers: &[Option<&[u8]>]) -> Self {
+        Self::with_headers(hash, method, path, headers.iter().copied())
+    }
+
+    /// As [`Fingerprinter::new`], the header values given one by one (the
+    /// filter reads them straight from the request, without collecting).
+    pub fn with_headers<V: AsRef<[u8]>>(
+        hash: FingerprintHash,
+        method: &str,
+        path: &str,
+        headers: impl ExactSizeIterator<Item = Option<V>>,
+    ) -> Self {
         let mut hasher = match hash {
             FingerprintHash::Xxh3 => Hasher::Xxh3(Box::new(Xxh3::new())),
             FingerprintHash::Sha256 => Hasher::Sha256(Sha256::new()),
@@ -106,7 +117,7 @@ impl Fingerprinter {
         feed_field(&mut hasher, path.as_bytes());
         hasher.feed(&(headers.len() as u64).to_le_bytes());
         for value in headers {
-            feed_optional(&mut hasher, *value);
+            feed_optional(&mut hasher, value.as_ref().map(AsRef::as_ref));
         }
         Fingerprinter {
             hasher,
@@ -139,11 +150,19 @@ impl Fingerprinter {
 /// `scope_headers` (e.g. Authorization), so one tenant's key never reaches
 /// another tenant's record even when both pick the same key.
 pub fn key_digest(scope: &[Option<&[u8]>], key: &str) -> Digest16 {
+    key_digest_of(scope.iter().copied(), key)
+}
+
+/// As [`key_digest`], the scope values given one by one.
+pub fn key_digest_of<V: AsRef<[u8]>>(
+    scope: impl ExactSizeIterator<Item = Option<V>>,
+    key: &str,
+) -> Digest16 {
     let mut h = Sha256::new();
     h.update(b"idempotency-filter/key/v1");
     h.update((scope.len() as u64).to_le_bytes());
     for value in scope {
-        feed_optional(&mut h, *value);
+        feed_optional(&mut h, value.as_ref().map(AsRef::as_ref));
     }
     feed_field(&mut h, key.as_bytes());
     truncate(&h.finalize())

@@ -88,13 +88,22 @@ impl StoredResponse {
     /// allows), then the replay markers. Takes the headers: they move into
     /// the answer, none is copied.
     pub fn take_replay_headers(&mut self) -> Vec<(String, Vec<u8>)> {
-        let mut out: Vec<(String, Vec<u8>)> = Vec::with_capacity(self.headers.len() + 2);
-        for (name, value) in std::mem::take(&mut self.headers) {
-            if let Some((_, existing)) = out.iter_mut().find(|(n, _)| *n == name) {
-                existing.extend_from_slice(b", ");
-                existing.extend_from_slice(&value);
-            } else {
-                out.push((name, value));
+        let mut out = std::mem::take(&mut self.headers);
+        // Merged in place: a name seen before takes the later values.
+        let mut i = 0;
+        while i < out.len() {
+            let earlier = out
+                .get(i)
+                .and_then(|(name, _)| out.get(..i)?.iter().position(|(n, _)| n == name));
+            match earlier {
+                Some(j) => {
+                    let (_, value) = out.remove(i);
+                    if let Some((_, existing)) = out.get_mut(j) {
+                        existing.extend_from_slice(b", ");
+                        existing.extend_from_slice(&value);
+                    }
+                }
+                None => i += 1,
             }
         }
         out.push((REPLAYED_HEADER.to_string(), b"true".to_vec()));
@@ -155,12 +164,28 @@ impl DataRecord {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<DataRecord, DecodeError> {
+        Self::decode_owned(bytes.to_vec())
+    }
+
+    /// Decodes a record the caller owns: its body stays in `bytes`' buffer
+    /// (moved to the front), so a replay copies the body once, not twice.
+    pub fn decode_owned(mut bytes: Vec<u8>) -> Result<DataRecord, DecodeError> {
+        let (mut record, body_start) = Self::decode_head(&bytes)?;
+        bytes.drain(..body_start);
+        record.response.body = bytes;
+        Ok(record)
+    }
+
+    /// Everything but the body, and where the body starts (it runs to the
+    /// end of `bytes`: checked here).
+    fn decode_head(bytes: &[u8]) -> Result<(DataRecord, usize), DecodeError> {
         let mut r = Reader { bytes, pos: 0 };
         let (epoch, digest) = Self::read_owner(&mut r)?;
         let status = r.u16()?;
         let flags = r.u8()?;
         let count = r.u16()?;
-        let mut headers = Vec::with_capacity(usize::from(count).min(256));
+        // Room for the two markers a replay adds (take_replay_headers).
+        let mut headers = Vec::with_capacity(usize::from(count).min(256) + 2);
         for _ in 0..count {
             let name_len = usize::from(r.u16()?);
             let name = std::str::from_utf8(r.take(name_len)?)
@@ -171,20 +196,22 @@ impl DataRecord {
             headers.push((name, value));
         }
         let body_len = r.u32()? as usize;
-        let body = r.take(body_len)?.to_vec();
+        let body_start = r.pos;
+        r.take(body_len)?;
         if r.pos != bytes.len() {
             return Err(DecodeError::TrailingBytes);
         }
-        Ok(DataRecord {
+        let record = DataRecord {
             epoch,
             digest,
             response: StoredResponse {
                 status,
                 headers,
-                body,
+                body: Vec::new(),
                 body_omitted: flags & 1 == 1,
             },
-        })
+        };
+        Ok((record, body_start))
     }
 
     /// The bytes that reclaim a slot: an empty record owned by nobody.

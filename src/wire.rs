@@ -73,21 +73,33 @@ impl HeaderMap {
     /// Names as text (lossily, but header names are ASCII tokens on every
     /// host, so this borrows), values as bytes; in the host's order.
     pub fn iter(&self) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, &[u8])> + '_ {
+        self.raw()
+            .map(|(name, value)| (String::from_utf8_lossy(name), value))
+    }
+
+    /// Names and values as the host wrote them. Lookups compare bytes: a
+    /// name need not be checked as UTF-8 to be found, and every protected
+    /// request looks up half a dozen names.
+    fn raw(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
         self.spans.iter().map(|&(n, nl, v, vl)| {
             let name = self.buf.get(n..n + nl).unwrap_or_default();
             let value = self.buf.get(v..v + vl).unwrap_or_default();
-            (String::from_utf8_lossy(name), value)
+            (name, value)
         })
     }
 
     /// The values of `name`, in order.
     pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.iter().filter(move |(n, _)| n == name).map(|(_, v)| v)
+        self.raw()
+            .filter(move |(n, _)| *n == name.as_bytes())
+            .map(|(_, v)| v)
     }
 
     /// The first value of `name`.
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+        self.raw()
+            .find(|(n, _)| *n == name.as_bytes())
+            .map(|(_, v)| v)
     }
 
     pub fn to_list(&self) -> HeaderList {
@@ -102,30 +114,44 @@ impl HeaderMap {
 }
 
 /// Random numbers for claim tokens and generated keys: SHA-256 over a seed
-/// (from WASI `random_get`, mixed with the clock) and a counter. Generated keys
-/// must not be guessable; tokens must not collide.
+/// (from WASI `random_get`, mixed with the clock) and a counter, each digest
+/// giving four numbers (a claim takes one, a generated key two: one
+/// compression per four numbers, not per number). Generated keys must not be
+/// guessable; tokens must not collide.
 /// Hand-written (sha2 is already linked): getrandom per token would be a host
 /// call per request, and `rand`'s generators add code for nothing more.
 pub struct Rng {
     seed: [u8; 32],
     counter: u64,
+    /// The current digest, and how many of its four numbers are used.
+    block: [u8; 32],
+    used: usize,
 }
 
 impl Rng {
     pub fn new(seed_material: &[u8]) -> Rng {
         let mut seed = [0u8; 32];
         seed.copy_from_slice(&Sha256::digest(seed_material));
-        Rng { seed, counter: 0 }
+        Rng {
+            seed,
+            counter: 0,
+            block: [0; 32],
+            used: 4,
+        }
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.counter = self.counter.wrapping_add(1);
-        let mut h = Sha256::new();
-        h.update(self.seed);
-        h.update(self.counter.to_le_bytes());
-        let out = h.finalize();
+        if self.used == 4 {
+            self.counter = self.counter.wrapping_add(1);
+            let mut h = Sha256::new();
+            h.update(self.seed);
+            h.update(self.counter.to_le_bytes());
+            self.block.copy_from_slice(&h.finalize());
+            self.used = 0;
+        }
         let mut b = [0u8; 8];
-        b.copy_from_slice(&out[..8]);
+        b.copy_from_slice(&self.block[self.used * 8..self.used * 8 + 8]);
+        self.used += 1;
         u64::from_le_bytes(b)
     }
 }

@@ -14,10 +14,11 @@
 use super::capture::header_number;
 use super::forward::ForwardRequest;
 use crate::config::Config;
-use crate::fingerprint::{key_digest, Digest16, Fingerprinter};
+use crate::fingerprint::{key_digest_of, Digest16, Fingerprinter};
 use crate::host::{HeaderMap, Host};
 use crate::key::KeyError;
 use crate::problem::Problem;
+use std::borrow::Cow;
 
 /// What the filter does with a request, by its headers. Returned once per
 /// request and taken apart at once: not worth boxing the large variant.
@@ -72,17 +73,15 @@ pub fn inspect(cfg: &Config, headers: &HeaderMap, new_key: impl FnOnce() -> Stri
     };
     let declared: Option<u64> = header_number(headers, "content-length");
     let digest = scoped_digest(cfg, headers, &key);
-    let fp_values: Vec<Option<Vec<u8>>> = cfg
-        .fingerprint_headers
-        .iter()
-        .map(|h| header_joined(headers, h))
-        .collect();
-    let fp_refs: Vec<Option<&[u8]>> = fp_values.iter().map(Option::as_deref).collect();
     let path = headers
         .get(":path")
         .and_then(|p| std::str::from_utf8(p).ok())
         .unwrap_or("");
-    let fingerprint = Fingerprinter::new(cfg.fingerprint_hash, method, path, &fp_refs);
+    let fp_values = cfg
+        .fingerprint_headers
+        .iter()
+        .map(|h| header_joined(headers, h));
+    let fingerprint = Fingerprinter::with_headers(cfg.fingerprint_hash, method, path, fp_values);
     let forward = cfg.forward.as_ref().map(|_| {
         ForwardRequest::from_headers(cfg, headers, method, path, generated_key.as_deref())
     });
@@ -98,23 +97,20 @@ pub fn inspect(cfg: &Config, headers: &HeaderMap, new_key: impl FnOnce() -> Stri
 /// The store's key of `key`: its digest within the scope the request's
 /// `scope_headers` values name.
 pub(super) fn scoped_digest(cfg: &Config, headers: &HeaderMap, key: &str) -> Digest16 {
-    let scope: Vec<Option<Vec<u8>>> = cfg
-        .scope_headers
-        .iter()
-        .map(|h| header_joined(headers, h))
-        .collect();
-    let scope_refs: Vec<Option<&[u8]>> = scope.iter().map(Option::as_deref).collect();
-    key_digest(&scope_refs, key)
+    let scope = cfg.scope_headers.iter().map(|h| header_joined(headers, h));
+    key_digest_of(scope, key)
 }
 
 /// All values of a header joined as one list, the way RFC 9110 5.3 combines
-/// repeated fields, so a header split in two does not change the meaning.
-fn header_joined(headers: &HeaderMap, name: &str) -> Option<Vec<u8>> {
-    let mut out: Option<Vec<u8>> = None;
+/// repeated fields, so a header split in two does not change the meaning. A
+/// header sent once (the usual case) is borrowed, not copied.
+fn header_joined<'a>(headers: &'a HeaderMap, name: &'a str) -> Option<Cow<'a, [u8]>> {
+    let mut out: Option<Cow<'a, [u8]>> = None;
     for v in headers.values(name) {
         match out.as_mut() {
-            None => out = Some(v.to_vec()),
+            None => out = Some(Cow::Borrowed(v)),
             Some(o) => {
+                let o = o.to_mut();
                 o.extend_from_slice(b", ");
                 o.extend_from_slice(v);
             }

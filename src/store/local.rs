@@ -111,11 +111,34 @@ impl LocalTable {
     }
 
     pub(super) fn bucket_key(&self, bucket: u32) -> String {
-        format!("{}b{}", self.prefix, bucket)
+        self.key(b'b', bucket)
     }
 
     pub(super) fn data_key(&self, slot: u32) -> String {
-        format!("{}d{}", self.prefix, slot)
+        self.key(b'd', slot)
+    }
+
+    /// The prefix, `kind`, then `n` in decimal: two keys per request are
+    /// made here, and `format!`'s machinery costs several times this in Wasm.
+    fn key(&self, kind: u8, n: u32) -> String {
+        let mut digits = [0u8; 10];
+        let mut start = digits.len();
+        let mut rest = n;
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        let mut key = String::with_capacity(self.prefix.len() + 1 + digits.len() - start);
+        key.push_str(&self.prefix);
+        key.push(char::from(kind));
+        for &d in &digits[start..] {
+            key.push(char::from(d));
+        }
+        key
     }
 
     pub(super) fn bucket_of(&self, digest: &Digest16) -> u32 {
@@ -342,7 +365,7 @@ impl LocalTable {
     ) -> Result<Option<DataRecord>, StoreError> {
         match shared.shared_get(&self.data_key(slot))? {
             None => Ok(None),
-            Some((bytes, _)) => match DataRecord::decode(&bytes) {
+            Some((bytes, _)) => match DataRecord::decode_owned(bytes) {
                 Ok(rec) => Ok(Some(rec)),
                 Err(_) => Err(StoreError::Corrupt("data record")),
             },

@@ -223,7 +223,8 @@ impl RedisStore {
             Decision::Replay => {
                 let bytes = base64_decode(record.unwrap_or("").as_bytes())
                     .ok_or(StoreError::Corrupt("record encoding"))?;
-                let rec = DataRecord::decode(&bytes).map_err(|_| StoreError::Corrupt("record"))?;
+                let rec =
+                    DataRecord::decode_owned(bytes).map_err(|_| StoreError::Corrupt("record"))?;
                 if rec.digest != *digest {
                     return Err(StoreError::Corrupt("record belongs to another key"));
                 }

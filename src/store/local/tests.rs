@@ -6,6 +6,15 @@ use crate::fake_host::FakeShared;
 use crate::store::testing::{claimed, d, resp, FP, NO_LIMIT};
 
 #[test]
+fn keys_are_the_prefix_the_kind_and_the_number() {
+    let t = LocalTable::new(4, 8, NO_LIMIT);
+    for n in [0, 7, 10, 99, 4_096, u32::MAX] {
+        assert_eq!(t.bucket_key(n), format!("idempotency/v2/4x8/b{n}"));
+        assert_eq!(t.data_key(n), format!("idempotency/v2/4x8/d{n}"));
+    }
+}
+
+#[test]
 fn lifecycle_claim_conflict_complete_replay_mismatch() {
     let s = FakeShared::default();
     let t = LocalTable::new(4, 8, NO_LIMIT);

@@ -8,7 +8,8 @@
 //!   headers and copy each response chunk as it streams; one shared-data
 //!   write (the record). No hashing, no record format, no metrics.
 //! * `sdk-replay-floor`: the same for a replay: read the headers, hold and
-//!   read the body, one shared-data read, a 1 KiB local response.
+//!   read the body, one shared-data read of a record of the response's
+//!   size, a 1 KiB local response.
 //! * `sdk-redis-fresh-floor`: the same for a fresh key on the Redis store,
 //!   with the worker's group commit ([`redis_floor`]).
 //! * any other configuration: no-op, every callback answers Continue: what
@@ -89,6 +90,9 @@ struct Stream {
 }
 
 static REPLAY_BODY: [u8; 1024] = [b'x'; 1024];
+/// What the product's record of that response weighs: the body and about
+/// 60 bytes of status, owner and headers.
+static REPLAY_RECORD: [u8; 1090] = [b'r'; 1090];
 
 impl Context for Stream {}
 
@@ -123,6 +127,11 @@ impl HttpContext for Stream {
         let (found, cas) = self.get_shared_data(&self.key);
         match self.mode {
             Mode::ReplayFloor => {
+                // The record (a 1 KiB body and its status and headers) is
+                // read on every replay; the first request stores one.
+                if found.is_none() {
+                    let _ = self.set_shared_data(&self.key, Some(&REPLAY_RECORD), None);
+                }
                 let _ = (body, found);
                 self.send_http_response(
                     200,

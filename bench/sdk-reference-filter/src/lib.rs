@@ -6,7 +6,11 @@
 //!   find the key; hold the request until its whole body has come and read
 //!   it; one shared-data read and one write (the claim); read the response
 //!   headers and copy each response chunk as it streams; one shared-data
-//!   write (the record). No hashing, no record format, no metrics.
+//!   read and one write (the record). The record's write is conditional, as
+//!   any correct store's must be: a request whose lock expired must not
+//!   overwrite the claim that took its key over, and Envoy's set does not
+//!   return the new CAS, so a conditional write needs a read first (here
+//!   the 7-byte claim). No hashing, no record format, no metrics.
 //! * `sdk-replay-floor`: the same for a replay: read the headers, hold and
 //!   read the body, one shared-data read of a record of the response's
 //!   size, a 1 KiB local response.
@@ -169,7 +173,8 @@ impl HttpContext for Stream {
             }
         }
         if end_of_stream {
-            let _ = self.set_shared_data(&self.key, Some(&self.response), None);
+            let (_, cas) = self.get_shared_data(&self.key);
+            let _ = self.set_shared_data(&self.key, Some(&self.response), cas);
         }
         Action::Continue
     }

@@ -225,6 +225,12 @@ def floor_of(sid):
     return next(((name, store) for name, store, _, _ in SCENARIOS if name.split()[0] == floor_id), (None, None))
 
 
+def spread(runs):
+    """The lowest and highest of a scenario's per-round ratios."""
+    ratios = runs.get("round_ratios") or [0.0]
+    return f"{min(ratios):.2f}–{max(ratios):.2f}"
+
+
 def target_rows(results):
     """Per target: the scenario's ratio, its floor's (run in the same rounds,
     against the same baseline runs), and what stops it. Gateway CPU added:
@@ -249,6 +255,7 @@ def target_rows(results):
         else:
             verdict = (f"not met: the floor allows it; the filter's own work takes {floor['ratio'] - r['ratio']:.2f}"
                        f" ({own_us:.0f} µs per request)")
+        verdict += f" (rounds: {spread(r['filter'])}" + (f"; floor {spread(floor)})" if floor else ")")
         rows.append((name, r["ratio"], target, floor_name or "", floor["ratio"] if floor else None, verdict))
     return rows
 
@@ -331,6 +338,13 @@ def run_scenario(name, store, mode, body, args, nginx, backend, floor_store=None
                               for k in ("rps", "p50_ms", "p99_ms", "cpu_us", "busy", "redis_cpu_us", "webdis_cpu_us")}
             summary[label]["non2xx"] = sum(r["non2xx"] for r in runs)
         summary["ratio"] = summary["filter"]["rps"] / summary["baseline"]["rps"]
+        # Each round's own ratio (the filter against the baseline run just
+        # before it): their spread is how far one scenario's median can be
+        # trusted on this machine.
+        for label in ("filter", "floor"):
+            if label in results:
+                summary[label]["round_ratios"] = [f["rps"] / b["rps"]
+                                                  for f, b in zip(results[label], results["baseline"])]
         if "floor" in summary:
             summary["floor"]["ratio"] = summary["floor"]["rps"] / summary["baseline"]["rps"]
         # APISIX has no metrics for Wasm filters; the references are not the filter.
@@ -510,7 +524,8 @@ def write_markdown(results, profiles, memory, args, path):
             " of up to 64 operations, one batch out at a time, the root resuming each stream), but Redis runs"
             " only a `SET NX` per claim and a `SET` per record; the filter's own work there includes its fuller"
             " script and record format. A replay on Redis (6) makes no store call (the replay cache), so its"
-            " floor is the local one, 0f.",
+            " floor is the local one, 0f. Rounds: the lowest and highest of the ratios of single rounds (each"
+            " run against the baseline run just before it), the noise under the medians.",
             "",
             "| scenario | ratio | target | floor | floor ratio | verdict |",
             "|---|---:|---:|---|---:|---|",

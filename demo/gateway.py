@@ -10,7 +10,6 @@ import atexit
 import http.client
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -45,7 +44,7 @@ def render(listen_port, admin_port, upstream_port, plugin_config, wasm_path=DEFA
     if with_filter:
         methods = (plugin_config.get("methods") if isinstance(plugin_config, dict) else None) or ["POST", "PATCH"]
         # Inside a YAML double-quoted string: backslashes are doubled.
-        text = text.replace("{{PROTECTED_METHODS}}", protected_methods_regex(methods).replace("\\", "\\\\"))
+        text = text.replace("{{UNPROTECTED_METHOD}}", unprotected_method_matchers(methods))
     else:
         # The baseline: the same routes and chain without the filter.
         text = cut(text, "              # BEGIN unprotected routes", "              # END unprotected routes\n")
@@ -79,13 +78,18 @@ def cut(text, begin, end):
     return text[:start] + text[stop:]
 
 
-def protected_methods_regex(methods):
-    """The RE2 pattern (a full match in Envoy) of the methods the filter
-    protects; requests with any other method take the routes that disable
-    the filter. Rendered from the plugin configuration's own `methods`, so
-    the two cannot drift apart."""
-    escaped = sorted({re.sub(r"([^A-Za-z0-9_-])", r"\\\1", m.upper()) for m in methods})
-    return "|".join(escaped)
+def unprotected_method_matchers(methods):
+    """The route's header matchers (a YAML flow list) that only a method the
+    filter does not protect passes: one inverted exact match per protected
+    method, all of which must hold. Requests they pass take the routes that
+    disable the filter. Rendered from the plugin configuration's own
+    `methods`, so the two cannot drift apart. Exact matches, not one regex:
+    in a paired check on GET the regex cost about 1 µs per request (0.963
+    of Envoy without the filter, median of 7 rounds), the exact matches
+    nothing measurable (1.006)."""
+    return "[" + ", ".join(
+        f'{{ name: ":method", string_match: {{ exact: {json.dumps(m.upper())} }}, invert_match: true }}'
+        for m in sorted({m.upper() for m in methods})) + "]"
 
 
 class Envoy:

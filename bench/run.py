@@ -227,7 +227,7 @@ def floor_of(sid):
 
 def spread(runs):
     """The lowest and highest of a scenario's per-round ratios."""
-    ratios = runs.get("round_ratios") or [0.0]
+    ratios = runs["round_ratios"]
     return f"{min(ratios):.2f}–{max(ratios):.2f}"
 
 

@@ -43,7 +43,6 @@ def render(listen_port, admin_port, upstream_port, plugin_config, wasm_path=DEFA
     outcome = plugin_config.get("outcome_property") if isinstance(plugin_config, dict) else None
     if with_filter:
         methods = (plugin_config.get("methods") if isinstance(plugin_config, dict) else None) or ["POST", "PATCH"]
-        # Inside a YAML double-quoted string: backslashes are doubled.
         text = text.replace("{{UNPROTECTED_METHOD}}", unprotected_method_matchers(methods))
     else:
         # The baseline: the same routes and chain without the filter.

@@ -164,7 +164,9 @@ impl DataRecord {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<DataRecord, DecodeError> {
-        Self::decode_owned(bytes.to_vec())
+        let (mut record, body_start) = Self::decode_head(bytes)?;
+        record.response.body = bytes.get(body_start..).unwrap_or_default().to_vec();
+        Ok(record)
     }
 
     /// Decodes a record the caller owns: its body stays in `bytes`' buffer

@@ -138,7 +138,7 @@ def test_the_key_is_read_as_the_protected_listener_reads_it(envoy, key):
 
 def test_the_readme_names_every_field_of_the_answers(envoy, upstream, key):
     with open(os.path.join(REPO, "README.md")) as f:
-        section = f.read().split("\n### Operations: inspect and forget a key\n", 1)[1].split("\n## ", 1)[0]
+        section = f.read().split("\n## Operations: inspect and forget a key\n", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `(\w+)` \|", section, re.M))
     hold = "ops-" + uuid.uuid4().hex
     t = threading.Thread(target=post, args=(envoy, key), kwargs={"headers": {"x-demo-hold": hold}})

@@ -183,7 +183,7 @@ def test_the_copyable_local_config_forgets_a_key_on_its_operations_listener(tmp_
 
 def test_the_readmes_operations_snippet_is_the_shipped_listener():
     with open(os.path.join(REPO, "README.md")) as f:
-        section = f.read().split("\n### Operations: inspect and forget a key\n", 1)[1].split("\n## ", 1)[0]
+        section = f.read().split("\n## Operations: inspect and forget a key\n", 1)[1].split("\n## ", 1)[0]
     snippet = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
     assert "- name: operations" in snippet
     assert snippet in text_of("envoy-local.yaml"), "the README's listener and envoy-local.yaml's differ"

@@ -63,3 +63,32 @@ def test_each_protected_request_logs_its_outcome(logged_gateway, upstream):
     wait_for(lambda: any(" key=- outcome=unkeyed" in line for line in gw.access_lines())
              and any(line.endswith("key=outcome-get outcome=-") for line in gw.access_lines()),
              what="the unkeyed and GET lines")
+
+
+def test_an_unknowable_outcome_is_logged_as_such(logged_gateway, upstream):
+    """An upstream that resets after acting: Envoy answers 503, the key
+    records the outcome-unknown problem (the default `unknown_outcome`), and
+    the log says so rather than "released" or "stored"."""
+    gw = logged_gateway
+    key = "outcome-reset-" + uuid.uuid4().hex
+    assert post(gw, key, headers={"x-demo-reset": "1"})[0] == 503
+    assert post(gw, key)[0] == 502
+    assert upstream.executions(key) == 1
+    wait_for(lambda: len(outcomes(gw, key)) == 2, what="the access log lines")
+    assert outcomes(gw, key) == [(503, "outcome-unknown"), (502, "replayed")]
+
+
+def test_a_kept_claim_is_logged_as_such(upstream):
+    """The same with `unknown_outcome: release-after-lock`: the claim stays
+    until its lock timeout, and the log says "claim-kept"."""
+    config = {"outcome_property": "idempotency_outcome", "lock_timeout_seconds": 5,
+              "unknown_outcome": "release-after-lock"}
+    gw = Envoy(config, upstream.port, concurrency=2, access_log=True).start()
+    try:
+        key = "outcome-kept-" + uuid.uuid4().hex
+        assert post(gw, key, headers={"x-demo-reset": "1"})[0] == 503
+        assert post(gw, key)[0] == 409
+        wait_for(lambda: len(outcomes(gw, key)) == 2, what="the access log lines")
+        assert outcomes(gw, key) == [(503, "claim-kept"), (409, "request-in-progress")]
+    finally:
+        gw.stop()

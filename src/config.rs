@@ -7,6 +7,7 @@ pub use crate::key::KeySyntax;
 use crate::record::is_recorded_header;
 use crate::store::budget::Budget;
 use crate::store::redis::RedisConfig;
+use crate::store::renewals;
 use std::fmt;
 
 mod platform;
@@ -82,6 +83,9 @@ pub struct Config {
     pub key_syntax: KeySyntax,
     pub ttl_ms: u64,
     pub lock_timeout_ms: u64,
+    /// Where a tick renews running requests' claims: how long after its
+    /// deadline was last set a claim is renewed (see `store::renewals`).
+    pub renew_after_ms: u64,
     pub max_request_body_bytes: u64,
     pub max_response_body_bytes: u64,
     pub scope_headers: Vec<String>,
@@ -431,10 +435,7 @@ fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
     // filter waits for the upstream and then for the record's write, or a
     // slow answer loses its claim and a retry runs again.
     if let Some(f) = forward.as_ref().filter(|_| !platform.has_tick()) {
-        let write_ms = match &store {
-            StoreConfig::Redis { redis, .. } => redis.timeout_ms,
-            StoreConfig::Local { .. } => 0,
-        };
+        let write_ms = store_call_ms(&store);
         if raw.lock_timeout_seconds.saturating_mul(1000) <= f.timeout_ms + write_ms {
             return Err(err(
                 "lock_timeout_seconds",
@@ -442,7 +443,33 @@ fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
             ));
         }
     }
+    // With a tick, a renewal must land before the lock runs out: sent at the
+    // first tick after it is due, it may wait for the batch in flight and
+    // then for its own answer.
+    if platform.has_tick() && operations.is_none() {
+        let call_ms = store_call_ms(&store);
+        let shortest = renewals::shortest_lock_ms(call_ms);
+        if raw.lock_timeout_seconds.saturating_mul(1000) <= shortest {
+            let why = if call_ms > 0 {
+                format!("a renewal is sent at the next one-second tick and may wait up to twice store.timeout_ms ({call_ms} ms) for the batch in flight and for its own answer: raise it, or lower store.timeout_ms")
+            } else {
+                "a renewal is sent at the next one-second tick: raise it".to_string()
+            };
+            return Err(err(
+                "lock_timeout_seconds",
+                format!("must be longer than {} s on Envoy, where the claims of running requests are renewed from a tick, so that each renewal lands before the lock runs out (got {} s); {why}", shortest as f64 / 1000.0, raw.lock_timeout_seconds),
+            ));
+        }
+    }
     Ok(assemble(raw, store, forward, outcome_property, operations))
+}
+
+/// The longest a store call may take (0: the local store answers at once).
+fn store_call_ms(store: &StoreConfig) -> u64 {
+    match store {
+        StoreConfig::Redis { redis, .. } => redis.timeout_ms,
+        StoreConfig::Local { .. } => 0,
+    }
 }
 
 /// The configuration `raw` describes, once its checks have passed (the
@@ -463,6 +490,10 @@ fn assemble(
         key_syntax: raw.key_syntax,
         ttl_ms: raw.ttl_seconds * 1000,
         lock_timeout_ms: raw.lock_timeout_seconds * 1000,
+        renew_after_ms: renewals::renew_after_ms(
+            raw.lock_timeout_seconds * 1000,
+            store_call_ms(&store),
+        ),
         max_request_body_bytes: raw.max_request_body_bytes,
         max_response_body_bytes: raw.max_response_body_bytes,
         scope_headers: lower_unique(raw.scope_headers),
@@ -566,6 +597,18 @@ mod tests {
         assert_eq!(c.lock_timeout_ms, 30_000);
         assert_eq!(c.store.capacity(), Some(100_000));
         assert_eq!(Config::parse(b"  {} \n").unwrap(), c);
+    }
+
+    #[test]
+    fn the_shortest_locks_envoy_accepts_and_when_their_claims_are_renewed() {
+        let local = Config::parse(br#"{"lock_timeout_seconds":2}"#).unwrap();
+        assert_eq!(local.renew_after_ms, 500);
+        let redis = Config::parse(br#"{"lock_timeout_seconds":3,"store":{"type":"redis","cluster":"r","timeout_ms":300}}"#).unwrap();
+        assert_eq!(redis.renew_after_ms, 1_000.min(3_000 - 2_100));
+        // APISIX renews nothing: its lock is checked against its timeouts.
+        let apisix = Config::parse(br#"{"host":"apisix","lock_timeout_seconds":2,"store":{"type":"redis","cluster":"r:1","timeout_ms":100},"forward":{"upstream":"u:1","timeout_ms":1000}}"#);
+        assert!(apisix.is_ok());
+        assert_eq!(Config::default().renew_after_ms, 10_000);
     }
 
     #[test]
@@ -751,6 +794,8 @@ mod tests {
             (r#"{"header":""}"#, "invalid configuration: header: \"\" is not a header name; use token characters only, e.g. \"Idempotency-Key\""),
             (r#"{"header":"Idem Key"}"#, "invalid configuration: header: \"Idem Key\" is not a header name; use token characters only, e.g. \"Idempotency-Key\""),
             (r#"{"max_key_length":0}"#, "invalid configuration: max_key_length: must be between 1 and 8192 (got 0)"),
+            (r#"{"lock_timeout_seconds":1}"#, "invalid configuration: lock_timeout_seconds: must be longer than 1.5 s on Envoy, where the claims of running requests are renewed from a tick, so that each renewal lands before the lock runs out (got 1 s); a renewal is sent at the next one-second tick: raise it"),
+            (r#"{"lock_timeout_seconds":3,"store":{"type":"redis","cluster":"r"}}"#, "invalid configuration: lock_timeout_seconds: must be longer than 3.5 s on Envoy, where the claims of running requests are renewed from a tick, so that each renewal lands before the lock runs out (got 3 s); a renewal is sent at the next one-second tick and may wait up to twice store.timeout_ms (500 ms) for the batch in flight and for its own answer: raise it, or lower store.timeout_ms"),
             (r#"{"host":"apisix","lock_timeout_seconds":10,"store":{"type":"redis","cluster":"r:1"},"forward":{"upstream":"u:1","timeout_ms":9500}}"#, "invalid configuration: lock_timeout_seconds: must be longer than forward.timeout_ms plus store.timeout_ms on APISIX, which has no tick to renew the claims of running requests (got 10 s for 9500 + 500 ms): raise it, or lower the timeouts"),
             (r#"{"generate_missing":true,"max_key_length":20}"#, "invalid configuration: max_key_length: must be at least 36 when generate_missing is true, the length of a generated UUID (got 20)"),
             (r#"{"required":true,"generate_missing":true}"#, "invalid configuration: generate_missing: cannot be true together with \"required\": a generated key means a missing key is never rejected; set one of them to false"),

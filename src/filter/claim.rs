@@ -30,15 +30,17 @@ impl Filter {
         let ctx = self.ctx.clone();
         // Zero means "no owner" in a record, so a token is never zero.
         let token = host.random_u64() | 1;
+        let now_ms = host.now_ms();
         let step = ctx.store.claim(
             host,
             &digest,
             &fingerprint,
             token,
             ctx.config.lock_timeout_ms,
+            now_ms,
         );
         match self.send(host, step) {
-            Sent::Done(result) => self.claimed(host, result, digest, fingerprint),
+            Sent::Done(result) => self.claimed(host, result, digest, fingerprint, now_ms),
             Sent::Waiting(call, pending) => self.wait(call, Then::Claim(pending)),
         }
     }
@@ -60,16 +62,24 @@ impl Filter {
             self.resume_request_if(host, verdict);
             return;
         }
-        let verdict = self.claimed(host, result, pending.digest, pending.fingerprint);
+        let verdict = self.claimed(
+            host,
+            result,
+            pending.digest,
+            pending.fingerprint,
+            pending.sent_ms,
+        );
         self.resume_request_if(host, verdict);
     }
 
+    /// `claimed_ms`: when the claim was made (local) or sent (Redis).
     fn claimed(
         &mut self,
         host: &impl Host,
         result: Result<Claimed, StoreError>,
         digest: Digest16,
         fingerprint: Digest16,
+        claimed_ms: u64,
     ) -> Verdict {
         match result {
             Ok((ClaimOutcome::Claimed(claim), effects)) => {
@@ -91,7 +101,7 @@ impl Filter {
                 if self.client_gone {
                     return self.release(host, held);
                 }
-                self.start_renewing(host, held);
+                self.start_renewing(held, claimed_ms);
                 if self.ctx.config.forward.is_some() {
                     return self.forward_upstream(host, held);
                 }

@@ -182,9 +182,10 @@ impl Filter {
 
     /// The request holds `held` from now on: where the platform ticks, the
     /// tick renews it until the request records, releases or abandons it.
-    fn start_renewing(&mut self, host: &impl Host, held: Held) {
+    /// `set_ms`: when the claim was sent (its deadline is counted from then).
+    fn start_renewing(&mut self, held: Held, set_ms: u64) {
         if self.cfg().platform.has_tick() {
-            self.ctx.renewals.hold(held, host.now_ms());
+            self.ctx.renewals.hold(held, set_ms);
             self.renewing = Some(held.claim.token);
         }
     }

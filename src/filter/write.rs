@@ -91,7 +91,6 @@ impl Filter {
         record: StoredResponse,
         reply: Option<Reply>,
     ) -> Verdict {
-        self.stop_renewing();
         if record.body_omitted {
             // Larger than what is captured: max_response_body_bytes, or
             // (local store) what a bucket's share of max_bytes can hold.
@@ -108,12 +107,13 @@ impl Filter {
         held: Held,
         reply: Option<Reply>,
     ) -> Verdict {
-        self.stop_renewing();
         let ctx = self.ctx.clone();
         let step = ctx.store.release(host, &held);
         self.write(host, Write::Release, step, reply)
     }
 
+    /// The claim is renewed until the write's answer: a record on its way
+    /// to Redis may wait for the batch in flight and then for its own.
     fn write(
         &mut self,
         host: &impl Host,
@@ -124,6 +124,7 @@ impl Filter {
         self.phase = Phase::Done;
         match self.send(host, step) {
             Sent::Done(result) => {
+                self.stop_renewing();
                 self.write_outcome(host, write, &result);
                 match reply {
                     Some(reply) => self.send_reply(host, reply),
@@ -157,6 +158,7 @@ impl Filter {
         result: Result<bool, StoreError>,
         reply: Option<Reply>,
     ) {
+        self.stop_renewing();
         self.write_outcome(host, write, &result);
         match reply {
             Some(reply) => {

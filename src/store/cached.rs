@@ -107,11 +107,9 @@ impl CachedRedis {
         fingerprint: &Digest16,
         token: u64,
         lock_ms: u64,
+        now: u64,
     ) -> StoreStep<Claimed, PendingClaim> {
-        // Only the replay cache needs the time (a clock read is a host call).
-        let mut now = 0;
         if let Some(cache) = &self.cache {
-            now = host.now_ms();
             // Any failure to read the cache is a miss: Redis decides.
             if let Ok(Some((stored, response))) = cache.lookup(host, digest, now) {
                 host.metric_add(Metric::CacheHits, 1);

@@ -49,11 +49,12 @@ pub enum StoreStep<T, P> {
     Call(RedisOp, P),
 }
 
-/// Renewing the claims that are due: done (local), or one operation per
-/// claim to send (Redis), each with its claim's token.
+/// Renewing the claims that are due: done (local: each claim's token and
+/// whether it is still held, or why the store could not say), or one
+/// operation per claim to send (Redis), each with its claim's token.
 #[derive(Debug)]
 pub enum Renewal {
-    Done(Result<Vec<(u64, bool)>, StoreError>),
+    Done(Vec<(u64, Result<bool, StoreError>)>),
     Ops(Vec<(u64, RedisOp)>),
 }
 
@@ -82,8 +83,8 @@ pub struct PendingClaim {
     pub digest: Digest16,
     pub fingerprint: Digest16,
     pub token: u64,
-    /// When the claim was sent: Redis's expiry counts from after it
-    /// (only read, and only set, when there is a replay cache).
+    /// When the claim was sent: Redis's lock and a record's expiry count
+    /// from after it (the claim's renewals and the replay cache use it).
     pub sent_ms: u64,
 }
 
@@ -181,17 +182,13 @@ impl Store {
         fingerprint: &Digest16,
         token: u64,
         lock_ms: u64,
+        now_ms: u64,
     ) -> StoreStep<Claimed, PendingClaim> {
         match self {
-            Store::Local { table, .. } => StoreStep::Done(table.claim(
-                host,
-                digest,
-                fingerprint,
-                token,
-                host.now_ms(),
-                lock_ms,
-            )),
-            Store::Redis(redis) => redis.claim(host, digest, fingerprint, token, lock_ms),
+            Store::Local { table, .. } => {
+                StoreStep::Done(table.claim(host, digest, fingerprint, token, now_ms, lock_ms))
+            }
+            Store::Redis(redis) => redis.claim(host, digest, fingerprint, token, lock_ms, now_ms),
         }
     }
 
@@ -263,9 +260,11 @@ impl Store {
         match self {
             Store::Local { table, .. } => {
                 let now_ms = host.now_ms();
+                // Each claim on its own: one that meets contention does not
+                // keep the others from being renewed.
                 Renewal::Done(
                     due.iter()
-                        .map(|h| Ok((h.claim.token, table.renew(host, &h.claim, now_ms, lock_ms)?)))
+                        .map(|h| (h.claim.token, table.renew(host, &h.claim, now_ms, lock_ms)))
                         .collect(),
                 )
             }

@@ -1,8 +1,20 @@
 //! Claims live as long as their request. Each VM keeps the claims its
-//! requests hold and renews them from its tick (a third of the lock timeout
-//! after their last renewal), so `lock_timeout_seconds` bounds only a gateway
-//! that died, never a slow upstream. A claim leaves the list when its request
-//! records or releases it, ends without knowing the outcome, or goes away.
+//! requests hold and renews them from its tick, so `lock_timeout_seconds`
+//! bounds only a gateway that died, never a slow upstream. A claim leaves
+//! the list when its request's record or release has been answered, when
+//! it ends without knowing the outcome, or when it goes away.
+//!
+//! When a claim is renewed follows from when a renewal can land: it is sent
+//! at the first tick after it is due (up to [`TICK_MS`] later, plus
+//! [`TICK_SLACK_MS`] for a tick that comes late on a busy worker), and on
+//! Redis it may wait for the batch in flight and then for its own answer,
+//! each up to `store.timeout_ms`. A claim is due a third of the lock after
+//! its deadline was last set, so that two renewals can fail before one
+//! lapses, or sooner where the lock is short, so that one renewal always
+//! lands in time; the configuration refuses a lock too short for even that
+//! ([`shortest_lock_ms`]). Deadlines are counted from when a claim or
+//! renewal was sent, never from its answer: Redis sets the new deadline
+//! after the send, so the store's deadline is never earlier than ours.
 //!
 //! Platforms without a tick (APISIX) never register claims: there the lock
 //! timeout must outlast `forward.timeout_ms`, which the configuration checks.
@@ -10,6 +22,28 @@
 use super::Held;
 use std::cell::RefCell;
 use std::collections::HashMap;
+
+/// The root context's tick period (Envoy): how often claims can be renewed.
+pub const TICK_MS: u64 = 1000;
+/// Allowance for a tick that comes late on a busy worker.
+pub const TICK_SLACK_MS: u64 = 500;
+
+/// A lock must be longer than this for its claims to be renewed in time,
+/// with store calls that take at most `call_ms` (0: the local store, which
+/// answers at once). The worst case is a claim due while its previous
+/// renewal is still out (up to twice `call_ms`), then a tick, then its own
+/// renewal (twice `call_ms` again).
+pub fn shortest_lock_ms(call_ms: u64) -> u64 {
+    TICK_MS + 4 * call_ms + TICK_SLACK_MS
+}
+
+/// How long after its deadline was last set a claim is renewed: a third of
+/// the lock, or sooner when that would leave too little time for a renewal
+/// to land (see the module note).
+pub fn renew_after_ms(lock_ms: u64, call_ms: u64) -> u64 {
+    let landing = TICK_MS + 2 * call_ms + TICK_SLACK_MS;
+    (lock_ms / 3).min(lock_ms.saturating_sub(landing)).max(1)
+}
 
 #[derive(Debug, Default)]
 pub struct Renewals {
@@ -20,18 +54,21 @@ pub struct Renewals {
 #[derive(Debug, Clone, Copy)]
 struct Renewing {
     held: Held,
-    /// When its lock deadline was last set (claimed or renewed).
-    renewed_ms: u64,
+    /// When its deadline was last set (the claim or renewal was sent).
+    set_ms: u64,
+    /// A renewal of it is out (Redis): no second one until it is answered.
+    out: bool,
 }
 
 impl Renewals {
-    /// A request now holds `held`, claimed at `now_ms`.
-    pub fn hold(&self, held: Held, now_ms: u64) {
+    /// A request now holds `held`, whose claim was sent at `set_ms`.
+    pub fn hold(&self, held: Held, set_ms: u64) {
         self.held.borrow_mut().insert(
             held.claim.token,
             Renewing {
                 held,
-                renewed_ms: now_ms,
+                set_ms,
+                out: false,
             },
         );
     }
@@ -41,27 +78,43 @@ impl Renewals {
         self.held.borrow_mut().remove(&token);
     }
 
-    /// The claims due for renewal: their deadline was set a third of the
-    /// lock timeout ago or more, so two renewals can fail before one lapses.
-    pub fn due(&self, now_ms: u64, lock_ms: u64) -> Vec<Held> {
-        let every = (lock_ms / 3).max(1);
+    /// The claims due for renewal at `now_ms`: set `after_ms` ago or more
+    /// ([`renew_after_ms`]), with no renewal out.
+    pub fn due(&self, now_ms: u64, after_ms: u64) -> Vec<Held> {
         self.held
             .borrow()
             .values()
-            .filter(|r| now_ms.saturating_sub(r.renewed_ms) >= every)
+            .filter(|r| !r.out && now_ms.saturating_sub(r.set_ms) >= after_ms)
             .map(|r| r.held)
             .collect()
     }
 
-    /// The store renewed (`true`) or no longer holds (`false`) the claim.
-    pub fn renewed(&self, token: u64, kept: bool, now_ms: u64) {
+    /// A renewal of the claim `token` was sent; its answer is awaited.
+    pub fn sent(&self, token: u64) {
+        if let Some(r) = self.held.borrow_mut().get_mut(&token) {
+            r.out = true;
+        }
+    }
+
+    /// The store renewed (`true`) or no longer holds (`false`) the claim,
+    /// by a renewal sent at `sent_ms`.
+    pub fn renewed(&self, token: u64, kept: bool, sent_ms: u64) {
         let mut held = self.held.borrow_mut();
         if kept {
             if let Some(r) = held.get_mut(&token) {
-                r.renewed_ms = now_ms;
+                r.set_ms = r.set_ms.max(sent_ms);
+                r.out = false;
             }
         } else {
             held.remove(&token);
+        }
+    }
+
+    /// A renewal got no verdict (the store failed): the next tick tries
+    /// again.
+    pub fn failed(&self, token: u64) {
+        if let Some(r) = self.held.borrow_mut().get_mut(&token) {
+            r.out = false;
         }
     }
 
@@ -89,20 +142,90 @@ mod tests {
     }
 
     #[test]
-    fn claims_are_due_a_third_of_the_lock_after_their_last_renewal() {
+    fn long_locks_are_renewed_a_third_of_the_lock_after_their_deadline_was_set() {
+        let after = renew_after_ms(30_000, 500);
+        assert_eq!(after, 10_000);
         let r = Renewals::default();
         r.hold(held(1), 0);
         r.hold(held(2), 5_000);
-        assert!(r.due(9_999, 30_000).is_empty());
-        assert_eq!(r.due(10_000, 30_000), vec![held(1)]);
+        assert!(r.due(9_999, after).is_empty());
+        assert_eq!(r.due(10_000, after), vec![held(1)]);
         r.renewed(1, true, 10_000);
-        assert_eq!(r.due(15_000, 30_000), vec![held(2)]);
+        assert_eq!(r.due(15_000, after), vec![held(2)]);
         // A lost claim is no longer renewed; a finished request's leaves.
         r.renewed(2, false, 15_000);
         r.forget(1);
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn short_locks_are_renewed_early_enough_for_the_renewal_to_land() {
+        // Local store, 2 s lock: due after 500 ms, so the first tick past
+        // it (at most 1 s later, plus 0.5 s late) still renews in time.
+        assert_eq!(renew_after_ms(2_000, 0), 500);
+        assert_eq!(renew_after_ms(4_000, 500), 1_333.min(4_000 - 2_500));
+        // The shortest lock each store allows (the configuration checks it).
+        assert_eq!(shortest_lock_ms(0), 1_500);
+        assert_eq!(shortest_lock_ms(500), 3_500);
         // Tiny locks are renewed on every tick, never spun on.
-        r.hold(held(3), 0);
-        assert_eq!(r.due(1, 2).len(), 1);
+        assert_eq!(renew_after_ms(2, 0), 1);
+    }
+
+    /// Every lock the configuration accepts keeps its claim through the
+    /// worst timing: every tick as late as the slack allows, each renewal
+    /// answered at the last moment (twice the call time: the batch in
+    /// flight, then its own), the store's deadline counted from the send;
+    /// for claims made at any moment between two ticks.
+    #[test]
+    fn an_accepted_lock_never_lapses_between_renewals() {
+        let period = TICK_MS + TICK_SLACK_MS;
+        for call_ms in [0, 100, 500, 2_000] {
+            for lock_ms in (shortest_lock_ms(call_ms) + 1..=30_000).step_by(250) {
+                for first_tick in (1..=period).step_by(100) {
+                    let after = renew_after_ms(lock_ms, call_ms);
+                    let r = Renewals::default();
+                    r.hold(held(1), 0);
+                    let mut deadline = lock_ms;
+                    let mut out: Option<(u64, u64)> = None; // (sent, lands)
+                    let mut tick = first_tick;
+                    while tick < 120_000 {
+                        if let Some((sent, lands)) = out.filter(|&(_, lands)| lands <= tick) {
+                            assert!(
+                                lands < deadline,
+                                "lock {lock_ms} call {call_ms}: a renewal landed at {lands}, after the deadline {deadline}"
+                            );
+                            deadline = sent + lock_ms;
+                            r.renewed(1, true, sent);
+                            out = None;
+                        }
+                        assert!(
+                            tick < deadline || out.is_some_and(|(_, lands)| lands < deadline),
+                            "lock {lock_ms} call {call_ms}: lapsed at {deadline}"
+                        );
+                        for h in r.due(tick, after) {
+                            r.sent(h.claim.token);
+                            out = Some((tick, tick + 2 * call_ms));
+                        }
+                        tick += period;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_claim_with_a_renewal_out_is_not_sent_again_until_it_is_answered() {
+        let r = Renewals::default();
+        r.hold(held(1), 0);
+        assert_eq!(r.due(1_000, 500), vec![held(1)]);
+        r.sent(1);
+        assert!(r.due(2_000, 500).is_empty());
+        // No verdict (the store failed): tried again at the next tick.
+        r.failed(1);
+        assert_eq!(r.due(2_000, 500), vec![held(1)]);
+        r.sent(1);
+        r.renewed(1, true, 2_000);
+        assert!(r.due(2_499, 500).is_empty());
+        assert_eq!(r.due(2_500, 500), vec![held(1)]);
     }
 }

@@ -15,13 +15,12 @@ use crate::host::{Host, Level};
 use crate::metrics::Metric;
 use crate::store::batch::OpReply;
 use crate::store::redis::RedisConfig;
+use crate::store::renewals::TICK_MS;
 use crate::store::{Renewal, StoreError};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::cell::RefCell;
 use std::rc::Rc;
-
-const TICK_MS: u32 = 1000;
 
 struct Root {
     id: u32,
@@ -29,9 +28,6 @@ struct Root {
     metrics: Rc<MetricIds>,
     /// The requests' calls, where the platform lets the worker own them.
     owner: Option<Rc<Owner>>,
-    /// Renewals sent to Redis and not answered yet: the tick sends no more
-    /// until they are.
-    renewing: usize,
 }
 
 impl Root {
@@ -67,29 +63,35 @@ impl Root {
     }
 
     /// Renews the claims of this VM's running requests that are due. Redis:
-    /// in the worker's next batch, never while the last ones are out.
+    /// in the worker's next batch, one renewal out per claim at most.
     fn renew_claims(&mut self, host: &WasmHost) {
         let Some(ctx) = self.ctx.clone() else { return };
-        if self.renewing > 0 {
-            return;
-        }
         let lock_ms = ctx.config.lock_timeout_ms;
-        let due = ctx.renewals.due(host.now_ms(), lock_ms);
+        let now = host.now_ms();
+        let due = ctx.renewals.due(now, ctx.config.renew_after_ms);
         if due.is_empty() {
             return;
         }
         match ctx.store.renew(host, &due, lock_ms) {
-            Renewal::Done(result) => self.renewed(host, result),
+            Renewal::Done(claims) => {
+                for (token, result) in claims {
+                    self.renewed(host, token, result, now);
+                }
+            }
             Renewal::Ops(ops) => {
                 let Some(owner) = self.owner.clone() else {
                     return;
                 };
                 for (token, op) in ops {
-                    if let Err(e) = owner.push_op(Caller::Renewal { token }, op) {
+                    let caller = Caller::Renewal {
+                        token,
+                        sent_ms: now,
+                    };
+                    if let Err(e) = owner.push_op(caller, op) {
                         host_log(Level::Warn, &format!("claims not renewed this tick: {e}"));
                         return;
                     }
-                    self.renewing += 1;
+                    ctx.renewals.sent(token);
                 }
             }
         }
@@ -124,36 +126,38 @@ impl Root {
                     let host = self.stream_host(owner, stream);
                     owner.deliver(stream, |f| f.on_store_reply(&host, id, reply));
                 }
-                Caller::Renewal { token } => {
-                    self.renewing = self.renewing.saturating_sub(1);
+                Caller::Renewal { token, sent_ms } => {
                     let Some(ctx) = self.ctx.clone() else {
                         continue;
                     };
                     let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
-                    let result = ctx
-                        .store
-                        .renew_answered(reply)
-                        .map(|kept| vec![(token, kept)]);
-                    self.renewed(&host, result);
+                    let result = ctx.store.renew_answered(reply);
+                    self.renewed(&host, token, result, sent_ms);
                 }
             }
         }
     }
 
-    fn renewed(&self, host: &WasmHost, result: Result<Vec<(u64, bool)>, StoreError>) {
+    /// A renewal sent at `sent_ms` was answered: the claim's deadline moves
+    /// (counted from the send), or the claim is no longer this request's.
+    fn renewed(&self, host: &WasmHost, token: u64, result: Result<bool, StoreError>, sent_ms: u64) {
         let Some(ctx) = &self.ctx else { return };
         match result {
-            Ok(claims) => {
-                let now = host.now_ms();
-                for (token, kept) in claims {
-                    if kept {
-                        host.metric_add(Metric::ClaimsRenewed, 1);
-                    }
-                    ctx.renewals.renewed(token, kept, now);
+            Ok(kept) => {
+                if kept {
+                    host.metric_add(Metric::ClaimsRenewed, 1);
                 }
+                ctx.renewals.renewed(token, kept, sent_ms);
             }
-            // The next tick tries again; a lock has two thirds still to run.
-            Err(e) => host_log(Level::Warn, &format!("claims not renewed this tick: {e}")),
+            // The next tick tries again, while the lock still runs (a long
+            // lock leaves room for two failed renewals, a short one for none).
+            Err(e) => {
+                ctx.renewals.failed(token);
+                host_log(
+                    Level::Warn,
+                    &format!("a claim was not renewed this tick: {e}"),
+                );
+            }
         }
     }
 }
@@ -231,7 +235,7 @@ impl RootContext for Root {
         // The tick renews running requests' claims (any store), sweeps the
         // local store, and reports in the profiling build.
         if (ctx.config.platform.has_tick() && !operations) || cfg!(feature = "self-profile") {
-            let status = set_tick_period(TICK_MS);
+            let status = set_tick_period(TICK_MS as u32);
             if status != OK {
                 host_log(Level::Warn, &format!("no tick (status {status}): claims are not renewed (a response slower than lock_timeout_seconds loses its claim) and expired records are reclaimed only when their slot is reused"));
             }
@@ -441,7 +445,6 @@ proxy_wasm::main! {{
             ctx: None,
             metrics: Rc::new(MetricIds::default()),
             owner: None,
-            renewing: 0,
         })
     });
 }}

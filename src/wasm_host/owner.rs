@@ -37,8 +37,8 @@ use std::rc::Rc;
 pub(super) enum Caller {
     /// A request's (its stream, the filter's call id).
     Stream { stream: u32, id: u32 },
-    /// The root's renewal of the claim with this token.
-    Renewal { token: u64 },
+    /// The root's renewal of the claim with this token, sent at `sent_ms`.
+    Renewal { token: u64, sent_ms: u64 },
 }
 
 /// The worker's group commit and where its batches go.

@@ -38,7 +38,7 @@ PROFILES = {
     "strict": {"required": True},
     "generate": {"generate_missing": True},
     "limits": {"max_request_body_bytes": 1024, "max_response_body_bytes": 1024},
-    "short_ttl": {"ttl_seconds": 5, "lock_timeout_seconds": 2},
+    "short_ttl": {"ttl_seconds": 5, "lock_timeout_seconds": 4},
     "lock": {"lock_timeout_seconds": 4, "ttl_seconds": 60},
     # The other choice where the upstream's outcome is unknowable (the
     # default, "record", records the outcome-unknown problem).
@@ -108,6 +108,8 @@ def gateways(upstream, store_kind, request):
                 if "store" in config:
                     pytest.skip(f"profile {profile!r} is about the local store")
                 config["store"] = redis_store(f"idem-{store_kind}-{profile}:")
+            if store_kind == "redis":
+                renewable_timeouts(config)
             if store_kind == "apisix-profile":
                 config["host"] = "apisix-profile"
                 config["forward"] = {"upstream": "upstream"}
@@ -133,6 +135,24 @@ def apisix_conf(config, upstream, backend):
     config["store"] = dict(config["store"], cluster=f"127.0.0.1:{backend.webdis_port}")
     config["forward"] = dict(config.get("forward", {}), upstream=f"127.0.0.1:{upstream.port}")
     return no_tick_timeouts(config)
+
+
+# Envoy renews running requests' claims from a one-second tick, and refuses
+# a lock too short for a renewal to land: it must be longer than 1 s + 4 x
+# store.timeout_ms + 0.5 s (src/store/renewals.rs, shortest_lock_ms).
+TICK_MS, TICK_SLACK_MS = 1000, 500
+
+
+def renewable_timeouts(config):
+    """An Envoy configuration on the Redis store with a lock shorter than the
+    tests' long store timeout allows gets store calls short enough for it
+    (at least 100 ms)."""
+    store = config.get("store", {})
+    if store.get("type") == "redis" and config.get("host", "envoy") == "envoy":
+        lock_ms = config.get("lock_timeout_seconds", 30) * 1000
+        fits = (lock_ms - TICK_MS - TICK_SLACK_MS - 1) // 4 // 100 * 100
+        store["timeout_ms"] = min(store.get("timeout_ms", 500), max(100, fits))
+    return config
 
 
 def no_tick_timeouts(config):

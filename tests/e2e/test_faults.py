@@ -358,6 +358,60 @@ class HoldingProxy:
                     pass
 
 
+class SlowProxy(HoldingProxy):
+    """The relay, holding every call to Webdis for `delay` seconds: a store
+    whose answers come late but within the gateway's timeout."""
+
+    def __init__(self, target_port, delay):
+        super().__init__(target_port)
+        self.delay = delay
+
+    def _upstream(self, client, server):
+        try:
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    return
+                time.sleep(self.delay)
+                server.sendall(data)
+        except OSError:
+            pass
+
+
+def test_renewals_through_a_slow_store_keep_a_short_lock(upstream, lone_backend):
+    """Every Redis call takes 450 ms (of the 600 allowed) and the lock is
+    4 s, just above the shortest Envoy accepts for such calls (1 s + 4 x
+    600 ms + 0.5 s): the renewals, which wait for the batch in flight and
+    then for their own, still land before the lock runs out. The original
+    runs upstream for two locks and more; every retry meanwhile gets 409,
+    and it runs once."""
+    proxy = SlowProxy(lone_backend.webdis_port, 0.45)
+    fleet = Fleet(upstream, proxy, lock_timeout_seconds=4, store_extra={"timeout_ms": 600})
+    try:
+        key = k("slow-store")
+        with ThreadPoolExecutor(1) as pool:
+            original = pool.submit(post, fleet.a, key, b"{}", {"x-demo-hold": key})
+            try:
+                wait_for(lambda: upstream.started(key) == 1, timeout=10, what="the original to start")
+                until = time.time() + 9
+                retries = []
+                while time.time() < until:
+                    retries.append(post(fleet.b, key, body=b"{}")[0])
+                    time.sleep(0.5)
+            finally:
+                upstream.release(key)
+            first = original.result()
+        assert first[0] == 201
+        assert set(retries) == {409}, retries
+        assert upstream.executions(key) == 1
+        assert fleet.a.stats()["claims_renewed"] >= 2
+        s, h, _ = post(fleet.b, key, body=b"{}")
+        assert (s, h.get("idempotent-replayed")) == (201, "true")
+    finally:
+        fleet.stop()
+        proxy.stop()
+
+
 # Envoy answers the 503 at once and lets the cancel run on its own; APISIX's
 # rules chain it within the request, so the 503 waits for the cancel.
 HOST_RULES = {

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from conftest import Envoy, post, redis_store, wait_for
+from conftest import Envoy, post, redis_store, renewable_timeouts, wait_for
 
 
 @pytest.fixture(params=["local", "redis"])
@@ -19,6 +19,7 @@ def logged_gateway(request, upstream):
     if request.param == "redis":
         backend = request.getfixturevalue("redis_backend")
         config["store"] = redis_store("outcomes-" + uuid.uuid4().hex[:8] + ":")
+        renewable_timeouts(config)
         webdis_port = backend.webdis_port
     gw = Envoy(config, upstream.port, concurrency=2, webdis_port=webdis_port,
                access_log=True).start()

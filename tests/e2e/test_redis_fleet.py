@@ -4,6 +4,7 @@ gateway or the store fails. Every test asserts on what the counting upstream
 executed."""
 
 import contextlib
+import json
 import re
 import threading
 import time
@@ -12,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ApisixRuntime, Envoy, RedisBackend, apisix_conf, post, problem, redis_store, wait_for
+from conftest import (ApisixRuntime, Envoy, RedisBackend, apisix_conf, post, problem, redis_store,
+                      renewable_timeouts, wait_for)
 
 
 
@@ -35,7 +37,8 @@ class Fleet:
     def new_gateway(self, kind="envoy"):
         if kind == "apisix":
             return ApisixRuntime(apisix_conf(self.config, self.upstream, self.backend), self.upstream.port).start()
-        return Envoy(self.config, self.upstream.port, concurrency=2,
+        config = renewable_timeouts(json.loads(json.dumps(self.config)))
+        return Envoy(config, self.upstream.port, concurrency=2,
                      webdis_port=self.backend.webdis_port).start()
 
     def stop(self):
@@ -233,7 +236,7 @@ def test_replays_come_from_the_gateway_cache_without_a_store_round_trip(fleet, u
 
 
 def test_the_cache_never_outlives_the_record_in_redis(upstream, redis_backend, key):
-    fleet = Fleet(upstream, redis_backend, ttl_seconds=5, lock_timeout_seconds=1)
+    fleet = Fleet(upstream, redis_backend, ttl_seconds=5, lock_timeout_seconds=4)
     try:
         assert post(fleet.a, key)[0] == 201
         done_at = time.time()

@@ -510,6 +510,20 @@ def test_invalid_configuration_refuses_to_start_with_one_clear_line(upstream, tm
         envoy.stop()
 
 
+def test_envoy_refuses_a_lock_its_tick_cannot_renew_in_time(upstream, tmp_path):
+    """Claims are renewed from a one-second tick: a 1 s lock would lapse
+    between two ticks while its request still runs, so Envoy refuses it."""
+    envoy = Envoy({"lock_timeout_seconds": 1}, upstream.port, workdir=str(tmp_path))
+    try:
+        code = envoy.start(timeout=60, expect_failure=True)
+        log = envoy.log()
+        assert code is not None and code != 0, log[-2000:]
+        lines = [line for line in log.splitlines() if "invalid configuration" in line]
+        assert lines and "lock_timeout_seconds: must be longer than 1.5 s on Envoy" in lines[0], log[-2000:]
+    finally:
+        envoy.stop()
+
+
 def test_record_server_errors_still_releases_envoys_own_replies(gateways, key):
     if gateways.forwarding:
         pytest.skip("forwarding mode sends every request to its configured upstream")

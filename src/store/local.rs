@@ -386,7 +386,7 @@ impl LocalTable {
         ttl_ms: u64,
         space: &mut SpaceEffects,
     ) -> Result<bool, StoreError> {
-        let recorded = self.record(
+        let recorded = match self.record(
             shared,
             claim,
             digest,
@@ -395,7 +395,17 @@ impl LocalTable {
             ttl_ms,
             TooLarge::OmitBody,
             space,
-        )?;
+        ) {
+            // The operation ran and its record has no room: the key stays in
+            // flight for as long as its record would have lived (retries get
+            // 409), as Redis keeps a claim whose record it refused. Best
+            // effort: if even that fails, the claim lapses at its lock.
+            Err(StoreError::NoRoom(why)) => {
+                let _ = self.renew(shared, claim, now_ms, ttl_ms);
+                return Err(StoreError::NoRoom(why));
+            }
+            other => other?,
+        };
         Ok(recorded == Recorded::Stored)
     }
 
@@ -439,6 +449,15 @@ impl LocalTable {
                 // key (a retry would run again) or grow past the budget.
                 _ if !record.response.body.is_empty() => {
                     record.response.body = Vec::new();
+                    record.response.body_omitted = true;
+                    omitted = true;
+                    bytes = record.encode();
+                }
+                // Larger than a share by its headers alone (a small share,
+                // large headers): keep the status, so the key still never
+                // runs twice.
+                None if !record.response.headers.is_empty() => {
+                    record.response.headers = Vec::new();
                     record.response.body_omitted = true;
                     omitted = true;
                     bytes = record.encode();

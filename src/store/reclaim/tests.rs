@@ -309,6 +309,63 @@ fn a_record_larger_than_its_buckets_share_is_kept_without_its_body() {
 }
 
 #[test]
+fn a_record_whose_headers_alone_exceed_the_share_keeps_its_status() {
+    // The smallest budget the configuration accepts: 4096 bytes per 16 entries.
+    let s = FakeShared::default();
+    let t = LocalTable::new(1, 16, 4096);
+    t.init(&s).unwrap();
+    let c = claimed(t.claim(&s, &d(1), &FP, 11, 0, 30_000).unwrap());
+    let mut r = body(10, 7);
+    r.headers
+        .push(("content-security-policy".into(), vec![b'x'; 3100]));
+    let mut fx = SpaceEffects::default();
+    assert!(t.complete(&s, &c, &d(1), r, 10, 60_000, &mut fx).unwrap());
+    assert_eq!(fx.bodies_omitted, 1);
+    // Long after the lock, the retry gets the status, never a second run.
+    let ClaimOutcome::Replay(r) = t.claim(&s, &d(1), &FP, 22, 30_001, 30_000).unwrap().0 else {
+        panic!("replayed")
+    };
+    assert_eq!(
+        (r.status, r.body_omitted, r.headers.len(), r.body.len()),
+        (201, true, 0, 0)
+    );
+}
+
+#[test]
+fn a_record_with_no_room_keeps_its_key_in_flight_for_the_ttl() {
+    // Every other way of the bucket is completing: their reservations hold
+    // the whole share while this record looks for room.
+    let s = FakeShared::default();
+    let t = LocalTable::new(1, 16, charge_of(1000));
+    t.init(&s).unwrap();
+    let c = claimed(t.claim(&s, &d(1), &FP, 11, 0, 30_000).unwrap());
+    let other = claimed(t.claim(&s, &d(2), &FP, 12, 0, 30_000).unwrap());
+    let mut fx = SpaceEffects::default();
+    assert!(matches!(
+        t.reserve(&s, &other, charge_of(1000), 0, &mut fx).unwrap(),
+        crate::store::reclaim::Room::Made
+    ));
+    let out = t.complete(&s, &c, &d(1), body(0, 7), 10, 60_000, &mut fx);
+    assert!(
+        matches!(out, Err(crate::store::StoreError::NoRoom(_))),
+        "{out:?}"
+    );
+    // Past the lock, and until the TTL, retries get 409: it never runs twice.
+    assert_eq!(
+        t.claim(&s, &d(1), &FP, 22, 30_001, 30_000).unwrap().0,
+        ClaimOutcome::InFlight
+    );
+    assert_eq!(
+        t.claim(&s, &d(1), &FP, 23, 60_009, 30_000).unwrap().0,
+        ClaimOutcome::InFlight
+    );
+    assert!(matches!(
+        t.claim(&s, &d(1), &FP, 24, 60_010, 30_000).unwrap().0,
+        ClaimOutcome::Claimed(_)
+    ));
+}
+
+#[test]
 fn the_replay_cache_skips_a_record_it_cannot_hold_and_frees_the_slot() {
     let s = FakeShared::default();
     let t = LocalTable::named("cache/x", 1, 16, charge_of(1000));

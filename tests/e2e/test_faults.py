@@ -77,6 +77,21 @@ def test_an_upstream_slower_than_the_route_timeout(gateways, upstream, choice):
     after_unknown_outcome(gw, upstream, key, choice, path="/slow")
 
 
+def test_router_retries_run_after_the_filter_and_are_not_protected(gateways, upstream):
+    """Documented, not defended: Envoy's router retries after the filter has
+    let the request through, and the filter sees only the last answer. On a
+    route that retries 5xx (the template's /retried), an upstream that acts
+    and then answers 503 runs twice for one client request, which is why
+    protected routes must not retry anything but connection failures."""
+    if gateways.forwarding:
+        pytest.skip("forwarding mode calls the upstream's cluster itself, past any route")
+    gw = gateways("default")
+    key = k("router-retry")
+    s, _, _ = post(gw, key, path="/retried", headers={"x-demo-status": "503"})
+    assert s == 503
+    assert upstream.executions(key) == 2, "the router's retry ran the operation again"
+
+
 @pytest.mark.parametrize("choice", sorted(UNKNOWN_OUTCOME))
 def test_a_response_cut_mid_body(gateways, upstream, choice):
     gw = gateways(UNKNOWN_OUTCOME[choice])

@@ -63,6 +63,13 @@ impl Platform {
         self == Platform::Envoy
     }
 
+    /// The host's router marks a call answer that an upstream sent
+    /// (`x-envoy-upstream-service-time`), so its own replies can be told
+    /// apart (Envoy).
+    pub fn marks_upstream_call_answers(self) -> bool {
+        self == Platform::Envoy
+    }
+
     /// The root context gets a periodic tick (Envoy): the claims of running
     /// requests are renewed on it. APISIX has none.
     pub fn has_tick(self) -> bool {

@@ -152,7 +152,7 @@ impl Filter {
                 let mut capture = Capture::start(
                     cfg,
                     status,
-                    Some("via_upstream"),
+                    Some(call_answer_details(cfg, status, &relayed)),
                     relayed.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
                     None,
                 );
@@ -177,5 +177,23 @@ impl Filter {
             Some(capture) => self.write_complete(host, held, capture.into_record(), Some(reply)),
             None => self.write_release(host, held, Some(reply)),
         }
+    }
+}
+
+/// Who answered a forwarded call, in the terms of Envoy's `code_details`
+/// ([`super::capture::should_record`]). Envoy's router marks what an
+/// upstream sent with `x-envoy-upstream-service-time` (checked on 1.40); a
+/// 5xx without it is Envoy's own reply (no healthy upstream, a connection
+/// that failed or was reset, a circuit breaker), which says nothing about
+/// the operation and is released as in streaming mode, even with
+/// `record_server_errors`. APISIX hands over only what the upstream sent.
+fn call_answer_details(cfg: &Config, status: u16, headers: &HeaderList) -> &'static str {
+    let marked = headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("x-envoy-upstream-service-time"));
+    if cfg.platform.marks_upstream_call_answers() && status >= 500 && !marked {
+        "envoy_local_reply"
+    } else {
+        "via_upstream"
     }
 }

@@ -524,6 +524,28 @@ def test_envoy_refuses_a_lock_its_tick_cannot_renew_in_time(upstream, tmp_path):
         envoy.stop()
 
 
+def test_forwarding_mode_tells_envoys_own_replies_from_the_upstreams(upstream, key):
+    """Forwarding mode on Envoy: the call's answer carries Envoy's
+    `x-envoy-upstream-service-time` only when an upstream sent it. Envoy's
+    own 503 (here: a connection refused) is released even with
+    `record_server_errors`; the upstream's own 503 is recorded and replayed."""
+    config = {"record_server_errors": True, "forward": {"upstream": "unreachable"}}
+    refused = Envoy(config, upstream.port, concurrency=1).start()
+    served = Envoy(dict(config, forward={"upstream": "upstream"}), upstream.port, concurrency=1).start()
+    try:
+        for _ in range(2):
+            s, h, _ = post(refused, key)
+            assert s == 503 and "idempotent-replayed" not in h
+        assert refused.stats()["released"] == 2
+        s1, _, b1 = post(served, key, headers={"x-demo-status": "503"})
+        s2, h2, b2 = post(served, key, headers={"x-demo-status": "503"})
+        assert (s1, s2, h2.get("idempotent-replayed"), b2) == (503, 503, "true", b1)
+        assert upstream.executions(key) == 1
+    finally:
+        refused.stop()
+        served.stop()
+
+
 def test_record_server_errors_still_releases_envoys_own_replies(gateways, key):
     if gateways.forwarding:
         pytest.skip("forwarding mode sends every request to its configured upstream")

@@ -54,7 +54,10 @@ impl Filter {
     ) {
         let ctx = self.ctx.clone();
         // Redis may still run a claim that got no answer. Any other failure
-        // (a refused connection, Webdis's own error) never reached Redis.
+        // (a refused connection, Webdis's own error) is taken as not having
+        // reached Redis; where it did after all (a connection reset after
+        // sending), the claim holds its key until the lock times out: too
+        // long, never twice (README, "How the Redis store works").
         let maybe_applied = matches!(reply, Err(StoreError::NoAnswer(_)));
         let result = ctx.store.claim_answered(host, pending, reply);
         if let (Err(e), true) = (&result, maybe_applied) {

@@ -22,7 +22,9 @@
 //!   lands (`2`); `0`: the key holds something else. Either order frees the
 //!   key, which matters because Webdis spreads calls over a pool of Redis
 //!   connections and the cancel can overtake the claim.
-//! * `N` renew (owner prefix, lock ms): extends the claim if still held.
+//! * `N` renew (owner prefix, lock ms): extends the claim if still held,
+//!   never shortens it: a renewal sent before its record was answered may
+//!   land after a refused record set the marker to live for the TTL.
 //!
 //! A write Redis refuses is that operation's error (`E|<error>`), never the
 //! batch's: a script stopped by an error keeps what it already did, so one
@@ -58,12 +60,13 @@ if not v then local e = put(k, 'X|' .. string.sub(p, 3, 18), ms) out[i] = e and 
 elseif owned(v, p) then redis.call('DEL', k) out[i] = '1' \
 else out[i] = '0' end \
 else local p, ms = ARGV[a], ARGV[a + 1] a = a + 2 \
-if owned(v, p) then redis.call('PEXPIRE', k, ms) out[i] = '1' else out[i] = '0' end end \
+if owned(v, p) then if redis.call('PTTL', k) < tonumber(ms) then redis.call('PEXPIRE', k, ms) end \
+out[i] = '1' else out[i] = '0' end end \
 end \
 return out";
 
 /// SHA-1 of [`BATCH_SCRIPT`], for `EVALSHA` (checked by a unit test).
-pub const BATCH_SCRIPT_SHA1: &str = "5d4642c636bb9778ad54e2a2a983f39cb36043b9";
+pub const BATCH_SCRIPT_SHA1: &str = "f0920e6421159901d5bccb2370c5783c5351b6bf";
 
 /// What an operation does (the script's letter for it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -539,7 +539,9 @@ impl LocalTable {
             let Some(entry) = bucket.entries.get_mut(way).filter(|e| e.owned_by(claim)) else {
                 return Ok(false);
             };
-            entry.deadline_ms = now_ms.saturating_add(lock_ms);
+            // Never shortens: a claim kept for the TTL (its record had no
+            // room) stays kept.
+            entry.deadline_ms = entry.deadline_ms.max(now_ms.saturating_add(lock_ms));
             if self.store(shared, b, &bucket, cas)? {
                 return Ok(true);
             }

@@ -6,13 +6,16 @@ refused keeps its key in progress (409) for the TTL: it never runs twice.
 An evicting policy drops records (and claims) silently: this shows what that
 costs, which is why it is not allowed."""
 
+import os
+import re
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import RedisBackend, post, problem, wait_for
+from conftest import REPO, RedisBackend, post, problem, wait_for
 from test_redis_fleet import Fleet
 
 FILL = "x" * 100_000
@@ -135,3 +138,36 @@ def test_an_evicting_redis_forgets_records_and_their_retries_run_again(upstream,
     finally:
         fleet.stop()
         backend.stop()
+
+
+def batch_script():
+    """The store's Lua script, as src/store/batch.rs holds it (a Rust string
+    whose lines end in a backslash, which drops the newline and the next
+    line's indentation)."""
+    with open(os.path.join(REPO, "src", "store", "batch.rs")) as f:
+        src = f.read()
+    literal = src.split('pub const BATCH_SCRIPT: &str = "', 1)[1].split('";', 1)[0]
+    return re.sub(r"\\\n\s*", "", literal)
+
+
+def test_a_late_renewal_never_shortens_the_hold_of_a_refused_record(small_redis):
+    """A full Redis refuses a record and keeps the claim's marker for the
+    TTL instead, so the request that ran never runs again. A renewal of that
+    claim sent before the record's answer can land after it: it must not cut
+    the hold back to the lock."""
+    script, key, token = batch_script(), "hold-" + uuid.uuid4().hex, "00000000000000ab"
+    prefix = f"I|{token}|"
+    claim = resp_command(small_redis.redis_port, "EVAL", script, 1, key, "C", prefix + "f" * 32, 30_000)
+    assert b"claimed" in claim, claim
+    make_full(small_redis)
+    try:
+        record = "C|" + "f" * 32 + "|" + "r" * 2000
+        wrote = resp_command(small_redis.redis_port, "EVAL", script, 1, key, "W", prefix, 86_400_000,
+                             len(record), record)
+        assert b"2" in wrote, wrote
+        renewed = resp_command(small_redis.redis_port, "EVAL", script, 1, key, "N", prefix, 30_000)
+        assert b"1" in renewed, renewed
+        pttl = int(resp_command(small_redis.redis_port, "PTTL", key).strip(b":\r\n"))
+        assert pttl > 86_000_000, pttl
+    finally:
+        resp_command(small_redis.redis_port, "CONFIG", "SET", "maxmemory", "64mb")

@@ -350,6 +350,9 @@ fn a_record_with_no_room_keeps_its_key_in_flight_for_the_ttl() {
         matches!(out, Err(crate::store::StoreError::NoRoom(_))),
         "{out:?}"
     );
+    // A renewal that lands late (it was sent before the record's answer)
+    // does not shorten the hold.
+    assert!(t.renew(&s, &c, 20, 30_000).unwrap());
     // Past the lock, and until the TTL, retries get 409: it never runs twice.
     assert_eq!(
         t.claim(&s, &d(1), &FP, 22, 30_001, 30_000).unwrap().0,

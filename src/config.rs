@@ -444,14 +444,14 @@ fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
     // With a tick, a renewal must land before the lock runs out: sent at the
-    // first tick after it is due, it may wait for the batch in flight and
-    // then for its own answer.
+    // first tick after it is due, it may wait for the batch in flight (sent
+    // twice after a NOSCRIPT) and then for its own answer.
     if platform.has_tick() && operations.is_none() {
         let call_ms = store_call_ms(&store);
         let shortest = renewals::shortest_lock_ms(call_ms);
         if raw.lock_timeout_seconds.saturating_mul(1000) <= shortest {
             let why = if call_ms > 0 {
-                format!("a renewal is sent at the next one-second tick and may wait up to twice store.timeout_ms ({call_ms} ms) for the batch in flight and for its own answer: raise it, or lower store.timeout_ms")
+                format!("a renewal is sent at the next one-second tick and may take three times store.timeout_ms ({call_ms} ms) to land, behind the batch in flight: raise it, or lower store.timeout_ms")
             } else {
                 "a renewal is sent at the next one-second tick: raise it".to_string()
             };
@@ -603,7 +603,7 @@ mod tests {
     fn the_shortest_locks_envoy_accepts_and_when_their_claims_are_renewed() {
         let local = Config::parse(br#"{"lock_timeout_seconds":2}"#).unwrap();
         assert_eq!(local.renew_after_ms, 500);
-        let redis = Config::parse(br#"{"lock_timeout_seconds":3,"store":{"type":"redis","cluster":"r","timeout_ms":300}}"#).unwrap();
+        let redis = Config::parse(br#"{"lock_timeout_seconds":3,"store":{"type":"redis","cluster":"r","timeout_ms":200}}"#).unwrap();
         assert_eq!(redis.renew_after_ms, 1_000.min(3_000 - 2_100));
         // APISIX renews nothing: its lock is checked against its timeouts.
         let apisix = Config::parse(br#"{"host":"apisix","lock_timeout_seconds":2,"store":{"type":"redis","cluster":"r:1","timeout_ms":100},"forward":{"upstream":"u:1","timeout_ms":1000}}"#);
@@ -795,7 +795,7 @@ mod tests {
             (r#"{"header":"Idem Key"}"#, "invalid configuration: header: \"Idem Key\" is not a header name; use token characters only, e.g. \"Idempotency-Key\""),
             (r#"{"max_key_length":0}"#, "invalid configuration: max_key_length: must be between 1 and 8192 (got 0)"),
             (r#"{"lock_timeout_seconds":1}"#, "invalid configuration: lock_timeout_seconds: must be longer than 1.5 s on Envoy, where the claims of running requests are renewed from a tick, so that each renewal lands before the lock runs out (got 1 s); a renewal is sent at the next one-second tick: raise it"),
-            (r#"{"lock_timeout_seconds":3,"store":{"type":"redis","cluster":"r"}}"#, "invalid configuration: lock_timeout_seconds: must be longer than 3.5 s on Envoy, where the claims of running requests are renewed from a tick, so that each renewal lands before the lock runs out (got 3 s); a renewal is sent at the next one-second tick and may wait up to twice store.timeout_ms (500 ms) for the batch in flight and for its own answer: raise it, or lower store.timeout_ms"),
+            (r#"{"lock_timeout_seconds":4,"store":{"type":"redis","cluster":"r"}}"#, "invalid configuration: lock_timeout_seconds: must be longer than 4.5 s on Envoy, where the claims of running requests are renewed from a tick, so that each renewal lands before the lock runs out (got 4 s); a renewal is sent at the next one-second tick and may take three times store.timeout_ms (500 ms) to land, behind the batch in flight: raise it, or lower store.timeout_ms"),
             (r#"{"host":"apisix","lock_timeout_seconds":10,"store":{"type":"redis","cluster":"r:1"},"forward":{"upstream":"u:1","timeout_ms":9500}}"#, "invalid configuration: lock_timeout_seconds: must be longer than forward.timeout_ms plus store.timeout_ms on APISIX, which has no tick to renew the claims of running requests (got 10 s for 9500 + 500 ms): raise it, or lower the timeouts"),
             (r#"{"generate_missing":true,"max_key_length":20}"#, "invalid configuration: max_key_length: must be at least 36 when generate_missing is true, the length of a generated UUID (got 20)"),
             (r#"{"required":true,"generate_missing":true}"#, "invalid configuration: generate_missing: cannot be true together with \"required\": a generated key means a missing key is never rejected; set one of them to false"),

@@ -14,8 +14,16 @@
 //!                                  └─ NOSCRIPT ─▶ sent again by source (once)
 //! ```
 //! Which caller each operation belongs to (`T`) is the owner's business.
+//!
+//! Renewals go first into the next batch: a running request's claim must
+//! be renewed before its lock runs out, so a renewal waits for the batch
+//! in flight only, never behind other requests' operations. That bound
+//! (`store::renewals::shortest_lock_ms`) holds while a worker has no more
+//! than [`MAX_BATCH_OPS`] renewals due at once; more wait one more round
+//! trip for each batch they fill. A renewal that overtakes its own claim's
+//! record is harmless: it finds the marker and extends it.
 
-use super::batch::{self, BatchAnswer, OpReply, RedisOp, BATCH_SCRIPT, BATCH_SCRIPT_SHA1};
+use super::batch::{self, BatchAnswer, OpKind, OpReply, RedisOp, BATCH_SCRIPT, BATCH_SCRIPT_SHA1};
 use super::webdis::{Script, StoreRequest};
 use super::StoreError;
 use std::collections::VecDeque;
@@ -34,6 +42,8 @@ struct InFlight<T> {
 }
 
 pub struct GroupCommit<T> {
+    /// Renewals, sent before anything else.
+    renewals: VecDeque<(T, RedisOp)>,
     waiting: VecDeque<(T, RedisOp)>,
     in_flight: Option<InFlight<T>>,
 }
@@ -49,6 +59,7 @@ pub enum Answered<T> {
 impl<T> Default for GroupCommit<T> {
     fn default() -> Self {
         GroupCommit {
+            renewals: VecDeque::new(),
             waiting: VecDeque::new(),
             in_flight: None,
         }
@@ -57,7 +68,11 @@ impl<T> Default for GroupCommit<T> {
 
 impl<T> GroupCommit<T> {
     pub fn push(&mut self, caller: T, op: RedisOp) {
-        self.waiting.push_back((caller, op));
+        if op.kind == OpKind::Renew {
+            self.renewals.push_back((caller, op));
+        } else {
+            self.waiting.push_back((caller, op));
+        }
     }
 
     /// A batch is out: what arrives now goes in the next one.
@@ -67,21 +82,23 @@ impl<T> GroupCommit<T> {
 
     /// The call for the next batch, when none is out and operations wait.
     pub fn next_batch(&mut self) -> Option<StoreRequest> {
-        if self.busy() || self.waiting.is_empty() {
+        if self.busy() || (self.renewals.is_empty() && self.waiting.is_empty()) {
             return None;
         }
         let (mut callers, mut ops) = (Vec::new(), Vec::new());
         let mut bytes = 0;
-        while let Some((_, op)) = self.waiting.front() {
-            let fits = ops.is_empty()
-                || (ops.len() < MAX_BATCH_OPS && bytes + op.size() <= MAX_BATCH_BYTES);
-            if !fits {
-                break;
-            }
-            bytes += op.size();
-            if let Some((caller, op)) = self.waiting.pop_front() {
-                callers.push(caller);
-                ops.push(op);
+        for queue in [&mut self.renewals, &mut self.waiting] {
+            while let Some((_, op)) = queue.front() {
+                let fits = ops.is_empty()
+                    || (ops.len() < MAX_BATCH_OPS && bytes + op.size() <= MAX_BATCH_BYTES);
+                if !fits {
+                    break;
+                }
+                bytes += op.size();
+                if let Some((caller, op)) = queue.pop_front() {
+                    callers.push(caller);
+                    ops.push(op);
+                }
             }
         }
         let request = batch::request(
@@ -247,6 +264,30 @@ mod tests {
             answers.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
             [1, 2, 3, 4, 5]
         );
+    }
+
+    #[test]
+    fn renewals_go_first_into_the_next_batch() {
+        let s = store();
+        let redis = FakeRedis::default();
+        redis.script_loaded.set(true);
+        let mut group = GroupCommit::default();
+        group.push(1, claim(&s, 1, FP, 1));
+        let out = group.next_batch().unwrap();
+        // While that batch is out, a full batch of other operations waits;
+        // a renewal due now still goes in the very next call, first.
+        for i in 0..MAX_BATCH_OPS as u64 {
+            group.push(100 + i, claim(&s, 2, FP, 100 + i));
+        }
+        group.push(7, s.renew_op(&[1; 16], 1, 30_000));
+        replies(round_trip(&mut group, &redis, &out));
+        let next = group.next_batch().unwrap();
+        let answers = replies(round_trip(&mut group, &redis, &next));
+        assert_eq!(answers.len(), MAX_BATCH_OPS);
+        assert_eq!(answers[0], (7, Ok("1".into())), "renewed, first");
+        // The one claim it displaced goes in the batch after.
+        group.next_batch().unwrap();
+        assert_eq!(group.in_flight_ops(), 1);
     }
 
     #[test]

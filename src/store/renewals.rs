@@ -7,8 +7,10 @@
 //! When a claim is renewed follows from when a renewal can land: it is sent
 //! at the first tick after it is due (up to [`TICK_MS`] later, plus
 //! [`TICK_SLACK_MS`] for a tick that comes late on a busy worker), and on
-//! Redis it may wait for the batch in flight and then for its own answer,
-//! each up to `store.timeout_ms`. A claim is due a third of the lock after
+//! Redis it goes first into the next batch ([`super::group_commit`]), so it
+//! waits for the batch in flight (up to twice `store.timeout_ms` when Redis
+//! has lost the script and it is sent again by source) and then for its own
+//! answer: [`landing_ms`]. A claim is due a third of the lock after
 //! its deadline was last set, so that two renewals can fail before one
 //! lapses, or sooner where the lock is short, so that one renewal always
 //! lands in time; the configuration refuses a lock too short for even that
@@ -28,21 +30,29 @@ pub const TICK_MS: u64 = 1000;
 /// Allowance for a tick that comes late on a busy worker.
 pub const TICK_SLACK_MS: u64 = 500;
 
-/// A lock must be longer than this for its claims to be renewed in time,
-/// with store calls that take at most `call_ms` (0: the local store, which
-/// answers at once). The worst case is a claim due while its previous
-/// renewal is still out (up to twice `call_ms`), then a tick, then its own
-/// renewal (twice `call_ms` again).
+/// The longest a renewal takes to land once sent, with store calls that
+/// take at most `call_ms` (0: the local store, which answers at once): the
+/// batch in flight, sent a second time by source after a `NOSCRIPT`, then
+/// its own.
+pub fn landing_ms(call_ms: u64) -> u64 {
+    3 * call_ms
+}
+
+/// A lock must be longer than this for its claims to be renewed in time.
+/// The worst case is a claim due while its previous renewal is still out
+/// (up to [`landing_ms`]), then a tick, then its own renewal (as long again).
 pub fn shortest_lock_ms(call_ms: u64) -> u64 {
-    TICK_MS + 4 * call_ms + TICK_SLACK_MS
+    TICK_MS + 2 * landing_ms(call_ms) + TICK_SLACK_MS
 }
 
 /// How long after its deadline was last set a claim is renewed: a third of
 /// the lock, or sooner when that would leave too little time for a renewal
 /// to land (see the module note).
 pub fn renew_after_ms(lock_ms: u64, call_ms: u64) -> u64 {
-    let landing = TICK_MS + 2 * call_ms + TICK_SLACK_MS;
-    (lock_ms / 3).min(lock_ms.saturating_sub(landing)).max(1)
+    let due_before_end = TICK_MS + landing_ms(call_ms) + TICK_SLACK_MS;
+    (lock_ms / 3)
+        .min(lock_ms.saturating_sub(due_before_end))
+        .max(1)
 }
 
 #[derive(Debug, Default)]
@@ -163,18 +173,18 @@ mod tests {
         // Local store, 2 s lock: due after 500 ms, so the first tick past
         // it (at most 1 s later, plus 0.5 s late) still renews in time.
         assert_eq!(renew_after_ms(2_000, 0), 500);
-        assert_eq!(renew_after_ms(4_000, 500), 1_333.min(4_000 - 2_500));
+        assert_eq!(renew_after_ms(5_000, 500), 1_666.min(5_000 - 3_000));
         // The shortest lock each store allows (the configuration checks it).
         assert_eq!(shortest_lock_ms(0), 1_500);
-        assert_eq!(shortest_lock_ms(500), 3_500);
+        assert_eq!(shortest_lock_ms(500), 4_500);
         // Tiny locks are renewed on every tick, never spun on.
         assert_eq!(renew_after_ms(2, 0), 1);
     }
 
     /// Every lock the configuration accepts keeps its claim through the
     /// worst timing: every tick as late as the slack allows, each renewal
-    /// answered at the last moment (twice the call time: the batch in
-    /// flight, then its own), the store's deadline counted from the send;
+    /// answered at the last moment ([`landing_ms`]), the store's deadline
+    /// counted from the send;
     /// for claims made at any moment between two ticks.
     #[test]
     fn an_accepted_lock_never_lapses_between_renewals() {
@@ -204,7 +214,7 @@ mod tests {
                         );
                         for h in r.due(tick, after) {
                             r.sent(h.claim.token);
-                            out = Some((tick, tick + 2 * call_ms));
+                            out = Some((tick, tick + landing_ms(call_ms)));
                         }
                         tick += period;
                     }

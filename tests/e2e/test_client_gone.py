@@ -77,14 +77,14 @@ def test_a_client_that_gives_up_gets_the_outcome_on_retry(forwarding_gw, upstrea
 @pytest.fixture(scope="module", params=STORES)
 def short_lock_forwarding_gw(request, upstream):
     envoy = forwarding_envoy(request, upstream, forward={"upstream": "upstream", "timeout_ms": 20_000},
-                             lock_timeout_seconds=3)
+                             lock_timeout_seconds=4)
     yield envoy
     envoy.stop()
 
 
 def test_a_forwarded_request_slower_than_the_lock_keeps_its_claim(short_lock_forwarding_gw, upstream, key):
     """Envoy forwarding mode renews claims from the tick like streaming mode:
-    a 3 s lock, an upstream that takes longer, retries meanwhile get 409."""
+    a 4 s lock, an upstream that takes longer, retries meanwhile get 409."""
     import time
     from concurrent.futures import ThreadPoolExecutor
     gw = short_lock_forwarding_gw
@@ -93,7 +93,7 @@ def test_a_forwarded_request_slower_than_the_lock_keeps_its_claim(short_lock_for
         original = pool.submit(post, gw, key, b"{}", {"x-demo-hold": key})
         try:
             wait_for(lambda: upstream.started(key) == 1, what="the upstream to get the request")
-            time.sleep(4.0)  # past the 3 s lock
+            time.sleep(5.0)  # past the 4 s lock
             assert post(gw, key, body=b"{}")[0] == 409, "renewed: still held"
         finally:
             upstream.release(key)

@@ -394,21 +394,21 @@ class SlowProxy(HoldingProxy):
 
 
 def test_renewals_through_a_slow_store_keep_a_short_lock(upstream, lone_backend):
-    """Every Redis call takes 450 ms (of the 600 allowed) and the lock is
-    4 s, just above the shortest Envoy accepts for such calls (1 s + 4 x
-    600 ms + 0.5 s): the renewals, which wait for the batch in flight and
+    """Every Redis call takes 350 ms (of the 500 allowed) and the lock is
+    5 s, just above the shortest Envoy accepts for such calls (1 s + 6 x
+    500 ms + 0.5 s): the renewals, which wait for the batch in flight and
     then for their own, still land before the lock runs out. The original
-    runs upstream for two locks and more; every retry meanwhile gets 409,
-    and it runs once."""
-    proxy = SlowProxy(lone_backend.webdis_port, 0.45)
-    fleet = Fleet(upstream, proxy, lock_timeout_seconds=4, store_extra={"timeout_ms": 600})
+    runs upstream for two locks; every retry meanwhile gets 409, and it runs
+    once."""
+    proxy = SlowProxy(lone_backend.webdis_port, 0.35)
+    fleet = Fleet(upstream, proxy, lock_timeout_seconds=5, store_extra={"timeout_ms": 500})
     try:
         key = k("slow-store")
         with ThreadPoolExecutor(1) as pool:
             original = pool.submit(post, fleet.a, key, b"{}", {"x-demo-hold": key})
             try:
                 wait_for(lambda: upstream.started(key) == 1, timeout=10, what="the original to start")
-                until = time.time() + 9
+                until = time.time() + 10.5
                 retries = []
                 while time.time() < until:
                     retries.append(post(fleet.b, key, body=b"{}")[0])
@@ -499,7 +499,7 @@ def test_redis_flushed_forgets_records(upstream, lone_backend):
 
 
 def test_gateway_killed_under_load_then_every_key_runs_at_most_once_more(upstream, lone_backend):
-    fleet = Fleet(upstream, lone_backend, lock_timeout_seconds=3)
+    fleet = Fleet(upstream, lone_backend, lock_timeout_seconds=4)
     try:
         keys = [k("load") for _ in range(30)]
 
@@ -516,7 +516,7 @@ def test_gateway_killed_under_load_then_every_key_runs_at_most_once_more(upstrea
             fleet.a.stop(sig=9)
             answered = [f.result() for f in futures]
         fleet.a = fleet.new_gateway()
-        time.sleep(max(0.0, killed_at + 3.3 - time.time()))
+        time.sleep(max(0.0, killed_at + 4.3 - time.time()))
         for key in keys:
             # A claim still queued in Webdis at the kill may land after it and
             # hold its key for 3 s from then: a 409 changes nothing, retry it.

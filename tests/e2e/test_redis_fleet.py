@@ -141,7 +141,7 @@ def test_methods_not_protected_never_touch_the_store(fleet, upstream, key):
 
 
 def test_a_gateway_killed_mid_request_leaves_a_claim_that_expires(upstream, redis_backend, key):
-    fleet = Fleet(upstream, redis_backend, lock_timeout_seconds=3)
+    fleet = Fleet(upstream, redis_backend, lock_timeout_seconds=4)
     try:
         pool = ThreadPoolExecutor(1)
         # The original is still upstream when its gateway dies.
@@ -157,7 +157,7 @@ def test_a_gateway_killed_mid_request_leaves_a_claim_that_expires(upstream, redi
             problem(resp)
         finally:
             upstream.release(key)
-        time.sleep(max(0.0, claimed_at + 3.3 - time.time()))
+        time.sleep(max(0.0, claimed_at + 4.3 - time.time()))
         s, h, _ = post(fleet.b, key, body=b'{"amount": 5}')
         assert s == 201 and "idempotent-replayed" not in h, "after the lock timeout the retry runs"
         wait_for(lambda: upstream.executions(key) == 2, what="both executions")

@@ -123,8 +123,10 @@ impl Filter {
     ///
     /// A call that failed at `forward.timeout_ms` or later (no answer, or the
     /// proxy's 504) was sent and may have acted: its outcome is unknown. One
-    /// that failed sooner cannot be told apart from a connection that never
-    /// opened (neither host says which), so its key is released.
+    /// that failed sooner: on Envoy, which answers a connection that never
+    /// opened with its own 503 naming the reason, the outcome is unknown
+    /// unless that reason says the request never left ([`envoy_reply`]); on
+    /// APISIX, which says nothing, the key is released.
     pub(super) fn upstream_answered(
         &mut self,
         host: &impl Host,
@@ -138,6 +140,11 @@ impl Filter {
         // The proxy's timer and our clock are read at different moments.
         let waited_ms = host.now_ms().saturating_sub(sent_ms) + TIMER_SLACK_MS;
         if no_answer && waited_ms >= timeout_ms {
+            return self.outcome_unknown(host, held, true);
+        }
+        if cfg.platform.marks_upstream_call_answers()
+            && envoy_reply(response) == EnvoyReply::MayHaveActed
+        {
             return self.outcome_unknown(host, held, true);
         }
         let (reply, capture) = match response.status {
@@ -180,6 +187,56 @@ impl Filter {
     }
 }
 
+/// What Envoy's own answer to a forwarded call says about the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EnvoyReply {
+    /// An upstream answered (the router marked it), or Envoy's reply says
+    /// the request never left: no healthy upstream, a connection that could
+    /// not be opened, a circuit breaker, a refused stream.
+    UpstreamOrNeverSent,
+    /// The request went out and nothing whole came back: a reset after it
+    /// was sent (Envoy's 503 names the reason), or a failure with no answer
+    /// at all (on Envoy, a stream reset after the answer had begun; a
+    /// connection that never opened gets Envoy's 503 instead).
+    MayHaveActed,
+}
+
+/// Reset reasons (Envoy's local reply `... reset reason: <reason>[, transport
+/// failure reason: ...]`, checked on 1.40) that mean the request never
+/// reached the upstream, as suffixes (`remote connection failure`, `local
+/// refused stream reset`...).
+const NEVER_SENT_RESETS: [&str; 4] = [
+    "connection failure",
+    "connection timeout",
+    "overflow",
+    "refused stream reset",
+];
+
+fn envoy_reply(response: &CallResponse) -> EnvoyReply {
+    let Some(status) = response.status else {
+        return EnvoyReply::MayHaveActed;
+    };
+    if status < 500 || call_answer_details_of(status, &response.headers) == "via_upstream" {
+        return EnvoyReply::UpstreamOrNeverSent;
+    }
+    let text = String::from_utf8_lossy(&response.body);
+    let text = text.trim();
+    if text == "no healthy upstream" {
+        return EnvoyReply::UpstreamOrNeverSent;
+    }
+    let reason = text
+        .rsplit_once("reset reason: ")
+        .map(|(_, r)| r.split(',').next().unwrap_or(r).trim());
+    match reason {
+        Some(reason) if NEVER_SENT_RESETS.iter().any(|r| reason.ends_with(r)) => {
+            EnvoyReply::UpstreamOrNeverSent
+        }
+        // Another reset (connection termination, remote reset, protocol
+        // error), or a reply of a form not known here: the safe side.
+        _ => EnvoyReply::MayHaveActed,
+    }
+}
+
 /// Who answered a forwarded call, in the terms of Envoy's `code_details`
 /// ([`super::capture::should_record`]). Envoy's router marks what an
 /// upstream sent with `x-envoy-upstream-service-time` (checked on 1.40); a
@@ -188,12 +245,64 @@ impl Filter {
 /// the operation and is released as in streaming mode, even with
 /// `record_server_errors`. APISIX hands over only what the upstream sent.
 fn call_answer_details(cfg: &Config, status: u16, headers: &HeaderList) -> &'static str {
+    if cfg.platform.marks_upstream_call_answers() {
+        call_answer_details_of(status, headers)
+    } else {
+        "via_upstream"
+    }
+}
+
+fn call_answer_details_of(status: u16, headers: &HeaderList) -> &'static str {
     let marked = headers
         .iter()
         .any(|(n, _)| n.eq_ignore_ascii_case("x-envoy-upstream-service-time"));
-    if cfg.platform.marks_upstream_call_answers() && status >= 500 && !marked {
+    if status >= 500 && !marked {
         "envoy_local_reply"
     } else {
         "via_upstream"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: Option<u16>, marked: bool, body: &str) -> CallResponse {
+        let mut headers = vec![("content-type".to_string(), b"text/plain".to_vec())];
+        if marked {
+            headers.push(("x-envoy-upstream-service-time".to_string(), b"3".to_vec()));
+        }
+        CallResponse {
+            status,
+            headers,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn envoys_own_replies_say_whether_the_request_left() {
+        let reset = "upstream connect error or disconnect/reset before headers. reset reason: ";
+        let table: [(Option<u16>, bool, String, EnvoyReply); 10] = [
+            // What an upstream sent, whatever its status.
+            (Some(503), true, "busy".into(), EnvoyReply::UpstreamOrNeverSent),
+            (Some(201), false, "{}".into(), EnvoyReply::UpstreamOrNeverSent),
+            // Envoy's own, before the request left (bodies as Envoy 1.40 writes them).
+            (Some(503), false, format!("{reset}remote connection failure"), EnvoyReply::UpstreamOrNeverSent),
+            (Some(503), false, format!("{reset}connection failure, transport failure reason: TLS error"), EnvoyReply::UpstreamOrNeverSent),
+            (Some(503), false, format!("{reset}overflow"), EnvoyReply::UpstreamOrNeverSent),
+            (Some(503), false, "no healthy upstream".into(), EnvoyReply::UpstreamOrNeverSent),
+            // After it left, or nothing at all.
+            (Some(503), false, format!("{reset}connection termination"), EnvoyReply::MayHaveActed),
+            (Some(503), false, format!("upstream connect error or disconnect/reset before headers. retried and the latest {reset}remote reset"), EnvoyReply::MayHaveActed),
+            (Some(502), false, "something else".into(), EnvoyReply::MayHaveActed),
+            (None, false, String::new(), EnvoyReply::MayHaveActed),
+        ];
+        for (status, marked, body, expected) in table {
+            assert_eq!(
+                envoy_reply(&answer(status, marked, &body)),
+                expected,
+                "{status:?} {marked} {body}"
+            );
+        }
     }
 }

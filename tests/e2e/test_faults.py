@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import RedisBackend, assert_outcome_unknown, post, problem, redis_store, settled, wait_for
+from conftest import Envoy, RedisBackend, assert_outcome_unknown, post, problem, redis_store, settled, wait_for
 from test_redis_fleet import Fleet, eval_calls
 
 
@@ -90,6 +90,29 @@ def test_router_retries_run_after_the_filter_and_are_not_protected(gateways, ups
     s, _, _ = post(gw, key, path="/retried", headers={"x-demo-status": "503"})
     assert s == 503
     assert upstream.executions(key) == 2, "the router's retry ran the operation again"
+
+
+@pytest.mark.parametrize("store", ["local", "redis"])
+def test_forwarding_on_envoy_knows_a_failure_after_the_request_left(upstream, lone_backend, store):
+    """Envoy's forwarding mode: Envoy answers the filter's call itself when
+    the upstream fails, and names why. A reset after the request left, or an
+    answer cut mid-body, may follow an operation that ran: the key records
+    the outcome-unknown problem and never runs again. (A connection that
+    never opened is released: test_semantics.py, forwarding mode tells
+    Envoy's own replies from the upstream's.)"""
+    config = {"forward": {"upstream": "upstream"}}
+    if store == "redis":
+        config["store"] = redis_store("fwd-fail-" + uuid.uuid4().hex[:8] + ":")
+    gw = Envoy(config, upstream.port, concurrency=2, webdis_port=lone_backend.webdis_port).start()
+    try:
+        for fault in ("x-demo-reset", "x-demo-cut"):
+            key = k("fwd-" + fault)
+            first = post(gw, key, headers={fault: "1"})
+            assert first[0] == 502 and problem(first)["type"].endswith("outcome-unknown"), first
+            assert_outcome_unknown(post(gw, key))
+            assert upstream.executions(key) == 1, fault
+    finally:
+        gw.stop()
 
 
 @pytest.mark.parametrize("choice", sorted(UNKNOWN_OUTCOME))

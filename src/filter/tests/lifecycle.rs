@@ -138,9 +138,13 @@ fn exchange(
                 }
             } else {
                 let Some(status) = upstream else { return 0 };
+                // As Envoy's router hands over what an upstream sent.
                 CallResponse {
                     status: Some(status),
-                    headers: vec![(":status".into(), status.to_string().into_bytes())],
+                    headers: vec![
+                        (":status".into(), status.to_string().into_bytes()),
+                        ("x-envoy-upstream-service-time".into(), b"1".to_vec()),
+                    ],
                     body: b"paid".to_vec(),
                 }
             };

@@ -143,6 +143,8 @@ pub struct FakeHost {
     pub resumed_requests: Cell<u32>,
     pub resumed_responses: Cell<u32>,
     pub dispatch_fails: Cell<bool>,
+    /// Calls to this upstream alone fail to be sent.
+    pub refused_upstream: RefCell<Option<String>>,
     pub properties: RefCell<Vec<(String, Vec<u8>)>>,
 }
 
@@ -325,7 +327,8 @@ impl Host for FakeHost {
         body: Option<&[u8]>,
         _timeout_ms: u64,
     ) -> Result<u32, HostError> {
-        if self.dispatch_fails.get() {
+        let refused = self.refused_upstream.borrow().as_deref() == Some(upstream);
+        if self.dispatch_fails.get() || refused {
             return Err(HostError {
                 call: "http_call",
                 status: 2,

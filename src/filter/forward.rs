@@ -47,6 +47,13 @@ impl ForwardRequest {
         let mut forwarded: Vec<(String, String)> = headers
             .iter()
             .filter(|(n, _)| !is_connection_header(n) && !NOT_FORWARDED.contains(&n.as_ref()))
+            // Control headers of Envoy's router (retries, timeouts,
+            // alternative answers), which also handles the filter's own call:
+            // a client must not steer it. (Envoy 1.40 did not retry on them
+            // in the e2e test; they go whatever a version or setup does.)
+            .filter(|(n, _)| {
+                !(cfg.platform.marks_upstream_call_answers() && n.starts_with("x-envoy-"))
+            })
             .filter(|(n, _)| generated_key.is_none() || *n != cfg.header)
             .map(|(n, v)| (n.into_owned(), String::from_utf8_lossy(v).into_owned()))
             .collect();
@@ -101,9 +108,17 @@ impl Filter {
             }
             Err(e) => {
                 self.forward_failed(host, &e);
-                self.upstream_answered(host, held, sent_ms, &CallResponse::default())
+                self.upstream_not_reached(host, held)
             }
         }
+    }
+
+    /// The call to the upstream could not be sent (the host refused it: no
+    /// such upstream, no healthy host, a circuit breaker): nothing ran, the
+    /// key is released.
+    pub(super) fn upstream_not_reached(&mut self, host: &impl Host, held: Held) -> Verdict {
+        let reply = problem_reply(&Problem::upstream_unavailable());
+        self.write_release(host, held, Some(reply))
     }
 
     pub(super) fn forward_failed(&self, host: &impl Host, e: &HostError) {
@@ -123,10 +138,11 @@ impl Filter {
     ///
     /// A call that failed at `forward.timeout_ms` or later (no answer, or the
     /// proxy's 504) was sent and may have acted: its outcome is unknown. One
-    /// that failed sooner: on Envoy, which answers a connection that never
-    /// opened with its own 503 naming the reason, the outcome is unknown
-    /// unless that reason says the request never left ([`envoy_reply`]); on
-    /// APISIX, which says nothing, the key is released.
+    /// that failed sooner: on Envoy, which answers such a call itself and
+    /// says why, the outcome is unknown unless it says the request never
+    /// left ([`envoy_reply`]); on APISIX, which says nothing, the key is
+    /// released. (A call the host refused to send never gets here:
+    /// [`Filter::upstream_not_reached`].)
     pub(super) fn upstream_answered(
         &mut self,
         host: &impl Host,
@@ -159,7 +175,7 @@ impl Filter {
                 let mut capture = Capture::start(
                     cfg,
                     status,
-                    Some(call_answer_details(cfg, status, &relayed)),
+                    Some(call_answer_details(cfg, &relayed)),
                     relayed.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
                     None,
                 );
@@ -187,17 +203,19 @@ impl Filter {
     }
 }
 
-/// What Envoy's own answer to a forwarded call says about the request.
+/// What an answer to a forwarded call says about the request, on Envoy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum EnvoyReply {
-    /// An upstream answered (the router marked it), or Envoy's reply says
-    /// the request never left: no healthy upstream, a connection that could
-    /// not be opened, a circuit breaker, a refused stream.
+    /// An upstream answered (the router marked it), or Envoy's own reply
+    /// says the request never left: no healthy upstream, a connection that
+    /// could not be opened, a circuit breaker, a refused stream.
     UpstreamOrNeverSent,
-    /// The request went out and nothing whole came back: a reset after it
-    /// was sent (Envoy's 503 names the reason), or a failure with no answer
-    /// at all (on Envoy, a stream reset after the answer had begun; a
-    /// connection that never opened gets Envoy's 503 instead).
+    /// Anything else from Envoy itself: a reset after the request left
+    /// (Envoy's 503 names the reason), a stream cut after the answer had
+    /// begun (no answer at all), a timeout or stream duration reached, a
+    /// reply after retries (the `x-envoy-*` headers that ask for them are
+    /// not forwarded, but a retry's earlier tries may have reached the
+    /// upstream), or a reply of a form not known here: the safe side.
     MayHaveActed,
 }
 
@@ -213,16 +231,19 @@ const NEVER_SENT_RESETS: [&str; 4] = [
 ];
 
 fn envoy_reply(response: &CallResponse) -> EnvoyReply {
-    let Some(status) = response.status else {
+    if response.status.is_none() {
         return EnvoyReply::MayHaveActed;
-    };
-    if status < 500 || call_answer_details_of(status, &response.headers) == "via_upstream" {
+    }
+    if marked_by_the_router(&response.headers) {
         return EnvoyReply::UpstreamOrNeverSent;
     }
     let text = String::from_utf8_lossy(&response.body);
     let text = text.trim();
     if text == "no healthy upstream" {
         return EnvoyReply::UpstreamOrNeverSent;
+    }
+    if text.contains("retried and the latest") {
+        return EnvoyReply::MayHaveActed;
     }
     let reason = text
         .rsplit_once("reset reason: ")
@@ -239,28 +260,23 @@ fn envoy_reply(response: &CallResponse) -> EnvoyReply {
 
 /// Who answered a forwarded call, in the terms of Envoy's `code_details`
 /// ([`super::capture::should_record`]). Envoy's router marks what an
-/// upstream sent with `x-envoy-upstream-service-time` (checked on 1.40); a
-/// 5xx without it is Envoy's own reply (no healthy upstream, a connection
-/// that failed or was reset, a circuit breaker), which says nothing about
-/// the operation and is released as in streaming mode, even with
-/// `record_server_errors`. APISIX hands over only what the upstream sent.
-fn call_answer_details(cfg: &Config, status: u16, headers: &HeaderList) -> &'static str {
-    if cfg.platform.marks_upstream_call_answers() {
-        call_answer_details_of(status, headers)
+/// upstream sent with `x-envoy-upstream-service-time` (checked on 1.40); an
+/// answer without it is Envoy's own reply, which says nothing about the
+/// operation: one that gets this far said the request never left, and is
+/// released as in streaming mode, even with `record_server_errors`. APISIX
+/// hands over only what the upstream sent.
+fn call_answer_details(cfg: &Config, headers: &HeaderList) -> &'static str {
+    if cfg.platform.marks_upstream_call_answers() && !marked_by_the_router(headers) {
+        "envoy_local_reply"
     } else {
         "via_upstream"
     }
 }
 
-fn call_answer_details_of(status: u16, headers: &HeaderList) -> &'static str {
-    let marked = headers
+fn marked_by_the_router(headers: &HeaderList) -> bool {
+    headers
         .iter()
-        .any(|(n, _)| n.eq_ignore_ascii_case("x-envoy-upstream-service-time"));
-    if status >= 500 && !marked {
-        "envoy_local_reply"
-    } else {
-        "via_upstream"
-    }
+        .any(|(n, _)| n.eq_ignore_ascii_case("x-envoy-upstream-service-time"))
 }
 
 #[cfg(test)]
@@ -282,10 +298,14 @@ mod tests {
     #[test]
     fn envoys_own_replies_say_whether_the_request_left() {
         let reset = "upstream connect error or disconnect/reset before headers. reset reason: ";
-        let table: [(Option<u16>, bool, String, EnvoyReply); 10] = [
+        let table: [(Option<u16>, bool, String, EnvoyReply); 13] = [
             // What an upstream sent, whatever its status.
             (Some(503), true, "busy".into(), EnvoyReply::UpstreamOrNeverSent),
-            (Some(201), false, "{}".into(), EnvoyReply::UpstreamOrNeverSent),
+            (Some(201), true, "{}".into(), EnvoyReply::UpstreamOrNeverSent),
+            // Envoy's own below 500: a stream duration reached after the
+            // request left; an alternative answer to a timeout.
+            (Some(408), false, "upstream max stream duration reached".into(), EnvoyReply::MayHaveActed),
+            (Some(204), false, String::new(), EnvoyReply::MayHaveActed),
             // Envoy's own, before the request left (bodies as Envoy 1.40 writes them).
             (Some(503), false, format!("{reset}remote connection failure"), EnvoyReply::UpstreamOrNeverSent),
             (Some(503), false, format!("{reset}connection failure, transport failure reason: TLS error"), EnvoyReply::UpstreamOrNeverSent),
@@ -294,6 +314,7 @@ mod tests {
             // After it left, or nothing at all.
             (Some(503), false, format!("{reset}connection termination"), EnvoyReply::MayHaveActed),
             (Some(503), false, format!("upstream connect error or disconnect/reset before headers. retried and the latest {reset}remote reset"), EnvoyReply::MayHaveActed),
+            (Some(503), false, format!("upstream connect error or disconnect/reset before headers. retried and the latest {reset}remote connection failure"), EnvoyReply::MayHaveActed),
             (Some(502), false, "something else".into(), EnvoyReply::MayHaveActed),
             (None, false, String::new(), EnvoyReply::MayHaveActed),
         ];

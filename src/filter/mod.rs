@@ -419,9 +419,10 @@ impl Filter {
             }
             Then::Write { write, reply } => self.write_answered_with(host, write, Err(e), reply),
             Then::Cancel => self.cancel_answered(host, Err(e)),
-            Then::Upstream { held, sent_ms } => {
+            Then::Upstream { held, .. } => {
                 self.forward_failed(host, &error);
-                self.upstream_answered(host, held, sent_ms, &CallResponse::default());
+                let verdict = self.upstream_not_reached(host, held);
+                self.resume_request_if(host, verdict);
             }
         }
     }

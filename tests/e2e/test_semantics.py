@@ -546,6 +546,36 @@ def test_forwarding_mode_tells_envoys_own_replies_from_the_upstreams(upstream, k
         served.stop()
 
 
+def test_forwarding_mode_releases_a_call_envoy_refuses_to_send(upstream, key):
+    """A cluster with no hosts: Envoy refuses the filter's call before
+    anything is sent, so nothing ran and the key is released (502
+    upstream-unavailable), not held as an unknown outcome."""
+    gw = Envoy({"forward": {"upstream": "no_hosts"}}, upstream.port, concurrency=1).start()
+    try:
+        for _ in range(2):
+            resp = post(gw, key)
+            assert resp[0] == 502 and problem(resp)["type"].endswith("upstream-unavailable"), resp
+        stats = gw.stats()
+        assert (stats["released"], stats["outcomes_unknown"]) == (2, 0)
+    finally:
+        gw.stop()
+
+
+def test_forwarding_mode_does_not_let_a_client_steer_envoys_retries(upstream, key):
+    """The filter's own call goes through Envoy's router: a client asking it
+    for retries of 5xx (x-envoy-retry-on) must not have an upstream that
+    acted and answered 503 run twice. The filter drops x-envoy-* headers
+    from the call (Envoy 1.40 did not retry on them here even before)."""
+    gw = Envoy({"forward": {"upstream": "upstream"}}, upstream.port, concurrency=1).start()
+    try:
+        s, _, _ = post(gw, key, headers={"x-demo-status": "503", "x-envoy-retry-on": "5xx",
+                                         "x-envoy-max-retries": "2"})
+        assert s == 503
+        assert upstream.executions(key) == 1
+    finally:
+        gw.stop()
+
+
 def test_record_server_errors_still_releases_envoys_own_replies(gateways, key):
     if gateways.forwarding:
         pytest.skip("forwarding mode sends every request to its configured upstream")

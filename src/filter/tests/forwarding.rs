@@ -195,12 +195,16 @@ fn a_client_that_left_still_gets_its_answer_recorded() {
     let c = ctx(ENVOY_FORWARD);
     let mut f = redis_post(&host, &redis, &c, "gone");
     let upstream = host.last_call_to("up").unwrap();
-    // The client times out and goes; the upstream answers later.
+    // The client times out and goes; the upstream answers later (marked as
+    // Envoy's router marks what an upstream sent).
     f.on_done(&host);
     assert!(f.waiting(), "the call's answer is still awaited");
     let answer = CallResponse {
         status: Some(201),
-        headers: vec![(":status".into(), b"201".to_vec())],
+        headers: vec![
+            (":status".into(), b"201".to_vec()),
+            ("x-envoy-upstream-service-time".into(), b"2".to_vec()),
+        ],
         body: b"paid".to_vec(),
     };
     f.on_call_response(&host, upstream.id, &answer);
@@ -278,4 +282,49 @@ fn a_claim_that_times_out_after_its_client_left_is_cancelled() {
     assert_eq!(host.metric(Metric::ClaimsCancelled), 1);
     assert!(host.sent().is_none(), "no one to answer");
     assert!(host.last_call_to("up").is_none(), "nothing forwarded");
+}
+
+#[test]
+fn an_upstream_call_envoy_refuses_to_send_releases_the_key() {
+    // No such cluster, no healthy host, a circuit breaker: Envoy refuses the
+    // call at once, or (the worker sending it) after the callback; either
+    // way nothing reached the upstream.
+    for later in [false, true] {
+        let host = FakeHost::default();
+        let redis = FakeRedis::default();
+        let c = ctx(ENVOY_FORWARD);
+        host.reset_exchange(&keyed("refused"), b"");
+        let mut f = Filter::new(c);
+        assert_eq!(f.on_request_headers(&host, true), Verdict::Pause);
+        if !later {
+            *host.refused_upstream.borrow_mut() = Some("up".to_string());
+        }
+        let claim = redis.last(&host, Op::Claim);
+        let body = redis.answer(&host, claim);
+        f.on_call_response(
+            &host,
+            claim,
+            &CallResponse {
+                status: Some(200),
+                headers: Vec::new(),
+                body,
+            },
+        );
+        if later {
+            let call = host.last_call_to("up").unwrap();
+            f.on_call_failed(
+                &host,
+                call.id,
+                crate::host::HostError {
+                    call: "http_call",
+                    status: 10,
+                },
+            );
+        }
+        redis_answers(&host, &redis, &mut f, Op::Release);
+        assert_eq!(host.metric(Metric::Released), 1, "later: {later}");
+        assert_eq!(host.metric(Metric::OutcomesUnknown), 0);
+        assert_eq!(host.sent_status(), Some(502));
+        assert!(redis.data.borrow().is_empty(), "the key is free");
+    }
 }

@@ -497,29 +497,21 @@ def test_counters_follow_the_decisions(gw, gateways, upstream, key):
         raise AssertionError("one stored record never moved the entries gauge by exactly one")
 
 
-def test_invalid_configuration_refuses_to_start_with_one_clear_line(upstream, tmp_path):
-    envoy = Envoy({"ttl_seconds": 0}, upstream.port, workdir=str(tmp_path))
+@pytest.mark.parametrize("config, line", [
+    ({"ttl_seconds": 0}, "ttl_seconds: must be between 1 and 31536000 (got 0)"),
+    # Claims are renewed from a one-second tick: a 1 s lock would lapse
+    # between two ticks while its request still runs.
+    ({"lock_timeout_seconds": 1}, "lock_timeout_seconds: must be longer than 1.5 s on Envoy"),
+])
+def test_invalid_configuration_refuses_to_start_with_one_clear_line(upstream, tmp_path, config, line):
+    envoy = Envoy(config, upstream.port, workdir=str(tmp_path))
     try:
         code = envoy.start(timeout=60, expect_failure=True)
         log = envoy.log()
         assert code is not None and code != 0, log[-2000:]
-        lines = [line for line in log.splitlines() if "invalid configuration" in line]
+        lines = [entry for entry in log.splitlines() if "invalid configuration" in entry]
         assert lines, log[-2000:]
-        assert "ttl_seconds: must be between 1 and 31536000 (got 0)" in lines[0]
-    finally:
-        envoy.stop()
-
-
-def test_envoy_refuses_a_lock_its_tick_cannot_renew_in_time(upstream, tmp_path):
-    """Claims are renewed from a one-second tick: a 1 s lock would lapse
-    between two ticks while its request still runs, so Envoy refuses it."""
-    envoy = Envoy({"lock_timeout_seconds": 1}, upstream.port, workdir=str(tmp_path))
-    try:
-        code = envoy.start(timeout=60, expect_failure=True)
-        log = envoy.log()
-        assert code is not None and code != 0, log[-2000:]
-        lines = [line for line in log.splitlines() if "invalid configuration" in line]
-        assert lines and "lock_timeout_seconds: must be longer than 1.5 s on Envoy" in lines[0], log[-2000:]
+        assert line in lines[0]
     finally:
         envoy.stop()
 

@@ -670,7 +670,10 @@ def main():
             print(json.dumps({k: v for k, v in memory.items() if k != "points"}), flush=True)
             for p in memory["points"]:
                 print(p, flush=True)
-        write_svg(results, os.path.join(HERE, "ratios.svg"))
+        # The chart belongs to BENCHMARKS.md, which links it: a run written
+        # elsewhere (--out) leaves both as they are.
+        if os.path.abspath(args.out) == os.path.join(REPO, "BENCHMARKS.md"):
+            write_svg(results, os.path.join(HERE, "ratios.svg"))
         write_markdown(results, profiles, memory, args, args.out)
         print(f"wrote {args.out}")
     finally:

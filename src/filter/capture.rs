@@ -227,6 +227,10 @@ pub fn outcome_unknowable(code_details: Option<&str>) -> bool {
 /// the stream's timeout): the request was sent, so the upstream may have
 /// acted or may still act. Envoy 1.40 says `response_timeout` for the route
 /// timeout (checked on 1.40); older versions said `upstream_response_timeout`.
+/// The connection manager's own timeouts (a route's `idle_timeout` or
+/// `max_stream_duration`, the stream idle timeout when a route sets no
+/// timeout) end a stream whose request our filter had let through, so the
+/// same holds for them.
 fn envoy_timed_out(code_details: &str) -> bool {
     matches!(
         code_details,
@@ -235,6 +239,8 @@ fn envoy_timed_out(code_details: &str) -> bool {
             | "upstream_per_try_timeout"
             | "upstream_per_try_idle_timeout"
             | "upstream_max_stream_duration_reached"
+            | "stream_idle_timeout"
+            | "max_duration_timeout"
     )
 }
 

@@ -115,6 +115,22 @@ def test_forwarding_on_envoy_knows_a_failure_after_the_request_left(upstream, lo
         gw.stop()
 
 
+def test_an_upstream_quieter_than_the_streams_idle_timeout(gateways, upstream):
+    """The connection manager's own timeout (here a route's idle_timeout,
+    Envoy's stream_idle_timeout) ends a stream whose request went upstream:
+    the upstream may have acted, so the outcome is unknown, never a rerun."""
+    if gateways.forwarding:
+        pytest.skip("forwarding mode times out by forward.timeout_ms, not the route's idle timeout")
+    gw = gateways("default")
+    key = k("idle")
+    # /idle: no route timeout, a 1 s idle timeout (envoy/envoy.template.yaml).
+    s, _, _ = post(gw, key, path="/idle", headers={"x-demo-delay-ms": "1500"})
+    assert s == 504
+    wait_for(lambda: upstream.executions(key) == 1, what="the slow original to finish upstream")
+    assert_outcome_unknown(settled(gw, key, path="/idle"))
+    assert upstream.executions(key) == 1
+
+
 @pytest.mark.parametrize("choice", sorted(UNKNOWN_OUTCOME))
 def test_a_response_cut_mid_body(gateways, upstream, choice):
     gw = gateways(UNKNOWN_OUTCOME[choice])

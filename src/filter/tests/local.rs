@@ -270,6 +270,17 @@ fn an_upstream_reset_after_sending_is_an_unknown_outcome_a_refused_connection_is
     assert!(!forwarded, "the upstream may still act after Envoy gave up");
     assert_eq!(host.metric(Metric::OutcomesUnknown), 2);
 
+    // The connection manager's own timeouts, after the request went
+    // upstream: 504 once the request was whole (408 before).
+    for (details, status) in [("stream_idle_timeout", 504), ("max_duration_timeout", 408)] {
+        let (mut f, _) = request(&host, &c, &post(Some(details)), b"x");
+        host.set_code_details(details);
+        respond(&host, &mut f, status, b"stream timeout");
+        let (_, forwarded) = request(&host, &c, &post(Some(details)), b"x");
+        assert!(!forwarded, "{details}: the upstream may have acted");
+    }
+    assert_eq!(host.metric(Metric::OutcomesUnknown), 4);
+
     // release-after-lock: the same reset keeps the claim until the lock
     // timeout (409 meanwhile), then the next retry runs.
     let (host, c) = setup(r#"{"lock_timeout_seconds":5,"unknown_outcome":"release-after-lock"}"#);

@@ -295,6 +295,18 @@ fn check_header_names(field: &str, names: &[String]) -> Result<(), ConfigError> 
     }
 }
 
+/// Header names of a request, `:authority` included: a request's host is
+/// its pseudo-header there, and keys used on two hosts are kept apart only
+/// by naming it (scope or fingerprint).
+fn check_request_header_names(field: &str, names: &[String]) -> Result<(), ConfigError> {
+    let plain: Vec<String> = names
+        .iter()
+        .filter(|n| n.as_str() != ":authority")
+        .cloned()
+        .collect();
+    check_header_names(field, &plain)
+}
+
 /// Each name once, in their first order.
 fn unique(names: impl Iterator<Item = String>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -406,8 +418,8 @@ fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
             ),
         ));
     }
-    check_header_names("scope_headers", &raw.scope_headers)?;
-    check_header_names("fingerprint_headers", &raw.fingerprint_headers)?;
+    check_request_header_names("scope_headers", &raw.scope_headers)?;
+    check_request_header_names("fingerprint_headers", &raw.fingerprint_headers)?;
     check_header_names("never_record_headers", &raw.never_record_headers)?;
     let platform = raw.host.platform();
     let store = parse_store(std::mem::take(&mut raw.store), platform)?;
@@ -803,6 +815,7 @@ mod tests {
             (r#"{"max_response_body_bytes":100000000}"#, "invalid configuration: max_response_body_bytes: must be at most 67108864 (got 100000000)"),
             (r#"{"scope_headers":["x tenant"]}"#, "invalid configuration: scope_headers: \"x tenant\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"fingerprint_headers":[""]}"#, "invalid configuration: fingerprint_headers: \"\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
+            (r#"{"scope_headers":[":path"]}"#, "invalid configuration: scope_headers: \":path\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"store":{"type":"local","max_entries":7}}"#, "invalid configuration: store.max_entries: must be between 16 and 10000000 (got 7)"),
             (r#"{"store":{"type":"local","max_bytes":1000}}"#, "invalid configuration: store.max_bytes: must be at least 25600000 for max_entries 100000 (4096 per bucket of 16 entries) (got 1000); raise it or lower max_entries"),
             (r#"{"store":{"max_entries":1600,"max_bytes":409599}}"#, "invalid configuration: store.max_bytes: must be at least 409600 for max_entries 1600 (4096 per bucket of 16 entries) (got 409599); raise it or lower max_entries"),

@@ -131,6 +131,13 @@ impl Problem {
         )
     }
 
+    /// `record` is the `outcome-unknown` problem recorded for a key (by any
+    /// version: its type is what counts, not its wording).
+    pub fn is_outcome_unknown_record(record: &StoredResponse) -> bool {
+        const TYPE: &[u8] = b"urn:idempotency-filter:problem:outcome-unknown";
+        record.status == 502 && record.body.windows(TYPE.len()).any(|w| w == TYPE)
+    }
+
     /// This problem as a key's record (what its retries are replayed).
     pub fn as_record(&self) -> StoredResponse {
         StoredResponse {

@@ -27,6 +27,7 @@ use crate::config::LOCAL_WAYS;
 use crate::fingerprint::Digest16;
 use crate::host::{Host, Level};
 use crate::metrics::Metric;
+use crate::problem::Problem;
 use crate::record::StoredResponse;
 
 /// A completed record on its way into the replay cache.
@@ -142,17 +143,23 @@ impl CachedRedis {
             self.redis
                 .claim_outcome(reply, &pending.digest, &pending.fingerprint, pending.token);
         // A retry of a completed key (recorded here or elsewhere): keep the
-        // record, so that the key's next retries stay here.
+        // record, so that the key's next retries stay here. Not an
+        // `outcome-unknown` record: support forgets such a key in Redis once
+        // it has checked what happened (README, "Operations"), and a cached
+        // copy would go on answering for the TTL.
         if let Ok((ClaimOutcome::Replay(response), Some(remaining_ms))) = &result {
-            self.fill(
-                host,
-                CacheFill {
-                    digest: pending.digest,
-                    fingerprint: pending.fingerprint,
-                    response: response.clone(),
-                    expires_ms: pending.sent_ms.saturating_add(*remaining_ms),
-                },
-            );
+            let forgettable = Problem::is_outcome_unknown_record(response);
+            if !forgettable {
+                self.fill(
+                    host,
+                    CacheFill {
+                        digest: pending.digest,
+                        fingerprint: pending.fingerprint,
+                        response: response.clone(),
+                        expires_ms: pending.sent_ms.saturating_add(*remaining_ms),
+                    },
+                );
+            }
         }
         result.map(|(outcome, _)| (outcome, ClaimEffects::default()))
     }

@@ -120,6 +120,27 @@ fn released_and_failed_writes_are_not_cached() {
     assert_eq!(host.metric(Metric::CacheHits), 0);
 }
 
+#[test]
+fn an_outcome_unknown_record_is_never_cached() {
+    // Support forgets such a key in Redis once it has checked what happened;
+    // a cached copy would go on answering for the TTL.
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let c = cached_redis_ctx();
+    let mut f = redis_post(&host, &redis, &c, "k");
+    f.on_done(&host); // the client left mid-response: the outcome is unknown
+    redis_answers(&host, &redis, &mut f, Op::Record);
+    assert_eq!(host.metric(Metric::OutcomesUnknown), 1);
+    for retry in 1..=2 {
+        let calls = host.call_count();
+        redis_post(&host, &redis, &c, "k");
+        assert_eq!(host.call_count(), calls + 1, "retry {retry} asks Redis");
+        assert_eq!(host.sent_status(), Some(502));
+    }
+    assert_eq!(host.metric(Metric::CacheHits), 0);
+    assert_eq!(host.metric(Metric::BytesHeld), 0);
+}
+
 /// The replay cache's byte budget: a record larger than a bucket's share is
 /// not cached (Redis has it whole, so its retry asks Redis and gets it
 /// whole), and the bytes gauge counts only what the cache holds.

@@ -497,3 +497,31 @@ fn the_byte_budget_evicts_for_space_and_its_gauge_follows_the_table() {
     );
     assert_eq!(host.metric(Metric::BytesHeld) as u64, charged());
 }
+
+#[test]
+fn a_key_on_another_host_is_kept_apart_only_when_the_host_is_named() {
+    let on = |host: &str| {
+        let mut h = post(Some("k1"));
+        h.push((":authority", host.to_string()));
+        h
+    };
+    // By default the host is neither scope nor fingerprint: one request.
+    let (host, c) = setup("{}");
+    let (mut f, _) = request(&host, &c, &on("payments.example.com"), b"{}");
+    respond(&host, &mut f, 201, b"from-payments");
+    let (_, forwarded) = request(&host, &c, &on("refunds.example.com"), b"{}");
+    assert!(!forwarded, "replayed: documented");
+    // Named in the scope: two keys, each runs.
+    let (host, c) = setup(r#"{"scope_headers":["authorization",":authority"]}"#);
+    let (mut f, _) = request(&host, &c, &on("payments.example.com"), b"{}");
+    respond(&host, &mut f, 201, b"from-payments");
+    let (_, forwarded) = request(&host, &c, &on("refunds.example.com"), b"{}");
+    assert!(forwarded, "another host, another key");
+    // Named in the fingerprint: the same key, another request: 422.
+    let (host, c) = setup(r#"{"fingerprint_headers":["content-type",":authority"]}"#);
+    let (mut f, _) = request(&host, &c, &on("payments.example.com"), b"{}");
+    respond(&host, &mut f, 201, b"from-payments");
+    let (_, forwarded) = request(&host, &c, &on("refunds.example.com"), b"{}");
+    assert!(!forwarded);
+    assert_eq!(host.sent_status(), Some(422));
+}

@@ -134,8 +134,13 @@ impl Problem {
     /// `record` is the `outcome-unknown` problem recorded for a key (by any
     /// version: its type is what counts, not its wording).
     pub fn is_outcome_unknown_record(record: &StoredResponse) -> bool {
-        const TYPE: &[u8] = b"urn:idempotency-filter:problem:outcome-unknown";
-        record.status == 502 && record.body.windows(TYPE.len()).any(|w| w == TYPE)
+        let problem = Problem::outcome_unknown();
+        let kind = problem.type_urn();
+        record.status == problem.status
+            && record
+                .body
+                .windows(kind.len())
+                .any(|w| w == kind.as_bytes())
     }
 
     /// This problem as a key's record (what its retries are replayed).
@@ -207,9 +212,14 @@ impl Problem {
         self.slug
     }
 
+    /// The problem's `type`.
+    fn type_urn(&self) -> String {
+        format!("urn:idempotency-filter:problem:{}", self.slug)
+    }
+
     pub fn body(&self) -> Vec<u8> {
         let body = Body {
-            kind: format!("urn:idempotency-filter:problem:{}", self.slug),
+            kind: self.type_urn(),
             title: self.title,
             status: self.status,
             detail: &self.detail,

@@ -70,6 +70,13 @@ impl Platform {
         self == Platform::Envoy
     }
 
+    /// The filter's own calls go through Envoy's router, whose `x-envoy-*`
+    /// request headers (retries, timeouts, alternative answers) a client
+    /// must not be able to set on them.
+    pub fn calls_go_through_envoys_router(self) -> bool {
+        self == Platform::Envoy
+    }
+
     /// The root context gets a periodic tick (Envoy): the claims of running
     /// requests are renewed on it. APISIX has none.
     pub fn has_tick(self) -> bool {

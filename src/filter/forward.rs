@@ -7,6 +7,7 @@
 //!                                                   └──▶ reply to the client
 //! ```
 
+use super::call_answer::CallAnswer;
 use super::capture::Capture;
 use super::reply::{problem_reply, Reply};
 use super::{Filter, Phase, Then, Verdict};
@@ -52,7 +53,7 @@ impl ForwardRequest {
             // a client must not steer it. (Envoy 1.40 did not retry on them
             // in the e2e test; they go whatever a version or setup does.)
             .filter(|(n, _)| {
-                !(cfg.platform.marks_upstream_call_answers() && n.starts_with("x-envoy-"))
+                !(cfg.platform.calls_go_through_envoys_router() && n.starts_with("x-envoy-"))
             })
             .filter(|(n, _)| generated_key.is_none() || *n != cfg.header)
             .map(|(n, v)| (n.into_owned(), String::from_utf8_lossy(v).into_owned()))
@@ -139,10 +140,8 @@ impl Filter {
     /// A call that failed at `forward.timeout_ms` or later (no answer, or the
     /// proxy's 504) was sent and may have acted: its outcome is unknown. One
     /// that failed sooner: on Envoy, which answers such a call itself and
-    /// says why, the outcome is unknown unless it says the request never
-    /// left ([`envoy_reply`]); on APISIX, which says nothing, the key is
-    /// released. (A call the host refused to send never gets here:
-    /// [`Filter::upstream_not_reached`].)
+    /// says why, what it says decides ([`CallAnswer`]); on APISIX, which
+    /// says nothing, the key is released.
     pub(super) fn upstream_answered(
         &mut self,
         host: &impl Host,
@@ -158,10 +157,10 @@ impl Filter {
         if no_answer && waited_ms >= timeout_ms {
             return self.outcome_unknown(host, held, true);
         }
-        if cfg.platform.marks_upstream_call_answers()
-            && envoy_reply(response) == EnvoyReply::MayHaveActed
-        {
-            return self.outcome_unknown(host, held, true);
+        match CallAnswer::of(cfg.platform, response) {
+            CallAnswer::Upstream => {}
+            CallAnswer::NeverSent => return self.upstream_not_reached(host, held),
+            CallAnswer::MayHaveActed => return self.outcome_unknown(host, held, true),
         }
         let (reply, capture) = match response.status {
             None => (problem_reply(&Problem::upstream_unavailable()), None),
@@ -175,7 +174,7 @@ impl Filter {
                 let mut capture = Capture::start(
                     cfg,
                     status,
-                    Some(call_answer_details(cfg, &relayed)),
+                    Some("via_upstream"),
                     relayed.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
                     None,
                 );
@@ -199,131 +198,6 @@ impl Filter {
         match capture {
             Some(capture) => self.write_complete(host, held, capture.into_record(), Some(reply)),
             None => self.write_release(host, held, Some(reply)),
-        }
-    }
-}
-
-/// What an answer to a forwarded call says about the request, on Envoy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum EnvoyReply {
-    /// An upstream answered (the router marked it), or Envoy's own reply
-    /// says the request never left: no healthy upstream, a connection that
-    /// could not be opened, a circuit breaker, a refused stream.
-    UpstreamOrNeverSent,
-    /// Anything else from Envoy itself: a reset after the request left
-    /// (Envoy's 503 names the reason), a stream cut after the answer had
-    /// begun (no answer at all), a timeout or stream duration reached, a
-    /// reply after retries (the `x-envoy-*` headers that ask for them are
-    /// not forwarded, but a retry's earlier tries may have reached the
-    /// upstream), or a reply of a form not known here: the safe side.
-    MayHaveActed,
-}
-
-/// Reset reasons (Envoy's local reply `... reset reason: <reason>[, transport
-/// failure reason: ...]`, checked on 1.40) that mean the request never
-/// reached the upstream, as suffixes (`remote connection failure`, `local
-/// refused stream reset`...).
-const NEVER_SENT_RESETS: [&str; 4] = [
-    "connection failure",
-    "connection timeout",
-    "overflow",
-    "refused stream reset",
-];
-
-fn envoy_reply(response: &CallResponse) -> EnvoyReply {
-    if response.status.is_none() {
-        return EnvoyReply::MayHaveActed;
-    }
-    if marked_by_the_router(&response.headers) {
-        return EnvoyReply::UpstreamOrNeverSent;
-    }
-    let text = String::from_utf8_lossy(&response.body);
-    let text = text.trim();
-    if text == "no healthy upstream" {
-        return EnvoyReply::UpstreamOrNeverSent;
-    }
-    if text.contains("retried and the latest") {
-        return EnvoyReply::MayHaveActed;
-    }
-    let reason = text
-        .rsplit_once("reset reason: ")
-        .map(|(_, r)| r.split(',').next().unwrap_or(r).trim());
-    match reason {
-        Some(reason) if NEVER_SENT_RESETS.iter().any(|r| reason.ends_with(r)) => {
-            EnvoyReply::UpstreamOrNeverSent
-        }
-        // Another reset (connection termination, remote reset, protocol
-        // error), or a reply of a form not known here: the safe side.
-        _ => EnvoyReply::MayHaveActed,
-    }
-}
-
-/// Who answered a forwarded call, in the terms of Envoy's `code_details`
-/// ([`super::capture::should_record`]). Envoy's router marks what an
-/// upstream sent with `x-envoy-upstream-service-time` (checked on 1.40); an
-/// answer without it is Envoy's own reply, which says nothing about the
-/// operation: one that gets this far said the request never left, and is
-/// released as in streaming mode, even with `record_server_errors`. APISIX
-/// hands over only what the upstream sent.
-fn call_answer_details(cfg: &Config, headers: &HeaderList) -> &'static str {
-    if cfg.platform.marks_upstream_call_answers() && !marked_by_the_router(headers) {
-        "envoy_local_reply"
-    } else {
-        "via_upstream"
-    }
-}
-
-fn marked_by_the_router(headers: &HeaderList) -> bool {
-    headers
-        .iter()
-        .any(|(n, _)| n.eq_ignore_ascii_case("x-envoy-upstream-service-time"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn answer(status: Option<u16>, marked: bool, body: &str) -> CallResponse {
-        let mut headers = vec![("content-type".to_string(), b"text/plain".to_vec())];
-        if marked {
-            headers.push(("x-envoy-upstream-service-time".to_string(), b"3".to_vec()));
-        }
-        CallResponse {
-            status,
-            headers,
-            body: body.as_bytes().to_vec(),
-        }
-    }
-
-    #[test]
-    fn envoys_own_replies_say_whether_the_request_left() {
-        let reset = "upstream connect error or disconnect/reset before headers. reset reason: ";
-        let table: [(Option<u16>, bool, String, EnvoyReply); 13] = [
-            // What an upstream sent, whatever its status.
-            (Some(503), true, "busy".into(), EnvoyReply::UpstreamOrNeverSent),
-            (Some(201), true, "{}".into(), EnvoyReply::UpstreamOrNeverSent),
-            // Envoy's own below 500: a stream duration reached after the
-            // request left; an alternative answer to a timeout.
-            (Some(408), false, "upstream max stream duration reached".into(), EnvoyReply::MayHaveActed),
-            (Some(204), false, String::new(), EnvoyReply::MayHaveActed),
-            // Envoy's own, before the request left (bodies as Envoy 1.40 writes them).
-            (Some(503), false, format!("{reset}remote connection failure"), EnvoyReply::UpstreamOrNeverSent),
-            (Some(503), false, format!("{reset}connection failure, transport failure reason: TLS error"), EnvoyReply::UpstreamOrNeverSent),
-            (Some(503), false, format!("{reset}overflow"), EnvoyReply::UpstreamOrNeverSent),
-            (Some(503), false, "no healthy upstream".into(), EnvoyReply::UpstreamOrNeverSent),
-            // After it left, or nothing at all.
-            (Some(503), false, format!("{reset}connection termination"), EnvoyReply::MayHaveActed),
-            (Some(503), false, format!("upstream connect error or disconnect/reset before headers. retried and the latest {reset}remote reset"), EnvoyReply::MayHaveActed),
-            (Some(503), false, format!("upstream connect error or disconnect/reset before headers. retried and the latest {reset}remote connection failure"), EnvoyReply::MayHaveActed),
-            (Some(502), false, "something else".into(), EnvoyReply::MayHaveActed),
-            (None, false, String::new(), EnvoyReply::MayHaveActed),
-        ];
-        for (status, marked, body, expected) in table {
-            assert_eq!(
-                envoy_reply(&answer(status, marked, &body)),
-                expected,
-                "{status:?} {marked} {body}"
-            );
         }
     }
 }

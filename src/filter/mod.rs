@@ -35,6 +35,7 @@
 //! one call; the platform's abilities are [`crate::config::Platform`]'s.
 
 mod buffer;
+mod call_answer;
 mod capture;
 mod claim;
 mod forward;

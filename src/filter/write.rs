@@ -202,7 +202,9 @@ fn count_write(host: &impl Host, write: Write, result: &Result<bool, StoreError>
             };
             host.log(Level::Error, &format!("{what} failed: {e}"));
             host.metric_add(Metric::StoreErrors, 1);
-            // Recording failed: the claim lapses after its lock timeout.
+            // Recording failed: the claim lapses after its lock timeout, or,
+            // where the store had no room for the record (Redis full, a
+            // local share reserved by others), is held until the TTL.
             "not-recorded"
         }
     }

@@ -64,6 +64,10 @@ impl CachedRedis {
         }
     }
 
+    pub fn has_cache(&self) -> bool {
+        self.cache.is_some()
+    }
+
     /// Creates the cache's table. Without it the cache is off; Redis still
     /// decides everything.
     pub fn init(&mut self, host: &impl Host) {

@@ -462,9 +462,11 @@ impl LocalTable {
                     omitted = true;
                     bytes = record.encode();
                 }
+                // A bare status larger than a share: below the smallest
+                // budget the configuration accepts, never reached.
                 None => {
                     return Err(StoreError::NoRoom(
-                        "its headers alone are larger than a bucket's share of store.max_bytes",
+                        "even its status alone is larger than a bucket's share of store.max_bytes",
                     ))
                 }
                 Some(Room::HeldByRunning) => {

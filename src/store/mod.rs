@@ -157,6 +157,15 @@ impl Store {
         }
     }
 
+    /// A claim reads the time: the local store's deadlines, the replay
+    /// cache's expiry. Redis alone keeps its own time (`PX`).
+    pub fn claim_uses_clock(&self) -> bool {
+        match self {
+            Store::Local { .. } => true,
+            Store::Redis(redis) => redis.has_cache(),
+        }
+    }
+
     /// When the store cannot decide, the request goes on unprotected
     /// (`on_unavailable: allow`) instead of being refused.
     pub fn fails_open(&self) -> bool {

@@ -144,10 +144,9 @@ impl Root {
         let Some(ctx) = &self.ctx else { return };
         match result {
             Ok(kept) => {
-                if kept {
+                if ctx.renewals.renewed(token, kept, sent_ms) {
                     host.metric_add(Metric::ClaimsRenewed, 1);
                 }
-                ctx.renewals.renewed(token, kept, sent_ms);
             }
             // The next tick tries again, while the lock still runs (a long
             // lock leaves room for two failed renewals, a short one for none).

@@ -91,7 +91,7 @@ def redis_store(prefix, **extra):
     # 4 s per store call, not the default 500 ms: on a loaded CI machine a
     # slow call would turn into a 503 (or an unrecorded response) and fail a
     # test about something else. (Envoy's default 30 s lock allows up to
-    # 4.7 s: renewal_timeouts.) Tests about timeouts set their own.
+    # 4.7 s: renewable_timeouts.) Tests about timeouts set their own.
     return {"type": "redis", "cluster": "webdis", "key_prefix": prefix, "timeout_ms": 4000, **extra}
 
 
@@ -158,13 +158,13 @@ def renewable_timeouts(config):
 
 def no_tick_timeouts(config):
     """Where claims cannot be renewed (APISIX and its profile), the lock must
-    outlast the forward timeout plus the record's write: a profile with a
-    short lock gets shorter ones (a quarter of it for the store call, half
-    for the upstream), leaving a quarter to spare."""
+    outlast the forward timeout plus two store calls (the claim's answer and
+    the record): a profile with a short lock gets shorter ones (a fifth of it
+    for each store call, half for the upstream), leaving a tenth to spare."""
     lock_ms = config.get("lock_timeout_seconds", 30) * 1000
     store = config.get("store", {})
     if store.get("type") == "redis":
-        store["timeout_ms"] = min(store.get("timeout_ms", 500), lock_ms // 4)
+        store["timeout_ms"] = min(store.get("timeout_ms", 500), lock_ms // 5)
     forward = config.setdefault("forward", {})
     forward.setdefault("timeout_ms", min(25_000, lock_ms // 2))
     return config

@@ -153,7 +153,7 @@ def test_a_response_slower_than_the_lock_timeout(gateways, upstream):
     retries meanwhile get 409, and its late answer is recorded. APISIX has no
     tick: there the lock must outlast forward.timeout_ms (the configuration
     checks it), and a call that times out has an unknown outcome."""
-    lock = gateways("lock")  # lock_timeout_seconds 4 (APISIX: forward.timeout_ms 3500)
+    lock = gateways("lock")  # lock_timeout_seconds 4 (APISIX: forward.timeout_ms 2000, store 800)
     key = k("slow")
     before = lock.stats()["claims_renewed"] if lock.has_metrics else None
     with ThreadPoolExecutor(1) as pool:
@@ -170,7 +170,7 @@ def test_a_response_slower_than_the_lock_timeout(gateways, upstream):
     wait_for(lambda: upstream.executions(key) >= 1, what="the original to finish upstream")
     assert upstream.executions(key) == 1, (first[0], retry[0], "ran twice")
     if gateways.forwarding:
-        # The forwarded call timed out (3.5 s): sent, outcome unknown. The
+        # The forwarded call timed out (2 s): sent, outcome unknown. The
         # client and every retry get the outcome-unknown problem.
         assert first[0] == 502 and problem(first)["type"].endswith("outcome-unknown")
         assert_outcome_unknown(retry)
@@ -558,7 +558,7 @@ def test_gateway_killed_under_load_then_every_key_runs_at_most_once_more(upstrea
         time.sleep(max(0.0, killed_at + 4.3 - time.time()))
         for key in keys:
             # A claim still queued in Webdis at the kill may land after it and
-            # hold its key for 3 s from then: a 409 changes nothing, retry it.
+            # hold its key for 4 s from then: a 409 changes nothing, retry it.
             deadline = time.time() + 15
             while True:
                 s, h, _ = post(fleet.a, key)

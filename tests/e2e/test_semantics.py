@@ -519,15 +519,17 @@ def test_invalid_configuration_refuses_to_start_with_one_clear_line(upstream, tm
 def test_forwarding_mode_tells_envoys_own_replies_from_the_upstreams(upstream, key):
     """Forwarding mode on Envoy: the call's answer carries Envoy's
     `x-envoy-upstream-service-time` only when an upstream sent it. Envoy's
-    own 503 (here: a connection refused) is released even with
-    `record_server_errors`; the upstream's own 503 is recorded and replayed."""
+    own 503 for a connection refused (the request never left) releases the
+    key, 502 upstream-unavailable, even with `record_server_errors`; the
+    upstream's own 503 is recorded and replayed."""
     config = {"record_server_errors": True, "forward": {"upstream": "unreachable"}}
     refused = Envoy(config, upstream.port, concurrency=1).start()
     served = Envoy(dict(config, forward={"upstream": "upstream"}), upstream.port, concurrency=1).start()
     try:
         for _ in range(2):
-            s, h, _ = post(refused, key)
-            assert s == 503 and "idempotent-replayed" not in h
+            resp = post(refused, key)
+            assert resp[0] == 502 and problem(resp)["type"].endswith("upstream-unavailable"), resp
+            assert "idempotent-replayed" not in resp[1]
         assert refused.stats()["released"] == 2
         s1, _, b1 = post(served, key, headers={"x-demo-status": "503"})
         s2, h2, b2 = post(served, key, headers={"x-demo-status": "503"})

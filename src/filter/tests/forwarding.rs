@@ -328,3 +328,40 @@ fn an_upstream_call_envoy_refuses_to_send_releases_the_key() {
         assert!(redis.data.borrow().is_empty(), "the key is free");
     }
 }
+
+#[test]
+fn envoys_control_headers_are_not_forwarded_on_envoy_only() {
+    // Envoy's router handles the filter's own call and obeys x-envoy-*
+    // request headers (retries, timeouts): a client must not set them there.
+    // APISIX's calls know nothing of them: they go as the client sent them.
+    for (config, kept) in [(ENVOY_FORWARD, false), (APISIX, true)] {
+        let host = FakeHost::default();
+        let redis = FakeRedis::default();
+        let c = ctx(config);
+        let hs: [(&str, &str); 6] = [
+            (":method", "POST"),
+            (":path", "/pay"),
+            ("idempotency-key", "k"),
+            ("x-envoy-retry-on", "5xx"),
+            ("x-envoy-max-retries", "3"),
+            ("x-tenant", "t1"),
+        ];
+        host.reset_exchange(&hs, b"");
+        let mut f = Filter::new(c);
+        f.on_request_headers(&host, true);
+        if config == APISIX {
+            f.on_request_body(&host, 0, true);
+        }
+        redis_answers(&host, &redis, &mut f, Op::Claim);
+        let call = host
+            .calls()
+            .into_iter()
+            .rev()
+            .find(|c| c.upstream.ends_with("up") || c.upstream.ends_with(":8081"))
+            .unwrap();
+        let has = |name: &str| call.headers.iter().any(|(n, _)| n == name);
+        assert_eq!(has("x-envoy-retry-on"), kept, "{config}");
+        assert_eq!(has("x-envoy-max-retries"), kept, "{config}");
+        assert!(has("x-tenant"), "other headers always go");
+    }
+}

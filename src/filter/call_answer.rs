@@ -41,6 +41,12 @@ const NEVER_SENT_RESETS: [&str; 4] = [
 
 impl CallAnswer {
     pub(super) fn of(platform: Platform, response: &CallResponse) -> CallAnswer {
+        // An interim answer (1xx) taken for the final one: the real answer,
+        // and whether the operation ran, were never read (APISIX's
+        // resty.http reads a 103 Early Hints as the status).
+        if response.status.is_some_and(|s| s < 200) {
+            return CallAnswer::MayHaveActed;
+        }
         if !platform.marks_upstream_call_answers() {
             return CallAnswer::Upstream;
         }
@@ -175,8 +181,11 @@ mod tests {
             let got = CallAnswer::of(Platform::Envoy, &answer(status, marked, &body));
             assert_eq!(got, expected, "{status:?} {marked} {body}");
         }
-        // APISIX hands over only what an upstream sent.
+        // APISIX hands over only what an upstream sent, but may take an
+        // interim answer for the final one.
         let overflow = answer(Some(503), false, &format!("{reset}overflow"));
         assert_eq!(CallAnswer::of(Platform::Apisix, &overflow), Upstream);
+        let early_hints = answer(Some(103), false, "");
+        assert_eq!(CallAnswer::of(Platform::Apisix, &early_hints), MayHaveActed);
     }
 }

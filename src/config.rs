@@ -283,8 +283,11 @@ pub fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn check_header_names(field: &str, names: &[String]) -> Result<(), ConfigError> {
-    match names.iter().find(|name| !is_token(name)) {
+fn check_header_names<'a>(
+    field: &str,
+    names: impl IntoIterator<Item = &'a String>,
+) -> Result<(), ConfigError> {
+    match names.into_iter().find(|name| !is_token(name)) {
         Some(name) => Err(err(
             field,
             format!(
@@ -299,12 +302,7 @@ fn check_header_names(field: &str, names: &[String]) -> Result<(), ConfigError> 
 /// its pseudo-header there, and keys used on two hosts are kept apart only
 /// by naming it (scope or fingerprint).
 fn check_request_header_names(field: &str, names: &[String]) -> Result<(), ConfigError> {
-    let plain: Vec<String> = names
-        .iter()
-        .filter(|n| n.as_str() != ":authority")
-        .cloned()
-        .collect();
-    check_header_names(field, &plain)
+    check_header_names(field, names.iter().filter(|n| n.as_str() != ":authority"))
 }
 
 /// Each name once, in their first order.

@@ -162,38 +162,36 @@ impl Filter {
             CallAnswer::NeverSent => return self.upstream_not_reached(host, held),
             CallAnswer::MayHaveActed => return self.outcome_unknown(host, held, true),
         }
-        let (reply, capture) = match response.status {
-            None => (problem_reply(&Problem::upstream_unavailable()), None),
-            Some(status) => {
-                let relayed: HeaderList = response
-                    .headers
-                    .iter()
-                    .filter(|(n, _)| !is_connection_header(n))
-                    .cloned()
-                    .collect();
-                let mut capture = Capture::start(
-                    cfg,
-                    status,
-                    Some("via_upstream"),
-                    relayed.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
-                    None,
-                );
-                if let Some(c) = capture.as_mut() {
-                    let body = response.body.len();
-                    // The whole body is here: reading it cannot fail.
-                    let _ = c.take(body, cfg.recorded_body_limit(), || {
-                        Ok(response.body.clone())
-                    });
-                }
-                (
-                    Reply {
-                        status,
-                        headers: relayed,
-                        body: response.body.clone(),
-                    },
-                    capture,
-                )
-            }
+        // No answer before the timeout (APISIX, which cannot tell a
+        // connection that never opened from a reset): released, as a call
+        // that could not be sent.
+        let Some(status) = response.status else {
+            return self.upstream_not_reached(host, held);
+        };
+        let relayed: HeaderList = response
+            .headers
+            .iter()
+            .filter(|(n, _)| !is_connection_header(n))
+            .cloned()
+            .collect();
+        let mut capture = Capture::start(
+            cfg,
+            status,
+            Some("via_upstream"),
+            relayed.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
+            None,
+        );
+        if let Some(c) = capture.as_mut() {
+            let body = response.body.len();
+            // The whole body is here: reading it cannot fail.
+            let _ = c.take(body, cfg.recorded_body_limit(), || {
+                Ok(response.body.clone())
+            });
+        }
+        let reply = Reply {
+            status,
+            headers: relayed,
+            body: response.body.clone(),
         };
         match capture {
             Some(capture) => self.write_complete(host, held, capture.into_record(), Some(reply)),

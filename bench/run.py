@@ -200,6 +200,13 @@ SCENARIOS = [
     # filter driven as APISIX drives it, against the same nginx proxying
     # without it. Redis store, forwarding mode (APISIX's only mode).
     ("A0 reference: APISIX runtime, a no-op Wasm filter", "apisix-noop", "fresh", KIB),
+    # The SDK filter doing only the host work of A1 and A2 (one call at a
+    # time within the request: a claim, the forwarded request and a record;
+    # or one read of a record), plain Webdis commands instead of the script.
+    ("A0b reference: APISIX runtime, SDK filter doing only a replay's host work (one store call)",
+     "apisix-sdk:sdk-apisix-replay-floor", "replay", KIB),
+    ("A0c reference: APISIX runtime, SDK filter doing only a fresh key's host work (three calls)",
+     "apisix-sdk:sdk-apisix-fresh-floor", "fresh", KIB),
     ("A1 fresh key, APISIX runtime (Redis, forwarding)", "apisix", "fresh", KIB),
     ("A2 replay, APISIX runtime (Redis, forwarding)", "apisix", "replay", KIB),
 ]
@@ -219,9 +226,14 @@ TARGETS = [
 ]
 
 
+# Rows without a target that still run beside their floor, in the same rounds.
+FLOORS_BESIDE = {"A1": "A0c", "A2": "A0b"}
+
+
 def floor_of(sid):
-    """The name and store of scenario `sid`'s floor (TARGETS), if it has one."""
-    floor_id = next((f for s, _, f in TARGETS if s == sid), None)
+    """The name and store of scenario `sid`'s floor (TARGETS, FLOORS_BESIDE),
+    if it has one."""
+    floor_id = next((f for s, _, f in TARGETS if s == sid), None) or FLOORS_BESIDE.get(sid)
     return next(((name, store) for name, store, _, _ in SCENARIOS if name.split()[0] == floor_id), (None, None))
 
 
@@ -264,19 +276,26 @@ def target_rows(results):
 CONNECTIONS = {"5c": 1}
 
 
-def apisix_pair(store, nginx, backend):
-    """APISIX's runtime without and with a filter, one worker, pinned like Envoy."""
-    baseline = ApisixRuntime(upstream_port=nginx.port, workers=1, cpus=ENVOY_CPUS, with_filter=False,
-                             routes=[]).start()
+def apisix_baseline(nginx):
+    """APISIX's runtime without a filter, one worker, pinned like Envoy."""
+    return ApisixRuntime(upstream_port=nginx.port, workers=1, cpus=ENVOY_CPUS, with_filter=False,
+                         routes=[]).start()
+
+
+def apisix_gateway(store, nginx, backend):
+    """APISIX's runtime with the filter (`apisix`) or a reference filter."""
     if store == "apisix-noop":
-        filtered = ApisixRuntime({"noop": True}, nginx.port, workers=1, cpus=ENVOY_CPUS, wasm_path=SDK_REFERENCE_WASM)
-    else:
-        conf = {"host": "apisix", "max_request_body_bytes": 1 << 20,
-                "store": {"type": "redis", "cluster": f"127.0.0.1:{backend.webdis_port}",
-                          "key_prefix": f"bench-{time.time_ns()}:"},
-                "forward": {"upstream": f"127.0.0.1:{nginx.port}"}}
-        filtered = ApisixRuntime(conf, nginx.port, workers=1, cpus=ENVOY_CPUS)
-    return baseline, filtered.start()
+        return ApisixRuntime({"noop": True}, nginx.port, workers=1, cpus=ENVOY_CPUS,
+                             wasm_path=SDK_REFERENCE_WASM).start()
+    if store.startswith("apisix-sdk:"):
+        conf = {"mode": store.split(":", 1)[1], "store": f"127.0.0.1:{backend.webdis_port}",
+                "upstream": f"127.0.0.1:{nginx.port}"}
+        return ApisixRuntime(conf, nginx.port, workers=1, cpus=ENVOY_CPUS, wasm_path=SDK_REFERENCE_WASM).start()
+    conf = {"host": "apisix", "max_request_body_bytes": 1 << 20,
+            "store": {"type": "redis", "cluster": f"127.0.0.1:{backend.webdis_port}",
+                      "key_prefix": f"bench-{time.time_ns()}:"},
+            "forward": {"upstream": f"127.0.0.1:{nginx.port}"}}
+    return ApisixRuntime(conf, nginx.port, workers=1, cpus=ENVOY_CPUS).start()
 
 
 def filter_config(store):
@@ -303,7 +322,10 @@ def run_scenario(name, store, mode, body, args, nginx, backend, floor_store=None
     scenario."""
     gateways = {}
     if store.startswith("apisix"):
-        gateways["baseline"], gateways["filter"] = apisix_pair(store, nginx, backend)
+        gateways["baseline"] = apisix_baseline(nginx)
+        if floor_store:
+            gateways["floor"] = apisix_gateway(floor_store, nginx, backend)
+        gateways["filter"] = apisix_gateway(store, nginx, backend)
     else:
         gateways["baseline"] = Envoy({}, nginx.port, concurrency=1, with_filter=False, cpus=ENVOY_CPUS)
         for label, which in (("floor", floor_store), ("filter", store)):
@@ -534,6 +556,23 @@ def write_markdown(results, profiles, memory, args, path):
             floor_cell = "" if floor_ratio is None else f"{floor_ratio:.2f}"
             lines.append(f"| {name} | {ratio:.2f} | {target} | {floor_name} | {floor_cell} | {verdict} |")
         lines.append("")
+    beside = [(name, r) for name, r in results.items() if name.split()[0] in FLOORS_BESIDE and "floor" in r]
+    if beside:
+        lines += [
+            "## APISIX rows beside their floors",
+            "",
+            "APISIX's rows have no targets; each runs beside the SDK filter doing only its host work (A0b, A0c),"
+            " in the same rounds, against the same baseline runs. The filter's own work is the difference in"
+            " nginx CPU per request.",
+            "",
+            "| scenario | ratio | floor | floor ratio | nginx CPU per request: floor → filter |",
+            "|---|---:|---|---:|---:|",
+        ]
+        for name, r in beside:
+            floor_name = floor_of(name.split()[0])[0]
+            lines.append(f"| {name} | {r['ratio']:.2f} | {floor_name.split()[0]} | {r['floor']['ratio']:.2f} |"
+                         f" {r['floor']['cpu_us']:.0f} → {r['filter']['cpu_us']:.0f} µs |")
+        lines.append("")
     batched = {name: r for name, r in results.items() if r["filter_stats"].get("store_calls")}
     if batched:
         lines += [
@@ -643,7 +682,7 @@ def main():
             if store.startswith("apisix") and not runtime_built():
                 print(f"{name}: skipped (make apisix-runtime first)", flush=True)
                 continue
-            needs_store = store.startswith("redis") or store in ("ref:store-call", "apisix",
+            needs_store = store.startswith(("redis", "apisix-sdk:")) or store in ("ref:store-call", "apisix",
                                                                  "sdk:sdk-redis-fresh-floor")
             r = run_scenario(name, store, mode, body, args, nginx, store_backend() if needs_store else None,
                              floor_store=floor_of(name.split()[0])[1])
@@ -653,7 +692,7 @@ def main():
                   f"  envoy cpu/req {r['baseline']['cpu_us']:.0f} -> {r['filter']['cpu_us']:.0f} us"
                   f"  busy {r['baseline']['busy']:.0%} -> {r['filter']['busy']:.0%}"
                   f"  redis/webdis cpu/req {r['filter']['redis_cpu_us']:.0f}/{r['filter']['webdis_cpu_us']:.0f} us"
-                  f"  {r['filter_stats']}" + (f"  floor alongside {r['floor']['ratio']:.2f}" if "floor" in r else ""),
+                  f"  {r['filter_stats']}" + (f"  floor alongside {r['floor']['ratio']:.2f} ({r['floor']['cpu_us']:.0f} us)" if "floor" in r else ""),
                   flush=True)
         for name, ratio, target, _, floor_ratio, verdict in target_rows(results):
             floor_text = "" if floor_ratio is None else f" floor {floor_ratio:.2f}"

@@ -446,12 +446,14 @@ fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
     // slow answer loses its claim and a retry runs again.
     if let Some(f) = forward.as_ref().filter(|_| !platform.has_tick()) {
         // Redis starts the lock when it runs the claim: the claim's answer,
-        // the forwarded call and the record's write all come after.
+        // the forwarded call and the record's write all come after, and
+        // the record goes twice (by SHA-1, then by source) if Redis lost
+        // its scripts meanwhile.
         let store_ms = store_call_ms(&store);
-        if raw.lock_timeout_seconds.saturating_mul(1000) <= f.timeout_ms + 2 * store_ms {
+        if raw.lock_timeout_seconds.saturating_mul(1000) <= f.timeout_ms + 3 * store_ms {
             return Err(err(
                 "lock_timeout_seconds",
-                format!("must be longer than forward.timeout_ms plus twice store.timeout_ms (the claim's answer and the record) on APISIX, which has no tick to renew the claims of running requests (got {} s for {} + 2 x {} ms): raise it, or lower the timeouts", raw.lock_timeout_seconds, f.timeout_ms, store_ms),
+                format!("must be longer than forward.timeout_ms plus three times store.timeout_ms (the claim's answer, and the record, sent twice after a NOSCRIPT) on APISIX, which has no tick to renew the claims of running requests (got {} s for {} + 3 x {} ms): raise it, or lower the timeouts", raw.lock_timeout_seconds, f.timeout_ms, store_ms),
             ));
         }
     }
@@ -808,7 +810,7 @@ mod tests {
             (r#"{"max_key_length":0}"#, "invalid configuration: max_key_length: must be between 1 and 8192 (got 0)"),
             (r#"{"lock_timeout_seconds":1}"#, "invalid configuration: lock_timeout_seconds: must be longer than 1.5 s on Envoy, where the claims of running requests are renewed from a tick, so that each renewal lands before the lock runs out (got 1 s); a renewal is sent at the next one-second tick: raise it"),
             (r#"{"lock_timeout_seconds":4,"store":{"type":"redis","cluster":"r"}}"#, "invalid configuration: lock_timeout_seconds: must be longer than 4.5 s on Envoy, where the claims of running requests are renewed from a tick, so that each renewal lands before the lock runs out (got 4 s); a renewal is sent at the next one-second tick and may take three times store.timeout_ms (500 ms) to land, behind the batch in flight: raise it, or lower store.timeout_ms"),
-            (r#"{"host":"apisix","lock_timeout_seconds":10,"store":{"type":"redis","cluster":"r:1"},"forward":{"upstream":"u:1","timeout_ms":9000}}"#, "invalid configuration: lock_timeout_seconds: must be longer than forward.timeout_ms plus twice store.timeout_ms (the claim's answer and the record) on APISIX, which has no tick to renew the claims of running requests (got 10 s for 9000 + 2 x 500 ms): raise it, or lower the timeouts"),
+            (r#"{"host":"apisix","lock_timeout_seconds":10,"store":{"type":"redis","cluster":"r:1"},"forward":{"upstream":"u:1","timeout_ms":9000}}"#, "invalid configuration: lock_timeout_seconds: must be longer than forward.timeout_ms plus three times store.timeout_ms (the claim's answer, and the record, sent twice after a NOSCRIPT) on APISIX, which has no tick to renew the claims of running requests (got 10 s for 9000 + 3 x 500 ms): raise it, or lower the timeouts"),
             (r#"{"generate_missing":true,"max_key_length":20}"#, "invalid configuration: max_key_length: must be at least 36 when generate_missing is true, the length of a generated UUID (got 20)"),
             (r#"{"required":true,"generate_missing":true}"#, "invalid configuration: generate_missing: cannot be true together with \"required\": a generated key means a missing key is never rejected; set one of them to false"),
             (r#"{"max_request_body_bytes":100000000}"#, "invalid configuration: max_request_body_bytes: must be at most 67108864 (got 100000000)"),

@@ -18,6 +18,16 @@ pub struct FakeRedis {
     pub script_loaded: Cell<bool>,
 }
 
+impl FakeRedis {
+    /// A Redis that has run the script before (the usual case): `EVALSHA`
+    /// works from the first call.
+    pub fn with_script() -> FakeRedis {
+        let redis = FakeRedis::default();
+        redis.script_loaded.set(true);
+        redis
+    }
+}
+
 pub fn pct_decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
         .decode_utf8()

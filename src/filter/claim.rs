@@ -185,7 +185,7 @@ impl Filter {
             // Nothing to cancel.
             StoreStep::Done(_) => return self.store_failed(host, e),
         };
-        let call = match ctx.store.send(host, op) {
+        let call = match self.send_op(host, op) {
             Ok(call) => call,
             Err(cancel_error) => {
                 host.log(

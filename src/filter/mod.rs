@@ -55,7 +55,7 @@ use crate::config::Config;
 use crate::fingerprint::{Digest16, Fingerprinter};
 use crate::host::{Host, HostError};
 use crate::metrics::Metric;
-use crate::store::batch::{single_answer, OpReply};
+use crate::store::batch::{single_answer, OpReply, RedisOp};
 use crate::store::renewals::Renewals;
 use crate::store::{Held, PendingClaim, Store, StoreError, StoreStep, Write};
 use capture::Capture;
@@ -160,6 +160,9 @@ pub struct Filter {
     renewing: Option<u64>,
     /// The record being written is the `outcome-unknown` problem.
     recording_unknown: bool,
+    /// The store operation out, where it went alone by SHA-1 (APISIX): sent
+    /// again by source if Redis answers `NOSCRIPT`.
+    noscript_resend: Option<RedisOp>,
 }
 
 impl Drop for Filter {
@@ -178,6 +181,7 @@ impl Filter {
             client_gone: false,
             renewing: None,
             recording_unknown: false,
+            noscript_resend: None,
         }
     }
 
@@ -204,14 +208,21 @@ impl Filter {
 
     /// The one path of every store operation: send the call if it asks
     /// for one; otherwise (or if it cannot be sent) its result is here.
-    fn send<T, P>(&self, host: &impl Host, step: StoreStep<T, P>) -> Sent<T, P> {
+    fn send<T, P>(&mut self, host: &impl Host, step: StoreStep<T, P>) -> Sent<T, P> {
         match step {
             StoreStep::Done(result) => Sent::Done(result),
-            StoreStep::Call(op, pending) => match self.ctx.store.send(host, op) {
+            StoreStep::Call(op, pending) => match self.send_op(host, op) {
                 Ok(call) => Sent::Waiting(call, pending),
                 Err(e) => Sent::Done(Err(e)),
             },
         }
+    }
+
+    /// Sends one store operation, keeping it where it may have to go again.
+    fn send_op(&mut self, host: &impl Host, op: RedisOp) -> Result<u32, StoreError> {
+        let sent = self.ctx.store.send(host, op)?;
+        self.noscript_resend = sent.by_sha;
+        Ok(sent.call)
     }
 
     /// Holds the exchange until call `call` answers; `then` says what for.
@@ -319,8 +330,33 @@ impl Filter {
             Then::Upstream { held, sent_ms } => {
                 self.upstream_answered(host, held, sent_ms, response);
             }
-            then => self.store_replied(host, then, single_answer(response.status, &response.body)),
+            then => match single_answer(response.status, &response.body) {
+                Some(reply) => {
+                    self.noscript_resend = None;
+                    self.store_replied(host, then, reply);
+                }
+                None => self.resend_by_source(host, then),
+            },
         }
+    }
+
+    /// Redis answered `NOSCRIPT` to an operation sent alone by SHA-1 (it
+    /// restarted, or its scripts were flushed): nothing ran, so the same
+    /// operation goes again, once, with the script's source.
+    fn resend_by_source(&mut self, host: &impl Host, then: Then) {
+        let reply = match self.noscript_resend.take() {
+            Some(op) => match self.ctx.store.send_by_source(host, &op) {
+                Ok(call) => {
+                    self.wait(call, then);
+                    return;
+                }
+                Err(e) => Err(e),
+            },
+            None => Err(StoreError::Unavailable(
+                "redis: NOSCRIPT for a script sent by source".to_string(),
+            )),
+        };
+        self.store_replied(host, then, reply);
     }
 
     /// The reply to a store operation this request sent in a batch.

@@ -172,16 +172,16 @@ pub fn answer(status: Option<u16>, body: &[u8], count: usize) -> BatchAnswer {
     }
 }
 
-/// The answer to a call that carried one operation (sent by source, so
-/// never `NOSCRIPT`).
-pub fn single_answer(status: Option<u16>, body: &[u8]) -> OpReply {
+/// The answer to a call that carried one operation: its reply, or `None`
+/// where Redis answered `NOSCRIPT` (sent by SHA-1; nothing ran).
+pub fn single_answer(status: Option<u16>, body: &[u8]) -> Option<OpReply> {
     match answer(status, body, 1) {
-        BatchAnswer::Each(mut replies) => replies
-            .pop()
-            .unwrap_or(Err(StoreError::Corrupt("batch reply of the wrong shape"))),
-        BatchAnswer::NoScript => Err(StoreError::Unavailable(
-            "redis: NOSCRIPT for a script sent by source".to_string(),
-        )),
+        BatchAnswer::Each(mut replies) => Some(
+            replies
+                .pop()
+                .unwrap_or(Err(StoreError::Corrupt("batch reply of the wrong shape"))),
+        ),
+        BatchAnswer::NoScript => None,
     }
 }
 
@@ -266,7 +266,14 @@ mod tests {
         ));
         assert_eq!(
             single_answer(Some(200), br#"{"EVAL":["1"]}"#),
-            Ok("1".into())
+            Some(Ok("1".into()))
+        );
+        assert_eq!(
+            single_answer(
+                Some(200),
+                br#"{"EVALSHA":[false,"NOSCRIPT No matching script."]}"#
+            ),
+            None
         );
     }
 }

@@ -36,6 +36,7 @@ use crate::record::StoredResponse;
 use batch::{OpReply, RedisOp};
 use budget::SpaceEffects;
 use cached::CachedRedis;
+pub use cached::SentOp;
 use local::LocalTable;
 use redis::{CancelOutcome, OnUnavailable};
 use std::fmt;
@@ -175,11 +176,20 @@ impl Store {
         }
     }
 
-    /// Sends a step's operation; its reply comes back with the returned id.
-    pub fn send(&self, host: &impl Host, op: RedisOp) -> Result<u32, StoreError> {
+    /// Sends a step's operation; its reply comes back with the call's id.
+    pub fn send(&self, host: &impl Host, op: RedisOp) -> Result<SentOp, StoreError> {
         match self {
             Store::Local { .. } => Err(no_call()),
             Store::Redis(redis) => redis.send(host, op),
+        }
+    }
+
+    /// Sends again by source an operation sent alone by SHA-1 that Redis
+    /// answered `NOSCRIPT`.
+    pub fn send_by_source(&self, host: &impl Host, op: &RedisOp) -> Result<u32, StoreError> {
+        match self {
+            Store::Local { .. } => Err(no_call()),
+            Store::Redis(redis) => redis.send_by_source(host, op),
         }
     }
 

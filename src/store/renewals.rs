@@ -19,8 +19,9 @@
 //! after the send, so the store's deadline is never earlier than ours.
 //!
 //! Platforms without a tick (APISIX) never register claims: there the lock
-//! timeout must outlast `forward.timeout_ms` plus twice `store.timeout_ms`
-//! (the claim's answer and the record), which the configuration checks.
+//! timeout must outlast `forward.timeout_ms` plus three times
+//! `store.timeout_ms` (the claim's answer, and the record, sent twice after
+//! a `NOSCRIPT`), which the configuration checks.
 
 use super::Held;
 use std::cell::RefCell;

@@ -158,13 +158,14 @@ def renewable_timeouts(config):
 
 def no_tick_timeouts(config):
     """Where claims cannot be renewed (APISIX and its profile), the lock must
-    outlast the forward timeout plus two store calls (the claim's answer and
-    the record): a profile with a short lock gets shorter ones (a fifth of it
-    for each store call, half for the upstream), leaving a tenth to spare."""
+    outlast the forward timeout plus three store calls (the claim's answer,
+    and the record sent twice after a NOSCRIPT): a profile with a short lock
+    gets shorter ones (an eighth of it for each store call, half for the
+    upstream), leaving an eighth to spare."""
     lock_ms = config.get("lock_timeout_seconds", 30) * 1000
     store = config.get("store", {})
     if store.get("type") == "redis":
-        store["timeout_ms"] = min(store.get("timeout_ms", 500), lock_ms // 5)
+        store["timeout_ms"] = min(store.get("timeout_ms", 500), lock_ms // 8)
     forward = config.setdefault("forward", {})
     forward.setdefault("timeout_ms", min(25_000, lock_ms // 2))
     return config

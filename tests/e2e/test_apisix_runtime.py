@@ -4,12 +4,14 @@ reload with keys in flight, and routes with their own configurations,
 including a bad one. The semantics shared with Envoy run in the other files,
 on the `apisix` gateway kind."""
 
+import re
+import subprocess
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ApisixRuntime, apisix_conf, post, problem, redis_store, wait_for
+from conftest import ApisixRuntime, RedisBackend, apisix_conf, post, problem, redis_store, wait_for
 from test_redis_fleet import Fleet, assert_concurrent_duplicates_run_once
 
 
@@ -164,3 +166,39 @@ def test_the_shipped_standalone_routes_run_as_documented(upstream, redis_backend
         assert upstream.executions(key) == 1
     finally:
         gw.stop()
+
+
+def script_calls(backend):
+    """How many EVAL (by source) and EVALSHA calls this Redis has run."""
+    out = subprocess.run(["redis-cli", "-p", str(backend.redis_port), "INFO", "commandstats"],
+                         capture_output=True, text=True, check=True).stdout
+    calls = dict(re.findall(r"^cmdstat_(eval|evalsha):calls=(\d+)", out, re.M))
+    return int(calls.get("eval", 0)), int(calls.get("evalsha", 0))
+
+
+def test_store_calls_go_by_sha_and_by_source_only_after_redis_lost_the_script(upstream, tmp_path, key):
+    """Each operation goes alone on APISIX: by SHA-1, and again by source only
+    where Redis answers NOSCRIPT (a new Redis, or one whose scripts were
+    flushed), so the 1.5 KB script does not travel on every call."""
+    backend = RedisBackend(workdir=str(tmp_path)).start()
+    gw = ApisixRuntime(apisix_conf({"store": redis_store("sha:")}, upstream, backend), upstream.port,
+                       workers=1).start()
+    try:
+        keys = [f"{key}-{i}" for i in range(5)]
+        for k in keys:
+            assert post(gw, k)[0] == 201
+            assert post(gw, k)[1].get("idempotent-replayed") == "true"
+        by_source, by_sha = script_calls(backend)
+        assert by_source == 1, "the source once: the first claim, after NOSCRIPT"
+        assert by_sha >= 3 * len(keys), "claims, records and replays by SHA-1"
+        subprocess.run(["redis-cli", "-p", str(backend.redis_port), "SCRIPT", "FLUSH"], check=True,
+                       capture_output=True)
+        after = key + "-after-flush"
+        s, h, _ = post(gw, after)
+        assert s == 201 and "idempotent-replayed" not in h
+        assert post(gw, after)[1].get("idempotent-replayed") == "true"
+        assert script_calls(backend)[0] == 2, "sent by source once more"
+        assert all(upstream.executions(k) == 1 for k in keys + [after])
+    finally:
+        gw.stop()
+        backend.stop()

@@ -153,7 +153,7 @@ def test_a_response_slower_than_the_lock_timeout(gateways, upstream):
     retries meanwhile get 409, and its late answer is recorded. APISIX has no
     tick: there the lock must outlast forward.timeout_ms (the configuration
     checks it), and a call that times out has an unknown outcome."""
-    lock = gateways("lock")  # lock_timeout_seconds 4 (APISIX: forward.timeout_ms 2000, store 800)
+    lock = gateways("lock")  # lock_timeout_seconds 4 (APISIX: forward.timeout_ms 2000, store 500)
     key = k("slow")
     before = lock.stats()["claims_renewed"] if lock.has_metrics else None
     with ThreadPoolExecutor(1) as pool:

@@ -16,6 +16,9 @@
 //!   size, a 1 KiB local response.
 //! * `sdk-redis-fresh-floor`: the same for a fresh key on the Redis store,
 //!   with the worker's group commit ([`redis_floor`]).
+//! * `sdk-apisix-replay-floor` and `sdk-apisix-fresh-floor`: the same on
+//!   APISIX's runtime, one call at a time within the request
+//!   ([`apisix_floor`]).
 //! * any other configuration: no-op, every callback answers Continue: what
 //!   any SDK filter costs the host (VM entries per request).
 //!
@@ -24,6 +27,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::rc::Rc;
 
+mod apisix_floor;
 mod redis_floor;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -37,6 +41,8 @@ struct Root {
     id: u32,
     mode: Mode,
     redis: Option<Rc<redis_floor::Worker>>,
+    /// APISIX floors: Webdis and the upstream, and whether keys are fresh.
+    apisix: Option<(String, String, bool)>,
 }
 
 impl Context for Root {
@@ -51,6 +57,15 @@ impl RootContext for Root {
     fn on_configure(&mut self, _: usize) -> bool {
         let config = self.get_plugin_configuration().unwrap_or_default();
         let has = |s: &[u8]| config.windows(s.len()).any(|w| w == s);
+        if has(b"sdk-apisix-replay-floor") || has(b"sdk-apisix-fresh-floor") {
+            let text = String::from_utf8_lossy(&config);
+            self.apisix = Some((
+                apisix_floor::field(&text, "store"),
+                apisix_floor::field(&text, "upstream"),
+                has(b"sdk-apisix-fresh-floor"),
+            ));
+            return true;
+        }
         if has(b"sdk-redis-fresh-floor") {
             self.redis = Some(redis_floor::Worker::new(self.id));
             return true;
@@ -74,6 +89,13 @@ impl RootContext for Root {
     fn create_http_context(&self, id: u32) -> Option<Box<dyn HttpContext>> {
         if let Some(worker) = &self.redis {
             return Some(Box::new(redis_floor::Stream::new(worker.clone(), id)));
+        }
+        if let Some((store, upstream, fresh)) = &self.apisix {
+            return Some(Box::new(apisix_floor::Stream::new(
+                store.clone(),
+                upstream.clone(),
+                *fresh,
+            )));
         }
         Some(Box::new(Stream {
             mode: self.mode,
@@ -182,6 +204,6 @@ impl HttpContext for Stream {
 
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> {
-        Box::new(Root { id, mode: Mode::Noop, redis: None })
+        Box::new(Root { id, mode: Mode::Noop, redis: None, apisix: None })
     });
 }}

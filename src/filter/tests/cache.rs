@@ -17,7 +17,7 @@ fn recorded_and_retried(host: &FakeHost, redis: &FakeRedis, c: &Rc<FilterContext
 #[test]
 fn recording_a_key_does_not_fill_the_cache() {
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = cached_redis_ctx();
     let sets = host.shared.sets.get();
     let mut f = redis_post(&host, &redis, &c, "k");
@@ -39,7 +39,7 @@ fn recording_a_key_does_not_fill_the_cache() {
 #[test]
 fn the_replay_cache_answers_further_retries_of_a_replayed_key() {
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = cached_redis_ctx();
     recorded_and_retried(&host, &redis, &c, "k");
     // The next retry is replayed from the cache: no further call.
@@ -57,7 +57,7 @@ fn the_replay_cache_answers_further_retries_of_a_replayed_key() {
 #[test]
 fn configurations_with_other_redis_namespaces_do_not_share_a_cache() {
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let a = cached_redis_ctx();
     recorded_and_retried(&host, &redis, &a, "k");
     assert_eq!(post_answered_locally(&host, &a, "k", b""), 201);
@@ -73,7 +73,7 @@ fn configurations_with_other_redis_namespaces_do_not_share_a_cache() {
 
 #[test]
 fn records_from_other_gateways_are_cached_until_redis_expires_them() {
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = cached_redis_ctx();
     let a = FakeHost::default();
     let mut f = redis_post(&a, &redis, &c, "k");
@@ -99,7 +99,7 @@ fn records_from_other_gateways_are_cached_until_redis_expires_them() {
 #[test]
 fn released_and_failed_writes_are_not_cached() {
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = cached_redis_ctx();
     // A 5xx releases the key: nothing to cache, the retry asks Redis.
     let mut f = redis_post(&host, &redis, &c, "k");
@@ -125,7 +125,7 @@ fn an_outcome_unknown_record_is_never_cached() {
     // Support forgets such a key in Redis once it has checked what happened;
     // a cached copy would go on answering for the TTL.
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = cached_redis_ctx();
     let mut f = redis_post(&host, &redis, &c, "k");
     f.on_done(&host); // the client left mid-response: the outcome is unknown
@@ -147,7 +147,7 @@ fn an_outcome_unknown_record_is_never_cached() {
 #[test]
 fn the_replay_cache_keeps_only_what_fits_its_byte_budget() {
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c =
         ctx(r#"{"store":{"type":"redis","cluster":"webdis","cache_entries":16,"max_bytes":4096}}"#);
     recorded_and_retried(&host, &redis, &c, "small");

@@ -8,7 +8,7 @@ const APISIX: &str = r#"{"host":"apisix","store":{"type":"redis","cluster":"127.
 #[test]
 fn apisix_forwarding_claims_forwards_records_then_answers() {
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = ctx(APISIX);
     let hs: Vec<(&str, &str)> = vec![
         (":method", "POST"),
@@ -117,7 +117,7 @@ fn apisix_always_asks_for_the_body_and_decides_in_its_callback() {
 #[test]
 fn forwarding_to_a_silent_upstream_releases_and_answers_502() {
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = ctx(APISIX);
     let hs: Vec<(&str, &str)> = vec![
         (":method", "POST"),
@@ -152,7 +152,7 @@ fn forwarding_to_a_silent_upstream_releases_and_answers_502() {
 #[test]
 fn a_forwarded_call_that_times_out_has_an_unknown_outcome() {
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = ctx(APISIX); // forward.timeout_ms: 25000 (the default)
     let hs: Vec<(&str, &str)> = vec![
         (":method", "POST"),
@@ -191,7 +191,7 @@ const ENVOY_FORWARD: &str = r#"{"forward":{"upstream":"up"},"store":{"type":"red
 #[test]
 fn a_client_that_left_still_gets_its_answer_recorded() {
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = ctx(ENVOY_FORWARD);
     let mut f = redis_post(&host, &redis, &c, "gone");
     let upstream = host.last_call_to("up").unwrap();
@@ -225,7 +225,7 @@ fn a_client_that_left_still_gets_its_answer_recorded() {
 #[test]
 fn a_claim_that_lands_after_its_client_left_is_released() {
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = ctx(ENVOY_FORWARD);
     host.reset_exchange(&keyed("late"), b"");
     let mut f = Filter::new(c.clone());
@@ -264,7 +264,7 @@ fn a_call_that_could_not_be_sent_later_is_decided_as_if_at_once() {
 #[test]
 fn a_claim_that_times_out_after_its_client_left_is_cancelled() {
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = ctx(ENVOY_FORWARD);
     host.reset_exchange(&keyed("slow"), b"");
     let mut f = Filter::new(c);
@@ -291,7 +291,7 @@ fn an_upstream_call_envoy_refuses_to_send_releases_the_key() {
     // way nothing reached the upstream.
     for later in [false, true] {
         let host = FakeHost::default();
-        let redis = FakeRedis::default();
+        let redis = FakeRedis::with_script();
         let c = ctx(ENVOY_FORWARD);
         host.reset_exchange(&keyed("refused"), b"");
         let mut f = Filter::new(c);
@@ -336,7 +336,7 @@ fn envoys_control_headers_are_not_forwarded_on_envoy_only() {
     // APISIX's calls know nothing of them: they go as the client sent them.
     for (config, kept) in [(ENVOY_FORWARD, false), (APISIX, true)] {
         let host = FakeHost::default();
-        let redis = FakeRedis::default();
+        let redis = FakeRedis::with_script();
         let c = ctx(config);
         let hs: [(&str, &str); 6] = [
             (":method", "POST"),

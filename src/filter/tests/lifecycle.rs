@@ -172,7 +172,7 @@ fn exchange(
 fn lifecycle() {
     for case in CASES {
         let host = FakeHost::default().at(1_000_000);
-        let redis = FakeRedis::default();
+        let redis = FakeRedis::with_script();
         let mut c = FilterContext::new(Config::parse(case.config.as_bytes()).unwrap());
         c.store.init(&host).unwrap();
         let c = Rc::new(c);

@@ -10,7 +10,7 @@ fn redis_outcomes_follow_the_store_answers() {
         String::from_utf8(props.last().unwrap().1.clone()).unwrap()
     };
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = ctx(
         r#"{"outcome_property":"o","store":{"type":"redis","cluster":"webdis","cache_entries":0}}"#,
     );
@@ -47,7 +47,7 @@ fn redis_outcomes_follow_the_store_answers() {
 #[test]
 fn redis_flow_claim_forward_record_replay() {
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = redis_ctx("");
     let mut f = redis_post(&host, &redis, &c, "k");
     assert_eq!(host.call(redis.last(&host, Op::Claim)).upstream, "webdis");
@@ -78,7 +78,7 @@ fn redis_flow_claim_forward_record_replay() {
 #[test]
 fn a_content_length_response_completes_at_its_last_byte() {
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let mut f = redis_post(&host, &redis, &redis_ctx(""), "cl");
     host.set_response(&[(":status", "200"), ("content-length", "6")]);
     assert_eq!(f.on_response_headers(&host, false), Verdict::Continue);
@@ -100,7 +100,7 @@ fn a_content_length_response_completes_at_its_last_byte() {
 #[test]
 fn redis_in_flight_mismatch_and_release() {
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = redis_ctx("");
     let run = |key: &str, body: &[u8]| -> Filter {
         let hs = keyed(key);
@@ -168,7 +168,7 @@ fn redis_unavailable_rejects_or_allows() {
 fn a_timed_out_claim_is_cancelled_whichever_lands_first() {
     let hs = keyed("k");
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = redis_ctx("");
     let start = |host: &FakeHost| {
         host.reset_exchange(&hs, b"");
@@ -292,7 +292,7 @@ fn apisix_answers_a_timed_out_claim_after_its_cancel() {
         ("idempotency-key", "k"),
     ];
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     host.reset_exchange(&hs, b"{}");
     let mut f = Filter::new(c);
     f.on_request_headers(&host, false);
@@ -354,7 +354,7 @@ fn redis_calls_carry_authority_and_basic_auth() {
 #[test]
 fn an_exchange_that_ends_mid_response_records_outcome_unknown_in_redis() {
     let host = FakeHost::default();
-    let redis = FakeRedis::default();
+    let redis = FakeRedis::with_script();
     let c = ctx(
         r#"{"outcome_property":"o","store":{"type":"redis","cluster":"webdis","cache_entries":0}}"#,
     );
@@ -379,4 +379,44 @@ fn an_exchange_that_ends_mid_response_records_outcome_unknown_in_redis() {
     let retry = redis_post(&host, &redis, &redis_ctx(""), "k");
     assert!(!retry.waiting());
     assert_eq!(host.sent_status(), Some(502));
+}
+
+/// An operation sent alone (APISIX) goes by SHA-1. A Redis without the
+/// script (restarted, flushed) answers `NOSCRIPT`: nothing ran, and the same
+/// operation goes again once, by source. `NOSCRIPT` to the source itself
+/// fails the operation.
+#[test]
+fn an_operation_sent_alone_goes_by_sha_and_again_by_source_after_noscript() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::default();
+    let c = redis_ctx("");
+    let path = |id: u32| host.call(id).header(":path").unwrap().to_string();
+    host.reset_exchange(&keyed("k"), b"");
+    let mut f = Filter::new(c.clone());
+    assert_eq!(f.on_request_headers(&host, true), Verdict::Pause);
+    let by_sha = redis.last(&host, Op::Claim);
+    assert!(path(by_sha).starts_with("/EVALSHA/"));
+    f.on_store_response(&host, by_sha, Some(200), &redis.answer(&host, by_sha));
+    assert!(redis.data.borrow().is_empty(), "NOSCRIPT: nothing ran");
+    let by_source = redis.last(&host, Op::Claim);
+    assert_ne!(by_source, by_sha, "sent again");
+    assert!(path(by_source).starts_with("/EVAL/"));
+    f.on_store_response(&host, by_source, Some(200), &redis.answer(&host, by_source));
+    assert_eq!(host.resumed_requests.get(), 1, "claimed: forwarded");
+    complete_paid(&host, &redis, &mut f);
+    assert!(path(redis.last(&host, Op::Record)).starts_with("/EVALSHA/"));
+    assert_eq!(host.metric(Metric::Stored), 1);
+    assert_eq!(host.metric(Metric::StoreErrors), 0);
+    assert_eq!(host.metric(Metric::StoreCalls), 3);
+
+    host.reset_exchange(&keyed("k2"), b"");
+    let mut f = Filter::new(c.clone());
+    f.on_request_headers(&host, true);
+    let noscript = br#"{"EVALSHA":[false,"NOSCRIPT No matching script."]}"#;
+    store_answers(&host, &mut f, Op::Claim, Some(200), noscript);
+    let calls = host.call_count();
+    store_answers(&host, &mut f, Op::Claim, Some(200), noscript);
+    assert_eq!(host.call_count(), calls, "sent by source once only");
+    assert_eq!(host.sent_status(), Some(503));
+    assert_eq!(host.metric(Metric::StoreErrors), 1);
 }

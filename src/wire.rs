@@ -307,14 +307,8 @@ const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// Percent-encodes one URL path segment: everything but unreserved characters.
-pub fn percent_encode_segment(s: &[u8]) -> String {
-    let mut out = String::with_capacity(s.len());
-    push_percent_encoded(&mut out, s);
-    out
-}
-
-/// Appends `s` to `out` as one percent-encoded URL path segment. Chunk by
+/// Appends `s` to `out` as one percent-encoded URL path segment (everything
+/// but unreserved characters). Chunk by
 /// chunk rather than through `Display` (`to_string`), whose formatter
 /// machinery per chunk cost most of a store call's path on APISIX's runtime.
 pub fn push_percent_encoded(out: &mut String, s: &[u8]) {
@@ -353,6 +347,12 @@ mod codec_tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    fn percent_encode_segment(s: &[u8]) -> String {
+        let mut out = String::new();
+        push_percent_encoded(&mut out, s);
+        out
     }
 
     #[test]

@@ -3,9 +3,7 @@
 //! implementation of [`Dialect`].
 
 use super::StoreError;
-use crate::wire::{percent_encode_segment, push_percent_encoded};
-use std::cell::RefCell;
-use std::rc::Rc;
+use crate::wire::push_percent_encoded;
 
 /// A Redis reply, as far as the store's script needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,10 +70,9 @@ impl Dialect for Webdis {
         let mut path = String::new();
         match script {
             Script::Source(source) => {
-                let segment = encoded_source(source);
-                path.reserve(segment.len() + 64);
+                path.reserve(source.len() * 2);
                 path.push_str("/EVAL/");
-                path.push_str(&segment);
+                push_percent_encoded(&mut path, source.as_bytes());
             }
             Script::Sha(sha) => {
                 path.push_str("/EVALSHA/");
@@ -131,31 +128,6 @@ impl Dialect for Webdis {
             _ => Err(StoreError::Corrupt("unexpected webdis reply")),
         }
     }
-}
-
-thread_local! {
-    /// The last script source sent by source, and its path segment.
-    static ENCODED_SOURCE: RefCell<Option<(String, Rc<str>)>> = const { RefCell::new(None) };
-}
-
-/// `source` as a path segment, encoded once per VM: a script is sent by
-/// source on every call where calls are not grouped (APISIX), and encoding
-/// its 1.6 KB there each time cost tens of µs of nginx per call. One entry:
-/// a VM sends one script (another source replaces it).
-fn encoded_source(source: &str) -> Rc<str> {
-    ENCODED_SOURCE.with(|cell| {
-        let Ok(mut last) = cell.try_borrow_mut() else {
-            return percent_encode_segment(source.as_bytes()).into();
-        };
-        match last.as_ref() {
-            Some((text, segment)) if text == source => segment.clone(),
-            _ => {
-                let segment: Rc<str> = percent_encode_segment(source.as_bytes()).into();
-                *last = Some((source.to_string(), segment.clone()));
-                segment
-            }
-        }
-    })
 }
 
 #[cfg(test)]

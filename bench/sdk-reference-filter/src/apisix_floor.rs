@@ -75,6 +75,11 @@ impl Stream {
 impl Context for Stream {
     fn on_http_call_response(&mut self, _: u32, _: usize, body_size: usize, _: usize) {
         let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+        // A store command Redis refused would make the floor do less than
+        // any store must: fail loudly (the request then fails in wrk's count).
+        if self.step != Step::Forwarding && body.starts_with(b"{") && body.windows(7).any(|w| w == b"[false,") {
+            panic!("webdis refused a floor command: {}", String::from_utf8_lossy(&body));
+        }
         match self.step {
             Step::Reading => {
                 if body.len() < 64 {
@@ -129,7 +134,14 @@ impl HttpContext for Stream {
         self.set_property(vec!["wasm_process_req_body"], Some(b"true"));
         for (name, value) in self.get_http_request_headers() {
             match name.as_str() {
-                "idempotency-key" => self.key = format!("apisix-floor/{value}"),
+                // Webdis splits its path at every `/`: a key without one.
+                "idempotency-key" => {
+                    let safe: String = value
+                        .chars()
+                        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+                        .collect();
+                    self.key = format!("apisix-floor-{safe}");
+                }
                 ":path" => self.path = value,
                 _ => {}
             }

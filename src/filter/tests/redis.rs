@@ -420,3 +420,64 @@ fn an_operation_sent_alone_goes_by_sha_and_again_by_source_after_noscript() {
     assert_eq!(host.sent_status(), Some(503));
     assert_eq!(host.metric(Metric::StoreErrors), 1);
 }
+
+/// `NOSCRIPT` to a record sends the record again, and to a cancel the
+/// cancel: the operation kept is always the one whose answer it was.
+#[test]
+fn noscript_resends_the_record_or_the_cancel_it_answered() {
+    let noscript = br#"{"EVALSHA":[false,"NOSCRIPT No matching script."]}"#;
+    let path = |host: &FakeHost, id: u32| host.call(id).header(":path").unwrap().to_string();
+    // The record: the held response goes on once the source has landed.
+    let host = FakeHost::default();
+    let redis = FakeRedis::with_script();
+    let mut f = redis_post(&host, &redis, &redis_ctx(""), "k");
+    host.set_response(&[(":status", "201")]);
+    f.on_response_headers(&host, false);
+    host.set_response_chunk(b"paid");
+    assert_eq!(f.on_response_body(&host, 4, true), Verdict::Pause);
+    let by_sha = redis.last(&host, Op::Record);
+    f.on_store_response(&host, by_sha, Some(200), noscript);
+    let by_source = redis.last(&host, Op::Record);
+    assert_ne!(by_source, by_sha, "the record, sent again");
+    assert!(path(&host, by_source).starts_with("/EVAL/"));
+    assert_eq!(host.resumed_responses.get(), 0, "held until recorded");
+    redis_answers(&host, &redis, &mut f, Op::Record);
+    assert_eq!(host.resumed_responses.get(), 1);
+    assert_eq!(host.metric(Metric::Stored), 1);
+    assert_eq!(host.metric(Metric::StoreErrors), 0);
+    // The cancel of a claim that got no answer (calls chained in the
+    // request, as on APISIX).
+    let host = FakeHost::default();
+    let redis = FakeRedis::with_script();
+    let c = ctx(
+        r#"{"host":"apisix-profile","forward":{"upstream":"up"},"store":{"type":"redis","cluster":"webdis"}}"#,
+    );
+    host.reset_exchange(
+        &[
+            (":method", "POST"),
+            (":path", "/p"),
+            (":authority", "a"),
+            ("idempotency-key", "k"),
+        ],
+        b"{}",
+    );
+    let mut f = Filter::new(c);
+    f.on_request_headers(&host, false);
+    f.on_request_body(&host, 2, true);
+    let claim = redis.last(&host, Op::Claim);
+    redis.answer(&host, claim);
+    f.on_store_response(&host, claim, None, b"");
+    let cancel = redis.last(&host, Op::Cancel);
+    f.on_store_response(&host, cancel, Some(200), noscript);
+    let again = host.call_count() as u32;
+    assert_eq!(
+        redis.last(&host, Op::Cancel),
+        again,
+        "the cancel, sent again"
+    );
+    assert!(path(&host, again).starts_with("/EVAL/"));
+    assert!(host.sent().is_none());
+    redis_answers(&host, &redis, &mut f, Op::Cancel);
+    assert_eq!(host.sent().unwrap().status, 503);
+    assert!(redis.data.borrow().is_empty(), "the claim was deleted");
+}

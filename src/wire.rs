@@ -308,9 +308,9 @@ const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'~');
 
 /// Appends `s` to `out` as one percent-encoded URL path segment (everything
-/// but unreserved characters). Chunk by
-/// chunk rather than through `Display` (`to_string`), whose formatter
-/// machinery per chunk cost most of a store call's path on APISIX's runtime.
+/// but unreserved characters). Chunk by chunk rather than through `Display`
+/// (`to_string`), whose formatter machinery per chunk cost most of a store
+/// call's path on APISIX's runtime.
 pub fn push_percent_encoded(out: &mut String, s: &[u8]) {
     for chunk in percent_encoding::percent_encode(s, SEGMENT) {
         out.push_str(chunk);

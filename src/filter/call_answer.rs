@@ -16,11 +16,13 @@ use crate::host::{CallResponse, HeaderList};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum CallAnswer {
-    /// What an upstream sent.
-    Upstream,
+    /// What an upstream sent, with this status.
+    Upstream(u16),
     /// The proxy's own answer, saying the request never reached an
     /// upstream: no healthy upstream, a connection that could not be
-    /// opened, a circuit breaker, a refused stream.
+    /// opened, a circuit breaker, a refused stream. On APISIX, which says
+    /// nothing, also no answer at all before the call's timeout: it cannot
+    /// be told from a connection that never opened.
     NeverSent,
     /// The request went out and nothing whole came back: a reset after it
     /// was sent, a stream cut after the answer had begun (no answer at
@@ -40,21 +42,25 @@ const NEVER_SENT_RESETS: [&str; 4] = [
 ];
 
 impl CallAnswer {
+    /// `response` came before the call's timeout (the caller decides a
+    /// call that lasted that long).
     pub(super) fn of(platform: Platform, response: &CallResponse) -> CallAnswer {
+        let marks = platform.marks_upstream_call_answers();
+        let Some(status) = response.status else {
+            return if marks {
+                CallAnswer::MayHaveActed
+            } else {
+                CallAnswer::NeverSent
+            };
+        };
         // An interim answer (1xx) taken for the final one: the real answer,
         // and whether the operation ran, were never read (APISIX's
         // resty.http reads a 103 Early Hints as the status).
-        if response.status.is_some_and(|s| s < 200) {
+        if status < 200 {
             return CallAnswer::MayHaveActed;
         }
-        if !platform.marks_upstream_call_answers() {
-            return CallAnswer::Upstream;
-        }
-        if response.status.is_none() {
-            return CallAnswer::MayHaveActed;
-        }
-        if marked_by_the_router(&response.headers) {
-            return CallAnswer::Upstream;
+        if !marks || marked_by_the_router(&response.headers) {
+            return CallAnswer::Upstream(status);
         }
         let text = String::from_utf8_lossy(&response.body);
         let text = text.trim();
@@ -107,8 +113,8 @@ mod tests {
         let retried = "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: ";
         let table: Vec<(Option<u16>, bool, String, CallAnswer)> = vec![
             // What an upstream sent, whatever its status.
-            (Some(503), true, "busy".into(), Upstream),
-            (Some(201), true, "{}".into(), Upstream),
+            (Some(503), true, "busy".into(), Upstream(503)),
+            (Some(201), true, "{}".into(), Upstream(201)),
             // Envoy's own, before the request left (bodies as Envoy 1.40 writes them).
             (
                 Some(503),
@@ -184,8 +190,11 @@ mod tests {
         // APISIX hands over only what an upstream sent, but may take an
         // interim answer for the final one.
         let overflow = answer(Some(503), false, &format!("{reset}overflow"));
-        assert_eq!(CallAnswer::of(Platform::Apisix, &overflow), Upstream);
+        assert_eq!(CallAnswer::of(Platform::Apisix, &overflow), Upstream(503));
         let early_hints = answer(Some(103), false, "");
         assert_eq!(CallAnswer::of(Platform::Apisix, &early_hints), MayHaveActed);
+        // No answer before the timeout: APISIX cannot say whether it left.
+        let silent = answer(None, false, "");
+        assert_eq!(CallAnswer::of(Platform::Apisix, &silent), NeverSent);
     }
 }

@@ -157,16 +157,10 @@ impl Filter {
         if no_answer && waited_ms >= timeout_ms {
             return self.outcome_unknown(host, held, true);
         }
-        match CallAnswer::of(cfg.platform, response) {
-            CallAnswer::Upstream => {}
+        let status = match CallAnswer::of(cfg.platform, response) {
+            CallAnswer::Upstream(status) => status,
             CallAnswer::NeverSent => return self.upstream_not_reached(host, held),
             CallAnswer::MayHaveActed => return self.outcome_unknown(host, held, true),
-        }
-        // No answer before the timeout (APISIX, which cannot tell a
-        // connection that never opened from a reset): released, as a call
-        // that could not be sent.
-        let Some(status) = response.status else {
-            return self.upstream_not_reached(host, held);
         };
         let relayed: HeaderList = response
             .headers

@@ -96,9 +96,7 @@ impl CachedRedis {
     /// of its own by SHA-1, the operation kept to go again by source.
     pub fn send(&self, host: &impl Host, op: RedisOp) -> Result<SentOp, StoreError> {
         if host.groups_store_ops() {
-            let call = host
-                .send_store_op(op)
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let call = host.send_store_op(op).map_err(StoreError::not_sent)?;
             return Ok(SentOp { call, by_sha: None });
         }
         let call = self.call_alone(host, &op, Script::Sha(BATCH_SCRIPT_SHA1))?;
@@ -134,7 +132,7 @@ impl CachedRedis {
                 request.body.as_deref(),
                 cfg.timeout_ms,
             )
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(StoreError::not_sent)?;
         host.metric_add(Metric::StoreCalls, 1);
         host.metric_add(Metric::StoreOperations, 1);
         Ok(call)

@@ -371,6 +371,13 @@ pub enum StoreError {
     NoRoom(&'static str),
 }
 
+impl StoreError {
+    /// A store call the host refused to send: it never reached Redis.
+    pub fn not_sent(e: HostError) -> StoreError {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
 impl From<HostError> for StoreError {
     fn from(e: HostError) -> Self {
         StoreError::Host(e)

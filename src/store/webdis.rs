@@ -67,18 +67,12 @@ impl Dialect for Webdis {
         args: &[&str],
         last: Option<&[u8]>,
     ) -> StoreRequest {
-        let mut path = String::new();
-        match script {
-            Script::Source(source) => {
-                path.reserve(source.len() * 2);
-                path.push_str("/EVAL/");
-                push_percent_encoded(&mut path, source.as_bytes());
-            }
-            Script::Sha(sha) => {
-                path.push_str("/EVALSHA/");
-                push_percent_encoded(&mut path, sha.as_bytes());
-            }
-        }
+        let (command, text) = match script {
+            Script::Source(source) => ("/EVAL/", source),
+            Script::Sha(sha) => ("/EVALSHA/", sha),
+        };
+        let mut path = String::from(command);
+        push_percent_encoded(&mut path, text.as_bytes());
         path.push('/');
         path.push_str(&keys.len().to_string());
         for part in keys.iter().chain(args.iter()) {

@@ -186,10 +186,7 @@ impl Owner {
                 batches.token.set(Some(token));
                 (Vec::new(), group.in_flight_ops())
             }
-            Err(e) => (
-                group.send_failed(&StoreError::Unavailable(e.to_string())),
-                0,
-            ),
+            Err(e) => (group.send_failed(&StoreError::not_sent(e)), 0),
         }
     }
 

@@ -48,6 +48,8 @@ PROFILES = {
     "one_bucket": {"store": {"type": "local", "max_entries": 16}},
     "put_only": {"methods": ["PUT"], "required": True},
     "opaque": {"key_syntax": "opaque"},
+    # The host named in the scope: one key on two hosts is two keys.
+    "host_scoped": {"scope_headers": ["authorization", ":authority"]},
     # Answers up to max_response_body_bytes (1 MiB) replayed whole; on the
     # local store that needs the room below (LOCAL_STORE).
     "large_records": {},

@@ -61,6 +61,7 @@ class Demo:
         while time.time() < deadline:
             line = self.proc.stdout.readline()
             if not line:
+                self.stop()
                 raise RuntimeError("the demo stopped:\n" + "".join(lines))
             lines.append(line)
             if line.startswith("Ctrl-C stops everything."):
@@ -90,13 +91,17 @@ class Demo:
         return out
 
     def stop(self):
-        if self.proc.poll() is None:
+        """Stops the demo's whole process group: what it started too, even
+        when the demo itself has already exited."""
+        try:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
 def trim(output):
@@ -105,8 +110,20 @@ def trim(output):
     return re.sub(rf"(?im)^({names}): .*\n", "", output)
 
 
+def started_demo(fleet, attempts=3):
+    """A Demo, started again on other ports when one it was given was taken
+    between the choice and the bind (another test's server, on a busy
+    machine): the demo then stops with "already in use"."""
+    for attempt in range(attempts):
+        try:
+            return Demo(fleet)
+        except RuntimeError as e:
+            if "already in use" not in str(e) or attempt == attempts - 1:
+                raise
+
+
 def walkthrough(fleet):
-    demo = Demo(fleet)
+    demo = started_demo(fleet)
     try:
         lines = []
         for comment, command in demo.steps():

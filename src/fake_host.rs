@@ -146,6 +146,8 @@ pub struct FakeHost {
     /// Calls to this upstream alone fail to be sent.
     pub refused_upstream: RefCell<Option<String>>,
     pub properties: RefCell<Vec<(String, Vec<u8>)>>,
+    /// As APISIX: the request's headers are listed only when it has `Host`.
+    pub lists_headers_only_with_host: Cell<bool>,
 }
 
 impl FakeHost {
@@ -281,7 +283,19 @@ impl SharedData for FakeHost {
 
 impl Host for FakeHost {
     fn request_headers(&self) -> Result<HeaderMap, HostError> {
-        Ok(HeaderMap::from_list(&self.request_headers.borrow()))
+        let headers = self.request_headers.borrow();
+        if self.lists_headers_only_with_host.get() && !headers.iter().any(|(n, _)| n == "host") {
+            return Err(HostError::no_host());
+        }
+        Ok(HeaderMap::from_list(&headers))
+    }
+    fn request_header(&self, name: &str) -> Result<Option<Vec<u8>>, HostError> {
+        Ok(self
+            .request_headers
+            .borrow()
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone()))
     }
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), HostError> {
         let mut h = self.request_headers.borrow_mut();

@@ -14,10 +14,30 @@ pub struct HostError {
     pub status: u32,
 }
 
+/// A status no proxy-wasm host returns: see [`HostError::no_host`].
+const NO_HOST: u32 = 1000;
+
 impl HostError {
     /// What this host does not do (proxy-wasm's `Unimplemented`).
     pub const fn unsupported(call: &'static str) -> HostError {
         HostError { call, status: 12 }
+    }
+
+    /// The request's headers cannot be listed: it has no `Host` header, and
+    /// APISIX's wasm-nginx-module (0.7.0) builds `:authority` from `Host`
+    /// for every listing without checking that there is one, so an
+    /// HTTP/1.0 request without it crashes the nginx worker (every request
+    /// on that worker fails, a forwarded one included). Single headers can
+    /// still be read.
+    pub const fn no_host() -> HostError {
+        HostError {
+            call: "get_header_map_pairs",
+            status: NO_HOST,
+        }
+    }
+
+    pub fn is_no_host(&self) -> bool {
+        self.status == NO_HOST
     }
 }
 
@@ -32,6 +52,7 @@ impl fmt::Display for HostError {
             8 => "CasMismatch",
             10 => "InternalFailure",
             12 => "Unimplemented",
+            NO_HOST => "no Host header",
             _ => "unknown status",
         };
         write!(f, "{} failed: {} ({})", self.call, name, self.status)
@@ -59,7 +80,11 @@ pub struct CallResponse {
 }
 
 pub trait Host: SharedData {
+    /// All the request's headers; [`HostError::no_host`] where the host
+    /// cannot list them.
     fn request_headers(&self) -> Result<HeaderMap, HostError>;
+    /// One request header's value (`None`: absent).
+    fn request_header(&self, name: &str) -> Result<Option<Vec<u8>>, HostError>;
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), HostError>;
     /// Bytes `start..start+len` of the request body seen so far.
     fn request_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError>;

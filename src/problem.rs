@@ -51,6 +51,17 @@ impl Problem {
         )
     }
 
+    /// A protected request whose headers the host cannot read (APISIX, an
+    /// HTTP/1.0 request without `Host`: see `HostError::no_host`).
+    pub fn host_required() -> Self {
+        Problem::new(
+            400,
+            "host-required",
+            "Host header required",
+            "A request protected by an idempotency key must carry a Host header. Send one (HTTP/1.1 clients always do).",
+        )
+    }
+
     pub fn invalid_key(reason: &str) -> Self {
         Problem::new(
             400,

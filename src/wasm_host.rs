@@ -57,6 +57,13 @@ extern "C" {
         return_data: *mut *mut u8,
         return_size: *mut usize,
     ) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
     fn proxy_replace_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -190,6 +197,21 @@ fn get_pairs(map_type: u32) -> Result<HeaderMap, HostError> {
         call: "get_header_map_pairs (decode)",
         status: 3,
     })
+}
+
+fn get_value(map_type: u32, name: &str) -> Result<Option<Vec<u8>>, HostError> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    match unsafe {
+        proxy_get_header_map_value(map_type, name.as_ptr(), name.len(), &mut data, &mut size)
+    } {
+        OK => Ok(Some(take_host_bytes(data, size))),
+        NOT_FOUND => Ok(None),
+        status => Err(HostError {
+            call: "get_header_map_value",
+            status,
+        }),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -355,6 +377,8 @@ struct WasmHost {
     pauses_for_body: bool,
     /// `host: "apisix-profile"`: APISIX's rules, enforced while in Envoy.
     rules: Option<ApisixRules>,
+    /// The request's headers are listed only when it has a `Host` header.
+    lists_headers_only_with_host: bool,
     /// Calls owned by the worker's root context (Envoy): made for this
     /// request, answered through the root.
     route: Option<owner::Route>,
@@ -380,6 +404,7 @@ impl WasmHost {
             metrics,
             pauses_for_body: platform.pauses_for_body(),
             rules: platform.checks_apisix_rules().then(ApisixRules::default),
+            lists_headers_only_with_host: platform.lists_headers_only_with_host(),
             route: None,
         }
     }
@@ -468,7 +493,14 @@ impl SharedData for WasmHost {
 
 impl Host for WasmHost {
     fn request_headers(&self) -> Result<HeaderMap, HostError> {
+        if self.lists_headers_only_with_host && get_value(MAP_REQUEST_HEADERS, "host")?.is_none() {
+            return Err(HostError::no_host());
+        }
         get_pairs(MAP_REQUEST_HEADERS)
+    }
+
+    fn request_header(&self, name: &str) -> Result<Option<Vec<u8>>, HostError> {
+        get_value(MAP_REQUEST_HEADERS, name)
     }
 
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), HostError> {

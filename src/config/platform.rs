@@ -93,6 +93,13 @@ impl Platform {
         !self.apisix_rules()
     }
 
+    /// Listing the request's headers needs a `Host` header (APISIX: see
+    /// `HostError::no_host`); Envoy always has `:authority`. (The APISIX
+    /// profile runs in Envoy, which refuses HTTP/1.0 requests by default.)
+    pub fn lists_headers_only_with_host(self) -> bool {
+        self == Platform::Apisix
+    }
+
     /// Testing aid: every host call is checked against APISIX's rules, and
     /// a violation traps.
     pub fn checks_apisix_rules(self) -> bool {

@@ -55,6 +55,7 @@ use crate::config::Config;
 use crate::fingerprint::{Digest16, Fingerprinter};
 use crate::host::{Host, HostError};
 use crate::metrics::Metric;
+use crate::problem::Problem;
 use crate::store::batch::{single_answer, OpReply, RedisOp};
 use crate::store::renewals::Renewals;
 use crate::store::{Held, PendingClaim, Store, StoreError, StoreStep, Write};
@@ -234,6 +235,7 @@ impl Filter {
     pub fn on_request_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Verdict {
         let headers = match host.request_headers() {
             Ok(h) => h,
+            Err(e) if e.is_no_host() => return self.without_host(host),
             Err(e) => return self.host_failure(host, e),
         };
         let ctx = self.ctx.clone();
@@ -258,6 +260,23 @@ impl Filter {
             Inspection::Protect(p) => p,
         };
         self.protect(host, protected, end_of_stream)
+    }
+
+    /// A request whose headers the host cannot list (no `Host`: see
+    /// [`HostError::no_host`]): its key and payload cannot be read, so a
+    /// protected method is refused; any other goes on, as it would without
+    /// the filter (health checks often speak HTTP/1.0).
+    fn without_host(&mut self, host: &impl Host) -> Verdict {
+        let method = match host.request_header(":method") {
+            Ok(m) => m.unwrap_or_default(),
+            Err(e) => return self.host_failure(host, e),
+        };
+        let protected = std::str::from_utf8(&method).is_ok_and(|m| self.cfg().protects(m));
+        if protected {
+            return self.answer(host, &Problem::host_required(), None);
+        }
+        self.phase = Phase::Passthrough;
+        Verdict::Continue
     }
 
     /// `body_size` is everything buffered so far; only the new bytes are read.

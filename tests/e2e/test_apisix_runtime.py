@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ApisixRuntime, RedisBackend, apisix_conf, post, problem, redis_store, wait_for
+from conftest import ApisixRuntime, RedisBackend, apisix_conf, post, problem, raw_request, redis_store, wait_for
 from test_redis_fleet import Fleet, assert_concurrent_duplicates_run_once
 
 
@@ -53,6 +53,38 @@ def test_a_key_running_on_one_host_is_409_on_the_other(mixed, upstream, key):
 
 def test_concurrent_duplicates_spread_over_both_hosts_run_once(mixed, upstream, key):
     assert_concurrent_duplicates_run_once(mixed, upstream, key, 24)
+
+
+def test_http10_requests_without_host_never_crash_a_worker(upstream, redis_backend, key):
+    """wasm-nginx-module 0.7.0 builds `:authority` from `Host` whenever a
+    filter lists the request's headers, and an HTTP/1.0 request without
+    `Host` crashed the nginx worker there (signal 11), taking every request
+    on it down: a forwarded payment lost its answer and record, and its
+    retry ran it again. The filter no longer lists such a request's
+    headers: a protected one is refused, anything else goes on."""
+    prefix = "nohost-" + uuid.uuid4().hex[:8] + ":"
+    gw = ApisixRuntime(apisix_conf({"store": redis_store(prefix)}, upstream, redis_backend), upstream.port).start()
+    try:
+        workers = set(gw.worker_pids())
+        body = b'{"amount": 42}'
+        resp = raw_request(gw.port, (f"POST /payments HTTP/1.0\r\nIdempotency-Key: {key}\r\n"
+                                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                                     ).encode() + body)
+        assert resp is not None and resp[0] == 400, resp
+        assert resp[1]["content-type"] == "application/problem+json"
+        assert problem(resp)["type"].endswith("host-required")
+        assert upstream.executions(key) == 0
+        health = raw_request(gw.port, b"GET /payments HTTP/1.0\r\n\r\n")
+        assert health is not None and health[0] == 200 and b"captured" in health[2], "not protected: on to the upstream"
+        assert set(gw.worker_pids()) == workers and "exited on signal" not in gw.log(), "no worker crashed"
+        # HTTP/1.0 with Host is protected as ever.
+        with_host = (f"POST /payments HTTP/1.0\r\nHost: pay.example\r\nIdempotency-Key: {key}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        first, again = raw_request(gw.port, with_host), raw_request(gw.port, with_host)
+        assert (first[0], again[0], again[1].get("idempotent-replayed")) == (201, 201, "true")
+        assert upstream.executions(key) == 1
+    finally:
+        gw.stop()
 
 
 def routes(upstream, backend, prefix, **default):

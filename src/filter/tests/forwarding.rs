@@ -114,6 +114,39 @@ fn apisix_always_asks_for_the_body_and_decides_in_its_callback() {
     assert_eq!(host.call_count(), 2);
 }
 
+/// APISIX crashes its worker when a request without `Host` has its headers
+/// listed (HTTP/1.0): such a request is refused where protected, let go
+/// where not, and its headers are never listed.
+#[test]
+fn apisix_requests_without_host_are_never_listed() {
+    let host = FakeHost::default();
+    host.lists_headers_only_with_host.set(true);
+    let c = ctx(APISIX);
+    host.reset_exchange(&keyed("no-host"), b"{}");
+    let mut f = Filter::new(c.clone());
+    assert_eq!(f.on_request_headers(&host, true), Verdict::Pause);
+    let sent = host.sent().unwrap();
+    assert_eq!(sent.status, 400);
+    assert!(String::from_utf8_lossy(&sent.body).contains("host-required"));
+    assert!(
+        host.calls().is_empty(),
+        "nothing claimed, nothing forwarded"
+    );
+    // Not a protected method: it goes on as without the filter.
+    host.reset_exchange(&[(":method", "GET"), (":path", "/health")], b"");
+    let mut g = Filter::new(c.clone());
+    assert_eq!(g.on_request_headers(&host, true), Verdict::Continue);
+    assert_eq!(host.sent_status(), None);
+    // With Host, as ever.
+    let mut with_host = keyed("with-host").to_vec();
+    with_host.push(("host", "pay.example"));
+    host.reset_exchange(&with_host, b"{}");
+    let mut h = Filter::new(c);
+    assert_eq!(h.on_request_headers(&host, true), Verdict::AwaitBody);
+    assert_eq!(h.on_request_body(&host, 2, true), Verdict::Pause);
+    assert_eq!(host.call_count(), 1, "claimed");
+}
+
 #[test]
 fn forwarding_to_a_silent_upstream_releases_and_answers_502() {
     let host = FakeHost::default();

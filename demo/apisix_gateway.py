@@ -40,7 +40,7 @@ class ApisixRuntime:
     has_metrics = False
 
     def __init__(self, conf=None, upstream_port=None, routes=None, workers=2, wasm_path=DEFAULT_WASM,
-                 listen_port=None, cpus=None, with_filter=True):
+                 listen_port=None, cpus=None, with_filter=True, env=None):
         if not runtime_built():
             raise RuntimeError(f"APISIX's runtime is not built in {RUNTIME_DIR}: run `make apisix-runtime`")
         self.routes = routes if routes is not None else [{"id": "default", "prefix": "/", "conf": conf}]
@@ -49,6 +49,8 @@ class ApisixRuntime:
         self.wasm_path = wasm_path
         self.cpus = cpus
         self.with_filter = with_filter
+        # Extra environment for nginx (tests: a stepped clock).
+        self.env = env
         self._port_given = listen_port is not None
         self.port = listen_port
         self.h2c_port = None
@@ -98,7 +100,8 @@ class ApisixRuntime:
             pin = ["taskset", "-c", self.cpus] if self.cpus else []
             self.proc = subprocess.Popen(
                 pin + [NGINX, "-p", self.workdir, "-c", self.config_path, "-e", self.log_path],
-                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None)
             try:
                 self._wait_ready(timeout)
                 return self

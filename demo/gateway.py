@@ -100,8 +100,10 @@ class Envoy:
     def __init__(self, plugin_config, upstream_port, concurrency=2, envoy_bin=None,
                  wasm_path=DEFAULT_WASM, listen_port=None, admin_port=None, workdir=None,
                  webdis_port=None, with_filter=True, cpus=None, access_log=False, template=TEMPLATE,
-                 operations=None):
+                 operations=None, env=None):
         self.plugin_config = plugin_config
+        # Extra environment for Envoy's process (tests: a stepped clock).
+        self.env = env
         # The plugin configuration of a key-operations listener (README
         # "Operations"), or None for none; its port is self.operations_port.
         self.operations = operations
@@ -153,7 +155,8 @@ class Envoy:
             pin + [self.envoy_bin, "-c", self.config_path, "--concurrency", str(self.concurrency),
              "--disable-hot-restart", "--log-level", "warn", "--component-log-level", "wasm:info",
              "--file-flush-interval-msec", "100", "--admin-address-path", self.admin_address_path],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **self.env} if self.env else None)
         atexit.register(self.stop)
         if expect_failure:
             try:

@@ -9,6 +9,7 @@
 // Tests may unwrap; the filter may not (Cargo.toml denies these lints).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod clock;
 pub mod config;
 pub mod decision;
 pub mod filter;

@@ -5,6 +5,7 @@
 //! that the filter turns into a decision. The SDK is used only for its
 //! context dispatcher.
 
+use crate::clock;
 use crate::config::Platform;
 use crate::filter::{CallResponse, Verdict};
 use crate::host::{HeaderMap, Host, HostError, Level};
@@ -214,13 +215,60 @@ fn get_value(map_type: u32, name: &str) -> Result<Option<Vec<u8>>, HostError> {
     }
 }
 
-fn now_ms() -> u64 {
-    // WASI clock_time_get: implemented by Envoy and APISIX alike, unlike the
-    // proxy-wasm clock call that APISIX answers UNIMPLEMENTED.
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    /// WASI's clock (std imports it too): Envoy and APISIX's wasmtime both
+    /// implement it, realtime and monotonic, unlike the proxy-wasm clock
+    /// call that APISIX answers UNIMPLEMENTED.
+    fn clock_time_get(clock_id: u32, precision: u64, time: *mut u64) -> u16;
+}
+
+const MONOTONIC: u32 = 1;
+
+thread_local! {
+    /// This VM's offset from the monotonic clock (see `crate::clock`).
+    static CLOCK_OFFSET: Cell<Option<i64>> = const { Cell::new(None) };
+}
+
+fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+fn monotonic_ms() -> Option<u64> {
+    let mut ns: u64 = 0;
+    (unsafe { clock_time_get(MONOTONIC, 1_000_000, &mut ns) } == 0).then_some(ns / 1_000_000)
+}
+
+/// Wall-clock milliseconds that never jump (`crate::clock`). A host
+/// without a monotonic clock (none known) gets the wall clock, logged once.
+fn now_ms() -> u64 {
+    let Some(monotonic) = monotonic_ms() else {
+        if CLOCK_OFFSET.replace(Some(0)).is_none() {
+            host_log(
+                Level::Warn,
+                "no monotonic clock: deadlines follow the wall clock, steps included",
+            );
+        }
+        return wall_ms();
+    };
+    let offset = CLOCK_OFFSET.get().unwrap_or_else(|| {
+        let own = clock::sampled_offset(wall_ms(), monotonic);
+        CLOCK_OFFSET.set(Some(own));
+        own
+    });
+    clock::reading(monotonic, offset)
+}
+
+/// Takes the process's clock offset from shared data (Envoy), so that
+/// every VM of the process reads the same time.
+fn share_clock(shared: &impl SharedData) {
+    if let Some(monotonic) = monotonic_ms() {
+        let own = clock::sampled_offset(wall_ms(), monotonic);
+        CLOCK_OFFSET.set(Some(clock::shared_offset(shared, own)));
+    }
 }
 
 thread_local! {

@@ -6,8 +6,8 @@ use super::owner::{Caller, Owner};
 #[cfg(feature = "self-profile")]
 use super::self_profile;
 use super::{
-    get_buffer, host_log, now_ms, read_call_response, register_queue, set_tick_period, MetricIds,
-    WasmHost, BUFFER_PLUGIN_CONFIGURATION, OK,
+    get_buffer, host_log, now_ms, read_call_response, register_queue, set_tick_period, share_clock,
+    MetricIds, WasmHost, BUFFER_PLUGIN_CONFIGURATION, OK,
 };
 use crate::config::{Config, Platform};
 use crate::filter::{Filter, FilterContext};
@@ -215,6 +215,9 @@ impl RootContext for Root {
         self.metrics.define();
         let mut ctx = FilterContext::new(config);
         let host = WasmHost::new(self.metrics.clone(), Platform::Envoy);
+        if ctx.config.platform.has_shared_data() {
+            share_clock(&host);
+        }
         // The operations endpoint claims nothing, so it has nothing to renew
         // and sweeps nothing, and it never creates a table: it works on the
         // one the protecting instance made, and says so if there is none.

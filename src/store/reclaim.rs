@@ -14,7 +14,7 @@
 //! after its slot was freed and wiped; it then finds its claim gone and
 //! wipes its own bytes, so the excess lasts as long as its completion.
 
-use super::bucket::{Bucket, State};
+use super::bucket::{Bucket, Entry, State};
 use super::budget::{Plan, SpaceEffects};
 use super::local::{LocalTable, MAX_CAS_ATTEMPTS};
 use super::{Claim, SharedData, StoreError, SweepStats};
@@ -32,17 +32,25 @@ pub(super) enum Room {
     HeldByRunning,
 }
 
-/// Slots whose bytes were wiped, with the epoch they were wiped at: their
-/// charge comes off the bucket if their bytes are still garbage at that
-/// epoch.
+/// Slots whose bytes were wiped, with the garbage epoch they were wiped up
+/// to ([`super::bucket::Entry::garbage_epoch`]): their charge comes off the
+/// bucket only if it is still for garbage of that same epoch.
 type Wiped = Vec<(usize, u64)>;
 
+/// What is remembered of a slot whose garbage (entry `e`'s) was wiped.
+fn wiped_slot(way: usize, e: &Entry) -> (usize, u64) {
+    (way, e.garbage_epoch())
+}
+
 fn uncharge_wiped(bucket: &mut Bucket, wiped: &Wiped) {
-    for (way, epoch) in wiped {
+    for (way, garbage_epoch) in wiped {
         if let Some(e) = bucket.entries.get_mut(*way) {
-            // Still the slot we wiped, and its bytes still garbage (a
-            // running request that has reserved since keeps its charge).
-            if e.epoch == *epoch && e.holds_garbage() {
+            // The bytes charged are still the garbage we wiped. Comparing
+            // the entry's own epoch is not enough: a running request's slot
+            // (garbage: the epoch before) that records its response and is
+            // then forgotten is free at that same epoch, and its charge is
+            // now for its record, which nobody wiped.
+            if e.holds_garbage() && e.garbage_epoch() == *garbage_epoch {
                 e.data_bytes = 0;
             }
         }
@@ -89,6 +97,8 @@ impl LocalTable {
         let way = claim.map(|c| self.split(c.slot).1);
         let mut wiped: Wiped = Vec::new();
         let mut blocked = false;
+        // The slot's own older bytes are gone: the record is charged its size.
+        let mut own_wiped = false;
         for _ in 0..MAX_CAS_ATTEMPTS {
             let (mut bucket, cas) = self.load(shared, b)?;
             let before = bucket.charged();
@@ -98,13 +108,29 @@ impl LocalTable {
                         return Ok(Room::NotOurs);
                     };
                     // Bytes of an older record in its own slot are replaced:
-                    // charged whichever is larger until the entry says.
-                    need.max(u64::from(own.data_bytes))
+                    // charged whichever is larger until they are wiped.
+                    if own_wiped {
+                        need
+                    } else {
+                        need.max(u64::from(own.data_bytes))
+                    }
                 }
                 _ => 0,
             };
             uncharge_wiped(&mut bucket, &wiped);
-            match self.budget.plan(&bucket, way, own_bytes, now_ms) {
+            let plan = self.budget.plan(&bucket, way, own_bytes, now_ms);
+            // Those older bytes, charged more than this record needs, are the
+            // cheapest room there is: wiped before anyone is evicted or the
+            // record is refused. (Left charged, they can exceed the whole
+            // share, after max_bytes was lowered or with another
+            // configuration's table: the record could never be kept.)
+            if let (Some(c), false) = (claim, matches!(plan, Plan::Fits)) {
+                if !own_wiped && own_bytes > need {
+                    own_wiped = self.wipe(shared, c.slot, c.epoch.saturating_sub(1))?;
+                    continue;
+                }
+            }
+            match plan {
                 Plan::NoRoom => {
                     blocked = true;
                     continue;
@@ -160,7 +186,7 @@ impl LocalTable {
                             continue;
                         };
                         if self.wipe(shared, self.slot_of(b, v), e.garbage_epoch())? {
-                            wiped.push((v, e.epoch));
+                            wiped.push(wiped_slot(v, &e));
                         }
                     }
                     // The next round takes the wiped charges off and reserves.
@@ -296,7 +322,7 @@ impl LocalTable {
             // which `wipe` never erases; and if the new owner writes between
             // our read and our write, our tombstone's CAS loses.
             if self.wipe(shared, self.slot_of(b, way), e.garbage_epoch())? {
-                wiped.push((way, e.epoch));
+                wiped.push(wiped_slot(way, e));
             }
         }
         let over = bucket.charged() > self.budget.share();

@@ -647,3 +647,140 @@ fn a_completion_that_lost_its_claim_while_writing_wipes_its_own_bytes() {
     let (bucket, _) = t.load(&s, 0).unwrap();
     assert_eq!(bucket.entries[0].state, State::Free);
 }
+
+/// A slot's older record, charged more than the whole (lowered) share: a
+/// new key that takes the slot wipes those bytes first and is charged its
+/// own size, instead of finding no room and holding its key in flight for
+/// the TTL (found by review: every retry got 409, even after the sweep).
+#[test]
+fn a_slots_older_record_larger_than_the_share_is_wiped_to_make_room() {
+    let s = FakeShared::default();
+    let roomy = LocalTable::new(1, 2, 40_000);
+    roomy.init(&s).unwrap();
+    for (i, n) in [(1u32, 20_000usize), (2, 10)] {
+        let c = claimed(
+            roomy
+                .claim(&s, &d(i), &FP, 1, u64::from(i), 30_000)
+                .unwrap(),
+        );
+        assert!(roomy
+            .complete(
+                &s,
+                &c,
+                &d(i),
+                body(n, 1),
+                u64::from(i),
+                600_000,
+                &mut SpaceEffects::default()
+            )
+            .unwrap());
+    }
+    // max_bytes lowered (the same table keys), before any sweep: a new key
+    // evicts the oldest record, about 27 KB charged against a 10 KB share.
+    let tight = LocalTable::new(1, 2, 10_000);
+    let (outcome, effects) = tight.claim(&s, &d(3), &FP, 7, 10, 30_000).unwrap();
+    assert!(effects.evicted);
+    let c = claimed((outcome, effects));
+    let mut space = SpaceEffects::default();
+    assert!(tight
+        .complete(&s, &c, &d(3), body(100, 3), 11, 600_000, &mut space)
+        .unwrap());
+    assert_eq!(space.bodies_omitted, 0, "kept whole");
+    assert!(matches!(
+        tight.claim(&s, &d(3), &FP, 8, 12, 30_000).unwrap().0,
+        ClaimOutcome::Replay(_)
+    ));
+}
+
+/// Shared data that runs a hook right after its first successful set.
+struct AfterFirstSet<'a> {
+    inner: &'a FakeShared,
+    hook: std::cell::RefCell<Option<Box<dyn FnOnce(&FakeShared) + 'a>>>,
+}
+
+impl SharedData for AfterFirstSet<'_> {
+    fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, crate::host::HostError> {
+        self.inner.shared_get(key)
+    }
+    fn shared_set(
+        &self,
+        key: &str,
+        value: &[u8],
+        cas: Option<u32>,
+    ) -> Result<bool, crate::host::HostError> {
+        let done = self.inner.shared_set(key, value, cas)?;
+        if let Some(hook) = self.hook.borrow_mut().take() {
+            hook(self.inner);
+        }
+        Ok(done)
+    }
+}
+
+/// A sweeper wipes a running request's leftover bytes (garbage of the epoch
+/// before its own) and, before it takes their charge off, the request
+/// records its response and the key is forgotten: the slot is free at the
+/// request's epoch, and its charge is now for the record nobody wiped. The
+/// sweeper must leave that charge (found by review: it took it off between
+/// the forget's bucket write and the forget's own wipe, and the record's
+/// bytes stayed in shared data, charged nothing, wiped by no sweep).
+#[test]
+fn a_sweeper_takes_off_only_the_charge_of_bytes_it_wiped() {
+    let s = FakeShared::default();
+    let t = LocalTable::new(1, 1, NO_LIMIT);
+    t.init(&s).unwrap();
+    let c0 = claimed(t.claim(&s, &d(0), &FP, 1, 0, 30_000).unwrap());
+    assert!(t
+        .complete(
+            &s,
+            &c0,
+            &d(0),
+            body(3000, 0),
+            0,
+            600_000,
+            &mut SpaceEffects::default()
+        )
+        .unwrap());
+    // Key 1 evicts key 0: its slot holds key 0's bytes, garbage, charged.
+    let c1 = claimed(t.claim(&s, &d(1), &FP, 2, 1, 30_000).unwrap());
+    // The sweeper reads the bucket and wipes that garbage...
+    let (bucket, _) = t.load(&s, 0).unwrap();
+    let e = bucket.entries[0];
+    assert!(e.holds_garbage());
+    assert!(t.wipe(&s, 0, e.garbage_epoch()).unwrap());
+    let wiped = vec![super::wiped_slot(0, &e)];
+    // ...key 1 records its response...
+    assert!(t
+        .complete(
+            &s,
+            &c1,
+            &d(1),
+            body(3000, 1),
+            2,
+            600_000,
+            &mut SpaceEffects::default()
+        )
+        .unwrap());
+    // ...and is forgotten; right after the forget's bucket write, the
+    // sweeper takes off the charges of what it wiped.
+    let t2 = t.clone();
+    let hooked = AfterFirstSet {
+        inner: &s,
+        hook: std::cell::RefCell::new(Some(Box::new(move |sh: &FakeShared| {
+            let (mut b, cas) = t2.load(sh, 0).unwrap();
+            super::uncharge_wiped(&mut b, &wiped);
+            assert!(t2.store(sh, 0, &b, cas).unwrap());
+        }))),
+    };
+    t.forget(&hooked, &d(1), 3, false, &mut SpaceEffects::default())
+        .unwrap();
+    for now in [5, 10_000_000] {
+        t.sweep(&s, 0, 1, now);
+    }
+    let bytes = s.peek(&t.data_key(0)).unwrap();
+    assert!(
+        bytes == DataRecord::tombstone() || t.charged(&s).unwrap() >= charge(bytes.len() as u64),
+        "{} bytes held, {} charged",
+        bytes.len(),
+        t.charged(&s).unwrap()
+    );
+}

@@ -93,6 +93,12 @@ impl Platform {
         !self.apisix_rules()
     }
 
+    /// HTTP calls name an address (`host:port`), not one of the proxy's
+    /// clusters (APISIX).
+    pub fn calls_addresses(self) -> bool {
+        self == Platform::Apisix
+    }
+
     /// Listing the request's headers needs a `Host` header (APISIX: see
     /// `HostError::no_host`); Envoy always has `:authority`. (The APISIX
     /// profile runs in Envoy, which refuses HTTP/1.0 requests by default.)

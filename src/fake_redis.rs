@@ -139,10 +139,20 @@ impl FakeRedis {
             let reply = match kind {
                 OpKind::Claim => {
                     let (marker, _ms) = (next(), next());
-                    let tombstone = format!("X|{}", &marker[2..18]);
+                    let token = &marker[2..18];
+                    let tombstones: Vec<&str> = match value.as_deref() {
+                        Some(v) if v.starts_with("X|") => v[2..].split('|').collect(),
+                        _ => Vec::new(),
+                    };
                     match value.as_deref() {
-                        Some(v) if v == tombstone => {
-                            data.remove(key);
+                        Some(_) if tombstones.contains(&token) => {
+                            let rest: Vec<&str> =
+                                tombstones.into_iter().filter(|t| *t != token).collect();
+                            if rest.is_empty() {
+                                data.remove(key);
+                            } else {
+                                data.insert(key.clone(), format!("X|{}", rest.join("|")));
+                            }
                             "cancelled".to_string()
                         }
                         // Expiry is not modelled: every record has a minute left.
@@ -173,14 +183,22 @@ impl FakeRedis {
                 }
                 OpKind::Cancel => {
                     let (prefix, _ms) = (next(), next());
-                    if value.is_none() {
-                        data.insert(key.clone(), format!("X|{}", &prefix[2..18]));
-                        "2".to_string()
-                    } else if owned(&prefix) {
-                        data.remove(key);
-                        "1".to_string()
-                    } else {
-                        "0".to_string()
+                    let token = &prefix[2..18];
+                    match value.as_deref() {
+                        _ if owned(&prefix) => {
+                            data.remove(key);
+                            "1".to_string()
+                        }
+                        Some(v) if !v.starts_with("X|") => "0".to_string(),
+                        Some(v) if v[2..].split('|').any(|t| t == token) => "2".to_string(),
+                        Some(v) => {
+                            data.insert(key.clone(), format!("{v}|{token}"));
+                            "2".to_string()
+                        }
+                        None => {
+                            data.insert(key.clone(), format!("X|{token}"));
+                            "2".to_string()
+                        }
                     }
                 }
                 OpKind::Renew => {

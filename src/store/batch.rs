@@ -7,9 +7,10 @@
 //!
 //! What each operation does (Redis owns expiry, `PX`):
 //! * `C` claim (marker, lock ms): the key's value if it has one, as
-//!   `<PTTL ms>|<value>`; else set the in-flight marker: `claimed`. A
-//!   tombstone is no value: another claim's is overwritten, this claim's
-//!   own (it was cancelled before it landed) is deleted: `cancelled`.
+//!   `<PTTL ms>|<value>`; else set the in-flight marker: `claimed`.
+//!   Tombstones are no value: other claims' are overwritten; if this
+//!   claim's own is among them (it was cancelled before it landed), it is
+//!   taken out and the claim sets nothing: `cancelled`.
 //! * `W` record (owner prefix, TTL ms, record length; the record is cut from
 //!   the body): only if the key still holds this claim's marker (`1`, else
 //!   `0`); a record Redis refuses (over `maxmemory` with `noeviction`, which
@@ -17,11 +18,14 @@
 //!   so retries get 409 and the request, which ran, never runs again.
 //! * `R` release (owner prefix): deletes this claim's marker (`1`, else `0`).
 //! * `X` cancel (owner prefix, lock ms), for a claim whose answer never came:
-//!   deletes its marker if it landed (`1`); if it has not, leaves a tombstone
-//!   naming its token for the lock time, so the claim deletes itself when it
-//!   lands (`2`); `0`: the key holds something else. Either order frees the
-//!   key, which matters because Webdis spreads calls over a pool of Redis
-//!   connections and the cancel can overtake the claim.
+//!   deletes its marker if it landed (`1`); if it has not, adds its token
+//!   to the key's tombstones (`X|<token>|<token>...`), kept for the lock
+//!   time, so the claim takes itself out when it lands (`2`); `0`: the key
+//!   holds a claim or a record. Either order frees the key, which matters
+//!   because Webdis spreads calls over a pool of Redis connections and the
+//!   cancel can overtake the claim; one tombstone per token, because two
+//!   requests with one key can both time out, and each late claim must
+//!   find its own.
 //! * `N` renew (owner prefix, lock ms): extends the claim if still held,
 //!   never shortens it: a renewal sent before its record was answered may
 //!   land after a refused record set the marker to live for the TTL.
@@ -45,7 +49,12 @@ for i = 1, #kinds do \
 local kind, k = string.sub(kinds, i, i), KEYS[i] \
 local v = redis.call('GET', k) \
 if kind == 'C' then local m, ms = ARGV[a], ARGV[a + 1] a = a + 2 \
-if v == 'X|' .. string.sub(m, 3, 18) then redis.call('DEL', k) out[i] = 'cancelled' \
+local t, rest, mine = string.sub(m, 3, 18), {}, false \
+if v and string.sub(v, 1, 2) == 'X|' then \
+for x in string.gmatch(string.sub(v, 3), '[^|]+') do if x == t then mine = true else rest[#rest + 1] = x end end end \
+if mine then local left = redis.call('PTTL', k) \
+if #rest == 0 or left <= 0 then redis.call('DEL', k) else put(k, 'X|' .. table.concat(rest, '|'), left) end \
+out[i] = 'cancelled' \
 elseif v and string.sub(v, 1, 2) ~= 'X|' then out[i] = redis.call('PTTL', k) .. '|' .. v \
 else local e = put(k, m, ms) out[i] = e and ('E|' .. e) or 'claimed' end \
 elseif kind == 'W' then local p, ms, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]) a = a + 3 \
@@ -56,9 +65,13 @@ else out[i] = '1' end \
 elseif kind == 'R' then local p = ARGV[a] a = a + 1 \
 if owned(v, p) then redis.call('DEL', k) out[i] = '1' else out[i] = '0' end \
 elseif kind == 'X' then local p, ms = ARGV[a], ARGV[a + 1] a = a + 2 \
-if not v then local e = put(k, 'X|' .. string.sub(p, 3, 18), ms) out[i] = e and ('E|' .. e) or '2' \
-elseif owned(v, p) then redis.call('DEL', k) out[i] = '1' \
-else out[i] = '0' end \
+local t = string.sub(p, 3, 18) \
+if owned(v, p) then redis.call('DEL', k) out[i] = '1' \
+elseif v and string.sub(v, 1, 2) ~= 'X|' then out[i] = '0' \
+else local tomb, left = 'X|' .. t, tonumber(ms) \
+if v then left = math.max(left, redis.call('PTTL', k)) \
+if string.find(v .. '|', '|' .. t .. '|', 1, true) then tomb = v else tomb = v .. '|' .. t end end \
+local e = put(k, tomb, left) out[i] = e and ('E|' .. e) or '2' end \
 else local p, ms = ARGV[a], ARGV[a + 1] a = a + 2 \
 if owned(v, p) then if redis.call('PTTL', k) < tonumber(ms) then redis.call('PEXPIRE', k, ms) end \
 out[i] = '1' else out[i] = '0' end end \
@@ -66,7 +79,7 @@ end \
 return out";
 
 /// SHA-1 of [`BATCH_SCRIPT`], for `EVALSHA` (checked by a unit test).
-pub const BATCH_SCRIPT_SHA1: &str = "f0920e6421159901d5bccb2370c5783c5351b6bf";
+pub const BATCH_SCRIPT_SHA1: &str = "665e120a7caa4ace7ee90cfbb6ccf468afade94b";
 
 /// What an operation does (the script's letter for it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

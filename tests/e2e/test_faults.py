@@ -329,14 +329,15 @@ CLAIM_CALL = re.compile(rb"^(GET|PUT) /EVAL(SHA)?/[^/ ]+/1/[^/ ]+/C/")
 
 
 class HoldingProxy:
-    """A TCP relay in front of Webdis that can hold the next claim until the
-    test lets it through, so that its cancel reaches Redis first. Once the
-    gateway gives up and closes its side, the held claim still goes to
+    """A TCP relay in front of Webdis that can hold the next claims until the
+    test lets them through, so that their cancels reach Redis first. Once
+    the gateway gives up and closes its side, a held claim still goes to
     Webdis, as a request stuck in a slow network would."""
 
     def __init__(self, target_port):
         self.target_port = target_port
-        self.armed = False
+        self.armed = 0  # claims still to hold
+        self.holding = 0  # claims held and not yet sent on
         self.held = threading.Event()
         self.go = threading.Event()
         self.released = threading.Event()
@@ -349,11 +350,13 @@ class HoldingProxy:
         self.running = True
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def hold_next_claim(self):
+    def hold_next_claim(self, count=1):
+        """Holds the next `count` claims; `held` is set once all are held,
+        `released` once all have gone on."""
         self.held.clear()
         self.go.clear()
         self.released.clear()
-        self.armed = True
+        self.armed = self.holding = count
 
     def let_claim_through(self):
         self.go.set()
@@ -377,15 +380,19 @@ class HoldingProxy:
                 if not data:
                     return  # the gateway left; the server side stays for the answer
                 with self.lock:
-                    hold = self.armed and CLAIM_CALL.search(data) is not None
+                    hold = self.armed > 0 and CLAIM_CALL.search(data) is not None
                     if hold:
-                        self.armed = False
+                        self.armed -= 1
+                        if self.armed == 0:
+                            self.held.set()
                 if hold:
-                    self.held.set()
                     self.go.wait(timeout=30)
                 server.sendall(data)
                 if hold:
-                    self.released.set()
+                    with self.lock:
+                        self.holding -= 1
+                        if self.holding == 0:
+                            self.released.set()
         except OSError:
             pass
 
@@ -513,8 +520,27 @@ def test_a_cancel_that_overtakes_its_claim_still_frees_the_key(upstream, lone_ba
         resp = post(fleet.a, key)
         assert resp[0] == 201 and resp[1].get("idempotent-replayed") == "true"
         assert upstream.executions(key) == 1
+        # 3. Two requests with one key, one on each gateway, both claims
+        #    overtaken by their cancels: each cancel leaves its own token
+        #    among the key's tombstones, each late claim takes its own out,
+        #    and the key is free. (One tombstone a key held only the first:
+        #    the second late claim took the key for the lock time, 409.)
+        key = k("both-overtaken")
+        proxy.hold_next_claim(2)
+        with ThreadPoolExecutor(2) as pool:
+            answers = [pool.submit(post, gw, key) for gw in (fleet.a, fleet.b)]
+            assert [a.result()[0] for a in answers] == [503, 503]
+
+        def unsettled():
+            return [v for v in fleet_keys(lone_backend, fleet).values() if v.startswith(("X|", "I|"))]
+        wait_for(lambda: [v.count("|") for v in unsettled()] == [2], what="both cancels' tombstones")
+        proxy.let_claim_through()
+        wait_for(lambda: proxy.released.is_set(), what="the held claims to reach Webdis")
+        wait_for(lambda: unsettled() == [], what="the late claims to remove their tombstones")
+        assert post(fleet.b, key)[0] == 201
+        assert upstream.executions(key) == 1
         if fleet.a.has_metrics:
-            assert fleet.a.stats()["claims_cancelled"] == 2
+            assert fleet.a.stats()["claims_cancelled"] == 3
     finally:
         proxy.let_claim_through()
         fleet.stop()

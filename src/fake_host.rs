@@ -15,6 +15,7 @@ pub struct FakeShared {
     map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
     next_cas: Cell<u32>,
     hook: RefCell<Option<Hook>>,
+    after_hook: RefCell<Option<Hook>>,
     cas_failures: Cell<u32>,
     fail_status: Cell<Option<u32>>,
     /// Reads and writes so far: each one is a host call, which is where a
@@ -27,6 +28,11 @@ impl FakeShared {
     /// Runs `hook` right before the next set, as another worker would.
     pub fn before_next_set(&self, hook: Hook) {
         *self.hook.borrow_mut() = Some(hook);
+    }
+    /// Runs `hook` right after the next set has landed (successful or
+    /// not), before its caller's next step.
+    pub fn after_next_set(&self, hook: Hook) {
+        *self.after_hook.borrow_mut() = Some(hook);
     }
     pub fn fail_with(&self, status: u32) {
         self.fail_status.set(Some(status));
@@ -44,6 +50,20 @@ impl FakeShared {
     pub fn peek(&self, key: &str) -> Option<Vec<u8>> {
         self.map.borrow().get(key).map(|(v, _)| v.clone())
     }
+    fn set_now(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        let mut map = self.map.borrow_mut();
+        if let (Some((_, current)), Some(cas)) = (map.get(key), cas) {
+            if *current != cas {
+                self.cas_failures.set(self.cas_failures.get() + 1);
+                return false;
+            }
+        }
+        self.next_cas
+            .set(self.next_cas.get().wrapping_add(1).max(1));
+        map.insert(key.to_string(), (value.to_vec(), self.next_cas.get()));
+        true
+    }
+
     fn check(&self, call: &'static str) -> Result<(), HostError> {
         match self.fail_status.get() {
             Some(status) => Err(HostError { call, status }),
@@ -66,17 +86,12 @@ impl SharedData for FakeShared {
         if let Some(hook) = hook {
             hook(self);
         }
-        let mut map = self.map.borrow_mut();
-        if let (Some((_, current)), Some(cas)) = (map.get(key), cas) {
-            if *current != cas {
-                self.cas_failures.set(self.cas_failures.get() + 1);
-                return Ok(false);
-            }
+        let landed = self.set_now(key, value, cas);
+        let after = self.after_hook.borrow_mut().take();
+        if let Some(hook) = after {
+            hook(self);
         }
-        self.next_cas
-            .set(self.next_cas.get().wrapping_add(1).max(1));
-        map.insert(key.to_string(), (value.to_vec(), self.next_cas.get()));
-        Ok(true)
+        Ok(landed)
     }
 }
 

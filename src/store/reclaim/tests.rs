@@ -692,30 +692,6 @@ fn a_slots_older_record_larger_than_the_share_is_wiped_to_make_room() {
     ));
 }
 
-/// Shared data that runs a hook right after its first successful set.
-struct AfterFirstSet<'a> {
-    inner: &'a FakeShared,
-    hook: std::cell::RefCell<Option<Box<dyn FnOnce(&FakeShared) + 'a>>>,
-}
-
-impl SharedData for AfterFirstSet<'_> {
-    fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, crate::host::HostError> {
-        self.inner.shared_get(key)
-    }
-    fn shared_set(
-        &self,
-        key: &str,
-        value: &[u8],
-        cas: Option<u32>,
-    ) -> Result<bool, crate::host::HostError> {
-        let done = self.inner.shared_set(key, value, cas)?;
-        if let Some(hook) = self.hook.borrow_mut().take() {
-            hook(self.inner);
-        }
-        Ok(done)
-    }
-}
-
 /// A sweeper wipes a running request's leftover bytes (garbage of the epoch
 /// before its own) and, before it takes their charge off, the request
 /// records its response and the key is forgotten: the slot is free at the
@@ -763,15 +739,12 @@ fn a_sweeper_takes_off_only_the_charge_of_bytes_it_wiped() {
     // ...and is forgotten; right after the forget's bucket write, the
     // sweeper takes off the charges of what it wiped.
     let t2 = t.clone();
-    let hooked = AfterFirstSet {
-        inner: &s,
-        hook: std::cell::RefCell::new(Some(Box::new(move |sh: &FakeShared| {
-            let (mut b, cas) = t2.load(sh, 0).unwrap();
-            super::uncharge_wiped(&mut b, &wiped);
-            assert!(t2.store(sh, 0, &b, cas).unwrap());
-        }))),
-    };
-    t.forget(&hooked, &d(1), 3, false, &mut SpaceEffects::default())
+    s.after_next_set(Box::new(move |sh: &FakeShared| {
+        let (mut b, cas) = t2.load(sh, 0).unwrap();
+        super::uncharge_wiped(&mut b, &wiped);
+        assert!(t2.store(sh, 0, &b, cas).unwrap());
+    }));
+    t.forget(&s, &d(1), 3, false, &mut SpaceEffects::default())
         .unwrap();
     for now in [5, 10_000_000] {
         t.sweep(&s, 0, 1, now);

@@ -326,17 +326,21 @@ fn is_visible(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// `host:port` as APISIX's calls take it: a name, an IPv4 address or a
-/// bracketed IPv6 one, and a port 1-65535; no scheme, no path.
+/// An address as APISIX's calls take it (wasm-nginx-module puts
+/// `http://` in front): a name, an IPv4 address or a bracketed IPv6 one,
+/// then `:port` (1-65535), or no port for 80; no scheme, no path.
 fn is_host_port(s: &str) -> bool {
-    let Some((host, port)) = s.rsplit_once(':') else {
-        return false;
+    let (host, port) = match s.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') && !port.contains(']') => (host, Some(port)),
+        _ => (s, None),
     };
     let bracketed = host.len() > 2 && host.starts_with('[') && host.ends_with(']');
-    let plain = !host.is_empty() && !host.contains(['/', ':', '@', '[', ']']);
-    let port_ok = !port.is_empty()
-        && port.bytes().all(|b| b.is_ascii_digit())
-        && port.parse::<u16>().is_ok_and(|p| p > 0);
+    let plain = !host.is_empty() && !host.contains(['/', ':', '@', '[', ']', '?', '#']);
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok_and(|n| n > 0)
+    });
     is_visible(s) && (bracketed || plain) && port_ok
 }
 
@@ -350,7 +354,7 @@ fn check_address(
     if platform.calls_addresses() && !is_host_port(value) {
         return Err(err(
             field,
-            format!("must be host:port on APISIX, which calls addresses, not Envoy clusters (got {value:?}); e.g. \"{example}\""),
+            format!("must be host:port (or a host, for port 80) on APISIX, which calls addresses, not Envoy clusters (got {value:?}); e.g. \"{example}\""),
         ));
     }
     Ok(())
@@ -780,29 +784,35 @@ mod tests {
 
     #[test]
     fn apisix_calls_host_and_port() {
-        for ok in [
+        let ok = [
             "127.0.0.1:8081",
             "payments:8081",
             "[::1]:7379",
             "a.b-c.example:65535",
-        ] {
-            assert!(is_host_port(ok), "{ok}");
-        }
-        for bad in [
             "payments",
+            "[::1]",
+            "my_host:80",
+        ];
+        for address in ok {
+            assert!(is_host_port(address), "{address}");
+        }
+        let bad = [
             "http://h:80",
             "h:0",
             "h:65536",
             "h:+80",
             ":80",
             "h:",
-            "[::1]",
+            "::1",
             "::1:80",
             "h:80/x",
             "u@h:80",
             "h :80",
-        ] {
-            assert!(!is_host_port(bad), "{bad}");
+            "h?x:80",
+            "h#x",
+        ];
+        for address in bad {
+            assert!(!is_host_port(address), "{address}");
         }
         // Envoy and its APISIX profile name clusters.
         for host in ["envoy", "apisix-profile"] {
@@ -903,9 +913,9 @@ mod tests {
             (r#"{"required":"yes"}"#, "invalid configuration: required: invalid type: string \"yes\", expected a boolean; see the configuration table in README.md for each field's type"),
             (r#"{"store":{"type":"memcached"}}"#, "invalid configuration: store.type: unknown store type \"memcached\"; use \"local\" (one gateway) or \"redis\" (a fleet)"),
             (r#"{"store":"redis"}"#, "invalid configuration: store: must be an object, e.g. {\"type\": \"local\"}"),
-            (r#"{"host":"apisix","forward":{"upstream":"u:1"},"store":{"type":"redis","cluster":"webdis"}}"#, "invalid configuration: store.cluster: must be host:port on APISIX, which calls addresses, not Envoy clusters (got \"webdis\"); e.g. \"127.0.0.1:7379\""),
-            (r#"{"host":"apisix","forward":{"upstream":"http://127.0.0.1:8081"},"store":{"type":"redis","cluster":"w:1"}}"#, "invalid configuration: forward.upstream: must be host:port on APISIX, which calls addresses, not Envoy clusters (got \"http://127.0.0.1:8081\"); e.g. \"127.0.0.1:8081\""),
-            (r#"{"host":"apisix","forward":{"upstream":"127.0.0.1:notaport"},"store":{"type":"redis","cluster":"w:1"}}"#, "invalid configuration: forward.upstream: must be host:port on APISIX, which calls addresses, not Envoy clusters (got \"127.0.0.1:notaport\"); e.g. \"127.0.0.1:8081\""),
+            (r#"{"host":"apisix","forward":{"upstream":"u:1"},"store":{"type":"redis","cluster":"webdis/"}}"#, "invalid configuration: store.cluster: must be host:port (or a host, for port 80) on APISIX, which calls addresses, not Envoy clusters (got \"webdis/\"); e.g. \"127.0.0.1:7379\""),
+            (r#"{"host":"apisix","forward":{"upstream":"http://127.0.0.1:8081"},"store":{"type":"redis","cluster":"w:1"}}"#, "invalid configuration: forward.upstream: must be host:port (or a host, for port 80) on APISIX, which calls addresses, not Envoy clusters (got \"http://127.0.0.1:8081\"); e.g. \"127.0.0.1:8081\""),
+            (r#"{"host":"apisix","forward":{"upstream":"127.0.0.1:notaport"},"store":{"type":"redis","cluster":"w:1"}}"#, "invalid configuration: forward.upstream: must be host:port (or a host, for port 80) on APISIX, which calls addresses, not Envoy clusters (got \"127.0.0.1:notaport\"); e.g. \"127.0.0.1:8081\""),
             (r#"{"host":"apisix"}"#, "invalid configuration: store.type: the local store needs shared data, which APISIX does not provide; use {\"type\": \"redis\", \"cluster\": \"host:port\"}"),
             (r#"{"host":"apisix","store":{"type":"redis","cluster":"w:1"}}"#, "invalid configuration: forward: is required on APISIX, which allows store calls only while handling the request: set {\"upstream\": \"host:port\"} so the filter forwards the request itself and records the answer"),
             (r#"{"fingerprint_hash":"md5"}"#, "invalid configuration: fingerprint_hash: unknown variant `md5`, expected `xxh3` or `sha256`; see the configuration table in README.md for each field's type"),

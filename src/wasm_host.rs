@@ -228,6 +228,8 @@ const MONOTONIC: u32 = 1;
 thread_local! {
     /// This VM's offset from the monotonic clock (see `crate::clock`).
     static CLOCK_OFFSET: Cell<Option<i64>> = const { Cell::new(None) };
+    /// The missing monotonic clock was logged.
+    static NO_MONOTONIC_LOGGED: Cell<bool> = const { Cell::new(false) };
 }
 
 fn wall_ms() -> u64 {
@@ -243,10 +245,11 @@ fn monotonic_ms() -> Option<u64> {
 }
 
 /// Wall-clock milliseconds that never jump (`crate::clock`). A host
-/// without a monotonic clock (none known) gets the wall clock, logged once.
+/// without a monotonic clock (none known) gets the wall clock, logged once:
+/// the same scale, steps included.
 fn now_ms() -> u64 {
     let Some(monotonic) = monotonic_ms() else {
-        if CLOCK_OFFSET.replace(Some(0)).is_none() {
+        if !NO_MONOTONIC_LOGGED.replace(true) {
             host_log(
                 Level::Warn,
                 "no monotonic clock: deadlines follow the wall clock, steps included",

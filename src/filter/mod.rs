@@ -248,12 +248,7 @@ impl Filter {
                 self.phase = Phase::Passthrough;
                 return Verdict::Continue;
             }
-            Inspection::Unkeyed => {
-                host.metric_add(Metric::Unkeyed, 1);
-                self.outcome(host, "unkeyed");
-                self.phase = Phase::Passthrough;
-                return Verdict::Continue;
-            }
+            Inspection::Unkeyed => return self.unkeyed(host),
             Inspection::Refuse(problem) => {
                 return self.answer(host, &problem, Some(Metric::InvalidKey))
             }
@@ -262,21 +257,40 @@ impl Filter {
         self.protect(host, protected, end_of_stream)
     }
 
+    /// A protected method without a key, where keys are optional: it goes
+    /// on unprotected.
+    fn unkeyed(&mut self, host: &impl Host) -> Verdict {
+        host.metric_add(Metric::Unkeyed, 1);
+        self.outcome(host, "unkeyed");
+        self.phase = Phase::Passthrough;
+        Verdict::Continue
+    }
+
     /// A request whose headers the host cannot list (no `Host`: see
-    /// [`HostError::no_host`]): its key and payload cannot be read, so a
-    /// protected method is refused; any other goes on, as it would without
-    /// the filter (health checks often speak HTTP/1.0).
+    /// [`HostError::no_host`]). Single headers can be read: a method not
+    /// protected goes on, as it would without the filter (health checks
+    /// often speak HTTP/1.0), and so does a protected one without a key
+    /// where keys are optional; a keyed one is refused, since its payload's
+    /// headers cannot all be read.
     fn without_host(&mut self, host: &impl Host) -> Verdict {
+        let cfg = self.ctx.clone();
+        let cfg = &cfg.config;
         let method = match host.request_header(":method") {
             Ok(m) => m.unwrap_or_default(),
             Err(e) => return self.host_failure(host, e),
         };
-        let protected = std::str::from_utf8(&method).is_ok_and(|m| self.cfg().protects(m));
-        if protected {
-            return self.answer(host, &Problem::host_required(), None);
+        if !std::str::from_utf8(&method).is_ok_and(|m| cfg.protects(m)) {
+            self.phase = Phase::Passthrough;
+            return Verdict::Continue;
         }
-        self.phase = Phase::Passthrough;
-        Verdict::Continue
+        let keyless = match host.request_header(&cfg.header) {
+            Ok(key) => key.is_none(),
+            Err(e) => return self.host_failure(host, e),
+        };
+        if keyless && !cfg.required && !cfg.generate_missing {
+            return self.unkeyed(host);
+        }
+        self.answer(host, &Problem::host_required(), None)
     }
 
     /// `body_size` is everything buffered so far; only the new bytes are read.

@@ -43,8 +43,10 @@ class SteppedClock:
         self._write()
 
     def _write(self):
-        with open(self.path, "w") as f:
+        # Whole, by a rename: the shim never reads a half-written file.
+        with open(self.path + ".new", "w") as f:
             f.write(f"{self.offset:+d}\n")
+        os.replace(self.path + ".new", self.path)
 
     def env(self):
         return {"LD_PRELOAD": self.shim, "IDEM_CLOCK_SHIFT_FILE": self.path}

@@ -132,11 +132,16 @@ fn apisix_requests_without_host_are_never_listed() {
         host.calls().is_empty(),
         "nothing claimed, nothing forwarded"
     );
-    // Not a protected method: it goes on as without the filter.
+    // Not a protected method, or no key where keys are optional: it goes
+    // on as it would with Host.
     host.reset_exchange(&[(":method", "GET"), (":path", "/health")], b"");
     let mut g = Filter::new(c.clone());
     assert_eq!(g.on_request_headers(&host, true), Verdict::Continue);
+    host.reset_exchange(&[(":method", "POST"), (":path", "/pay")], b"{}");
+    let mut unkeyed = Filter::new(c.clone());
+    assert_eq!(unkeyed.on_request_headers(&host, true), Verdict::Continue);
     assert_eq!(host.sent_status(), None);
+    assert_eq!(host.metric(Metric::Unkeyed), 1);
     // With Host, as ever.
     let mut with_host = keyed("with-host").to_vec();
     with_host.push(("host", "pay.example"));

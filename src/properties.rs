@@ -308,6 +308,11 @@ enum BudgetOp {
     Advance {
         ms: u64,
     },
+    /// The table's configuration changes: `max_bytes` halved, or back
+    /// (two configurations on one table, in turn; the keys stay).
+    Configure {
+        tight: bool,
+    },
 }
 
 fn budget_op() -> impl Strategy<Value = BudgetOp> {
@@ -320,6 +325,7 @@ fn budget_op() -> impl Strategy<Value = BudgetOp> {
         1 => (0..3usize).prop_map(|worker| BudgetOp::Abandon { worker }),
         1 => Just(BudgetOp::Sweep),
         2 => prop_oneof![Just(1u64), Just(500), Just(1000), Just(10_000)].prop_map(|ms| BudgetOp::Advance { ms }),
+        1 => any::<bool>().prop_map(|tight| BudgetOp::Configure { tight }),
     ]
 }
 
@@ -334,15 +340,19 @@ proptest! {
     /// always answers 409 and its completion always lands while its lock
     /// lives), and a replay is always the key's own recorded answer, whole
     /// or (when it could not fit) without its body: never another's bytes.
+    /// `max_bytes` is halved and restored at random, the table kept: a
+    /// completion is never refused for room the table could make.
     #[test]
     fn the_byte_budget_holds_and_replays_are_never_wrong(ops in proptest::collection::vec(budget_op(), 1..80)) {
         use crate::store::budget::SpaceEffects;
         use crate::store::testing::Audited;
         let shared = FakeShared::default();
         // 5 keys on 4 ways: entry eviction too; 4096 bytes: two records.
-        let table = LocalTable::new(1, 4, 4096);
-        table.init(&shared).unwrap();
-        let s = Audited::new(&shared, &table);
+        let roomy = LocalTable::new(1, 4, 4096);
+        let tight = LocalTable::new(1, 4, 2048);
+        roomy.init(&shared).unwrap();
+        let s = Audited::new(&shared, &roomy);
+        let mut table = &roomy;
         let keys: Vec<Digest16> = (0..5).map(|i| key_digest(&[], &format!("k{i}"))).collect();
         let (fp_a, fp_b): (Digest16, Digest16) = ([1; 16], [2; 16]);
         let mut model = vec![Model::Nothing; 5];
@@ -436,6 +446,7 @@ proptest! {
                     }
                 }
                 BudgetOp::Advance { ms } => now += ms,
+                BudgetOp::Configure { tight: t } => table = if t { &tight } else { &roomy },
             }
             prop_assert_eq!(gauge as u64, table.charged(&shared).unwrap(), "the gauge is the table");
             prop_assert!(table.charged(&shared).unwrap() <= 4096);

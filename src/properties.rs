@@ -313,6 +313,11 @@ enum BudgetOp {
     Configure {
         tight: bool,
     },
+    /// The operations endpoint forgets a key (a running one only if forced).
+    Forget {
+        key: usize,
+        force: bool,
+    },
 }
 
 fn budget_op() -> impl Strategy<Value = BudgetOp> {
@@ -326,6 +331,7 @@ fn budget_op() -> impl Strategy<Value = BudgetOp> {
         1 => Just(BudgetOp::Sweep),
         2 => prop_oneof![Just(1u64), Just(500), Just(1000), Just(10_000)].prop_map(|ms| BudgetOp::Advance { ms }),
         1 => any::<bool>().prop_map(|tight| BudgetOp::Configure { tight }),
+        1 => (0..5usize, any::<bool>()).prop_map(|(key, force)| BudgetOp::Forget { key, force }),
     ]
 }
 
@@ -341,7 +347,8 @@ proptest! {
     /// lives), and a replay is always the key's own recorded answer, whole
     /// or (when it could not fit) without its body: never another's bytes.
     /// `max_bytes` is halved and restored at random, the table kept: a
-    /// completion is never refused for room the table could make.
+    /// completion is never refused for room the table could make. Keys are
+    /// forgotten too (a running one only if forced), their bytes given back.
     #[test]
     fn the_byte_budget_holds_and_replays_are_never_wrong(ops in proptest::collection::vec(budget_op(), 1..80)) {
         use crate::store::budget::SpaceEffects;
@@ -447,6 +454,27 @@ proptest! {
                 }
                 BudgetOp::Advance { ms } => now += ms,
                 BudgetOp::Configure { tight: t } => table = if t { &tight } else { &roomy },
+                BudgetOp::Forget { key, force } => {
+                    let mut fx = SpaceEffects::default();
+                    let got = table.forget(&s, &keys[key], now, force, &mut fx).unwrap();
+                    gauge += fx.bytes;
+                    let running = matches!(&model[key], Model::InFlight { deadline, .. } if now < *deadline);
+                    let done = matches!(&model[key], Model::Done { expires, .. } if now < *expires);
+                    match got {
+                        Some(Forget::Forgotten(_)) if (running && force) || done => model[key] = Model::Nothing,
+                        Some(Forget::Running { .. }) if running && !force => {}
+                        // A record may have been evicted for space meanwhile
+                        // (a running claim never is); a lapsed claim is
+                        // nothing live, left as it is (its request may still
+                        // record, if nobody took the key over).
+                        Some(Forget::Absent) if !running => {
+                            if done {
+                                model[key] = Model::Nothing;
+                            }
+                        }
+                        g => prop_assert!(false, "running {}, done {}, forget answered {:?}", running, done, g),
+                    }
+                }
             }
             prop_assert_eq!(gauge as u64, table.charged(&shared).unwrap(), "the gauge is the table");
             prop_assert!(table.charged(&shared).unwrap() <= 4096);

@@ -598,4 +598,6 @@ impl LocalTable {
 }
 
 #[cfg(test)]
+mod interleavings;
+#[cfg(test)]
 mod tests;

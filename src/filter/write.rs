@@ -204,7 +204,8 @@ fn count_write(host: &impl Host, write: Write, result: &Result<bool, StoreError>
             host.metric_add(Metric::StoreErrors, 1);
             // Recording failed: the claim lapses after its lock timeout, or,
             // where the store had no room for the record (Redis full, a
-            // local share reserved by others), is held until the TTL.
+            // local share reserved by others) or the local bucket's writes
+            // kept losing to other workers', is held until the TTL.
             "not-recorded"
         }
     }

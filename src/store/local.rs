@@ -396,13 +396,15 @@ impl LocalTable {
             TooLarge::OmitBody,
             space,
         ) {
-            // The operation ran and its record has no room: the key stays in
-            // flight for as long as its record would have lived (retries get
-            // 409), as Redis keeps a claim whose record it refused. Best
-            // effort: if even that fails, the claim lapses at its lock.
-            Err(StoreError::NoRoom(why)) => {
+            // The operation ran and its record has no room, or could not be
+            // kept because other workers' writes to its bucket won every
+            // compare-and-swap: the key stays in flight for as long as its
+            // record would have lived (retries get 409), as Redis keeps a
+            // claim whose record it refused. Best effort: if even that
+            // fails, the claim lapses at its lock.
+            Err(e @ (StoreError::NoRoom(_) | StoreError::Contention)) => {
                 let _ = self.renew(shared, claim, now_ms, ttl_ms);
-                return Err(StoreError::NoRoom(why));
+                return Err(e);
             }
             other => other?,
         };

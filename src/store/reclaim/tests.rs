@@ -331,6 +331,45 @@ fn a_record_whose_headers_alone_exceed_the_share_keeps_its_status() {
     );
 }
 
+/// A completion whose bucket writes lose every compare-and-swap (other
+/// workers writing the bucket each time) keeps its key in flight for the
+/// TTL once the contention passes, as when there is no room: the operation
+/// ran, so a retry after the lock must not run it again.
+#[test]
+fn a_record_lost_to_contention_keeps_its_key_in_flight_for_the_ttl() {
+    let s = FakeShared::default();
+    let t = LocalTable::new(1, 4, NO_LIMIT);
+    t.init(&s).unwrap();
+    let c = claimed(t.claim(&s, &d(1), &FP, 11, 0, 30_000).unwrap());
+    // Before each of the next 16 writes, another worker rewrites the bucket.
+    fn contend(s: &FakeShared, t: LocalTable, left: u32) {
+        if left == 0 {
+            return;
+        }
+        s.before_next_set(Box::new(move |sh: &FakeShared| {
+            let (bucket, cas) = t.load(sh, 0).unwrap();
+            assert!(t.store(sh, 0, &bucket, cas).unwrap());
+            contend(sh, t, left - 1);
+        }));
+    }
+    contend(&s, t.clone(), super::super::local::MAX_CAS_ATTEMPTS);
+    let out = t.complete(
+        &s,
+        &c,
+        &d(1),
+        body(10, 7),
+        10,
+        60_000,
+        &mut SpaceEffects::default(),
+    );
+    assert_eq!(out, Err(crate::store::StoreError::Contention));
+    assert_eq!(
+        t.claim(&s, &d(1), &FP, 22, 30_001, 30_000).unwrap().0,
+        ClaimOutcome::InFlight,
+        "past the lock, within the TTL: 409"
+    );
+}
+
 #[test]
 fn a_record_with_no_room_keeps_its_key_in_flight_for_the_ttl() {
     // Every other way of the bucket is completing: their reservations hold

@@ -101,17 +101,22 @@ pub(super) fn scoped_digest(cfg: &Config, headers: &HeaderMap, key: &str) -> Dig
     key_digest_of(scope, key)
 }
 
-/// All values of a header joined as one list, the way RFC 9110 5.3 combines
-/// repeated fields, so a header split in two does not change the meaning. A
-/// header sent once (the usual case) is borrowed, not copied.
+/// All values of a header joined as one list (RFC 9110 5.3), so a header
+/// split in two does not change the meaning, and joined exactly as Envoy
+/// joins the repeated headers it keeps as one (`,`, and `; ` for cookies):
+/// APISIX hands each one over, and a key's scope and fingerprint must come
+/// out the same on both hosts of a fleet, or a retry that crosses them gets
+/// another scope (and runs again) or a 422. A header sent once (the usual
+/// case) is borrowed, not copied.
 fn header_joined<'a>(headers: &'a HeaderMap, name: &'a str) -> Option<Cow<'a, [u8]>> {
+    let separator: &[u8] = if name == "cookie" { b"; " } else { b"," };
     let mut out: Option<Cow<'a, [u8]>> = None;
     for v in headers.values(name) {
         match out.as_mut() {
             None => out = Some(Cow::Borrowed(v)),
             Some(o) => {
                 let o = o.to_mut();
-                o.extend_from_slice(b", ");
+                o.extend_from_slice(separator);
                 o.extend_from_slice(v);
             }
         }
@@ -133,4 +138,45 @@ pub(super) fn uuid_v4(host: &impl Host) -> String {
         .into_uuid()
         .hyphenated()
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let list: Vec<(String, Vec<u8>)> = pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        HeaderMap::from_list(&list)
+    }
+
+    /// As Envoy hands them over already joined: a retry on the other host
+    /// of a mixed fleet must find the same scope and fingerprint.
+    #[test]
+    fn repeated_headers_are_joined_as_envoy_joins_them() {
+        let apisix = map(&[
+            ("content-type", "application/json"),
+            ("content-type", "charset=utf-8"),
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+        ]);
+        let envoy = map(&[
+            ("content-type", "application/json,charset=utf-8"),
+            ("cookie", "a=1; b=2"),
+        ]);
+        for name in ["content-type", "cookie"] {
+            assert_eq!(
+                header_joined(&apisix, name),
+                header_joined(&envoy, name),
+                "{name}"
+            );
+        }
+        assert!(matches!(
+            header_joined(&envoy, "cookie"),
+            Some(Cow::Borrowed(_))
+        ));
+        assert_eq!(header_joined(&envoy, "authorization"), None);
+    }
 }

@@ -237,3 +237,25 @@ def test_store_calls_go_by_sha_and_by_source_only_after_redis_lost_the_script(up
     finally:
         gw.stop()
         backend.stop()
+
+
+def test_repeated_scope_and_fingerprint_headers_read_alike_on_both_hosts(mixed, upstream, key):
+    """Envoy hands a filter some repeated headers already joined (with ",",
+    cookies with "; "), APISIX hands each one over: a key's scope and
+    fingerprint must come out the same on both, or a retry that crosses
+    hosts runs again (another scope) or gets 422."""
+    body = b'{"amount": 42}'
+
+    def send(gateway, k):
+        head = (f"POST /payments HTTP/1.1\r\nHost: pay.example\r\nIdempotency-Key: {k}\r\n"
+                "Authorization: Bearer a\r\n"
+                "Content-Type: application/json\r\nContent-Type: charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        return raw_request(gateway.port, head.encode() + body)
+
+    for first, second, k in ((mixed.a, mixed.b, key + "-e2a"), (mixed.b, mixed.a, key + "-a2e")):
+        s1 = send(first, k)
+        assert s1 is not None and s1[0] == 201, s1
+        s2 = send(second, k)
+        assert s2 is not None and (s2[0], s2[1].get("idempotent-replayed")) == (201, "true"), s2
+        assert upstream.executions(k) == 1

@@ -53,33 +53,42 @@ impl<'a> Audited<'a> {
     }
 
     pub fn audit(&self) {
-        let t = &self.table;
-        for b in 0..t.buckets {
-            let Some(bytes) = self.inner.peek(&t.bucket_key(b)) else {
+        audit_budget(
+            &self.table,
+            |key| self.inner.peek(key),
+            &format!("after write {}", self.writes.get()),
+        );
+    }
+}
+
+/// The budget as the values `value_of` shows: each bucket within its share,
+/// and every slot's bytes within what its entry is charged (beyond the
+/// tombstone every slot starts with).
+pub fn audit_budget(t: &LocalTable, value_of: impl Fn(&str) -> Option<Vec<u8>>, when: &str) {
+    for b in 0..t.buckets {
+        let Some(bytes) = value_of(&t.bucket_key(b)) else {
+            continue;
+        };
+        let bucket = super::bucket::Bucket::decode(&bytes, t.ways).unwrap();
+        assert!(
+            bucket.charged() <= t.budget.share(),
+            "bucket {b} charged {} over its share {} {when}",
+            bucket.charged(),
+            t.budget.share(),
+        );
+        for (way, e) in bucket.entries.iter().enumerate() {
+            let data = value_of(&t.data_key(t.slot_of(b, way)))
+                .unwrap_or_else(|| panic!("slot {way} of bucket {b} has no data key {when}"));
+            if data == DataRecord::tombstone() {
                 continue;
-            };
-            let bucket = super::bucket::Bucket::decode(&bytes, t.ways).unwrap();
-            assert!(
-                bucket.charged() <= t.budget.share(),
-                "bucket {b} charged {} over its share {} after write {}",
-                bucket.charged(),
-                t.budget.share(),
-                self.writes.get()
-            );
-            for (way, e) in bucket.entries.iter().enumerate() {
-                let data = self.inner.peek(&t.data_key(t.slot_of(b, way))).unwrap();
-                if data == DataRecord::tombstone() {
-                    continue;
-                }
-                assert!(
-                    charge(data.len() as u64) <= u64::from(e.data_bytes),
-                    "slot {way} of bucket {b} holds {} bytes, charged {} ({:?}) after write {}",
-                    data.len(),
-                    e.data_bytes,
-                    e.state,
-                    self.writes.get()
-                );
             }
+            assert!(
+                charge(data.len() as u64) <= u64::from(e.data_bytes),
+                "slot {way} of bucket {b} holds {} bytes, charged {} ({:?}) {when}",
+                data.len(),
+                e.data_bytes,
+                e.state,
+            );
         }
     }
 }

@@ -10,9 +10,32 @@ use std::collections::HashMap;
 
 type Hook = Box<dyn FnOnce(&FakeShared)>;
 
+/// Values by key, each with the CAS its last write got.
+pub type SharedMap = HashMap<String, (Vec<u8>, u32)>;
+
+/// A set as Envoy's shared data makes it: refused when `cas` is given and
+/// differs from the key's, and, on a missing key, made whatever `cas` is;
+/// `version` numbers the writes (never 0). `false`: refused.
+pub fn envoy_set(
+    map: &mut SharedMap,
+    version: &mut u32,
+    key: &str,
+    value: &[u8],
+    cas: Option<u32>,
+) -> bool {
+    if let (Some((_, current)), Some(cas)) = (map.get(key), cas) {
+        if *current != cas {
+            return false;
+        }
+    }
+    *version = version.wrapping_add(1).max(1);
+    map.insert(key.to_string(), (value.to_vec(), *version));
+    true
+}
+
 #[derive(Default)]
 pub struct FakeShared {
-    map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    map: RefCell<SharedMap>,
     next_cas: Cell<u32>,
     hook: RefCell<Option<Hook>>,
     after_hook: RefCell<Option<Hook>>,
@@ -51,17 +74,13 @@ impl FakeShared {
         self.map.borrow().get(key).map(|(v, _)| v.clone())
     }
     fn set_now(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-        let mut map = self.map.borrow_mut();
-        if let (Some((_, current)), Some(cas)) = (map.get(key), cas) {
-            if *current != cas {
-                self.cas_failures.set(self.cas_failures.get() + 1);
-                return false;
-            }
+        let mut version = self.next_cas.get();
+        let landed = envoy_set(&mut self.map.borrow_mut(), &mut version, key, value, cas);
+        self.next_cas.set(version);
+        if !landed {
+            self.cas_failures.set(self.cas_failures.get() + 1);
         }
-        self.next_cas
-            .set(self.next_cas.get().wrapping_add(1).max(1));
-        map.insert(key.to_string(), (value.to_vec(), self.next_cas.get()));
-        true
+        landed
     }
 
     fn check(&self, call: &'static str) -> Result<(), HostError> {

@@ -12,6 +12,7 @@ use super::super::budget::{charge, SpaceEffects};
 use super::super::testing::audit_budget;
 use super::super::{ClaimOutcome, SharedData};
 use super::LocalTable;
+use crate::fake_host::{envoy_set, SharedMap};
 use crate::fingerprint::Digest16;
 use crate::host::HostError;
 use crate::record::StoredResponse;
@@ -69,7 +70,8 @@ impl Baton {
     }
 }
 
-type Map = Mutex<(HashMap<String, (Vec<u8>, u32)>, u32)>;
+/// The values and the last write's number.
+type Map = Mutex<(SharedMap, u32)>;
 
 /// Envoy's shared data (CAS ignored on a missing key), one actor's view:
 /// every step waits for its turn, and every write is audited (once the
@@ -90,15 +92,11 @@ impl SharedData for Stepped {
 
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, HostError> {
         self.baton.pass(self.me);
-        let mut map = self.map.lock().unwrap();
-        if let (Some((_, current)), Some(cas)) = (map.0.get(key), cas) {
-            if *current != cas {
-                return Ok(false);
-            }
+        let mut guard = self.map.lock().unwrap();
+        let map = &mut *guard;
+        if !envoy_set(&mut map.0, &mut map.1, key, value, cas) {
+            return Ok(false);
         }
-        map.1 = map.1.wrapping_add(1).max(1);
-        let version = map.1;
-        map.0.insert(key.to_string(), (value.to_vec(), version));
         if self.audited {
             audit_budget(
                 &self.table,

@@ -36,10 +36,9 @@ pub fn sampled_offset(wall_ms: u64, monotonic_ms: u64) -> i64 {
 }
 
 /// The offset every VM of the process uses: the one in shared data, or
-/// `own` put there first. Envoy's set on a missing key ignores CAS, so two
-/// VMs starting at once may each write theirs; each then reads back what
-/// is there, and the two were sampled a moment apart (the same offset,
-/// unless the clock was stepped in that moment). Any failure: `own`.
+/// `own` put there first. Of two VMs starting at once only one creates the
+/// key (a set that a key created meanwhile refuses); the other reads back
+/// the first one's. Any failure: `own`.
 pub fn shared_offset<S: SharedData>(shared: &S, own: i64) -> i64 {
     let stored = || -> Option<i64> {
         let (bytes, _) = shared.shared_get(OFFSET_KEY).ok()??;
@@ -48,7 +47,7 @@ pub fn shared_offset<S: SharedData>(shared: &S, own: i64) -> i64 {
     if let Some(offset) = stored() {
         return offset;
     }
-    let _ = shared.shared_set(OFFSET_KEY, &own.to_le_bytes(), None);
+    let _ = shared.set_if_unchanged(OFFSET_KEY, &own.to_le_bytes(), None);
     stored().unwrap_or(own)
 }
 
@@ -79,5 +78,22 @@ mod tests {
         let odd = FakeHost::default();
         odd.shared_set(OFFSET_KEY, b"x", None).unwrap();
         assert_eq!(shared_offset(&odd, 7), 7);
+    }
+
+    #[test]
+    fn of_two_vms_starting_at_once_the_second_takes_the_first_ones_offset() {
+        let host = FakeHost::default();
+        // This VM found no offset; before its write lands, another VM,
+        // sampled before a 60 s step, puts its own there.
+        host.shared.before_next_set(Box::new(|shared| {
+            shared
+                .shared_set(OFFSET_KEY, &100i64.to_le_bytes(), None)
+                .unwrap();
+        }));
+        assert_eq!(shared_offset(&host, 60_100), 100, "not its own");
+        assert_eq!(
+            host.shared.peek(OFFSET_KEY),
+            Some(100i64.to_le_bytes().to_vec())
+        );
     }
 }

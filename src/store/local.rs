@@ -24,10 +24,12 @@
 //! `on_configure`. Envoy runs that first on the main thread's VM while it
 //! loads the configuration (checked: the table is created by the thread whose
 //! id is Envoy's pid), before the worker VMs start; they find the keys there.
-//! That order matters because a set on a missing key ignores CAS: two workers
-//! creating the same bucket could each believe they claimed a slot in it. A
-//! configuration with a new table shape (another `max_entries`) loaded while
-//! traffic runs has the same window for its first requests.
+//! A set on a missing key ignores CAS, so two workers creating the same
+//! bucket could each believe they claimed a slot in it; every write here is
+//! therefore [`SharedData::set_if_unchanged`], whose "still missing" a key
+//! created meanwhile refuses. That covers a configuration with a new table
+//! shape (another `max_entries`) loaded while traffic runs, whose VMs all
+//! run `init` at once.
 
 pub use super::bucket::{Bucket, Entry, State};
 use super::bucket::{Taken, BUCKET_VERSION};
@@ -156,8 +158,13 @@ impl LocalTable {
     }
 
     /// Creates every missing bucket and data key. Returns how many buckets
-    /// were created. Data keys are created too (as tombstones) because only a
-    /// key that exists honours CAS, and completions must CAS their data.
+    /// this call created. Data keys are created too (as tombstones) because
+    /// only a key that exists honours CAS, and completions must CAS their
+    /// data; they come before their bucket, so a bucket that exists has its
+    /// data keys. Every creation is a set that a key created meanwhile
+    /// refuses, so creating the table while requests run (a configuration
+    /// with a new shape, each VM's `on_configure` at once) never overwrites
+    /// a claim or a record another worker has made.
     pub fn init<S: SharedData>(&self, shared: &S) -> Result<u32, StoreError> {
         let empty = Bucket::empty(self.ways).encode();
         let tombstone = DataRecord::tombstone();
@@ -165,10 +172,12 @@ impl LocalTable {
         for b in 0..self.buckets {
             let key = self.bucket_key(b);
             if shared.shared_get(&key)?.is_none() {
-                shared.shared_set(&key, &empty, None)?;
-                created += 1;
                 for way in 0..self.ways as usize {
-                    shared.shared_set(&self.data_key(self.slot_of(b, way)), &tombstone, None)?;
+                    let data_key = self.data_key(self.slot_of(b, way));
+                    shared.set_if_unchanged(&data_key, &tombstone, None)?;
+                }
+                if shared.set_if_unchanged(&key, &empty, None)? {
+                    created += 1;
                 }
             }
         }
@@ -182,8 +191,8 @@ impl LocalTable {
     ) -> Result<(Bucket, Option<u32>), StoreError> {
         match shared.shared_get(&self.bucket_key(bucket))? {
             Some((bytes, cas)) => Ok((Bucket::decode(&bytes, self.ways)?, Some(cas))),
-            // Only reachable if init did not run for this shape; the first
-            // write then creates the bucket (see the module note on the race).
+            // Only reachable if init did not run for this shape: the first
+            // write creates the bucket, and refuses to if another did.
             None => Ok((Bucket::empty(self.ways), None)),
         }
     }
@@ -195,7 +204,7 @@ impl LocalTable {
         b: &Bucket,
         cas: Option<u32>,
     ) -> Result<bool, StoreError> {
-        Ok(shared.shared_set(&self.bucket_key(bucket), &b.encode(), cas)?)
+        Ok(shared.set_if_unchanged(&self.bucket_key(bucket), &b.encode(), cas)?)
     }
 
     /// The one atomic step of a request: claim the key, or learn what holds it.
@@ -493,7 +502,7 @@ impl LocalTable {
                     return Ok(Recorded::ClaimLost);
                 }
             }
-            if shared.shared_set(&data_key, &bytes, current.map(|(_, cas)| cas))? {
+            if shared.set_if_unchanged(&data_key, &bytes, current.map(|(_, cas)| cas))? {
                 written = true;
                 break;
             }

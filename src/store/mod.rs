@@ -348,9 +348,34 @@ impl Store {
 pub trait SharedData {
     /// `Ok(None)` when the key does not exist.
     fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError>;
-    /// `Ok(false)` when `cas` is stale (another writer came first).
+    /// `Ok(false)` when `cas` is stale (another writer came first). `None`
+    /// writes whatever is there: for tests; the filter writes only with
+    /// [`SharedData::set_if_unchanged`].
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, HostError>;
+
+    /// Writes `value` only if `key` is still as it was read: with CAS
+    /// `seen`, or still missing (`None`). A missing key ignores CAS, so
+    /// "still missing" is a set with [`ABSENT_CAS`], which a key someone
+    /// created meanwhile refuses. A plain set there would let two workers
+    /// that both found a bucket missing each create it and each believe
+    /// it claimed a slot in it: one operation run twice.
+    fn set_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        seen: Option<u32>,
+    ) -> Result<bool, HostError> {
+        self.shared_set(key, value, Some(seen.unwrap_or(ABSENT_CAS)))
+    }
 }
+
+/// The CAS that stands for "missing when read". Envoy numbers its sets
+/// process-wide from 1 (proxy-wasm-cpp-host, `SharedData::nextCas`) and a
+/// value's CAS is the number of its last set, so a key refuses this one
+/// unless it was last written by exactly the 4,294,967,295th set of the
+/// process (or of each 2^32 - 1 after): then a creation race that also
+/// needs two workers to find one key missing at once would go unnoticed.
+pub const ABSENT_CAS: u32 = u32::MAX;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {

@@ -203,7 +203,27 @@ fn actor(s: &Stepped, holders: &Holders, seed: u64) -> i64 {
 
 #[test]
 fn claims_records_and_the_budget_hold_in_every_sampled_interleaving() {
-    for seed in 1..=1000u64 {
+    run_seeds(1..=1000, TableMadeBy::Configuration);
+}
+
+/// A configuration with a new table shape, loaded while traffic runs: every
+/// worker's VM creates the table in its `on_configure`, at once, and serves
+/// requests as soon as its own call returns, while the others' still run.
+#[test]
+fn a_table_created_by_every_worker_at_once_loses_no_claim() {
+    run_seeds(1..=500, TableMadeBy::EveryWorker);
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum TableMadeBy {
+    /// Once, before the workers start (Envoy's main thread).
+    Configuration,
+    /// Each actor's first steps.
+    EveryWorker,
+}
+
+fn run_seeds(seeds: std::ops::RangeInclusive<u64>, made_by: TableMadeBy) {
+    for seed in seeds {
         // One bucket of two slots for three keys (entries are evicted too),
         // and room for about two records (bytes are reclaimed).
         let table = LocalTable::new(1, 2, 2 * charge(1_000));
@@ -218,7 +238,9 @@ fn claims_records_and_the_budget_hold_in_every_sampled_interleaving() {
             table: table.clone(),
             audited: false,
         };
-        table.init(&plain).unwrap();
+        if made_by == TableMadeBy::Configuration {
+            table.init(&plain).unwrap();
+        }
         let gauge: i64 = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..actors)
                 .map(|me| {
@@ -233,6 +255,9 @@ fn claims_records_and_the_budget_hold_in_every_sampled_interleaving() {
                     scope.spawn(move || {
                         baton.wait_turn(me);
                         let moved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            if made_by == TableMadeBy::EveryWorker {
+                                s.table.init(&s).unwrap();
+                            }
                             actor(&s, holders, seed * 31 + me as u64)
                         }));
                         baton.finish(me);

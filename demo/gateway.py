@@ -100,8 +100,10 @@ class Envoy:
     def __init__(self, plugin_config, upstream_port, concurrency=2, envoy_bin=None,
                  wasm_path=DEFAULT_WASM, listen_port=None, admin_port=None, workdir=None,
                  webdis_port=None, with_filter=True, cpus=None, access_log=False, template=TEMPLATE,
-                 operations=None, env=None):
+                 operations=None, env=None, extra_args=()):
         self.plugin_config = plugin_config
+        # More of Envoy's command-line flags (tests: a short --drain-time-s).
+        self.extra_args = list(extra_args)
         # Extra environment for Envoy's process (tests: a stepped clock).
         self.env = env
         # The plugin configuration of a key-operations listener (README
@@ -144,17 +146,14 @@ class Envoy:
         if os.path.exists(self.admin_address_path):
             os.remove(self.admin_address_path)
         with open(self.config_path, "w") as f:
-            f.write(render(self.port or 0, self.admin_port or 0, self.upstream_port, self.plugin_config, self.wasm_path,
-                           webdis_port=self.webdis_port, with_filter=self.with_filter,
-                           unreachable_port=self._unreachable.getsockname()[1],
-                           access_log=self.access_log_path, template=self.template,
-                           operations=self.operations))
+            f.write(self.rendered(self.plugin_config))
         log = open(self.log_path, "w")
         pin = ["taskset", "-c", self.cpus] if self.cpus else []
         self.proc = subprocess.Popen(
             pin + [self.envoy_bin, "-c", self.config_path, "--concurrency", str(self.concurrency),
              "--disable-hot-restart", "--log-level", "warn", "--component-log-level", "wasm:info",
-             "--file-flush-interval-msec", "100", "--admin-address-path", self.admin_address_path],
+             "--file-flush-interval-msec", "100", "--admin-address-path", self.admin_address_path]
+            + self.extra_args,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **self.env} if self.env else None)
         atexit.register(self.stop)
@@ -171,6 +170,14 @@ class Envoy:
                 return self
             time.sleep(0.1)
         raise RuntimeError(f"envoy not ready after {timeout}s:\n{self.log()}")
+
+    def rendered(self, plugin_config):
+        """This gateway's Envoy configuration (YAML) with `plugin_config`."""
+        return render(self.port or 0, self.admin_port or 0, self.upstream_port, plugin_config, self.wasm_path,
+                      webdis_port=self.webdis_port, with_filter=self.with_filter,
+                      unreachable_port=self._unreachable.getsockname()[1],
+                      access_log=self.access_log_path, template=self.template,
+                      operations=self.operations)
 
     def _ready(self):
         try:

@@ -80,6 +80,11 @@ impl<T> GroupCommit<T> {
         self.in_flight.is_some()
     }
 
+    /// No batch is out and no operation waits.
+    pub fn is_empty(&self) -> bool {
+        !self.busy() && self.renewals.is_empty() && self.waiting.is_empty()
+    }
+
     /// The call for the next batch, when none is out and operations wait.
     pub fn next_batch(&mut self) -> Option<StoreRequest> {
         if self.busy() || (self.renewals.is_empty() && self.waiting.is_empty()) {

@@ -119,6 +119,7 @@ extern "C" {
         return_value_size: *mut usize,
     ) -> u32;
     pub(super) fn proxy_set_effective_context(context_id: u32) -> u32;
+    pub(super) fn proxy_done() -> u32;
 }
 
 pub(super) fn check(call: &'static str, status: u32) -> Result<(), HostError> {
@@ -200,4 +201,10 @@ pub(super) fn get_value(map_type: u32, name: &str) -> Result<Option<Vec<u8>>, Ho
 /// Asks for `on_tick` every `period_ms`; the host's status.
 pub(super) fn set_tick_period(period_ms: u32) -> u32 {
     unsafe { proxy_set_tick_period_milliseconds(period_ms) }
+}
+
+/// Tells the host that the running root context, which answered `on_done`
+/// with "not yet", may now be deleted.
+pub(super) fn root_done() -> Result<(), HostError> {
+    check("done", unsafe { proxy_done() })
 }

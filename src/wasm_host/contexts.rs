@@ -6,8 +6,8 @@ use super::owner::{Caller, Owner};
 #[cfg(feature = "self-profile")]
 use super::self_profile;
 use super::{
-    get_buffer, host_log, now_ms, read_call_response, register_queue, set_tick_period, share_clock,
-    MetricIds, WasmHost, BUFFER_PLUGIN_CONFIGURATION, OK,
+    get_buffer, host_log, now_ms, read_call_response, register_queue, root_done, set_tick_period,
+    share_clock, MetricIds, WasmHost, BUFFER_PLUGIN_CONFIGURATION, OK,
 };
 use crate::config::{Config, Platform};
 use crate::filter::{Filter, FilterContext};
@@ -28,6 +28,16 @@ struct Root {
     metrics: Rc<MetricIds>,
     /// The requests' calls, where the platform lets the worker own them.
     owner: Option<Rc<Owner>>,
+    /// The host is done with this configuration and waits for the root to
+    /// say it may go (`on_done`); `Finished` once it has.
+    retiring: Retiring,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retiring {
+    No,
+    Waiting,
+    Finished,
 }
 
 impl Root {
@@ -117,6 +127,30 @@ impl Root {
         }
     }
 
+    /// Nothing the root owns is under way.
+    fn idle(&self) -> bool {
+        self.owner.as_ref().is_none_or(|o| o.idle())
+    }
+
+    /// Called at the end of the root's callbacks: a retiring root whose
+    /// last call has settled tells the host it may be deleted now.
+    fn finish_if_retired(&mut self) {
+        if self.retiring != Retiring::Waiting || !self.idle() {
+            return;
+        }
+        self.retiring = Retiring::Finished;
+        match root_done() {
+            Ok(()) => host_log(
+                Level::Info,
+                "a replaced configuration's root has settled its calls and goes",
+            ),
+            Err(e) => host_log(
+                Level::Warn,
+                &format!("a replaced configuration's root could not go: {e}"),
+            ),
+        }
+    }
+
     /// Hands each operation's reply to its request (acting for its stream),
     /// or to the tick's renewals.
     fn deliver_replies(&mut self, owner: &Rc<Owner>, replies: Vec<(Caller, OpReply)>) {
@@ -190,6 +224,28 @@ impl Context for Root {
         }
         // What the answers made the requests do next goes out now.
         self.send_batches(&owner);
+        self.finish_if_retired();
+    }
+
+    /// The host is done with this configuration: replaced (a listener or
+    /// extension update, any change to the plugin's JSON) once its last
+    /// stream has ended, or the VM shuts down. Deleting the root now would
+    /// cancel the calls it owns, and lose what they were for: a forwarded
+    /// request's answer (its client gone, the upstream acting), a batch's
+    /// records. Its claims would lapse unrenewed and their retries run
+    /// again. So the root stays, with its tick, until it is idle, and then
+    /// says so (`proxy_done`): Envoy keeps such a root (and its VM) alive.
+    fn on_done(&mut self) -> bool {
+        if self.idle() {
+            self.retiring = Retiring::Finished;
+            return true;
+        }
+        self.retiring = Retiring::Waiting;
+        host_log(
+            Level::Info,
+            "configuration replaced: its root stays until the calls it owns are settled",
+        );
+        false
     }
 }
 
@@ -259,6 +315,7 @@ impl RootContext for Root {
         if let Some(occupied) = ctx.store.tick(&host, now_ms()) {
             self.metrics.set(Metric::Entries, occupied);
         }
+        self.finish_if_retired();
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
@@ -273,6 +330,7 @@ impl RootContext for Root {
             owner.deliver(stream, |f| f.on_call_failed(&host, call, e));
         });
         self.send_batches(&owner);
+        self.finish_if_retired();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -447,6 +505,7 @@ proxy_wasm::main! {{
             ctx: None,
             metrics: Rc::new(MetricIds::default()),
             owner: None,
+            retiring: Retiring::No,
         })
     });
 }}

@@ -1,7 +1,8 @@
 //! Calls owned by the worker (Envoy): a request's HTTP calls are made by its
-//! VM's root context, which lives as long as the worker, so that an answer
-//! is handled even when the request that made the call has gone (the client
-//! timed out, say). The SDK drops an answer whose context is gone; made by
+//! VM's root context, which lives as long as its configuration and, once
+//! that is replaced, until its calls are settled ([`Owner::idle`]), so
+//! that an answer is handled even when the request that made the call has
+//! gone (the client timed out, say). The SDK drops an answer whose context is gone; made by
 //! the root, the answer reaches the root, which hands it to the request's
 //! filter, acting for the request's stream when it still exists.
 //!
@@ -216,6 +217,18 @@ impl Owner {
             Answered::Replies(replies) => (replies, 0),
             Answered::Resend(request) => self.send_batch_request(batches, &request),
         })
+    }
+
+    /// Nothing of any request is left here: no call out or queued, no
+    /// batch out or waiting, no filter kept for a call (nor a stream).
+    pub(super) fn idle(&self) -> bool {
+        self.filters.borrow().is_empty()
+            && self.outbox.borrow().is_empty()
+            && self.tokens.borrow().is_empty()
+            && self
+                .batches
+                .as_ref()
+                .is_none_or(|b| b.token.get().is_none() && b.group.borrow().is_empty())
     }
 
     pub(super) fn route(self: &Rc<Self>, stream: u32) -> Route {

@@ -16,7 +16,7 @@ curl -fsS -X PUT "$ADMIN/apisix/admin/routes/payments" -H "X-API-KEY: $KEY" -d '
         "host": "apisix",
         "required": true,
         "store": {"type": "redis", "cluster": "webdis:7379", "timeout_ms": 500, "on_unavailable": "reject"},
-        "forward": {"upstream": "payments:8081", "timeout_ms": 9000}
+        "forward": {"upstream": "payments:8081", "timeout_ms": 8000}
       }
     }
   },

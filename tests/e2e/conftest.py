@@ -160,16 +160,18 @@ def renewable_timeouts(config):
 
 def no_tick_timeouts(config):
     """Where claims cannot be renewed (APISIX and its profile), the lock must
-    outlast the forward timeout plus three store calls (the claim's answer,
-    and the record sent twice after a NOSCRIPT): a profile with a short lock
-    gets shorter ones (an eighth of it for each store call, half for the
-    upstream), leaving an eighth to spare."""
+    outlast three times the forward timeout and the three store calls
+    (the claim's answer, and the record sent twice after a NOSCRIPT), since
+    nginx times each socket operation of a call (a connect, a send, a read):
+    a profile with a short lock gets shorter ones (a sixteenth of it for
+    each store call, the forward timeout from what is left)."""
     lock_ms = config.get("lock_timeout_seconds", 30) * 1000
     store = config.get("store", {})
+    store_ms = 500
     if store.get("type") == "redis":
-        store["timeout_ms"] = min(store.get("timeout_ms", 500), lock_ms // 8)
+        store_ms = store["timeout_ms"] = min(store.get("timeout_ms", 500), lock_ms // 16)
     forward = config.setdefault("forward", {})
-    forward.setdefault("timeout_ms", min(25_000, lock_ms // 2))
+    forward.setdefault("timeout_ms", min(8_000, (lock_ms - 1) // 3 - 3 * store_ms))
     return config
 
 

@@ -102,7 +102,7 @@ def test_a_clock_stepped_back_during_a_forwarded_call_is_no_call_never_sent(shim
     default records it) and the retry does not run it again."""
     clock = SteppedClock(shim)
     prefix = "clock-" + uuid.uuid4().hex[:8] + ":"
-    conf = apisix_conf({"store": redis_store(prefix), "forward": {"timeout_ms": 2000}}, upstream, redis_backend)
+    conf = apisix_conf({"store": redis_store(prefix, timeout_ms=1000), "forward": {"timeout_ms": 2000}}, upstream, redis_backend)
     gw = ApisixRuntime(conf, upstream.port, env=clock.env()).start()
     try:
         with ThreadPoolExecutor(1) as pool:

@@ -151,9 +151,9 @@ def test_a_response_slower_than_the_lock_timeout(gateways, upstream):
     """Claims live as long as their request: on Envoy the worker's tick
     renews them, so a slow upstream keeps its claim past the lock timeout,
     retries meanwhile get 409, and its late answer is recorded. APISIX has no
-    tick: there the lock must outlast forward.timeout_ms (the configuration
+    tick: there the lock must outlast three forward.timeout_ms (the configuration
     checks it), and a call that times out has an unknown outcome."""
-    lock = gateways("lock")  # lock_timeout_seconds 4 (APISIX: forward.timeout_ms 2000, store 500)
+    lock = gateways("lock")  # lock_timeout_seconds 4 (APISIX: forward.timeout_ms 583, store 250)
     key = k("slow")
     before = lock.stats()["claims_renewed"] if lock.has_metrics else None
     with ThreadPoolExecutor(1) as pool:
@@ -170,7 +170,7 @@ def test_a_response_slower_than_the_lock_timeout(gateways, upstream):
     wait_for(lambda: upstream.executions(key) >= 1, what="the original to finish upstream")
     assert upstream.executions(key) == 1, (first[0], retry[0], "ran twice")
     if gateways.forwarding:
-        # The forwarded call timed out (2 s): sent, outcome unknown. The
+        # The forwarded call timed out (0.6 s): sent, outcome unknown. The
         # client and every retry get the outcome-unknown problem.
         assert first[0] == 502 and problem(first)["type"].endswith("outcome-unknown")
         assert_outcome_unknown(retry)

@@ -191,7 +191,7 @@ fn forwarding_to_a_silent_upstream_releases_and_answers_502() {
 fn a_forwarded_call_that_times_out_has_an_unknown_outcome() {
     let host = FakeHost::default();
     let redis = FakeRedis::with_script();
-    let c = ctx(APISIX); // forward.timeout_ms: 25000 (the default)
+    let c = ctx(APISIX); // forward.timeout_ms: 8000 (APISIX's default)
     let hs: Vec<(&str, &str)> = vec![
         (":method", "POST"),
         (":path", "/p"),
@@ -203,7 +203,7 @@ fn a_forwarded_call_that_times_out_has_an_unknown_outcome() {
     f.on_request_body(&host, 0, true);
     redis_answers(&host, &redis, &mut f, Op::Claim);
     // No answer, at the timeout: the request was sent and may have acted.
-    host.advance_clock(25_000);
+    host.advance_clock(8_000);
     f.on_call_response(&host, 2, &CallResponse::default());
     redis_answers(&host, &redis, &mut f, Op::Record);
     assert_eq!(host.sent().unwrap().status, 502);
@@ -220,6 +220,45 @@ fn a_forwarded_call_that_times_out_has_an_unknown_outcome() {
         4,
         "claim, forward, record, the retry's claim"
     );
+}
+
+/// APISIX says nothing of why a call failed. One that failed at once never
+/// opened its connection; one that failed later may have been sent, even
+/// well before `forward.timeout_ms` by the filter's clock, since nginx arms
+/// its timers from the time it cached when its event loop last woke.
+#[test]
+fn an_apisix_call_that_failed_after_half_its_timeout_may_have_acted() {
+    // (ms after the send, the operation that follows)
+    let cases = [
+        (2, Op::Release),
+        (3_999, Op::Release),
+        (4_000, Op::Record),
+        // A timeout armed on a clock 60 ms stale.
+        (7_940, Op::Record),
+        (8_000, Op::Record),
+    ];
+    for (waited, then) in cases {
+        let host = FakeHost::default();
+        let redis = FakeRedis::with_script();
+        let hs = [
+            (":method", "POST"),
+            (":path", "/p"),
+            ("idempotency-key", "k"),
+        ];
+        host.reset_exchange(&hs, b"");
+        let mut f = Filter::new(ctx(APISIX));
+        f.on_request_headers(&host, true);
+        f.on_request_body(&host, 0, true);
+        redis_answers(&host, &redis, &mut f, Op::Claim);
+        host.advance_clock(waited);
+        f.on_call_response(&host, 2, &CallResponse::default());
+        let last = ops(host.calls().last().unwrap());
+        assert_eq!(
+            last,
+            Some(vec![then]),
+            "a call that failed after {waited} ms"
+        );
+    }
 }
 
 /// Envoy, forwarding mode: the filter's own calls outlive the client's

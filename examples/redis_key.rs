@@ -12,7 +12,6 @@
 
 use idempotency_filter::config::{Config, StoreConfig};
 use idempotency_filter::fingerprint::key_digest;
-use idempotency_filter::key::parse_key_headers;
 use idempotency_filter::store::redis::RedisStore;
 
 fn fail(message: &str) -> ! {
@@ -45,7 +44,11 @@ fn main() {
             scope.len()
         ));
     }
-    let key = match parse_key_headers(&[key_header.as_bytes()], config.max_key_length) {
+    // As the filter reads it: structured or opaque (`key_syntax`).
+    let key = match config
+        .key_syntax
+        .parse_headers(&[key_header.as_bytes()], config.max_key_length)
+    {
         Ok(Some(k)) => k,
         Ok(None) => fail("empty key"),
         Err(e) => fail(&format!(

@@ -598,7 +598,7 @@ fn validate_operations(
     platform: Platform,
     store: &StoreConfig,
 ) -> Result<Operations, ConfigError> {
-    const REDIS_WAY: &str = "with the Redis store, inspect or delete a record with redis-cli GET or DEL on the name examples/redis_key prints (README \"Finding or deleting one record\")";
+    const REDIS_WAY: &str = "with the Redis store, inspect a record with redis-cli GET on the name examples/redis_key prints, and delete one only with the README's script, which spares running keys (README \"Finding or deleting one record\")";
     if !platform.has_shared_data() {
         return Err(err(
             "operations",
@@ -956,9 +956,9 @@ mod tests {
             (r#"{"#, "invalid configuration: (document): EOF while parsing an object"),
             (r#"{"outcome_property":"wasm.outcome"}"#, "invalid configuration: outcome_property: \"wasm.outcome\" is not a property name; use up to 64 letters, digits, '_' or '-', e.g. \"idempotency_outcome\""),
             (r#"{"host":"apisix","forward":{"upstream":"u:1"},"store":{"type":"redis","cluster":"w:1"},"outcome_property":"o"}"#, "invalid configuration: outcome_property: is Envoy only (APISIX has no filter state for it); leave it out and log APISIX's $status instead"),
-            (r#"{"operations":{},"store":{"type":"redis","cluster":"w"}}"#, "invalid configuration: operations: inspects and forgets keys of the local store only; leave it out: with the Redis store, inspect or delete a record with redis-cli GET or DEL on the name examples/redis_key prints (README \"Finding or deleting one record\")"),
-            (r#"{"host":"apisix","forward":{"upstream":"u:1"},"store":{"type":"redis","cluster":"w:1"},"operations":{}}"#, "invalid configuration: operations: works on the local store's shared data, which APISIX does not provide; leave it out: with the Redis store, inspect or delete a record with redis-cli GET or DEL on the name examples/redis_key prints (README \"Finding or deleting one record\")"),
-            (r#"{"host":"apisix-profile","operations":{}}"#, "invalid configuration: operations: works on the local store's shared data, which APISIX does not provide; leave it out: with the Redis store, inspect or delete a record with redis-cli GET or DEL on the name examples/redis_key prints (README \"Finding or deleting one record\")"),
+            (r#"{"operations":{},"store":{"type":"redis","cluster":"w"}}"#, "invalid configuration: operations: inspects and forgets keys of the local store only; leave it out: with the Redis store, inspect a record with redis-cli GET on the name examples/redis_key prints, and delete one only with the README's script, which spares running keys (README \"Finding or deleting one record\")"),
+            (r#"{"host":"apisix","forward":{"upstream":"u:1"},"store":{"type":"redis","cluster":"w:1"},"operations":{}}"#, "invalid configuration: operations: works on the local store's shared data, which APISIX does not provide; leave it out: with the Redis store, inspect a record with redis-cli GET on the name examples/redis_key prints, and delete one only with the README's script, which spares running keys (README \"Finding or deleting one record\")"),
+            (r#"{"host":"apisix-profile","operations":{}}"#, "invalid configuration: operations: works on the local store's shared data, which APISIX does not provide; leave it out: with the Redis store, inspect a record with redis-cli GET on the name examples/redis_key prints, and delete one only with the README's script, which spares running keys (README \"Finding or deleting one record\")"),
             (r#"{"operations":{"path":"keys"}}"#, "invalid configuration: operations.path: \"keys\" is not a request path; use one starting with '/', without spaces, '?' or '#', e.g. \"/idempotency/key\""),
             (r#"{"operations":{"path":"/keys?x=1"}}"#, "invalid configuration: operations.path: \"/keys?x=1\" is not a request path; use one starting with '/', without spaces, '?' or '#', e.g. \"/idempotency/key\""),
             (r#"{"operations":{"prefix":"/keys"}}"#, "invalid configuration: operations.prefix: unknown field `prefix`, expected `path`; remove it or fix its spelling"),

@@ -153,10 +153,29 @@ pub enum BatchAnswer {
     NoScript,
 }
 
+/// Whether a 503 may have come after the call reached Redis. Webdis answers
+/// 503 with no body when its link to Redis fails, whether before or after
+/// it sent the command (checked on Debian's webdis 0.1.9: the same answer with Redis
+/// stopped). Envoy's own 503 names its reset reason: a connection that
+/// never opened, no healthy host or a circuit breaker never sent anything;
+/// a connection that reset after sending ("connection termination") may
+/// have.
+fn sent_before_503(body: &[u8]) -> bool {
+    let never_left = [
+        &b"no healthy upstream"[..],
+        b"connection failure",
+        b"overflow",
+    ];
+    !never_left
+        .iter()
+        .any(|marker| body.windows(marker.len()).any(|w| w == *marker))
+}
+
 /// Reads the answer to a batch of `count` operations. A failure of the
 /// whole call is each operation's failure, as it would have been for a call
-/// of its own: no answer at all, or Envoy's 504 past the timeout, means
-/// Redis may still run it ([`StoreError::NoAnswer`]).
+/// of its own: no answer at all, Envoy's 504 past the timeout, or a 503
+/// that does not say the call never left ([`sent_before_503`]) means Redis
+/// may have run it, or may still run it ([`StoreError::NoAnswer`]).
 pub fn answer(status: Option<u16>, body: &[u8], count: usize) -> BatchAnswer {
     let each = |e: StoreError| BatchAnswer::Each(vec![Err(e); count]);
     let status = match status {
@@ -166,6 +185,11 @@ pub fn answer(status: Option<u16>, body: &[u8], count: usize) -> BatchAnswer {
             ))
         }
         Some(504) => return each(StoreError::NoAnswer("webdis answered HTTP 504 (timeout)")),
+        Some(503) if sent_before_503(body) => {
+            return each(StoreError::NoAnswer(
+                "HTTP 503 (Webdis's link to Redis, or the connection to Webdis, failed, perhaps after sending)",
+            ))
+        }
         Some(status) => status,
     };
     match Webdis.parse(status, body) {
@@ -256,8 +280,30 @@ mod tests {
             answer(Some(504), b"upstream request timeout", 1),
             BatchAnswer::Each(v) if matches!(v[0], Err(StoreError::NoAnswer(_)))
         ));
+        // Webdis answers 503 when its link to Redis broke, perhaps after
+        // sending: the operation may have run.
         assert!(matches!(
             answer(Some(503), b"", 1),
+            BatchAnswer::Each(v) if matches!(v[0], Err(StoreError::NoAnswer(_)))
+        ));
+        // Envoy's own 503, after a connection reset once the call was sent.
+        assert!(matches!(
+            answer(Some(503), b"upstream connect error or disconnect/reset before headers. reset reason: connection termination", 1),
+            BatchAnswer::Each(v) if matches!(v[0], Err(StoreError::NoAnswer(_)))
+        ));
+        // Envoy's own 503s for calls that never left.
+        for body in [
+            &b"no healthy upstream"[..],
+            b"upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: delayed connect error: Connection refused",
+            b"upstream connect error or disconnect/reset before headers. reset reason: overflow",
+        ] {
+            assert!(matches!(
+                answer(Some(503), body, 1),
+                BatchAnswer::Each(v) if matches!(v[0], Err(StoreError::Unavailable(_)))
+            ));
+        }
+        assert!(matches!(
+            answer(Some(500), b"", 1),
             BatchAnswer::Each(v) if matches!(v[0], Err(StoreError::Unavailable(_)))
         ));
         assert_eq!(

@@ -4,6 +4,7 @@ gateway or the store fails. Every test asserts on what the counting upstream
 executed."""
 
 import contextlib
+import os
 import json
 import re
 import threading
@@ -277,30 +278,59 @@ def test_without_the_cache_every_replay_asks_redis(upstream, redis_backend, key)
         fleet.stop()
 
 
-def test_an_operator_finds_and_deletes_a_record_by_its_key(fleet, upstream, key, tmp_path):
-    """examples/redis_key names the Redis key of a client's key and scope."""
-    import json
+def readme_delete_script():
+    """The delete script of the README's "Finding or deleting one record"."""
+    from conftest import REPO
+    with open(os.path.join(REPO, "README.md")) as f:
+        return re.search(r'redis-cli -p 6380 EVAL "([^"]+)" 1 "\$KEY"', f.read()).group(1)
+
+
+def redis_key_of(fleet, tmp_path, *args):
+    """What examples/redis_key prints for the fleet's configuration."""
     import subprocess
     from conftest import REPO
     conf = tmp_path / "conf.json"
     conf.write_text(json.dumps(fleet.config))
-    header = f'"{key}"'
-    auth = "Bearer tenant-1"
-    s1, _, b1 = post(fleet.a, header, headers={"authorization": auth})
-    assert s1 == 201
-    out = subprocess.run(["cargo", "run", "-q", "--example", "redis_key", "--", str(conf), header, auth],
+    out = subprocess.run(["cargo", "run", "-q", "--example", "redis_key", "--", str(conf), *args],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    redis_key = out.stdout.strip()
-    assert redis_key.startswith(fleet.prefix)
-    value = fleet.backend.command("GET", redis_key)["GET"]
-    assert value.startswith("C|"), value
-    # Another tenant's same key is another record.
-    other = subprocess.run(["cargo", "run", "-q", "--example", "redis_key", "--", str(conf), header, "Bearer tenant-2"],
-                           cwd=REPO, capture_output=True, text=True, timeout=600).stdout.strip()
-    assert other != redis_key and fleet.backend.command("GET", other)["GET"] is None
-    # Deleted by hand: a gateway without a cached copy runs the retry again.
-    fleet.backend.command("DEL", redis_key)
-    s2, h2, _ = post(fleet.b, header, headers={"authorization": auth})
-    assert s2 == 201 and h2.get("idempotent-replayed") is None
-    assert upstream.executions(header) == 2
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("key_syntax", ["structured", "opaque"])
+def test_an_operator_finds_and_deletes_a_record_by_its_key(upstream, redis_backend, key, tmp_path, key_syntax):
+    """examples/redis_key names the Redis key of a client's key and scope,
+    read as the filter reads it; the README's delete script deletes a
+    completed record and refuses a running one."""
+    fleet = Fleet(upstream, redis_backend, key_syntax=key_syntax)
+    try:
+        # The same header, which each syntax reads as another key.
+        header = f'"{key}"'
+        auth = "Bearer tenant-1"
+        delete = readme_delete_script()
+        redis_key = redis_key_of(fleet, tmp_path, header, auth)
+        assert redis_key.startswith(fleet.prefix)
+        # Running: the script leaves the claim, and the retry gets 409.
+        hold = f"hold-{key}"
+        with ThreadPoolExecutor(1) as pool:
+            original = pool.submit(post, fleet.a, header, headers={"authorization": auth, "x-demo-hold": hold})
+            try:
+                wait_for(lambda: upstream.started(header) == 1, what="the original to start")
+                assert fleet.backend.command("GET", redis_key)["GET"].startswith("I|")
+                assert fleet.backend.command("EVAL", delete, 1, redis_key)["EVAL"] == 0
+                assert post(fleet.b, header, headers={"authorization": auth})[0] == 409
+            finally:
+                upstream.release(hold)
+            assert original.result()[0] == 201
+        value = fleet.backend.command("GET", redis_key)["GET"]
+        assert value.startswith("C|"), value
+        # Another tenant's same key is another record.
+        other = redis_key_of(fleet, tmp_path, header, "Bearer tenant-2")
+        assert other != redis_key and fleet.backend.command("GET", other)["GET"] is None
+        # Deleted: a gateway without a cached copy runs the retry again.
+        assert fleet.backend.command("EVAL", delete, 1, redis_key)["EVAL"] == 1
+        s2, h2, _ = post(fleet.b, header, headers={"authorization": auth})
+        assert s2 == 201 and h2.get("idempotent-replayed") is None
+        assert upstream.executions(header) == 2
+    finally:
+        fleet.stop()

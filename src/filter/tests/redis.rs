@@ -481,3 +481,28 @@ fn noscript_resends_the_record_or_the_cancel_it_answered() {
     assert_eq!(host.sent().unwrap().status, 503);
     assert!(redis.data.borrow().is_empty(), "the claim was deleted");
 }
+
+/// Webdis answers 503 when its link to Redis broke, perhaps after sending
+/// the claim: the claim may have run, so it is cancelled, and a retry is
+/// not held at 409 for the lock by a claim no request runs.
+#[test]
+fn a_claim_webdis_answered_503_may_have_run_and_is_cancelled() {
+    let hs = keyed("k");
+    let host = FakeHost::default();
+    let redis = FakeRedis::with_script();
+    let c = redis_ctx("");
+    host.reset_exchange(&hs, b"");
+    let mut f = Filter::new(c.clone());
+    f.on_request_headers(&host, true);
+    let claim = redis.last(&host, Op::Claim);
+    redis.answer(&host, claim); // Redis ran it; then the link broke
+    f.on_store_response(&host, claim, Some(503), b"Service Unavailable");
+    assert_eq!(host.sent().unwrap().status, 503);
+    assert_eq!(host.metric(Metric::ClaimsCancelled), 1);
+    redis_answers(&host, &redis, &mut f, Op::Cancel);
+    let mut retry = Filter::new(c);
+    host.reset_exchange(&hs, b"");
+    retry.on_request_headers(&host, true);
+    redis_answers(&host, &redis, &mut retry, Op::Claim);
+    assert_eq!(host.resumed_requests.get(), 1, "the retry runs");
+}

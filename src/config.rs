@@ -907,6 +907,19 @@ mod tests {
         assert_eq!(c.store.capacity(), Some(64));
     }
 
+    /// APISIX JSON-encodes a table `conf` with cjson, which writes an empty
+    /// list (a decoded `[]`) as `{}`: read as the empty list it was.
+    #[test]
+    fn an_empty_object_is_an_empty_list() {
+        let c = Config::parse(
+            br#"{"scope_headers":{},"fingerprint_headers":{},"never_record_headers":{}}"#,
+        )
+        .unwrap();
+        assert!(c.scope_headers.is_empty());
+        assert!(c.fingerprint_headers.is_empty());
+        assert!(c.never_record_headers.is_empty());
+    }
+
     /// Table-driven: every rejected document and the exact line it logs.
     #[test]
     fn rejected_configurations_name_the_field_and_the_fix() {
@@ -925,6 +938,8 @@ mod tests {
             // The default forward timeout, against a lock shorter than the default.
             (r#"{"host":"apisix","lock_timeout_seconds":28,"store":{"type":"redis","cluster":"r:1"},"forward":{"upstream":"u:1"}}"#, "invalid configuration: lock_timeout_seconds: must be longer than three times forward.timeout_ms plus nine times store.timeout_ms on APISIX, which has no tick to renew the claims of running requests: nginx applies each timeout to every socket operation of a call (connect, send, read), and besides the forwarded call come three store calls (the claim's answer, and the record, sent twice after a NOSCRIPT) (got 28 s for 3 x 8000 + 9 x 500 ms): raise it, or lower the timeouts"),
             (r#"{"host":"apisix","forward":{"upstream":"u:1"},"store":{"type":"redis","cluster":"w:1","max_bytes":100000000}}"#, "invalid configuration: store.max_bytes: bounds the replay cache, which APISIX cannot have (it has no shared data); leave it out: Redis's own memory is bounded by its maxmemory"),
+            (r#"{"scope_headers":{"authorization":true}}"#, "invalid configuration: scope_headers: invalid type: map, expected a list of strings; see the configuration table in README.md for each field's type"),
+            (r#"{"methods":"POST"}"#, "invalid configuration: methods: invalid type: string \"POST\", expected a list of strings; see the configuration table in README.md for each field's type"),
             (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `key_syntax`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `fingerprint_hash`, `record_server_errors`, `unknown_outcome`, `never_record_headers`, `host`, `forward`, `outcome_property`, `operations`, `store`; remove it or fix its spelling"),
             (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store.max_entry: unknown field `max_entry`, expected `max_entries` or `max_bytes`; remove it or fix its spelling"),
             (r#"{"ttl_seconds":"60"}"#, "invalid configuration: ttl_seconds: invalid type: string \"60\", expected u64; see the configuration table in README.md for each field's type"),

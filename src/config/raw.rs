@@ -4,6 +4,7 @@
 
 use super::{Platform, UnknownOutcome};
 use crate::key::KeySyntax;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Unexpected, Visitor};
 use serde::Deserialize;
 
 /// The JSON document exactly as operators write it.
@@ -11,6 +12,7 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawConfig {
     pub(super) header: String,
+    #[serde(deserialize_with = "string_list")]
     pub(super) methods: Vec<String>,
     pub(super) required: bool,
     pub(super) generate_missing: bool,
@@ -20,11 +22,14 @@ pub(super) struct RawConfig {
     pub(super) lock_timeout_seconds: u64,
     pub(super) max_request_body_bytes: u64,
     pub(super) max_response_body_bytes: u64,
+    #[serde(deserialize_with = "string_list")]
     pub(super) scope_headers: Vec<String>,
+    #[serde(deserialize_with = "string_list")]
     pub(super) fingerprint_headers: Vec<String>,
     pub(super) fingerprint_hash: RawFingerprintHash,
     pub(super) record_server_errors: bool,
     pub(super) unknown_outcome: UnknownOutcome,
+    #[serde(deserialize_with = "string_list")]
     pub(super) never_record_headers: Vec<String>,
     pub(super) host: RawHost,
     pub(super) forward: Option<RawForward>,
@@ -202,4 +207,31 @@ pub(super) struct RawOperations {
 
 fn default_operations_path() -> String {
     "/idempotency/key".to_string()
+}
+
+/// A list of strings, or `{}` for an empty one: APISIX JSON-encodes a
+/// route's `conf` with cjson, which writes an empty Lua table (a YAML or
+/// JSON `[]` once decoded) as an object.
+fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct ListOrEmptyObject;
+    impl<'de> Visitor<'de> for ListOrEmptyObject {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of strings")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                items.push(item);
+            }
+            Ok(items)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
+            match map.next_key::<IgnoredAny>()? {
+                None => Ok(Vec::new()),
+                Some(_) => Err(serde::de::Error::invalid_type(Unexpected::Map, &self)),
+            }
+        }
+    }
+    d.deserialize_any(ListOrEmptyObject)
 }

@@ -259,3 +259,22 @@ def test_repeated_scope_and_fingerprint_headers_read_alike_on_both_hosts(mixed, 
         s2 = send(second, k)
         assert s2 is not None and (s2[0], s2[1].get("idempotent-replayed")) == (201, "true"), s2
         assert upstream.executions(k) == 1
+
+
+def test_an_empty_list_in_a_table_conf_reaches_the_filter_as_an_object_and_works(upstream, redis_backend, key):
+    """APISIX JSON-encodes a table `conf` with cjson, which writes an empty
+    list as `{}`: a route with `scope_headers: []` (no scope: one key space
+    for every client) used to be refused at its first request (503). The
+    filter reads `{}` there as the empty list it was."""
+    prefix = "empty-list-" + uuid.uuid4().hex[:8] + ":"
+    conf = apisix_conf({"store": redis_store(prefix), "scope_headers": [], "fingerprint_headers": []},
+                       upstream, redis_backend)
+    gw = ApisixRuntime(conf, upstream.port).start()
+    try:
+        first = post(gw, key, headers={"authorization": "Bearer tenant-1"})
+        again = post(gw, key, headers={"authorization": "Bearer tenant-2"})
+        assert first[0] == 201, first
+        assert (again[0], again[1].get("idempotent-replayed")) == (201, "true"), "no scope: one key for all"
+        assert upstream.executions(key) == 1
+    finally:
+        gw.stop()

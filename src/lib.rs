@@ -12,6 +12,7 @@
 pub mod clock;
 pub mod config;
 pub mod decision;
+pub mod envoy_reply;
 pub mod filter;
 pub mod fingerprint;
 pub mod host;

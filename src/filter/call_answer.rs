@@ -12,6 +12,7 @@
 //! failed dispatch. APISIX hands over only what an upstream sent.
 
 use crate::config::Platform;
+use crate::envoy_reply;
 use crate::host::{CallResponse, HeaderList};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,15 +32,6 @@ pub(super) enum CallAnswer {
     /// of a form not known here: the safe side.
     MayHaveActed,
 }
-
-/// Reset reasons that mean the request never reached the upstream, as
-/// suffixes (`remote connection failure`, `local refused stream reset`...).
-const NEVER_SENT_RESETS: [&str; 4] = [
-    "connection failure",
-    "connection timeout",
-    "overflow",
-    "refused stream reset",
-];
 
 impl CallAnswer {
     /// `response` came before the call's timeout (the caller decides a
@@ -62,24 +54,10 @@ impl CallAnswer {
         if !marks || marked_by_the_router(&response.headers) {
             return CallAnswer::Upstream(status);
         }
-        let text = String::from_utf8_lossy(&response.body);
-        let text = text.trim();
-        if text == "no healthy upstream" {
-            return CallAnswer::NeverSent;
-        }
-        if text.contains("retried and the latest") {
-            return CallAnswer::MayHaveActed;
-        }
-        let reason = text
-            .rsplit_once("reset reason: ")
-            .map(|(_, r)| r.split(',').next().unwrap_or(r).trim());
-        match reason {
-            Some(reason) if NEVER_SENT_RESETS.iter().any(|r| reason.ends_with(r)) => {
-                CallAnswer::NeverSent
-            }
-            // Another reset (connection termination, remote reset, protocol
-            // error), or a reply of a form not known here.
-            _ => CallAnswer::MayHaveActed,
+        if envoy_reply::never_left(&response.body) {
+            CallAnswer::NeverSent
+        } else {
+            CallAnswer::MayHaveActed
         }
     }
 }

@@ -59,10 +59,11 @@ impl Filter {
         reply: OpReply,
     ) {
         let ctx = self.ctx.clone();
-        // Redis may still run a claim that got no answer. Any other failure
-        // (a refused connection, Webdis's own error) is taken as not having
-        // reached Redis; where it did after all (a connection reset after
-        // sending), the claim holds its key until the lock times out: too
+        // Redis may still run a claim that got no answer, or may have run one
+        // answered 503 after sending (`batch::answer`). Any other failure (a
+        // connection that never opened, Webdis's other errors) is taken as
+        // not having reached Redis; where it did after all (a reply that does
+        // not parse), the claim holds its key until the lock times out: too
         // long, never twice (README, "How the Redis store works").
         let maybe_applied = matches!(reply, Err(StoreError::NoAnswer(_)));
         let result = ctx.store.claim_answered(host, pending, reply);

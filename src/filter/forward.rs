@@ -145,11 +145,12 @@ impl Filter {
     /// Forwarding mode: the upstream answered (or did not). Record or
     /// release like any response, then answer the client with it.
     ///
-    /// A call that failed after half of `forward.timeout_ms` or later (no
-    /// answer, or the proxy's 504) may have been sent and acted: its outcome
-    /// is unknown. One that failed sooner: on Envoy, which answers such a call itself and
-    /// says why, what it says decides ([`CallAnswer`]); on APISIX, which
-    /// says nothing, the key is released.
+    /// A call that failed without an answer (or, where the proxy does not
+    /// mark upstream answers, with a 504) after half of `forward.timeout_ms`
+    /// or later may have been sent and acted: its outcome is unknown.
+    /// Otherwise [`CallAnswer`] decides: on Envoy, which
+    /// answers a failed call itself and says why, what it says; on APISIX,
+    /// which says nothing, no answer releases the key.
     pub(super) fn upstream_answered(
         &mut self,
         host: &impl Host,
@@ -159,7 +160,12 @@ impl Filter {
     ) -> Verdict {
         let cfg = &self.ctx.config;
         let timeout_ms = cfg.forward.as_ref().map_or(u64::MAX, |f| f.timeout_ms);
-        let no_answer = response.status.is_none_or(|s| s == 504);
+        // Where the proxy marks what an upstream sent (Envoy), `CallAnswer`
+        // reads any answer, a 504 included. Elsewhere a 504 may be the
+        // proxy's own timeout (APISIX's profile on Envoy) and is judged by
+        // time, as no answer at all is.
+        let marks = cfg.platform.marks_upstream_call_answers();
+        let no_answer = response.status.is_none_or(|s| s == 504 && !marks);
         let waited_ms = host.now_ms().saturating_sub(sent_ms);
         if no_answer && may_have_timed_out(waited_ms, timeout_ms) {
             return self.outcome_unknown(host, held, true);

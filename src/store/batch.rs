@@ -37,6 +37,7 @@
 
 use super::webdis::{Dialect, RedisValue, Script, StoreRequest, Webdis};
 use super::StoreError;
+use crate::envoy_reply;
 
 /// KEYS[i]: operation i's key. ARGV[1]: the operations' kinds, one letter
 /// each; then each operation's arguments in order; the last argument is the
@@ -153,29 +154,14 @@ pub enum BatchAnswer {
     NoScript,
 }
 
-/// Whether a 503 may have come after the call reached Redis. Webdis answers
-/// 503 with no body when its link to Redis fails, whether before or after
-/// it sent the command (checked on Debian's webdis 0.1.9: the same answer with Redis
-/// stopped). Envoy's own 503 names its reset reason: a connection that
-/// never opened, no healthy host or a circuit breaker never sent anything;
-/// a connection that reset after sending ("connection termination") may
-/// have.
-fn sent_before_503(body: &[u8]) -> bool {
-    let never_left = [
-        &b"no healthy upstream"[..],
-        b"connection failure",
-        b"overflow",
-    ];
-    !never_left
-        .iter()
-        .any(|marker| body.windows(marker.len()).any(|w| w == *marker))
-}
-
 /// Reads the answer to a batch of `count` operations. A failure of the
 /// whole call is each operation's failure, as it would have been for a call
 /// of its own: no answer at all, Envoy's 504 past the timeout, or a 503
-/// that does not say the call never left ([`sent_before_503`]) means Redis
-/// may have run it, or may still run it ([`StoreError::NoAnswer`]).
+/// that does not say the call never left means Redis may have run it, or
+/// may still run it ([`StoreError::NoAnswer`]). Webdis answers 503 with no
+/// body when its link to Redis fails, whether before or after it sent the
+/// command (checked on Debian's webdis 0.1.9: the same answer with Redis
+/// stopped); Envoy's own 503 names why ([`envoy_reply::never_left`]).
 pub fn answer(status: Option<u16>, body: &[u8], count: usize) -> BatchAnswer {
     let each = |e: StoreError| BatchAnswer::Each(vec![Err(e); count]);
     let status = match status {
@@ -185,7 +171,7 @@ pub fn answer(status: Option<u16>, body: &[u8], count: usize) -> BatchAnswer {
             ))
         }
         Some(504) => return each(StoreError::NoAnswer("webdis answered HTTP 504 (timeout)")),
-        Some(503) if sent_before_503(body) => {
+        Some(503) if !envoy_reply::never_left(body) => {
             return each(StoreError::NoAnswer(
                 "HTTP 503 (Webdis's link to Redis, or the connection to Webdis, failed, perhaps after sending)",
             ))
@@ -295,6 +281,8 @@ mod tests {
         for body in [
             &b"no healthy upstream"[..],
             b"upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: delayed connect error: Connection refused",
+            b"upstream connect error or disconnect/reset before headers. reset reason: connection timeout",
+            b"upstream connect error or disconnect/reset before headers. reset reason: remote refused stream reset",
             b"upstream connect error or disconnect/reset before headers. reset reason: overflow",
         ] {
             assert!(matches!(

@@ -234,7 +234,10 @@ impl Context for Root {
     /// request's answer (its client gone, the upstream acting), a batch's
     /// records. Its claims would lapse unrenewed and their retries run
     /// again. So the root stays, with its tick, until it is idle, and then
-    /// says so (`proxy_done`): Envoy keeps such a root (and its VM) alive.
+    /// says so (`proxy_done`). Envoy keeps such a root while its VM lives:
+    /// an update on the same VM keeps it; a new module or `vm_config` starts
+    /// a new VM, and the old one goes, with this root and its calls, once
+    /// its last stream has ended (README, failure modes; e2e tested).
     fn on_done(&mut self) -> bool {
         if self.idle() {
             self.retiring = Retiring::Finished;

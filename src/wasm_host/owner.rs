@@ -1,6 +1,7 @@
 //! Calls owned by the worker (Envoy): a request's HTTP calls are made by its
 //! VM's root context, which lives as long as its configuration and, once
-//! that is replaced, until its calls are settled ([`Owner::idle`]), so
+//! that is replaced on the same VM, until its calls are settled
+//! ([`Owner::idle`]), so
 //! that an answer is handled even when the request that made the call has
 //! gone (the client timed out, say). The SDK drops an answer whose context is gone; made by
 //! the root, the answer reaches the root, which hands it to the request's

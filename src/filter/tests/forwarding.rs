@@ -442,3 +442,26 @@ fn envoys_control_headers_are_not_forwarded_on_envoy_only() {
         assert!(has("x-tenant"), "other headers always go");
     }
 }
+
+/// An upstream's own 504, whenever it comes, is an upstream 5xx: released,
+/// so that a retry runs (the router marks it as an upstream's answer).
+#[test]
+fn an_upstreams_own_504_is_a_5xx_even_late_in_the_timeout() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::with_script();
+    let c = ctx(ENVOY_FORWARD); // forward.timeout_ms 25000
+    let mut f = redis_post(&host, &redis, &c, "gw504");
+    let upstream = host.last_call_to("up").unwrap();
+    host.advance_clock(13_000);
+    let answer = CallResponse {
+        status: Some(504),
+        headers: vec![
+            (":status".into(), b"504".to_vec()),
+            ("x-envoy-upstream-service-time".into(), b"13000".to_vec()),
+        ],
+        body: b"gateway timeout".to_vec(),
+    };
+    f.on_call_response(&host, upstream.id, &answer);
+    assert_eq!(host.metric(Metric::OutcomesUnknown), 0);
+    assert_eq!(ops(host.calls().last().unwrap()), Some(vec![Op::Release]));
+}

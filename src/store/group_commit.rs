@@ -41,10 +41,17 @@ struct InFlight<T> {
     by_source: bool,
 }
 
+/// An operation waiting for the next batch, and since when.
+struct Queued<T> {
+    caller: T,
+    op: RedisOp,
+    since_ms: u64,
+}
+
 pub struct GroupCommit<T> {
     /// Renewals, sent before anything else.
-    renewals: VecDeque<(T, RedisOp)>,
-    waiting: VecDeque<(T, RedisOp)>,
+    renewals: VecDeque<Queued<T>>,
+    waiting: VecDeque<Queued<T>>,
     in_flight: Option<InFlight<T>>,
 }
 
@@ -67,12 +74,51 @@ impl<T> Default for GroupCommit<T> {
 }
 
 impl<T> GroupCommit<T> {
-    pub fn push(&mut self, caller: T, op: RedisOp) {
-        if op.kind == OpKind::Renew {
-            self.renewals.push_back((caller, op));
+    /// Queues `op` for the next batch; `now_ms` is when.
+    pub fn push(&mut self, caller: T, op: RedisOp, now_ms: u64) {
+        let queued = Queued {
+            caller,
+            op,
+            since_ms: now_ms,
+        };
+        if queued.op.kind == OpKind::Renew {
+            self.renewals.push_back(queued);
         } else {
-            self.waiting.push_back((caller, op));
+            self.waiting.push_back(queued);
         }
+    }
+
+    /// Takes out the claims that have waited longer than `max_wait_ms`
+    /// (the store's timeout) for a batch, each failed as never sent: a
+    /// store that does not answer lets a batch go out only every timeout,
+    /// so without this the queue, the requests it holds (and in forwarding
+    /// mode their bodies) and each new request's wait would grow for as
+    /// long as requests keep coming. A claim that never left needs no
+    /// cancel; records, releases and cancels of claims already sent stay,
+    /// bounded by those claims.
+    pub fn expire_claims(&mut self, now_ms: u64, max_wait_ms: u64) -> Vec<(T, OpReply)> {
+        let stale = |q: &Queued<T>| {
+            q.op.kind == OpKind::Claim && now_ms.saturating_sub(q.since_ms) > max_wait_ms
+        };
+        // In arrival order: if the oldest has not waited too long, none has.
+        if self
+            .waiting
+            .front()
+            .is_none_or(|q| now_ms.saturating_sub(q.since_ms) <= max_wait_ms)
+        {
+            return Vec::new();
+        }
+        let error = StoreError::Unavailable(format!(
+            "not sent: waited over store.timeout_ms ({max_wait_ms} ms) behind the batch in flight"
+        ));
+        let (expired, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(stale);
+        self.waiting = kept;
+        expired
+            .into_iter()
+            .map(|q| (q.caller, Err(error.clone())))
+            .collect()
     }
 
     /// A batch is out: what arrives now goes in the next one.
@@ -93,16 +139,16 @@ impl<T> GroupCommit<T> {
         let (mut callers, mut ops) = (Vec::new(), Vec::new());
         let mut bytes = 0;
         for queue in [&mut self.renewals, &mut self.waiting] {
-            while let Some((_, op)) = queue.front() {
+            while let Some(Queued { op, .. }) = queue.front() {
                 let fits = ops.is_empty()
                     || (ops.len() < MAX_BATCH_OPS && bytes + op.size() <= MAX_BATCH_BYTES);
                 if !fits {
                     break;
                 }
                 bytes += op.size();
-                if let Some((caller, op)) = queue.pop_front() {
-                    callers.push(caller);
-                    ops.push(op);
+                if let Some(q) = queue.pop_front() {
+                    callers.push(q.caller);
+                    ops.push(q.op);
                 }
             }
         }
@@ -206,8 +252,8 @@ mod tests {
         redis.script_loaded.set(true);
         let mut group = GroupCommit::default();
         // Key 1 runs (token 10), key 2 is recorded: set up by earlier batches.
-        group.push(10, claim(&s, 1, FP, 10));
-        group.push(20, claim(&s, 2, FP, 20));
+        group.push(10, claim(&s, 1, FP, 10), 0);
+        group.push(20, claim(&s, 2, FP, 20), 0);
         let first = group.next_batch().unwrap();
         assert!(replies(round_trip(&mut group, &redis, &first))
             .iter()
@@ -225,6 +271,7 @@ mod tests {
         group.push(
             20,
             s.complete_op(&[2; 16], &FP, &held, paid.clone(), 60_000),
+            0,
         );
         let record = group.next_batch().unwrap();
         assert_eq!(
@@ -239,7 +286,7 @@ mod tests {
             (4, claim(&s, 2, FP, 4)),      // recorded
             (5, claim(&s, 3, FP, 5)),      // claimed earlier in this very batch
         ] {
-            group.push(caller, op);
+            group.push(caller, op, 0);
         }
         let batch = group.next_batch().unwrap();
         assert_eq!(group.in_flight_ops(), 5, "one call for all five");
@@ -271,20 +318,59 @@ mod tests {
         );
     }
 
+    /// A store that does not answer lets a batch go only every timeout:
+    /// claims that waited longer than that fail as never sent, so the
+    /// queue (and each new request's wait) stays bounded by the arrival
+    /// rate times the timeout. Writes of claims already sent stay.
+    #[test]
+    fn claims_that_waited_past_the_timeout_fail_unsent_and_writes_stay() {
+        let s = store();
+        let mut group = GroupCommit::default();
+        let held = Claim {
+            slot: 0,
+            epoch: 0,
+            token: 9,
+        };
+        group.push(1, claim(&s, 1, FP, 1), 0);
+        group.push(2, s.release_op(&[9; 16], &held), 0);
+        group.push(3, claim(&s, 3, FP, 3), 400);
+        assert!(
+            group.expire_claims(500, 500).is_empty(),
+            "none over 500 ms yet"
+        );
+        let expired = group.expire_claims(600, 500);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].0, 1);
+        assert!(
+            matches!(&expired[0].1, Err(StoreError::Unavailable(e)) if e.starts_with("not sent"))
+        );
+        group.next_batch().unwrap();
+        assert_eq!(
+            group.in_flight_ops(),
+            2,
+            "the release and the younger claim"
+        );
+        let answered = replies(group.answered(None, b""));
+        assert_eq!(
+            answered.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+    }
+
     #[test]
     fn renewals_go_first_into_the_next_batch() {
         let s = store();
         let redis = FakeRedis::default();
         redis.script_loaded.set(true);
         let mut group = GroupCommit::default();
-        group.push(1, claim(&s, 1, FP, 1));
+        group.push(1, claim(&s, 1, FP, 1), 0);
         let out = group.next_batch().unwrap();
         // While that batch is out, a full batch of other operations waits;
         // a renewal due now still goes in the very next call, first.
         for i in 0..MAX_BATCH_OPS as u64 {
-            group.push(100 + i, claim(&s, 2, FP, 100 + i));
+            group.push(100 + i, claim(&s, 2, FP, 100 + i), 0);
         }
-        group.push(7, s.renew_op(&[1; 16], 1, 30_000));
+        group.push(7, s.renew_op(&[1; 16], 1, 30_000), 0);
         replies(round_trip(&mut group, &redis, &out));
         let next = group.next_batch().unwrap();
         let answers = replies(round_trip(&mut group, &redis, &next));
@@ -300,11 +386,11 @@ mod tests {
         let s = store();
         let mut group = GroupCommit::default();
         assert!(group.next_batch().is_none(), "nothing to send");
-        group.push(1, claim(&s, 1, FP, 1));
+        group.push(1, claim(&s, 1, FP, 1), 0);
         let out = group.next_batch().unwrap();
         assert!(out.path.starts_with("/EVALSHA/"));
-        group.push(2, claim(&s, 2, FP, 2));
-        group.push(3, claim(&s, 3, FP, 3));
+        group.push(2, claim(&s, 2, FP, 2), 0);
+        group.push(3, claim(&s, 3, FP, 3), 0);
         assert!(
             group.busy() && group.next_batch().is_none(),
             "one batch at a time"
@@ -321,7 +407,7 @@ mod tests {
         let s = store();
         let mut group = GroupCommit::default();
         for i in 0..100 {
-            group.push(i, claim(&s, i as u8, FP, i));
+            group.push(i, claim(&s, i as u8, FP, i), 0);
         }
         group.next_batch().unwrap();
         assert_eq!(group.in_flight_ops(), MAX_BATCH_OPS);
@@ -337,8 +423,8 @@ mod tests {
             epoch: 0,
             token: 1,
         };
-        group.push(1, s.complete_op(&[1; 16], &FP, &held, big, 1000));
-        group.push(2, claim(&s, 2, FP, 2));
+        group.push(1, s.complete_op(&[1; 16], &FP, &held, big, 1000), 0);
+        group.push(2, claim(&s, 2, FP, 2), 0);
         group.next_batch().unwrap();
         assert_eq!(group.in_flight_ops(), 1);
     }
@@ -347,7 +433,7 @@ mod tests {
     fn a_batch_without_answer_fails_each_operation_as_maybe_applied() {
         let s = store();
         let mut group = GroupCommit::default();
-        group.push(1, claim(&s, 1, FP, 1));
+        group.push(1, claim(&s, 1, FP, 1), 0);
         group.push(
             2,
             s.release_op(
@@ -358,6 +444,7 @@ mod tests {
                     token: 2,
                 },
             ),
+            0,
         );
         group.next_batch().unwrap();
         let answers = replies(group.answered(None, b""));
@@ -367,7 +454,7 @@ mod tests {
             .all(|(_, r)| matches!(r, Err(StoreError::NoAnswer(_)))));
         assert!(!group.busy(), "the next batch may go");
         // A batch that cannot be sent at all fails each operation too.
-        group.push(3, claim(&s, 3, FP, 3));
+        group.push(3, claim(&s, 3, FP, 3), 0);
         group.next_batch().unwrap();
         let down = StoreError::Unavailable("http_call failed".into());
         assert_eq!(group.send_failed(&down), vec![(3, Err(down))]);
@@ -378,7 +465,7 @@ mod tests {
         let s = store();
         let redis = FakeRedis::default(); // restarted: no script cached
         let mut group = GroupCommit::default();
-        group.push(1, claim(&s, 1, FP, 1));
+        group.push(1, claim(&s, 1, FP, 1), 0);
         let by_sha = group.next_batch().unwrap();
         let again = match round_trip(&mut group, &redis, &by_sha) {
             Answered::Resend(request) => request,
@@ -391,14 +478,14 @@ mod tests {
             vec![(1, Ok("claimed".into()))]
         );
         // Loaded now: the next batch goes by SHA and runs.
-        group.push(2, claim(&s, 2, FP, 2));
+        group.push(2, claim(&s, 2, FP, 2), 0);
         let next = group.next_batch().unwrap();
         assert_eq!(
             replies(round_trip(&mut group, &redis, &next)),
             vec![(2, Ok("claimed".into()))]
         );
         // A front end that answers NOSCRIPT even to the source is an error, not a loop.
-        group.push(3, claim(&s, 3, FP, 3));
+        group.push(3, claim(&s, 3, FP, 3), 0);
         group.next_batch().unwrap();
         let noscript = br#"{"EVALSHA":[false,"NOSCRIPT No matching script."]}"#;
         assert!(matches!(

@@ -23,7 +23,7 @@
 //! callback of its own (a batch's answer above all), and hands each
 //! operation's reply to its request.
 
-use super::{drain_queue, enqueue, sdk_dispatch, set_effective_context};
+use super::{drain_queue, enqueue, now_ms, sdk_dispatch, set_effective_context};
 use crate::filter::Filter;
 use crate::host::HostError;
 use crate::store::batch::{OpReply, RedisOp};
@@ -151,19 +151,30 @@ impl Owner {
             enqueue(self.queue)?;
             batches.woken.set(true);
         }
-        batches.group.borrow_mut().push(caller, op);
+        batches.group.borrow_mut().push(caller, op, now_ms());
         Ok(())
     }
 
-    /// Sends the next batch if none is out. Returns the replies of a batch
-    /// that could not be sent (each operation failed), and how many
-    /// operations the batch sent carried (0: none sent).
+    /// Sends the next batch if none is out. Returns the replies of
+    /// operations failed instead (a batch that could not be sent, or claims
+    /// that waited longer than the store's timeout: `expire_claims`), and
+    /// how many operations the batch sent carried (0: none sent).
     pub(super) fn send_batch(&self) -> (Vec<(Caller, OpReply)>, usize) {
         let Some(batches) = &self.batches else {
             return (Vec::new(), 0);
         };
         batches.woken.set(false);
-        let next = batches.group.borrow_mut().next_batch();
+        let mut group = batches.group.borrow_mut();
+        if group.busy() {
+            return (Vec::new(), 0);
+        }
+        let expired = group.expire_claims(now_ms(), batches.store.timeout_ms);
+        if !expired.is_empty() {
+            // Failed now; the caller hands them over and asks again.
+            return (expired, 0);
+        }
+        let next = group.next_batch();
+        drop(group);
         let Some(request) = next else {
             return (Vec::new(), 0);
         };

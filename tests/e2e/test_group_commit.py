@@ -141,6 +141,34 @@ def test_a_batch_that_times_out_fails_each_request_and_frees_each_key(upstream, 
         envoy.stop()
 
 
+def test_claims_that_wait_longer_than_the_store_timeout_fail_unsent(upstream, lone_backend):
+    """A Redis that does not answer lets a batch go only every timeout. Claims
+    that waited longer than that behind the batch in flight fail at once as
+    never sent (503, no cancel needed), instead of queueing without bound
+    for as long as requests keep coming (memory, and each new request's
+    wait, grew with the outage before)."""
+    prefix = f"gc-{uuid.uuid4().hex[:8]}:"
+    envoy = one_worker(upstream, lone_backend, prefix, timeout_ms=200)
+    try:
+        keys = [k(f"queued{i}") for i in range(150)]
+        blocker = block_redis(lone_backend, 3000)
+        with ThreadPoolExecutor(150) as pool:
+            answers = list(pool.map(lambda key: post(envoy, key), keys))
+        for resp in answers:
+            assert resp[0] == 503 and problem(resp)["type"].endswith("store-unavailable"), resp
+        assert [upstream.executions(key) for key in keys] == [0] * 150
+        assert "not sent: waited over store.timeout_ms" in envoy.log()
+        stats = envoy.stats()
+        # Only the claims that went out are cancelled; the rest never left.
+        assert stats["claims_cancelled"] < 150, stats
+        blocker.join()
+        wait_for(lambda: all(not v.startswith("I|") for v in keys_under(lone_backend, prefix).values()),
+                 timeout=15, what="the late claims and their cancels to run")
+        assert all(post(envoy, key)[0] == 201 for key in keys[:10]), "the retries run"
+    finally:
+        envoy.stop()
+
+
 def script_loaded(backend):
     """Whether Redis has the filter's batch script (by its SHA-1, read from
     the source file so the test does not trust the filter's constant)."""

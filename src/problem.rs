@@ -107,15 +107,12 @@ impl Problem {
         .retry_after(1)
     }
 
+    /// One title for the type, as RFC 9457 asks; which store is in `detail`.
     pub fn store_unavailable(store: &'static str) -> Self {
-        let title = match store {
-            "redis" => "Redis idempotency store unavailable",
-            _ => "Local idempotency store unavailable",
-        };
         Problem::new(
             503,
             "store-unavailable",
-            title,
+            "Idempotency store unavailable",
             format!("The {store} idempotency store could not be used, so the request was not forwarded. Retry later."),
         )
         .retry_after(1)
@@ -256,6 +253,19 @@ impl Problem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RFC 9457: a type's title does not change from one occurrence to the
+    /// next; what differs goes in the detail.
+    #[test]
+    fn one_type_has_one_title() {
+        let (redis, local) = (
+            Problem::store_unavailable("redis"),
+            Problem::store_unavailable("local"),
+        );
+        assert_eq!(redis.type_urn(), local.type_urn());
+        assert_eq!(redis.title, local.title);
+        assert!(redis.detail.contains("redis") && local.detail.contains("local"));
+    }
 
     #[test]
     fn problem_bodies_are_rfc9457_json() {

@@ -179,7 +179,7 @@ def test_store_down_with_reject_answers_503_and_recovers(upstream, key, tmp_path
         resp = post(fleet.a, key)
         assert resp[0] == 503, resp
         doc = problem(resp)
-        assert doc["title"] == "Redis idempotency store unavailable"
+        assert doc["title"] == "Idempotency store unavailable" and "redis" in doc["detail"]
         assert resp[1].get("retry-after") == "1"
         assert upstream.executions(key) == 0, "fail closed: the upstream is untouched"
         if fleet.a.has_metrics:

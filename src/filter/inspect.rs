@@ -16,7 +16,7 @@ use super::forward::ForwardRequest;
 use crate::config::Config;
 use crate::fingerprint::{key_digest_of, Digest16, Fingerprinter};
 use crate::host::{HeaderMap, Host};
-use crate::key::KeyError;
+use crate::key::{to_sf_string, KeyError, KeySyntax};
 use crate::problem::Problem;
 use std::borrow::Cow;
 
@@ -62,9 +62,16 @@ pub fn inspect(cfg: &Config, headers: &HeaderMap, new_key: impl FnOnce() -> Stri
     let (key, generated_key) = match cfg.key_syntax.parse_headers(&values, cfg.max_key_length) {
         Ok(Some(k)) => (k, None),
         Ok(None) if cfg.required => return Inspection::Refuse(Problem::missing_key(&cfg.header)),
+        // The header carries it as the client would have sent it: an
+        // sf-string under the draft's syntax, so that strict parsers
+        // upstream read it and a client can send it back as it came.
         Ok(None) if cfg.generate_missing => {
             let k = new_key();
-            (k.clone(), Some(k))
+            let header = match cfg.key_syntax {
+                KeySyntax::Structured => to_sf_string(&k),
+                KeySyntax::Opaque => k.clone(),
+            };
+            (k, Some(header))
         }
         Ok(None) => return Inspection::Unkeyed,
         Err(e) => {

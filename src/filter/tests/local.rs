@@ -363,9 +363,11 @@ fn generated_keys_are_forwarded_and_returned() {
     let (host, c) = setup(r#"{"generate_missing":true}"#);
     let (mut f, forwarded) = request(&host, &c, &post(None), b"x");
     assert!(forwarded);
+    // An sf-string, as the draft has clients send it.
     let sent_key = host.request_header("idempotency-key").unwrap();
-    assert_eq!(sent_key.len(), 36);
-    assert_eq!(&sent_key[14..15], "4", "UUID version 4");
+    assert_eq!(sent_key.len(), 38);
+    assert!(sent_key.starts_with('"') && sent_key.ends_with('"'));
+    assert_eq!(&sent_key[15..16], "4", "UUID version 4");
     respond(&host, &mut f, 201, b"ok");
     let added = host.added_response_headers.borrow().clone();
     assert_eq!(
@@ -376,6 +378,19 @@ fn generated_keys_are_forwarded_and_returned() {
     let (_, forwarded) = request(&host, &c, &post(Some(&sent_key)), b"x");
     assert!(!forwarded);
     assert_eq!(sent_status(&host), Some(201));
+}
+
+/// Under `key_syntax: opaque` the header is the key itself: quoted, it
+/// would come back as another key.
+#[test]
+fn generated_opaque_keys_are_bare() {
+    let (host, c) = setup(r#"{"generate_missing":true,"key_syntax":"opaque"}"#);
+    let (mut f, _) = request(&host, &c, &post(None), b"x");
+    let sent_key = host.request_header("idempotency-key").unwrap();
+    assert_eq!(sent_key.len(), 36);
+    respond(&host, &mut f, 201, b"ok");
+    let (_, forwarded) = request(&host, &c, &post(Some(&sent_key)), b"x");
+    assert!(!forwarded, "replayed");
 }
 
 #[test]

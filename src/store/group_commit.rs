@@ -41,11 +41,12 @@ struct InFlight<T> {
     by_source: bool,
 }
 
-/// An operation waiting for the next batch, and since when.
+/// An operation waiting for the next batch; a claim, since when (only a
+/// claim can expire: [`GroupCommit::expire_claims`]).
 struct Queued<T> {
     caller: T,
     op: RedisOp,
-    since_ms: u64,
+    claim_since_ms: Option<u64>,
 }
 
 pub struct GroupCommit<T> {
@@ -74,12 +75,14 @@ impl<T> Default for GroupCommit<T> {
 }
 
 impl<T> GroupCommit<T> {
-    /// Queues `op` for the next batch; `now_ms` is when.
-    pub fn push(&mut self, caller: T, op: RedisOp, now_ms: u64) {
+    /// Queues `op` for the next batch; `now_ms` reads the clock, for a
+    /// claim only (a clock read is a host call).
+    pub fn push(&mut self, caller: T, op: RedisOp, now_ms: impl FnOnce() -> u64) {
+        let claim_since_ms = (op.kind == OpKind::Claim).then(now_ms);
         let queued = Queued {
             caller,
             op,
-            since_ms: now_ms,
+            claim_since_ms,
         };
         if queued.op.kind == OpKind::Renew {
             self.renewals.push_back(queued);
@@ -98,14 +101,10 @@ impl<T> GroupCommit<T> {
     /// bounded by those claims.
     pub fn expire_claims(&mut self, now_ms: u64, max_wait_ms: u64) -> Vec<(T, OpReply)> {
         let stale = |q: &Queued<T>| {
-            q.op.kind == OpKind::Claim && now_ms.saturating_sub(q.since_ms) > max_wait_ms
+            q.claim_since_ms
+                .is_some_and(|since| now_ms.saturating_sub(since) > max_wait_ms)
         };
-        // In arrival order: if the oldest has not waited too long, none has.
-        if self
-            .waiting
-            .front()
-            .is_none_or(|q| now_ms.saturating_sub(q.since_ms) <= max_wait_ms)
-        {
+        if !self.waiting.iter().any(stale) {
             return Vec::new();
         }
         let error = StoreError::Unavailable(format!(
@@ -252,8 +251,8 @@ mod tests {
         redis.script_loaded.set(true);
         let mut group = GroupCommit::default();
         // Key 1 runs (token 10), key 2 is recorded: set up by earlier batches.
-        group.push(10, claim(&s, 1, FP, 10), 0);
-        group.push(20, claim(&s, 2, FP, 20), 0);
+        group.push(10, claim(&s, 1, FP, 10), || 0);
+        group.push(20, claim(&s, 2, FP, 20), || 0);
         let first = group.next_batch().unwrap();
         assert!(replies(round_trip(&mut group, &redis, &first))
             .iter()
@@ -271,7 +270,7 @@ mod tests {
         group.push(
             20,
             s.complete_op(&[2; 16], &FP, &held, paid.clone(), 60_000),
-            0,
+            || 0,
         );
         let record = group.next_batch().unwrap();
         assert_eq!(
@@ -286,7 +285,7 @@ mod tests {
             (4, claim(&s, 2, FP, 4)),      // recorded
             (5, claim(&s, 3, FP, 5)),      // claimed earlier in this very batch
         ] {
-            group.push(caller, op, 0);
+            group.push(caller, op, || 0);
         }
         let batch = group.next_batch().unwrap();
         assert_eq!(group.in_flight_ops(), 5, "one call for all five");
@@ -331,9 +330,9 @@ mod tests {
             epoch: 0,
             token: 9,
         };
-        group.push(1, claim(&s, 1, FP, 1), 0);
-        group.push(2, s.release_op(&[9; 16], &held), 0);
-        group.push(3, claim(&s, 3, FP, 3), 400);
+        group.push(1, claim(&s, 1, FP, 1), || 0);
+        group.push(2, s.release_op(&[9; 16], &held), || 0);
+        group.push(3, claim(&s, 3, FP, 3), || 400);
         assert!(
             group.expire_claims(500, 500).is_empty(),
             "none over 500 ms yet"
@@ -363,14 +362,14 @@ mod tests {
         let redis = FakeRedis::default();
         redis.script_loaded.set(true);
         let mut group = GroupCommit::default();
-        group.push(1, claim(&s, 1, FP, 1), 0);
+        group.push(1, claim(&s, 1, FP, 1), || 0);
         let out = group.next_batch().unwrap();
         // While that batch is out, a full batch of other operations waits;
         // a renewal due now still goes in the very next call, first.
         for i in 0..MAX_BATCH_OPS as u64 {
-            group.push(100 + i, claim(&s, 2, FP, 100 + i), 0);
+            group.push(100 + i, claim(&s, 2, FP, 100 + i), || 0);
         }
-        group.push(7, s.renew_op(&[1; 16], 1, 30_000), 0);
+        group.push(7, s.renew_op(&[1; 16], 1, 30_000), || 0);
         replies(round_trip(&mut group, &redis, &out));
         let next = group.next_batch().unwrap();
         let answers = replies(round_trip(&mut group, &redis, &next));
@@ -386,11 +385,11 @@ mod tests {
         let s = store();
         let mut group = GroupCommit::default();
         assert!(group.next_batch().is_none(), "nothing to send");
-        group.push(1, claim(&s, 1, FP, 1), 0);
+        group.push(1, claim(&s, 1, FP, 1), || 0);
         let out = group.next_batch().unwrap();
         assert!(out.path.starts_with("/EVALSHA/"));
-        group.push(2, claim(&s, 2, FP, 2), 0);
-        group.push(3, claim(&s, 3, FP, 3), 0);
+        group.push(2, claim(&s, 2, FP, 2), || 0);
+        group.push(3, claim(&s, 3, FP, 3), || 0);
         assert!(
             group.busy() && group.next_batch().is_none(),
             "one batch at a time"
@@ -407,7 +406,7 @@ mod tests {
         let s = store();
         let mut group = GroupCommit::default();
         for i in 0..100 {
-            group.push(i, claim(&s, i as u8, FP, i), 0);
+            group.push(i, claim(&s, i as u8, FP, i), || 0);
         }
         group.next_batch().unwrap();
         assert_eq!(group.in_flight_ops(), MAX_BATCH_OPS);
@@ -423,8 +422,8 @@ mod tests {
             epoch: 0,
             token: 1,
         };
-        group.push(1, s.complete_op(&[1; 16], &FP, &held, big, 1000), 0);
-        group.push(2, claim(&s, 2, FP, 2), 0);
+        group.push(1, s.complete_op(&[1; 16], &FP, &held, big, 1000), || 0);
+        group.push(2, claim(&s, 2, FP, 2), || 0);
         group.next_batch().unwrap();
         assert_eq!(group.in_flight_ops(), 1);
     }
@@ -433,7 +432,7 @@ mod tests {
     fn a_batch_without_answer_fails_each_operation_as_maybe_applied() {
         let s = store();
         let mut group = GroupCommit::default();
-        group.push(1, claim(&s, 1, FP, 1), 0);
+        group.push(1, claim(&s, 1, FP, 1), || 0);
         group.push(
             2,
             s.release_op(
@@ -444,7 +443,7 @@ mod tests {
                     token: 2,
                 },
             ),
-            0,
+            || 0,
         );
         group.next_batch().unwrap();
         let answers = replies(group.answered(None, b""));
@@ -454,7 +453,7 @@ mod tests {
             .all(|(_, r)| matches!(r, Err(StoreError::NoAnswer(_)))));
         assert!(!group.busy(), "the next batch may go");
         // A batch that cannot be sent at all fails each operation too.
-        group.push(3, claim(&s, 3, FP, 3), 0);
+        group.push(3, claim(&s, 3, FP, 3), || 0);
         group.next_batch().unwrap();
         let down = StoreError::Unavailable("http_call failed".into());
         assert_eq!(group.send_failed(&down), vec![(3, Err(down))]);
@@ -465,7 +464,7 @@ mod tests {
         let s = store();
         let redis = FakeRedis::default(); // restarted: no script cached
         let mut group = GroupCommit::default();
-        group.push(1, claim(&s, 1, FP, 1), 0);
+        group.push(1, claim(&s, 1, FP, 1), || 0);
         let by_sha = group.next_batch().unwrap();
         let again = match round_trip(&mut group, &redis, &by_sha) {
             Answered::Resend(request) => request,
@@ -478,14 +477,14 @@ mod tests {
             vec![(1, Ok("claimed".into()))]
         );
         // Loaded now: the next batch goes by SHA and runs.
-        group.push(2, claim(&s, 2, FP, 2), 0);
+        group.push(2, claim(&s, 2, FP, 2), || 0);
         let next = group.next_batch().unwrap();
         assert_eq!(
             replies(round_trip(&mut group, &redis, &next)),
             vec![(2, Ok("claimed".into()))]
         );
         // A front end that answers NOSCRIPT even to the source is an error, not a loop.
-        group.push(3, claim(&s, 3, FP, 3), 0);
+        group.push(3, claim(&s, 3, FP, 3), || 0);
         group.next_batch().unwrap();
         let noscript = br#"{"EVALSHA":[false,"NOSCRIPT No matching script."]}"#;
         assert!(matches!(

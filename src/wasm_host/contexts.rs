@@ -29,15 +29,8 @@ struct Root {
     /// The requests' calls, where the platform lets the worker own them.
     owner: Option<Rc<Owner>>,
     /// The host is done with this configuration and waits for the root to
-    /// say it may go (`on_done`); `Finished` once it has.
-    retiring: Retiring,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Retiring {
-    No,
-    Waiting,
-    Finished,
+    /// say it may go (`on_done` answered "not yet").
+    retiring: bool,
 }
 
 impl Root {
@@ -135,10 +128,10 @@ impl Root {
     /// Called at the end of the root's callbacks: a retiring root whose
     /// last call has settled tells the host it may be deleted now.
     fn finish_if_retired(&mut self) {
-        if self.retiring != Retiring::Waiting || !self.idle() {
+        if !self.retiring || !self.idle() {
             return;
         }
-        self.retiring = Retiring::Finished;
+        self.retiring = false;
         match root_done() {
             Ok(()) => host_log(
                 Level::Info,
@@ -240,10 +233,9 @@ impl Context for Root {
     /// its last stream has ended (README, failure modes; e2e tested).
     fn on_done(&mut self) -> bool {
         if self.idle() {
-            self.retiring = Retiring::Finished;
             return true;
         }
-        self.retiring = Retiring::Waiting;
+        self.retiring = true;
         host_log(
             Level::Info,
             "configuration replaced: its root stays until the calls it owns are settled",
@@ -508,7 +500,7 @@ proxy_wasm::main! {{
             ctx: None,
             metrics: Rc::new(MetricIds::default()),
             owner: None,
-            retiring: Retiring::No,
+            retiring: false,
         })
     });
 }}

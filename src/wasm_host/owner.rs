@@ -1,10 +1,9 @@
 //! Calls owned by the worker (Envoy): a request's HTTP calls are made by its
 //! VM's root context, which lives as long as its configuration and, once
 //! that is replaced on the same VM, until its calls are settled
-//! ([`Owner::idle`]), so
-//! that an answer is handled even when the request that made the call has
-//! gone (the client timed out, say). The SDK drops an answer whose context is gone; made by
-//! the root, the answer reaches the root, which hands it to the request's
+//! ([`Owner::idle`]), so that an answer is handled even when the request
+//! that made the call has gone (the client timed out, say). The SDK drops
+//! an answer whose context is gone; made by the root, the answer reaches the root, which hands it to the request's
 //! filter, acting for the request's stream when it still exists.
 //!
 //! ```text
@@ -151,7 +150,7 @@ impl Owner {
             enqueue(self.queue)?;
             batches.woken.set(true);
         }
-        batches.group.borrow_mut().push(caller, op, now_ms());
+        batches.group.borrow_mut().push(caller, op, now_ms);
         Ok(())
     }
 
@@ -240,7 +239,7 @@ impl Owner {
             && self
                 .batches
                 .as_ref()
-                .is_none_or(|b| b.token.get().is_none() && b.group.borrow().is_empty())
+                .is_none_or(|b| b.group.borrow().is_empty())
     }
 
     pub(super) fn route(self: &Rc<Self>, stream: u32) -> Route {

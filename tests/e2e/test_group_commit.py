@@ -117,23 +117,35 @@ def test_a_batch_answers_each_request_its_own_outcome(upstream, lone_backend):
         envoy.stop()
 
 
+def refused_while_redis_is_held(envoy, backend, upstream, keys, hold_ms):
+    """Sends every key at once while Redis is held for `hold_ms`: each gets
+    503 store-unavailable and none runs. Returns the thread holding Redis."""
+    blocker = block_redis(backend, hold_ms)
+    with ThreadPoolExecutor(len(keys)) as pool:
+        answers = list(pool.map(lambda key: post(envoy, key), keys))
+    for resp in answers:
+        assert resp[0] == 503 and problem(resp)["type"].endswith("store-unavailable"), resp
+    assert [upstream.executions(key) for key in keys] == [0] * len(keys)
+    return blocker
+
+
+def late_claims_settle(backend, prefix):
+    """Waits until no key under `prefix` holds a claim: the late claims and
+    their cancels (in whichever order Webdis's connections deliver them)
+    have run."""
+    wait_for(lambda: all(not v.startswith("I|") for v in keys_under(backend, prefix).values()),
+             timeout=15, what="the late claims and their cancels to run")
+
+
 def test_a_batch_that_times_out_fails_each_request_and_frees_each_key(upstream, lone_backend):
     prefix = f"gc-{uuid.uuid4().hex[:8]}:"
     envoy = one_worker(upstream, lone_backend, prefix, timeout_ms=300)
     try:
         keys = [k(f"slow{i}") for i in range(6)]
-        blocker = block_redis(lone_backend, 2000)
-        with ThreadPoolExecutor(6) as pool:
-            answers = list(pool.map(lambda key: post(envoy, key), keys))
-        for resp in answers:
-            assert resp[0] == 503 and problem(resp)["type"].endswith("store-unavailable"), resp
-        assert [upstream.executions(key) for key in keys] == [0] * 6
+        blocker = refused_while_redis_is_held(envoy, lone_backend, upstream, keys, 2000)
         assert envoy.stats()["claims_cancelled"] == 6, "each claim of the timed-out batches is cancelled"
         blocker.join()
-        # The late claims and their cancels (in whichever order Webdis's
-        # connections deliver them) leave every key free.
-        wait_for(lambda: all(not v.startswith("I|") for v in keys_under(lone_backend, prefix).values()),
-                 timeout=15, what="the late claims and their cancels to run")
+        late_claims_settle(lone_backend, prefix)
         for key in keys:
             assert post(envoy, key)[0] == 201, "the retry runs: no late claim holds the key"
         assert [upstream.executions(key) for key in keys] == [1] * 6
@@ -151,19 +163,13 @@ def test_claims_that_wait_longer_than_the_store_timeout_fail_unsent(upstream, lo
     envoy = one_worker(upstream, lone_backend, prefix, timeout_ms=200)
     try:
         keys = [k(f"queued{i}") for i in range(150)]
-        blocker = block_redis(lone_backend, 3000)
-        with ThreadPoolExecutor(150) as pool:
-            answers = list(pool.map(lambda key: post(envoy, key), keys))
-        for resp in answers:
-            assert resp[0] == 503 and problem(resp)["type"].endswith("store-unavailable"), resp
-        assert [upstream.executions(key) for key in keys] == [0] * 150
+        blocker = refused_while_redis_is_held(envoy, lone_backend, upstream, keys, 3000)
         assert "not sent: waited over store.timeout_ms" in envoy.log()
         stats = envoy.stats()
         # Only the claims that went out are cancelled; the rest never left.
         assert stats["claims_cancelled"] < 150, stats
         blocker.join()
-        wait_for(lambda: all(not v.startswith("I|") for v in keys_under(lone_backend, prefix).values()),
-                 timeout=15, what="the late claims and their cancels to run")
+        late_claims_settle(lone_backend, prefix)
         assert all(post(envoy, key)[0] == 201 for key in keys[:10]), "the retries run"
     finally:
         envoy.stop()

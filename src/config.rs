@@ -17,7 +17,9 @@ mod store;
 pub use platform::Platform;
 
 use raw::{RawConfig, RawFingerprintHash, RawForward, RawLocalStore, RawOperations};
-pub use raw::{DEFAULT_CACHE_ENTRIES, DEFAULT_CACHE_MAX_BYTES, DEFAULT_MAX_BYTES};
+pub use raw::{
+    DEFAULT_CACHE_ENTRIES, DEFAULT_CACHE_MAX_BYTES, DEFAULT_MAX_BYTES, DEFAULT_MAX_IN_FLIGHT_BYTES,
+};
 use store::{local_store, parse_store};
 
 /// Ways per bucket of the local slot table; `max_entries` is rounded down to a
@@ -26,6 +28,10 @@ pub const LOCAL_WAYS: u32 = 16;
 
 const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
 const MAX_BODY_LIMIT: u64 = 64 * 1024 * 1024;
+/// Twice the default: its copies while records are encoded and sent still
+/// leave part of a VM's 1 GiB (Envoy) to the rest
+/// ([`DEFAULT_MAX_IN_FLIGHT_BYTES`]).
+const MAX_IN_FLIGHT_LIMIT: u64 = 128 * 1024 * 1024;
 const MAX_KEY_LENGTH_LIMIT: usize = 8192;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -88,6 +94,9 @@ pub struct Config {
     pub renew_after_ms: u64,
     pub max_request_body_bytes: u64,
     pub max_response_body_bytes: u64,
+    /// Bytes of bodies the running requests of one VM may hold (see
+    /// [`crate::in_flight`]).
+    pub max_in_flight_bytes: u64,
     pub scope_headers: Vec<String>,
     pub fingerprint_headers: Vec<String>,
     pub fingerprint_hash: FingerprintHash,
@@ -466,6 +475,27 @@ fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
             ),
         ));
     }
+    // A lone request must fit, or its body could never be forwarded, nor
+    // its answer recorded whole.
+    let largest_body = raw.max_request_body_bytes.max(raw.max_response_body_bytes);
+    if raw.max_in_flight_bytes < largest_body {
+        return Err(err(
+            "max_in_flight_bytes",
+            format!(
+                "must be at least {largest_body}, the larger of max_request_body_bytes and max_response_body_bytes, so that one request's bodies fit (got {}); raise it or lower those limits",
+                raw.max_in_flight_bytes
+            ),
+        ));
+    }
+    if raw.max_in_flight_bytes > MAX_IN_FLIGHT_LIMIT {
+        return Err(err(
+            "max_in_flight_bytes",
+            format!(
+                "must be at most {MAX_IN_FLIGHT_LIMIT} (got {})",
+                raw.max_in_flight_bytes
+            ),
+        ));
+    }
     check_request_header_names("scope_headers", &raw.scope_headers)?;
     check_request_header_names("fingerprint_headers", &raw.fingerprint_headers)?;
     check_header_names("never_record_headers", &raw.never_record_headers)?;
@@ -573,6 +603,7 @@ fn assemble(
         ),
         max_request_body_bytes: raw.max_request_body_bytes,
         max_response_body_bytes: raw.max_response_body_bytes,
+        max_in_flight_bytes: raw.max_in_flight_bytes,
         scope_headers: lower_unique(raw.scope_headers),
         fingerprint_headers: lower_unique(raw.fingerprint_headers),
         fingerprint_hash: match raw.fingerprint_hash {
@@ -941,6 +972,9 @@ mod tests {
             (r#"{"required":true,"generate_missing":true}"#, "invalid configuration: generate_missing: cannot be true together with \"required\": a generated key means a missing key is never rejected; set one of them to false"),
             (r#"{"max_request_body_bytes":100000000}"#, "invalid configuration: max_request_body_bytes: must be at most 67108864 (got 100000000)"),
             (r#"{"max_response_body_bytes":100000000}"#, "invalid configuration: max_response_body_bytes: must be at most 67108864 (got 100000000)"),
+            (r#"{"max_in_flight_bytes":1048575}"#, "invalid configuration: max_in_flight_bytes: must be at least 1048576, the larger of max_request_body_bytes and max_response_body_bytes, so that one request's bodies fit (got 1048575); raise it or lower those limits"),
+            (r#"{"max_request_body_bytes":2000000,"max_in_flight_bytes":1999999}"#, "invalid configuration: max_in_flight_bytes: must be at least 2000000, the larger of max_request_body_bytes and max_response_body_bytes, so that one request's bodies fit (got 1999999); raise it or lower those limits"),
+            (r#"{"max_in_flight_bytes":134217729}"#, "invalid configuration: max_in_flight_bytes: must be at most 134217728 (got 134217729)"),
             (r#"{"scope_headers":["x tenant"]}"#, "invalid configuration: scope_headers: \"x tenant\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"fingerprint_headers":[""]}"#, "invalid configuration: fingerprint_headers: \"\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
             (r#"{"scope_headers":[":path"]}"#, "invalid configuration: scope_headers: \":path\" is not a header name; use token characters only, e.g. \"x-tenant-id\""),
@@ -954,7 +988,7 @@ mod tests {
             (r#"{"host":"apisix","forward":{"upstream":"u:1"},"store":{"type":"redis","cluster":"w:1","max_bytes":100000000}}"#, "invalid configuration: store.max_bytes: bounds the replay cache, which APISIX cannot have (it has no shared data); leave it out: Redis's own memory is bounded by its maxmemory"),
             (r#"{"scope_headers":{"authorization":true}}"#, "invalid configuration: scope_headers: invalid type: map, expected a list of strings; see the configuration table in README.md for each field's type"),
             (r#"{"methods":"POST"}"#, "invalid configuration: methods: invalid type: string \"POST\", expected a list of strings; see the configuration table in README.md for each field's type"),
-            (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `key_syntax`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `scope_headers`, `fingerprint_headers`, `fingerprint_hash`, `record_server_errors`, `unknown_outcome`, `never_record_headers`, `host`, `forward`, `outcome_property`, `operations`, `store`; remove it or fix its spelling"),
+            (r#"{"ttl":5}"#, "invalid configuration: ttl: unknown field `ttl`, expected one of `header`, `methods`, `required`, `generate_missing`, `max_key_length`, `key_syntax`, `ttl_seconds`, `lock_timeout_seconds`, `max_request_body_bytes`, `max_response_body_bytes`, `max_in_flight_bytes`, `scope_headers`, `fingerprint_headers`, `fingerprint_hash`, `record_server_errors`, `unknown_outcome`, `never_record_headers`, `host`, `forward`, `outcome_property`, `operations`, `store`; remove it or fix its spelling"),
             (r#"{"store":{"type":"local","max_entry":5}}"#, "invalid configuration: store.max_entry: unknown field `max_entry`, expected `max_entries` or `max_bytes`; remove it or fix its spelling"),
             (r#"{"ttl_seconds":"60"}"#, "invalid configuration: ttl_seconds: invalid type: string \"60\", expected u64; see the configuration table in README.md for each field's type"),
             (r#"{"required":"yes"}"#, "invalid configuration: required: invalid type: string \"yes\", expected a boolean; see the configuration table in README.md for each field's type"),

@@ -16,6 +16,7 @@ pub mod envoy_reply;
 pub mod filter;
 pub mod fingerprint;
 pub mod host;
+pub mod in_flight;
 pub mod key;
 pub mod metrics;
 pub mod problem;

@@ -52,10 +52,14 @@ pub enum Metric {
     /// Responses recorded without their body: larger than
     /// `max_response_body_bytes`, or than the store's byte budget allows.
     BodiesOmitted,
+    /// A worker's running requests held `max_in_flight_bytes` of bodies: a
+    /// forwarding-mode request refused (503), or a response's copy for its
+    /// record given up (the record keeps no body; `bodies_omitted` too).
+    InFlightFull,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 25] = [
+    pub const ALL: [Metric; 26] = [
         Metric::Protected,
         Metric::Unkeyed,
         Metric::Replays,
@@ -81,6 +85,7 @@ impl Metric {
         Metric::BytesHeld,
         Metric::EvictedForSpace,
         Metric::BodiesOmitted,
+        Metric::InFlightFull,
     ];
 
     pub fn index(self) -> usize {
@@ -114,6 +119,7 @@ impl Metric {
             Metric::BytesHeld => "idempotency.bytes_held",
             Metric::EvictedForSpace => "idempotency.evicted_for_space",
             Metric::BodiesOmitted => "idempotency.bodies_omitted",
+            Metric::InFlightFull => "idempotency.in_flight_full",
         }
     }
 

@@ -118,6 +118,18 @@ impl Problem {
         .retry_after(1)
     }
 
+    /// Forwarding mode: the worker holds `max_in_flight_bytes` of bodies
+    /// already; nothing was claimed or sent.
+    pub fn in_flight_full() -> Self {
+        Problem::new(
+            503,
+            "in-flight-full",
+            "Gateway busy",
+            "This gateway worker holds as many request and response bodies as it may. The request was not forwarded; retry later.",
+        )
+        .retry_after(1)
+    }
+
     pub fn upstream_unavailable() -> Self {
         Problem::new(
             502,

@@ -22,6 +22,7 @@ pub(super) struct RawConfig {
     pub(super) lock_timeout_seconds: u64,
     pub(super) max_request_body_bytes: u64,
     pub(super) max_response_body_bytes: u64,
+    pub(super) max_in_flight_bytes: u64,
     #[serde(deserialize_with = "string_list")]
     pub(super) scope_headers: Vec<String>,
     #[serde(deserialize_with = "string_list")]
@@ -53,6 +54,7 @@ impl Default for RawConfig {
             lock_timeout_seconds: 30,
             max_request_body_bytes: 1_048_576,
             max_response_body_bytes: 1_048_576,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             scope_headers: vec!["authorization".to_string()],
             fingerprint_headers: vec!["content-type".to_string()],
             fingerprint_hash: RawFingerprintHash::Xxh3,
@@ -109,6 +111,16 @@ pub const DEFAULT_CACHE_ENTRIES: u32 = 10_000;
 /// 32 KB; larger ones are replayed without their body unless `max_bytes`
 /// is raised or `max_entries` lowered (README, "How the local store works").
 pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Bytes of bodies the running requests of one Wasm VM may hold: 64 MiB.
+/// A VM has at most 1 GiB on Envoy (proxy-wasm-cpp-host's
+/// `PROXY_WASM_HOST_MAX_WASM_MEMORY_SIZE_BYTES`), and a counted byte is
+/// copied up to about four more times while its record is encoded and sent
+/// (the Redis store: the record as ASCII, the batch's body and the call's
+/// request built from it), so 64 MiB keeps the worst case under a third of
+/// the VM. It holds 64 responses of the largest default size (1 MiB) at
+/// once, and tens of thousands of the usual 1-2 KiB ones.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The replay cache's byte budget: 64 MiB. Smaller than the local store's
 /// because nothing is lost when the cache evicts (Redis still has the

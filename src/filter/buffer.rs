@@ -35,6 +35,11 @@ impl Filter {
             );
         }
         self.forward_request = protected.forward;
+        // Forwarding mode holds the request until it is sent, and its
+        // answer: none starts while the VM's count is at the limit.
+        if self.forward_request.is_some() && !ctx.in_flight.has_room(cfg.max_in_flight_bytes) {
+            return self.answer(host, &Problem::in_flight_full(), Some(Metric::InFlightFull));
+        }
         let expects_body = !cfg.platform.headers_end_of_stream_is_final() || !end_of_stream;
         if !expects_body {
             return self.claim(host, protected.digest, protected.fingerprint.finish());
@@ -61,30 +66,35 @@ impl Filter {
         end_of_stream: bool,
     ) -> Verdict {
         let limit = self.cfg().max_request_body_bytes;
-        let Phase::Buffering {
-            fingerprint,
-            hashed,
-            ..
-        } = &mut self.phase
-        else {
-            return match self.phase {
-                Phase::Answered => Verdict::Pause,
-                _ => Verdict::Continue,
-            };
+        let hashed = match self.phase {
+            Phase::Buffering { hashed, .. } => hashed,
+            Phase::Answered => return Verdict::Pause,
+            _ => return Verdict::Continue,
         };
         if body_size as u64 > limit {
             return self.answer(host, &Problem::too_large(limit), Some(Metric::TooLarge));
         }
-        if body_size > *hashed {
-            match host.request_body(*hashed, body_size - *hashed) {
-                Ok(chunk) => {
-                    fingerprint.update(&chunk);
-                    *hashed += chunk.len();
-                    if let Some(fwd) = self.forward_request.as_mut() {
-                        fwd.body.extend_from_slice(&chunk);
-                    }
-                }
+        if body_size > hashed {
+            // Forwarding mode keeps the body to send it: it must fit in the
+            // worker's budget. Refused before the claim, so nothing ran.
+            if self.forward_request.is_some() && !self.try_hold(body_size - hashed) {
+                return self.answer(host, &Problem::in_flight_full(), Some(Metric::InFlightFull));
+            }
+            let chunk = match host.request_body(hashed, body_size - hashed) {
+                Ok(chunk) => chunk,
                 Err(e) => return self.host_failure(host, e),
+            };
+            if let Phase::Buffering {
+                fingerprint,
+                hashed,
+                ..
+            } = &mut self.phase
+            {
+                fingerprint.update(&chunk);
+                *hashed += chunk.len();
+            }
+            if let Some(fwd) = self.forward_request.as_mut() {
+                fwd.body.extend_from_slice(&chunk);
             }
         }
         if end_of_stream {

@@ -3,7 +3,7 @@
 //! shared by the streaming path (chunk by chunk, as the response goes to the
 //! client) and forwarding mode (the upstream's whole answer at once).
 
-use super::{Filter, Phase, Verdict};
+use super::{admit, Filter, Phase, Verdict};
 use crate::config::Config;
 use crate::host::{HeaderList, HeaderMap, Host, HostError, Level};
 use crate::metrics::Metric;
@@ -19,6 +19,15 @@ pub(super) struct Capture {
     seen: u64,
     /// The response's Content-Length, when it has one.
     expected: Option<u64>,
+}
+
+/// What a body chunk did to a capture's bytes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Took {
+    /// The VM's count had no room for the chunk, just now.
+    pub(super) no_room: bool,
+    /// Bytes captured before, given up now that the record keeps no body.
+    pub(super) freed: usize,
 }
 
 /// What becomes of a streamed response's key.
@@ -90,24 +99,39 @@ impl Capture {
     }
 
     /// Takes `len` more body bytes, read with `read` only while the body
-    /// still fits in `limit`; past it the record keeps no body at all.
+    /// still fits in `limit` and `admit` finds room for them in the VM's
+    /// count; past either the record keeps no body at all.
     pub(super) fn take(
         &mut self,
         len: usize,
         limit: u64,
+        admit: impl FnOnce(usize) -> bool,
         read: impl FnOnce() -> Result<Vec<u8>, HostError>,
-    ) -> Result<(), HostError> {
+    ) -> Result<Took, HostError> {
         self.seen += len as u64;
         if self.omitted || len == 0 {
-            return Ok(());
+            return Ok(Took::default());
         }
         if (self.body.len() + len) as u64 > limit {
-            self.omitted = true;
-            self.body = Vec::new();
-            return Ok(());
+            return Ok(Took {
+                no_room: false,
+                freed: self.omit(),
+            });
+        }
+        if !admit(len) {
+            return Ok(Took {
+                no_room: true,
+                freed: self.omit(),
+            });
         }
         self.body.extend_from_slice(&read()?);
-        Ok(())
+        Ok(Took::default())
+    }
+
+    /// No body from now on: returns the bytes given up.
+    fn omit(&mut self) -> usize {
+        self.omitted = true;
+        std::mem::take(&mut self.body).len()
     }
 
     /// The last byte its Content-Length announced is here.
@@ -176,7 +200,11 @@ impl Filter {
         if self.writing() {
             return Verdict::Pause;
         }
-        let limit = self.ctx.config.recorded_body_limit();
+        let ctx = self.ctx.clone();
+        let (record_limit, in_flight_limit) = (
+            ctx.config.recorded_body_limit(),
+            ctx.config.max_in_flight_bytes,
+        );
         let Phase::Forwarded {
             capture: Some(capture),
             ..
@@ -184,14 +212,26 @@ impl Filter {
         else {
             return Verdict::Continue;
         };
-        if let Err(e) = capture.take(body_size, limit, || host.response_body(0, body_size)) {
-            return self.capture_failed(host, e);
-        }
+        let held = &mut self.held_bytes;
+        let took = match capture.take(
+            body_size,
+            record_limit,
+            |n| admit(&ctx.in_flight, in_flight_limit, held, n),
+            || host.response_body(0, body_size),
+        ) {
+            Ok(took) => took,
+            Err(e) => return self.capture_failed(host, e),
+        };
         // The response is complete when its last byte is here. With a
         // Content-Length that is before Envoy's (separate, empty) end-of-stream
         // frame, and only holding this chunk keeps the client waiting until
         // the record is written.
-        if end_of_stream || capture.complete() {
+        let complete = end_of_stream || capture.complete();
+        if took.no_room {
+            host.metric_add(Metric::InFlightFull, 1);
+        }
+        self.let_go(took.freed);
+        if complete {
             return self.complete(host);
         }
         Verdict::Continue

@@ -13,6 +13,7 @@ use super::reply::{problem_reply, Reply};
 use super::{Filter, Phase, Then, Verdict};
 use crate::config::Config;
 use crate::host::{CallResponse, HeaderList, HeaderMap, Host, HostError, Level};
+use crate::metrics::Metric;
 use crate::problem::Problem;
 use crate::record::is_connection_header;
 use crate::store::Held;
@@ -107,7 +108,14 @@ impl Filter {
         };
         // Before the call: the proxy starts the call's timer inside it.
         let sent_ms = host.now_ms();
-        match host.dispatch_http_call(&fwd.upstream, &headers, body, fwd.timeout_ms) {
+        let dispatched = host.dispatch_http_call(&fwd.upstream, &headers, body, fwd.timeout_ms);
+        // The host has its own copy now (or the request ends): the body is
+        // dropped here, and its bytes no longer count.
+        let sent_bytes = req.body.len();
+        drop(headers);
+        drop(req);
+        self.let_go(sent_bytes);
+        match dispatched {
             Ok(call) => {
                 self.phase = Phase::Waiting {
                     call,
@@ -188,12 +196,24 @@ impl Filter {
             relayed.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
             None,
         );
+        // The answer is in the VM already, whole: counted whatever the
+        // limit, so that new requests see it. The record keeps its body only
+        // if the count stays within the limit (the record's copy is one of
+        // the answer's few copies, README "Threat model").
+        self.hold(response.body.len());
+        let ctx = self.ctx.clone();
+        let fits = ctx.in_flight.held() <= ctx.config.max_in_flight_bytes;
         if let Some(c) = capture.as_mut() {
-            let body = response.body.len();
             // The whole body is here: reading it cannot fail.
-            let _ = c.take(body, cfg.recorded_body_limit(), || {
-                Ok(response.body.clone())
-            });
+            let took = c.take(
+                response.body.len(),
+                ctx.config.recorded_body_limit(),
+                |_| fits,
+                || Ok(response.body.clone()),
+            );
+            if took.is_ok_and(|t| t.no_room) {
+                host.metric_add(Metric::InFlightFull, 1);
+            }
         }
         let reply = Reply {
             status,

@@ -54,6 +54,7 @@ pub use inspect::{inspect, Inspection, Protected};
 use crate::config::Config;
 use crate::fingerprint::{Digest16, Fingerprinter};
 use crate::host::{Host, HostError};
+use crate::in_flight::InFlightBytes;
 use crate::metrics::Metric;
 use crate::problem::Problem;
 use crate::store::batch::{single_answer, OpReply, RedisOp};
@@ -84,12 +85,16 @@ pub struct FilterContext {
     pub store: Store,
     /// The claims this VM's requests hold, renewed on the tick.
     pub renewals: Renewals,
+    /// The bodies this VM's running requests hold (one count per VM,
+    /// against this configuration's `max_in_flight_bytes`).
+    pub in_flight: Rc<InFlightBytes>,
 }
 
 impl FilterContext {
     pub fn new(config: Config) -> FilterContext {
         FilterContext {
             store: Store::new(&config.store),
+            in_flight: InFlightBytes::of_this_vm(),
             config,
             renewals: Renewals::default(),
         }
@@ -148,6 +153,16 @@ enum Sent<T, P> {
     Waiting(u32, P),
 }
 
+/// Takes `n` bytes from the VM's count for a request that holds `held` so
+/// far, if they stay within `limit`.
+fn admit(budget: &InFlightBytes, limit: u64, held: &mut u64, n: usize) -> bool {
+    let admitted = budget.try_hold(n as u64, limit);
+    if admitted {
+        *held += n as u64;
+    }
+    admitted
+}
+
 pub struct Filter {
     ctx: Rc<FilterContext>,
     phase: Phase,
@@ -164,11 +179,15 @@ pub struct Filter {
     /// The store operation out, where it went alone by SHA-1 (APISIX): sent
     /// again by source if Redis answers `NOSCRIPT`.
     noscript_resend: Option<RedisOp>,
+    /// Bytes of bodies this request holds, counted in `ctx.in_flight`
+    /// until it ends.
+    held_bytes: u64,
 }
 
 impl Drop for Filter {
     fn drop(&mut self) {
         self.stop_renewing();
+        self.ctx.in_flight.release(self.held_bytes);
     }
 }
 
@@ -183,7 +202,27 @@ impl Filter {
             renewing: None,
             recording_unknown: false,
             noscript_resend: None,
+            held_bytes: 0,
         }
+    }
+
+    /// Holds `n` more bytes of bodies if they fit in the VM's count.
+    fn try_hold(&mut self, n: usize) -> bool {
+        let limit = self.ctx.config.max_in_flight_bytes;
+        admit(&self.ctx.in_flight, limit, &mut self.held_bytes, n)
+    }
+
+    /// Counts `n` bytes of a body already in the VM.
+    fn hold(&mut self, n: usize) {
+        self.ctx.in_flight.hold(n as u64);
+        self.held_bytes += n as u64;
+    }
+
+    /// Lets go of `n` bytes this request held.
+    fn let_go(&mut self, n: usize) {
+        let n = (n as u64).min(self.held_bytes);
+        self.ctx.in_flight.release(n);
+        self.held_bytes -= n;
     }
 
     /// The request holds `held` from now on: where the platform ticks, the

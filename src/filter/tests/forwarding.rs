@@ -465,3 +465,81 @@ fn an_upstreams_own_504_is_a_5xx_even_late_in_the_timeout() {
     assert_eq!(host.metric(Metric::OutcomesUnknown), 0);
     assert_eq!(ops(host.calls().last().unwrap()), Some(vec![Op::Release]));
 }
+
+/// Forwarding mode holds a request's body until it is sent, and takes the
+/// upstream's whole answer: both count in the VM's bytes in flight. A body
+/// that does not fit, or any request once the count is at the limit, is
+/// refused before its key is claimed (nothing ran, the retry runs); an
+/// answer is counted whatever the limit, and its record keeps no body if
+/// the count went past it.
+#[test]
+fn forwarding_refuses_requests_past_the_vms_bytes_in_flight_before_claiming() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::with_script();
+    let c = ctx(
+        r#"{"host":"apisix","max_request_body_bytes":8,"max_response_body_bytes":8,"max_in_flight_bytes":8,"store":{"type":"redis","cluster":"127.0.0.1:7379"},"forward":{"upstream":"127.0.0.1:8081"}}"#,
+    );
+    // The body in two chunks (sizes are cumulative, as the proxy gives them).
+    let start = |key: &str, body: &[u8]| {
+        host.reset_exchange(&keyed(key), body);
+        let mut f = Filter::new(c.clone());
+        assert_eq!(f.on_request_headers(&host, false), Verdict::AwaitBody);
+        let mut v = f.on_request_body(&host, body.len() / 2, false);
+        if v == Verdict::AwaitBody {
+            v = f.on_request_body(&host, body.len(), true);
+        }
+        (f, v)
+    };
+    let refused = |what: &str| {
+        let sent = host.sent().unwrap();
+        assert_eq!(sent.status, 503, "{what}");
+        assert!(String::from_utf8_lossy(&sent.body).contains("in-flight-full"));
+        assert_eq!(sent.header("retry-after").as_deref(), Some("1"));
+    };
+    // A: 5 bytes held while its claim is out.
+    let (mut a, v) = start("a", b"hello");
+    assert_eq!(v, Verdict::Pause);
+    assert_eq!(c.in_flight.held(), 5);
+    // B: 5 more do not fit. 503 at once: no claim, no call.
+    let calls = host.call_count();
+    let (b, _) = start("b", b"world");
+    refused("B");
+    assert_eq!(host.call_count(), calls, "nothing claimed, nothing sent");
+    drop(b);
+    // A is claimed and sent: the host has its body, which no longer counts.
+    redis_answers(&host, &redis, &mut a, Op::Claim);
+    assert!(host.last_call_to("127.0.0.1:8081").is_some());
+    assert_eq!(c.in_flight.held(), 0);
+    // D: 6 bytes held while its claim is out.
+    let (d, _) = start("d", b"dddddd");
+    assert_eq!(c.in_flight.held(), 6);
+    // A's 4-byte answer is counted (10 of 8): the client gets it whole, the
+    // record keeps no body.
+    let upstream = CallResponse {
+        status: Some(201),
+        headers: vec![(":status".into(), b"201".to_vec())],
+        body: b"paid".to_vec(),
+    };
+    a.on_call_response(
+        &host,
+        host.last_call_to("127.0.0.1:8081").unwrap().id,
+        &upstream,
+    );
+    redis_answers(&host, &redis, &mut a, Op::Record);
+    assert_eq!(host.sent().unwrap().body, b"paid");
+    assert_eq!(host.metric(Metric::BodiesOmitted), 1);
+    assert_eq!(c.in_flight.held(), 10);
+    // At the limit, even a request without a body waits for room.
+    let calls = host.call_count();
+    host.reset_exchange(&keyed("e"), b"");
+    let mut e = Filter::new(c.clone());
+    assert_eq!(e.on_request_headers(&host, true), Verdict::Pause);
+    refused("E, without a body");
+    assert_eq!(host.call_count(), calls);
+    assert_eq!(host.metric(Metric::InFlightFull), 3);
+    drop((a, d, e));
+    assert_eq!(c.in_flight.held(), 0);
+    // B's retry fits now: claimed.
+    let (_b, _) = start("b", b"world");
+    assert_eq!(host.call_count(), calls + 1, "B's claim");
+}

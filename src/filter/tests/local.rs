@@ -540,3 +540,69 @@ fn a_key_on_another_host_is_kept_apart_only_when_the_host_is_named() {
     assert!(!forwarded);
     assert_eq!(host.sent_status(), Some(422));
 }
+
+/// `max_in_flight_bytes`: a response's copy for its record must fit in what
+/// the worker's running requests hold. One that does not fit is recorded
+/// without its body (the client still gets it whole, and the retry does
+/// not run again); a request gives its bytes back when it ends.
+#[test]
+fn the_workers_in_flight_budget_omits_a_body_that_does_not_fit_until_bytes_come_back() {
+    let (host, c) = setup(
+        r#"{"max_request_body_bytes":10,"max_response_body_bytes":10,"max_in_flight_bytes":10}"#,
+    );
+    // A is halfway through its answer: 6 bytes captured.
+    let (mut a, forwarded) = request(&host, &c, &post(Some("a")), b"{}");
+    assert!(forwarded);
+    host.set_response(&[(":status", "201"), ("content-length", "10")]);
+    a.on_response_headers(&host, false);
+    host.set_response_chunk(b"aaaaaa");
+    a.on_response_body(&host, 6, false);
+    assert_eq!(c.in_flight.held(), 6);
+    // B's 6 bytes do not fit beside them: B is recorded without its body.
+    let (mut b, forwarded) = request(&host, &c, &post(Some("b")), b"{}");
+    assert!(forwarded);
+    respond(&host, &mut b, 201, b"bbbbbb");
+    drop(b);
+    assert_eq!(host.metric(Metric::InFlightFull), 1);
+    assert_eq!(host.metric(Metric::BodiesOmitted), 1);
+    // A's last 4 bytes fit (10 of 10): A is recorded whole, and gives its
+    // bytes back when it ends.
+    host.set_response_chunk(b"aaaa");
+    a.on_response_body(&host, 4, true);
+    a.on_done(&host);
+    assert_eq!(c.in_flight.held(), 10);
+    drop(a);
+    assert_eq!(c.in_flight.held(), 0);
+    assert_eq!(host.metric(Metric::Stored), 2);
+    let (_, forwarded) = request(&host, &c, &post(Some("b")), b"{}");
+    assert!(!forwarded, "B replayed, not run again");
+    let replay = host.sent().unwrap();
+    assert_eq!(
+        (
+            replay.body.len(),
+            replay.header("idempotent-replay-body").as_deref()
+        ),
+        (0, Some("omitted"))
+    );
+    let (_, forwarded) = request(&host, &c, &post(Some("a")), b"{}");
+    assert!(!forwarded);
+    assert_eq!(host.sent().unwrap().body, b"aaaaaaaaaa");
+    // With the bytes back, a full-size answer is kept whole again.
+    let (mut d, _) = request(&host, &c, &post(Some("d")), b"{}");
+    respond(&host, &mut d, 201, b"dddddddddd");
+    drop(d);
+    request(&host, &c, &post(Some("d")), b"{}");
+    assert_eq!(host.sent().unwrap().body, b"dddddddddd");
+    assert_eq!(host.metric(Metric::InFlightFull), 1);
+    // An answer past max_response_body_bytes lets go of what it had
+    // captured as soon as the record gives its body up, not at its end.
+    let (mut e, _) = request(&host, &c, &post(Some("e")), b"{}");
+    host.set_response(&[(":status", "201")]);
+    e.on_response_headers(&host, false);
+    for (i, chunk) in [b"eeee", b"eeee", b"eeee"].iter().enumerate() {
+        host.set_response_chunk(*chunk);
+        e.on_response_body(&host, 4, false);
+        let expected = if i < 2 { 4 * (i as u64 + 1) } else { 0 };
+        assert_eq!(c.in_flight.held(), expected, "after chunk {i}");
+    }
+}

@@ -2,8 +2,8 @@
 //! `max_in_flight_bytes`.
 //!
 //! A running request holds bodies in the VM across callbacks: a response
-//! captured for its record, and in forwarding mode the request until it is
-//! sent upstream and the upstream's answer until it is relayed. Nothing else
+//! captured until its record is written, and in forwarding mode the request
+//! until it is sent upstream and the upstream's answer until it is relayed. Nothing else
 //! bounds how many requests run at once (that is the proxy's connection
 //! limits), and a VM that runs out of memory traps: its running claims then
 //! lapse unrenewed, and a retry could run again. So past the limit the
@@ -18,8 +18,8 @@
 //! A forwarded answer is in the VM already when it arrives, whole: it is
 //! counted whatever the limit (others then see it), and recorded with its
 //! body only if the count stays within the limit. Bytes count from when the
-//! filter takes them until it lets them go (a request's body once sent, a
-//! capture given up) or its request ends. Each counted byte is copied a
+//! filter takes them until it lets them go: a request's body once sent, a
+//! capture given up or written, an answer handed to the host. Each counted byte is copied a
 //! few more times while a record is encoded and sent (README, "Threat
 //! model").
 
@@ -68,6 +68,7 @@ impl InFlightBytes {
 
     /// Gives back `n` bytes a request held.
     pub fn release(&self, n: u64) {
+        debug_assert!(self.held.get() >= n, "released more than held");
         self.held.set(self.held.get().saturating_sub(n));
     }
 

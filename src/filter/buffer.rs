@@ -34,12 +34,12 @@ impl Filter {
                 Some(Metric::TooLarge),
             );
         }
-        self.forward_request = protected.forward;
         // Forwarding mode holds the request until it is sent, and its
         // answer: none starts while the VM's count is at the limit.
-        if self.forward_request.is_some() && !ctx.in_flight.has_room(cfg.max_in_flight_bytes) {
+        if protected.forward.is_some() && !ctx.in_flight.has_room(cfg.max_in_flight_bytes) {
             return self.answer(host, &Problem::in_flight_full(), Some(Metric::InFlightFull));
         }
+        self.forward_request = protected.forward;
         let expects_body = !cfg.platform.headers_end_of_stream_is_final() || !end_of_stream;
         if !expects_body {
             return self.claim(host, protected.digest, protected.fingerprint.finish());
@@ -77,13 +77,19 @@ impl Filter {
         if body_size > hashed {
             // Forwarding mode keeps the body to send it: it must fit in the
             // worker's budget. Refused before the claim, so nothing ran.
-            if self.forward_request.is_some() && !self.try_hold(body_size - hashed) {
+            let wanted = body_size - hashed;
+            let forwarding = self.forward_request.is_some();
+            if forwarding && !self.try_hold(wanted) {
                 return self.answer(host, &Problem::in_flight_full(), Some(Metric::InFlightFull));
             }
-            let chunk = match host.request_body(hashed, body_size - hashed) {
+            let chunk = match host.request_body(hashed, wanted) {
                 Ok(chunk) => chunk,
                 Err(e) => return self.host_failure(host, e),
             };
+            if forwarding {
+                // A shorter read is read again from where it stopped.
+                self.let_go(wanted.saturating_sub(chunk.len()));
+            }
             if let Phase::Buffering {
                 fingerprint,
                 hashed,

@@ -243,6 +243,7 @@ impl Filter {
     pub(super) fn capture_failed(&mut self, host: &impl Host, e: HostError) -> Verdict {
         host.log(Level::Error, &format!("{e}; response not recorded"));
         host.metric_add(Metric::StoreErrors, 1);
+        self.let_go_all();
         self.stop_renewing();
         self.phase = Phase::Done;
         Verdict::Continue

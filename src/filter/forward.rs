@@ -109,8 +109,9 @@ impl Filter {
         // Before the call: the proxy starts the call's timer inside it.
         let sent_ms = host.now_ms();
         let dispatched = host.dispatch_http_call(&fwd.upstream, &headers, body, fwd.timeout_ms);
-        // The host has its own copy now (or the request ends): the body is
-        // dropped here, and its bytes no longer count.
+        // The call has the body now (the host's copy; on Envoy, when a
+        // stream makes the call, the worker's queue until its root sends it
+        // moments later), or the request ends: its bytes no longer count.
         let sent_bytes = req.body.len();
         drop(headers);
         drop(req);

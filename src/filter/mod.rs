@@ -218,6 +218,13 @@ impl Filter {
         self.held_bytes += n as u64;
     }
 
+    /// The request holds no body any more (it is answered, or its record
+    /// written): its bytes no longer count.
+    fn let_go_all(&mut self) {
+        self.forward_request = None;
+        self.let_go(self.held_bytes as usize);
+    }
+
     /// Lets go of `n` bytes this request held.
     fn let_go(&mut self, n: usize) {
         let n = (n as u64).min(self.held_bytes);

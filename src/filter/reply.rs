@@ -62,6 +62,8 @@ impl Filter {
     /// Every answer the filter gives itself goes out here, with the key the
     /// gateway assigned, if it assigned one.
     pub(super) fn send_reply(&mut self, host: &impl Host, mut reply: Reply) -> Verdict {
+        // The host takes the answer; nothing of the request is held after.
+        self.let_go_all();
         if let Some(k) = &self.generated_key {
             reply
                 .headers

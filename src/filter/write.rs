@@ -124,6 +124,7 @@ impl Filter {
         self.phase = Phase::Done;
         match self.send(host, step) {
             Sent::Done(result) => {
+                self.let_go_all();
                 self.stop_renewing();
                 self.write_outcome(host, write, &result);
                 match reply {
@@ -158,6 +159,7 @@ impl Filter {
         result: Result<bool, StoreError>,
         reply: Option<Reply>,
     ) {
+        self.let_go_all();
         self.stop_renewing();
         self.write_outcome(host, write, &result);
         match reply {

@@ -528,8 +528,11 @@ fn forwarding_refuses_requests_past_the_vms_bytes_in_flight_before_claiming() {
     redis_answers(&host, &redis, &mut a, Op::Record);
     assert_eq!(host.sent().unwrap().body, b"paid");
     assert_eq!(host.metric(Metric::BodiesOmitted), 1);
-    assert_eq!(c.in_flight.held(), 10);
-    // At the limit, even a request without a body waits for room.
+    assert_eq!(c.in_flight.held(), 6, "A let go of its answer once relayed");
+    // F's 2 bytes take the count to the limit: even a request without a
+    // body waits for room then.
+    let (f, _) = start("f", b"ff");
+    assert_eq!(c.in_flight.held(), 8);
     let calls = host.call_count();
     host.reset_exchange(&keyed("e"), b"");
     let mut e = Filter::new(c.clone());
@@ -537,8 +540,16 @@ fn forwarding_refuses_requests_past_the_vms_bytes_in_flight_before_claiming() {
     refused("E, without a body");
     assert_eq!(host.call_count(), calls);
     assert_eq!(host.metric(Metric::InFlightFull), 3);
-    drop((a, d, e));
+    drop((a, d, e, f));
     assert_eq!(c.in_flight.held(), 0);
+    // A replay lets go of its request's body as it answers.
+    let (mut a2, _) = start("a", b"hello");
+    assert_eq!(c.in_flight.held(), 5);
+    redis_answers(&host, &redis, &mut a2, Op::Claim);
+    let sent = host.sent().unwrap();
+    assert_eq!(sent.header("idempotent-replayed").as_deref(), Some("true"));
+    assert_eq!(c.in_flight.held(), 0);
+    let calls = host.call_count();
     // B's retry fits now: claimed.
     let (_b, _) = start("b", b"world");
     assert_eq!(host.call_count(), calls + 1, "B's claim");

@@ -506,3 +506,20 @@ fn a_claim_webdis_answered_503_may_have_run_and_is_cancelled() {
     redis_answers(&host, &redis, &mut retry, Op::Claim);
     assert_eq!(host.resumed_requests.get(), 1, "the retry runs");
 }
+
+/// A captured body counts in the VM's bytes in flight while its record is
+/// out, and no longer once the write has answered.
+#[test]
+fn a_captured_body_counts_until_its_record_is_written() {
+    let host = FakeHost::default();
+    let redis = FakeRedis::with_script();
+    let c = redis_ctx("");
+    let mut f = redis_post(&host, &redis, &c, "held");
+    host.set_response(&[(":status", "201")]);
+    f.on_response_headers(&host, false);
+    host.set_response_chunk(b"paid");
+    assert_eq!(f.on_response_body(&host, 4, true), Verdict::Pause);
+    assert_eq!(c.in_flight.held(), 4, "held while the record is out");
+    redis_answers(&host, &redis, &mut f, Op::Record);
+    assert_eq!(c.in_flight.held(), 0);
+}

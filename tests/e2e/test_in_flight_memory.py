@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 from conftest import (ApisixRuntime, Envoy, apisix_conf, no_tick_timeouts, post, problem,
-                      redis_store, renewable_timeouts)
+                      redis_store, renewable_timeouts, wait_for)
 
 BUDGET = 65_536
 
@@ -190,3 +190,63 @@ def test_forwarding_refuses_a_request_past_the_budget_before_claiming_it(kind, u
     finally:
         gw.stop()
         gate.stop()
+
+
+def recorded_whole(gw, key):
+    """A fresh key answered with exactly the budget: its record keeps the
+    body only if no other request holds a byte of the VM's count."""
+    s, _, body = post(gw, key, headers=sized(BUDGET))
+    assert (s, len(body)) == (201, BUDGET)
+    s, h, body = post(gw, key, headers=sized(BUDGET))
+    assert h.get("idempotent-replayed") == "true"
+    return len(body) == BUDGET and "idempotent-replay-body" not in h
+
+
+@pytest.mark.parametrize("kind", STREAMING + FORWARDING)
+def test_every_outcome_gives_its_bytes_back(kind, upstream, request):
+    """Requests ending every way the filter knows (recorded, replayed, 409,
+    422, 413, released on a 5xx, an upstream reset or cut mid-answer, a client
+    gone mid-response) leave nothing counted: afterwards an answer of exactly
+    the budget is recorded whole. A path that kept its bytes would have every
+    later answer recorded without its body, and on forwarding every request
+    refused."""
+    gw = one_worker_gateway(kind, upstream, request)
+    try:
+        run = uuid.uuid4().hex[:8]
+        k = lambda name: f"inflight-{name}-{run}"  # noqa: E731
+        assert post(gw, k("small"))[0] == 201
+        assert post(gw, k("small"))[1].get("idempotent-replayed") == "true"
+        assert post(gw, k("small"), body=b'{"amount": 7}')[0] == 422
+        assert post(gw, k("large"), headers=sized(50_000))[0] == 201
+        assert post(gw, k("too-large"), body=b"x" * 40_001)[0] == 413
+        assert post(gw, k("5xx"), headers={"x-demo-status": "503"})[0] == 503
+        for name in ("reset", "cut"):
+            try:
+                post(gw, k(name), headers={f"x-demo-{name}": "1"})
+            except (http.client.HTTPException, OSError):
+                pass  # streaming: the answer breaks off where the upstream's did
+        # A retry while the original runs: 409.
+        original = threading.Thread(target=lambda: post(gw, k("running"), headers={"x-demo-hold": k("running")}))
+        original.start()
+        try:
+            wait_for(lambda: upstream.started(k("running")), what="the original running")
+            assert post(gw, k("running"))[0] == 409
+        finally:
+            upstream.release(k("running"))
+            original.join(timeout=30)
+        # A client that leaves halfway through a 40,000-byte answer.
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as s:
+            s.sendall(b"POST /payments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Idempotency-Key: " + k("gone").encode() + b"\r\nx-demo-response-bytes: 40000\r\n"
+                      b"x-demo-stall: " + k("gone").encode() + b"\r\nContent-Length: 2\r\n\r\n{}")
+            wait_for(lambda: upstream.executions(k("gone")) == 1, what="the upstream answering")
+            if kind in STREAMING:
+                s.recv(1024)
+        upstream.release(k("gone"))
+        # Filters may outlive their exchange a moment (a write out): the
+        # count is back to zero once some probe is recorded whole.
+        probes = iter(range(100))
+        wait_for(lambda: recorded_whole(gw, k(f"probe{next(probes)}")), timeout=20,
+                 what="an answer of the whole budget recorded with its body")
+    finally:
+        gw.stop()

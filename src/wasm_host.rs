@@ -42,7 +42,8 @@ mod time;
 
 use abi::*;
 use calls::{
-    drain_queue, enqueue, read_call_response, register_queue, sdk_dispatch, set_effective_context,
+    drain_queue, enqueue, read_call_response, read_call_status_and_body, register_queue,
+    sdk_dispatch, set_effective_context,
 };
 use metric_ids::MetricIds;
 use random::RNG;

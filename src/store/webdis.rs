@@ -43,7 +43,7 @@ pub trait Dialect {
         script: Script,
         keys: &[&str],
         args: &[&str],
-        last: Option<&[u8]>,
+        last: Option<Vec<u8>>,
     ) -> StoreRequest;
     /// Parses the front end's answer to an `eval` request.
     fn parse(&self, status: u16, body: &[u8]) -> Result<RedisValue, StoreError>;
@@ -65,13 +65,15 @@ impl Dialect for Webdis {
         script: Script,
         keys: &[&str],
         args: &[&str],
-        last: Option<&[u8]>,
+        last: Option<Vec<u8>>,
     ) -> StoreRequest {
         let (command, text) = match script {
             Script::Source(source) => ("/EVAL/", source),
             Script::Sha(sha) => ("/EVALSHA/", sha),
         };
-        let mut path = String::from(command);
+        let segments: usize = keys.iter().chain(args.iter()).map(|p| p.len() + 1).sum();
+        let mut path = String::with_capacity(command.len() + text.len() + 8 + segments);
+        path.push_str(command);
         push_percent_encoded(&mut path, text.as_bytes());
         path.push('/');
         path.push_str(&keys.len().to_string());
@@ -82,7 +84,7 @@ impl Dialect for Webdis {
         StoreRequest {
             method: if last.is_some() { "PUT" } else { "GET" },
             path,
-            body: last.map(<[u8]>::to_vec),
+            body: last,
         }
     }
 
@@ -167,7 +169,7 @@ mod tests {
         let by_source = w.eval(Script::Source("return 1"), &["k"], &["a|"], None);
         assert_eq!(by_source.path, "/EVAL/return%201/1/k/a%7C");
         assert_eq!(by_source.method, "GET");
-        let by_sha = w.eval(Script::Sha("ab12"), &[], &["7"], Some(b"rec"));
+        let by_sha = w.eval(Script::Sha("ab12"), &[], &["7"], Some(b"rec".to_vec()));
         assert_eq!(by_sha.path, "/EVALSHA/ab12/0/7");
         assert_eq!(
             (by_sha.method, by_sha.body.as_deref()),

@@ -3,9 +3,9 @@
 //! effective context through which the worker's root acts for its streams.
 
 use super::abi::{
-    check, get_buffer, get_pairs, proxy_dequeue_shared_queue, proxy_enqueue_shared_queue,
-    proxy_register_shared_queue, proxy_set_effective_context, take_host_bytes,
-    BUFFER_HTTP_CALL_RESPONSE_BODY, MAP_HTTP_CALL_RESPONSE_HEADERS, OK,
+    check, get_buffer, get_pairs, get_value, proxy_dequeue_shared_queue,
+    proxy_enqueue_shared_queue, proxy_register_shared_queue, proxy_set_effective_context,
+    take_host_bytes, BUFFER_HTTP_CALL_RESPONSE_BODY, MAP_HTTP_CALL_RESPONSE_HEADERS, OK,
 };
 use crate::filter::CallResponse;
 use crate::host::HostError;
@@ -53,6 +53,21 @@ pub(super) fn read_call_response(body_size: usize) -> CallResponse {
         headers: headers.to_list(),
         body,
     }
+}
+
+/// A store batch's answer: its status and body are all that is read of
+/// it, so the status is one header read instead of the whole map.
+pub(super) fn read_call_status_and_body(body_size: usize) -> (Option<u16>, Vec<u8>) {
+    let status = get_value(MAP_HTTP_CALL_RESPONSE_HEADERS, ":status")
+        .ok()
+        .flatten()
+        .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u16>().ok());
+    let body = if body_size > 0 {
+        get_buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, 0, body_size).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    (status, body)
 }
 
 /// Registers a shared queue of this VM under `name`.

@@ -6,8 +6,8 @@ use super::owner::{Caller, Owner};
 #[cfg(feature = "self-profile")]
 use super::self_profile;
 use super::{
-    get_buffer, host_log, now_ms, read_call_response, register_queue, root_done, set_tick_period,
-    share_clock, MetricIds, WasmHost, BUFFER_PLUGIN_CONFIGURATION, OK,
+    get_buffer, host_log, now_ms, read_call_response, read_call_status_and_body, register_queue,
+    root_done, set_tick_period, share_clock, MetricIds, WasmHost, BUFFER_PLUGIN_CONFIGURATION, OK,
 };
 use crate::config::{Config, Platform};
 use crate::filter::{Filter, FilterContext};
@@ -203,10 +203,8 @@ impl Context for Root {
             return;
         };
         if owner.is_batch(token_id) {
-            let response = read_call_response(body_size);
-            if let Some((replies, resent)) =
-                owner.batch_answered(token_id, response.status, &response.body)
-            {
+            let (status, body) = read_call_status_and_body(body_size);
+            if let Some((replies, resent)) = owner.batch_answered(token_id, status, &body) {
                 self.count_batch(resent);
                 self.deliver_replies(&owner, replies);
             }

@@ -3,25 +3,25 @@
 //!
 //! A running request holds bodies in the VM across callbacks: a response
 //! captured until its record is written, and in forwarding mode the request
-//! until it is sent upstream and the upstream's answer until it is relayed. Nothing else
-//! bounds how many requests run at once (that is the proxy's connection
-//! limits), and a VM that runs out of memory traps: its running claims then
-//! lapse unrenewed, and a retry could run again. So past the limit the
-//! filter gives up what it can do without:
+//! until it is sent upstream and the upstream's answer until it is relayed.
+//! Nothing else bounds how many requests run at once (that is the proxy's
+//! connection limits), and a VM that runs out of memory traps: its running
+//! claims then lapse unrenewed, and a retry could run again. So past the
+//! limit the filter gives up what it can do without:
 //!
 //! * a response's copy for its record: the record keeps no body, as for a
 //!   response over `max_response_body_bytes` (`bodies_omitted`);
 //! * in forwarding mode, a new request (its body, or any request once the
-//!   count is at the limit): `503` before its key is claimed, so nothing
-//!   ran and its retry runs.
+//!   count is at the limit): `503` before its key is claimed, so nothing ran
+//!   and its retry runs.
 //!
 //! A forwarded answer is in the VM already when it arrives, whole: it is
 //! counted whatever the limit (others then see it), and recorded with its
 //! body only if the count stays within the limit. Bytes count from when the
 //! filter takes them until it lets them go: a request's body once sent, a
-//! capture given up or written, an answer handed to the host. Each counted byte is copied a
-//! few more times while a record is encoded and sent (README, "Threat
-//! model").
+//! capture given up or written, an answer handed to the host. Each counted
+//! byte is copied a few more times while a record is encoded and sent
+//! (README, "Threat model").
 
 use std::cell::Cell;
 use std::rc::Rc;

@@ -52,7 +52,7 @@ pub enum Metric {
     /// Responses recorded without their body: larger than
     /// `max_response_body_bytes`, or than the store's byte budget allows.
     BodiesOmitted,
-    /// A worker's running requests held `max_in_flight_bytes` of bodies: a
+    /// A VM's running requests held `max_in_flight_bytes` of bodies: a
     /// forwarding-mode request refused (503), or a response's copy for its
     /// record given up (the record keeps no body; `bodies_omitted` too).
     InFlightFull,

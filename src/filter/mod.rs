@@ -180,14 +180,14 @@ pub struct Filter {
     /// again by source if Redis answers `NOSCRIPT`.
     noscript_resend: Option<RedisOp>,
     /// Bytes of bodies this request holds, counted in `ctx.in_flight`
-    /// until it ends.
+    /// until it lets them go (`let_go`), or ends.
     held_bytes: u64,
 }
 
 impl Drop for Filter {
     fn drop(&mut self) {
         self.stop_renewing();
-        self.ctx.in_flight.release(self.held_bytes);
+        self.let_go_all();
     }
 }
 

@@ -40,18 +40,10 @@ pub(super) fn sdk_dispatch(
 /// call). No headers at all: the call failed (timeout, connection refused).
 pub(super) fn read_call_response(body_size: usize) -> CallResponse {
     let headers = get_pairs(MAP_HTTP_CALL_RESPONSE_HEADERS).unwrap_or_default();
-    let status = headers
-        .get(":status")
-        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
-    let body = if body_size > 0 {
-        get_buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, 0, body_size).unwrap_or_default()
-    } else {
-        Vec::new()
-    };
     CallResponse {
-        status,
+        status: headers.get(":status").and_then(status_of),
         headers: headers.to_list(),
-        body,
+        body: call_body(body_size),
     }
 }
 
@@ -61,13 +53,19 @@ pub(super) fn read_call_status_and_body(body_size: usize) -> (Option<u16>, Vec<u
     let status = get_value(MAP_HTTP_CALL_RESPONSE_HEADERS, ":status")
         .ok()
         .flatten()
-        .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u16>().ok());
-    let body = if body_size > 0 {
-        get_buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, 0, body_size).unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    (status, body)
+        .and_then(|v| status_of(&v));
+    (status, call_body(body_size))
+}
+
+fn status_of(value: &[u8]) -> Option<u16> {
+    std::str::from_utf8(value).ok()?.parse::<u16>().ok()
+}
+
+fn call_body(body_size: usize) -> Vec<u8> {
+    if body_size == 0 {
+        return Vec::new();
+    }
+    get_buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, 0, body_size).unwrap_or_default()
 }
 
 /// Registers a shared queue of this VM under `name`.
